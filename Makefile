@@ -1,0 +1,49 @@
+# Manufacturing Copilot — `make run` starts the whole mesh and runs a real diagnosis; `make test` tests it.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/copilot/v1/*.proto)
+GENERATED := src/copilot/v1/__init__.py
+# pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
+PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install protos run up test lint breaking bench clean
+
+install: $(STAMP) $(GENERATED)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_LOCAL) -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet $(PIP_LOCAL) -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Stubs are generated, never edited, and regenerated whenever a .proto changes.
+$(GENERATED): $(PROTOS) scripts/gen_protos.py $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+protos: $(GENERATED)
+
+run: install
+	$(BIN)/copilot up --demo
+
+up: install
+	$(BIN)/copilot up
+
+lint: install
+	$(BIN)/buf lint
+
+# Compare the protos with main's (run on a branch before merging).
+breaking: install
+	$(BIN)/buf breaking --against '.git#branch=main'
+
+test: install lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/copilot bench
+
+clean:
+	rm -rf .copilot-data src/copilot/v1 .pytest_cache

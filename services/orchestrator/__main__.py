@@ -1,0 +1,3 @@
+from services.orchestrator.server import main
+
+main()

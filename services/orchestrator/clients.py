@@ -1,0 +1,55 @@
+"""The agents as seen by the workflow: an interface in domain types, and its gRPC implementation."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
+from copilot.runtime import convert
+from copilot.runtime.channels import agent_channel
+from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
+from services.rag.server import SERVICE_NAME as KNOWLEDGE_SERVICE
+from services.report.server import SERVICE_NAME as REPORT_SERVICE
+from services.vision.server import SERVICE_NAME as VISION_SERVICE
+
+
+class AgentClients(Protocol):
+    async def analyze_image(self, data: bytes, mime_type: str, image_id: str, equipment_id: str,
+                            timeout: float) -> VisionFindings: ...
+
+    async def advise(self, problem_description: str, defects: Sequence[Defect], plant_id: str, equipment_id: str,
+                     timeout: float) -> Guidance: ...
+
+    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport: ...
+
+
+class GrpcAgentClients:
+    """Typed async stubs over one channel per agent (round_robin + retry policy in the service config)."""
+
+    def __init__(self, vision_addr: str, knowledge_addr: str, report_addr: str, *, max_message_bytes: int) -> None:
+        self._channels = [
+            agent_channel(vision_addr, [VISION_SERVICE], max_message_bytes=max_message_bytes),
+            agent_channel(knowledge_addr, [KNOWLEDGE_SERVICE], max_message_bytes=max_message_bytes),
+            agent_channel(report_addr, [REPORT_SERVICE], max_message_bytes=max_message_bytes),
+        ]
+        self.vision = vision_pb2_grpc.VisionServiceStub(self._channels[0])
+        self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])
+        self.report = report_pb2_grpc.ReportServiceStub(self._channels[2])
+
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, timeout):
+        request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=data, mime_type=mime_type),
+                                                 image_id=image_id, equipment_id=equipment_id)
+        return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
+
+    async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
+        request = knowledge_pb2.AdviseRequest(problem_description=problem_description,
+                                              defects=[convert.defect_to_pb(d) for d in defects],
+                                              plant_id=plant_id, equipment_id=equipment_id)
+        return convert.guidance_from_pb(await self.knowledge.Advise(request, timeout=timeout))
+
+    async def compose_report(self, inputs, timeout):
+        response = await self.report.ComposeReport(convert.report_inputs_to_pb(inputs), timeout=timeout)
+        return convert.report_from_pb(response.report)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,1 @@
+"""Report agent: composes the incident report from the other agents' typed results (ReportService)."""

@@ -1,0 +1,3 @@
+from services.report.server import main
+
+main()

@@ -1,0 +1,36 @@
+"""Report service process: settings and wiring."""
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from copilot.runtime.config import DEFAULT_PORTS, ServerSettings
+from copilot.runtime.server import ServiceSpec, run_service
+from copilot.v1 import report_pb2, report_pb2_grpc
+from services.report.servicer import ReportServicer
+
+SERVICE_NAME = report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name
+
+
+class ReportSettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="REPORT_", extra="ignore")
+
+    port: int = DEFAULT_PORTS["report"]
+
+
+def build(settings: ReportSettings | None = None) -> tuple[ServiceSpec, ReportSettings]:
+    settings = settings or ReportSettings()
+
+    async def warm_up() -> None:  # nothing to load: the composition is deterministic
+        return None
+
+    spec = ServiceSpec(
+        name="report",
+        service_names=[SERVICE_NAME],
+        register=lambda server: report_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(), server),
+        warm_up=warm_up,
+    )
+    return spec, settings
+
+
+def main() -> None:
+    run_service("report", build)

@@ -1,0 +1,1 @@
+"""Vision agent: looks at the photo and names the defects (VisionService)."""

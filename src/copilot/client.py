@@ -1,0 +1,37 @@
+"""A small client of the public CopilotService, used by the CLI, the benchmarks and the tests."""
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+import grpc
+
+from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
+
+DEV_TOKEN = "technician-cli"
+
+
+def diagnose_request(plant_id: str, equipment_id: str, problem: str, image: Path | bytes | None = None,
+                     image_id: str | None = None) -> copilot_pb2.DiagnoseRequest:
+    request = copilot_pb2.DiagnoseRequest(plant_id=plant_id, equipment_id=equipment_id, problem_description=problem)
+    if image is not None:
+        if isinstance(image, Path):
+            data, mime = image.read_bytes(), mimetypes.guess_type(image.name)[0] or ""
+            image_id = image_id or image.name
+        else:
+            data, mime = image, ""
+        request.image.CopyFrom(common_pb2.Image(data=data, mime_type=mime))
+    if image_id:
+        request.image_id = image_id
+    return request
+
+
+def auth_metadata(token: str = DEV_TOKEN) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def diagnose(address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
+             timeout: float = 60.0) -> copilot_pb2.DiagnoseResponse:
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
+        return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata(token),
+                                                                     timeout=timeout)

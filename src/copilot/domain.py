@@ -1,0 +1,166 @@
+"""Domain types shared by the agent cores.
+
+Cores speak these plain dataclasses and never import gRPC; `copilot.runtime.convert` maps them to and
+from the generated protobuf messages at the service edge.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    """Normalised (0..1) box, origin top-left."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+@dataclass(frozen=True)
+class Defect:
+    type: str
+    confidence: float
+    description: str = ""
+    box: BoundingBox | None = None
+
+    @property
+    def label(self) -> str:
+        return self.type.replace("-", " ")
+
+
+@dataclass(frozen=True)
+class VisionFindings:
+    defects: tuple[Defect, ...]
+    confidence: float
+    anomaly_score: float
+    description: str
+    model: str
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class SopChunk:
+    chunk_id: str
+    sop_id: str
+    title: str
+    section: str
+    text: str
+    score: float
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class SopCitation:
+    sop_id: str
+    title: str
+    section: str
+    score: float
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class GuidanceStep:
+    text: str
+    sop_ids: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Guidance:
+    steps: tuple[GuidanceStep, ...]
+    citations: tuple[SopCitation, ...]
+    safety_notes: tuple[str, ...]
+    confidence: float
+    fallback: bool
+    query: str
+
+
+@dataclass(frozen=True)
+class RecommendedAction:
+    description: str
+    sop_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IncidentReport:
+    summary: str
+    defects: tuple[Defect, ...]
+    recommended_actions: tuple[RecommendedAction, ...]
+    safety_notes: tuple[str, ...]
+    follow_up: tuple[str, ...]
+    referenced_sop_ids: tuple[str, ...]
+    generated_at: datetime
+    rendered_text: str
+    citations: tuple[SopCitation, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything the report agent composes from."""
+
+    request_id: str
+    plant_id: str
+    equipment_id: str
+    problem_description: str
+    defects: tuple[Defect, ...] = ()
+    guidance: tuple[GuidanceStep, ...] = ()
+    citations: tuple[SopCitation, ...] = ()
+    safety_notes: tuple[str, ...] = ()
+    confidence_score: float = 0.0
+    requires_manual_review: bool = False
+    stage_notes: tuple[str, ...] = ()
+    image_analyzed: bool = False
+
+
+class Stage(enum.Enum):
+    VISION = "vision"
+    KNOWLEDGE = "knowledge"
+    REPORT = "report"
+
+
+class StageState(enum.Enum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: Stage
+    state: StageState
+    error: str = ""
+    confidence: float | None = None
+    duration_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, reported as google.rpc.BadRequest.FieldViolation."""
+
+    field: str
+    description: str
+
+
+@dataclass
+class DiagnosisInput:
+    plant_id: str
+    equipment_id: str
+    problem_description: str
+    image_data: bytes = b""
+    image_mime_type: str = ""
+    image_id: str = ""
+
+
+@dataclass
+class Diagnosis:
+    request_id: str
+    report: IncidentReport
+    confidence_score: float
+    requires_manual_review: bool
+    stages: list[StageStatus] = field(default_factory=list)
+    safety_disclaimer: str = ""

@@ -1,0 +1,158 @@
+"""Starts the mesh as separate OS processes (one per agent) and waits for each to report SERVING.
+Used by `copilot up`, the integration/e2e tests and the benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from copilot.runtime.config import DEFAULT_PORTS
+
+# name -> (python module, environment prefix)
+SERVICES: dict[str, tuple[str, str]] = {
+    "vision": ("services.vision", "VISION"),
+    "knowledge": ("services.rag", "KNOWLEDGE"),
+    "report": ("services.report", "REPORT"),
+    "orchestrator": ("services.orchestrator", "ORCHESTRATOR"),
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, timeout: float = 1.0, service: str = "") -> int | None:
+    """grpc.health.v1 status of a server, or None when it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.RpcError:
+            return None
+        return reply.status
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def module(self) -> str:
+        return SERVICES[self.name][0]
+
+    def spawn(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Mesh:
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    data_dir: Path = Path(".copilot-data")
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @classmethod
+    def on_free_ports(cls, **kwargs) -> "Mesh":
+        return cls(ports={name: free_port() for name in SERVICES}, **kwargs)
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.ports[name]}"
+
+    def _env(self, name: str) -> dict[str, str]:
+        prefix = SERVICES[name][1]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env,
+               f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name])}
+        if name == "knowledge":
+            env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
+        if name == "orchestrator":
+            env.update(VISION_ADDR=self.address("vision"), KNOWLEDGE_ADDR=self.address("knowledge"),
+                       REPORT_ADDR=self.address("report"))
+        return env
+
+    def start(self) -> None:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name in SERVICES:
+            proc = ServiceProcess(name, self.ports[name], self._env(name), logs / f"{name}.log")
+            proc.spawn()
+            self.services[name] = proc
+
+    def wait_ready(self, timeout: float = 180.0, names: list[str] | None = None) -> dict[str, float]:
+        """Block until every (named) service reports SERVING; returns seconds to SERVING per service."""
+        started = time.monotonic()
+        pending = set(names or self.services)
+        ready: dict[str, float] = {}
+        while pending:
+            for name in sorted(pending):
+                proc = self.services[name]
+                if not proc.alive:
+                    raise RuntimeError(f"{name} exited with {proc.process.returncode}; log:\n{self.log_tail(name)}")
+                if health_status(self.address(name), timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+                    ready[name] = time.monotonic() - started
+                    pending.discard(name)
+            if pending:
+                if time.monotonic() - started > timeout:
+                    tails = "\n".join(f"--- {n}\n{self.log_tail(n)}" for n in pending)
+                    raise TimeoutError(f"not SERVING after {timeout:.0f}s: {sorted(pending)}\n{tails}")
+                time.sleep(0.1)
+        return ready
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.services[name].log_path
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.services[name]
+        if proc.alive:
+            proc.process.send_signal(sig)
+            proc.process.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        self.kill(name)
+        self.services[name].spawn()
+
+    def stop(self, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every process (graceful drain), SIGKILL what is still there after `timeout`."""
+        for proc in self.services.values():
+            if proc.alive:
+                proc.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        for name, proc in self.services.items():
+            if proc.process is None:
+                continue
+            try:
+                codes[name] = proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                codes[name] = proc.process.wait()
+        return codes
+
+    def __enter__(self) -> "Mesh":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

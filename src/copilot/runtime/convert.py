@@ -1,0 +1,221 @@
+"""Domain dataclasses <-> generated protobuf messages, in one place."""
+from __future__ import annotations
+
+from datetime import timezone
+
+from google.protobuf import timestamp_pb2
+
+from copilot import domain as d
+from copilot.v1 import common_pb2, copilot_pb2, knowledge_pb2, report_pb2, vision_pb2
+
+# --- shared messages ------------------------------------------------------------------------------
+
+
+def box_to_pb(box: d.BoundingBox | None) -> common_pb2.BoundingBox | None:
+    if box is None:
+        return None
+    return common_pb2.BoundingBox(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
+
+
+def defect_to_pb(defect: d.Defect) -> common_pb2.Defect:
+    msg = common_pb2.Defect(type=defect.type, confidence=defect.confidence, description=defect.description)
+    if defect.box is not None:
+        msg.box.CopyFrom(box_to_pb(defect.box))
+    return msg
+
+
+def defect_from_pb(msg: common_pb2.Defect) -> d.Defect:
+    box = None
+    if msg.HasField("box"):
+        box = d.BoundingBox(msg.box.x_min, msg.box.y_min, msg.box.x_max, msg.box.y_max)
+    return d.Defect(type=msg.type, confidence=msg.confidence, description=msg.description, box=box)
+
+
+def citation_to_pb(c: d.SopCitation) -> common_pb2.SopCitation:
+    return common_pb2.SopCitation(sop_id=c.sop_id, title=c.title, section=c.section, score=c.score, version=c.version)
+
+
+def citation_from_pb(m: common_pb2.SopCitation) -> d.SopCitation:
+    return d.SopCitation(sop_id=m.sop_id, title=m.title, section=m.section, score=m.score, version=m.version)
+
+
+def step_to_pb(s: d.GuidanceStep) -> common_pb2.GuidanceStep:
+    return common_pb2.GuidanceStep(text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections))
+
+
+def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
+    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections))
+
+
+def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
+    generated = timestamp_pb2.Timestamp()
+    generated.FromDatetime(r.generated_at.astimezone(timezone.utc))
+    return common_pb2.IncidentReport(
+        summary=r.summary,
+        defects=[defect_to_pb(x) for x in r.defects],
+        recommended_actions=[
+            common_pb2.RecommendedAction(description=a.description, sop_ids=list(a.sop_ids))
+            for a in r.recommended_actions
+        ],
+        safety_notes=list(r.safety_notes),
+        follow_up=list(r.follow_up),
+        referenced_sop_ids=list(r.referenced_sop_ids),
+        generated_at=generated,
+        rendered_text=r.rendered_text,
+        citations=[citation_to_pb(c) for c in r.citations],
+    )
+
+
+def report_from_pb(m: common_pb2.IncidentReport) -> d.IncidentReport:
+    return d.IncidentReport(
+        summary=m.summary,
+        defects=tuple(defect_from_pb(x) for x in m.defects),
+        recommended_actions=tuple(
+            d.RecommendedAction(description=a.description, sop_ids=tuple(a.sop_ids)) for a in m.recommended_actions
+        ),
+        safety_notes=tuple(m.safety_notes),
+        follow_up=tuple(m.follow_up),
+        referenced_sop_ids=tuple(m.referenced_sop_ids),
+        generated_at=m.generated_at.ToDatetime(tzinfo=timezone.utc),
+        rendered_text=m.rendered_text,
+        citations=tuple(citation_from_pb(c) for c in m.citations),
+    )
+
+
+# --- vision ---------------------------------------------------------------------------------------
+
+
+def findings_to_pb(f: d.VisionFindings) -> vision_pb2.AnalyzeImageResponse:
+    return vision_pb2.AnalyzeImageResponse(
+        defects=[defect_to_pb(x) for x in f.defects],
+        confidence=f.confidence,
+        anomaly_score=f.anomaly_score,
+        description=f.description,
+        model=f.model,
+        width=f.width,
+        height=f.height,
+    )
+
+
+def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
+    return d.VisionFindings(
+        defects=tuple(defect_from_pb(x) for x in m.defects),
+        confidence=m.confidence,
+        anomaly_score=m.anomaly_score,
+        description=m.description,
+        model=m.model,
+        width=m.width,
+        height=m.height,
+    )
+
+
+# --- knowledge ------------------------------------------------------------------------------------
+
+
+def chunk_to_pb(c: d.SopChunk) -> knowledge_pb2.SopChunk:
+    return knowledge_pb2.SopChunk(chunk_id=c.chunk_id, sop_id=c.sop_id, title=c.title, section=c.section,
+                                  text=c.text, score=c.score, version=c.version)
+
+
+def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
+    return knowledge_pb2.AdviseResponse(
+        steps=[step_to_pb(s) for s in g.steps],
+        citations=[citation_to_pb(c) for c in g.citations],
+        safety_notes=list(g.safety_notes),
+        confidence=g.confidence,
+        fallback=g.fallback,
+        query=g.query,
+    )
+
+
+def guidance_from_pb(m: knowledge_pb2.AdviseResponse) -> d.Guidance:
+    return d.Guidance(
+        steps=tuple(step_from_pb(s) for s in m.steps),
+        citations=tuple(citation_from_pb(c) for c in m.citations),
+        safety_notes=tuple(m.safety_notes),
+        confidence=m.confidence,
+        fallback=m.fallback,
+        query=m.query,
+    )
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def report_inputs_to_pb(i: d.ReportInputs) -> report_pb2.ComposeReportRequest:
+    return report_pb2.ComposeReportRequest(
+        request_id=i.request_id,
+        plant_id=i.plant_id,
+        equipment_id=i.equipment_id,
+        problem_description=i.problem_description,
+        defects=[defect_to_pb(x) for x in i.defects],
+        guidance=[step_to_pb(s) for s in i.guidance],
+        citations=[citation_to_pb(c) for c in i.citations],
+        safety_notes=list(i.safety_notes),
+        confidence_score=i.confidence_score,
+        requires_manual_review=i.requires_manual_review,
+        stage_notes=list(i.stage_notes),
+        image_analyzed=i.image_analyzed,
+    )
+
+
+def report_inputs_from_pb(m: report_pb2.ComposeReportRequest) -> d.ReportInputs:
+    return d.ReportInputs(
+        request_id=m.request_id,
+        plant_id=m.plant_id,
+        equipment_id=m.equipment_id,
+        problem_description=m.problem_description,
+        defects=tuple(defect_from_pb(x) for x in m.defects),
+        guidance=tuple(step_from_pb(s) for s in m.guidance),
+        citations=tuple(citation_from_pb(c) for c in m.citations),
+        safety_notes=tuple(m.safety_notes),
+        confidence_score=m.confidence_score,
+        requires_manual_review=m.requires_manual_review,
+        stage_notes=tuple(m.stage_notes),
+        image_analyzed=m.image_analyzed,
+    )
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+_STAGE = {
+    d.Stage.VISION: copilot_pb2.STAGE_VISION,
+    d.Stage.KNOWLEDGE: copilot_pb2.STAGE_KNOWLEDGE,
+    d.Stage.REPORT: copilot_pb2.STAGE_REPORT,
+}
+_STATE = {
+    d.StageState.OK: copilot_pb2.STAGE_STATE_OK,
+    d.StageState.DEGRADED: copilot_pb2.STAGE_STATE_DEGRADED,
+    d.StageState.SKIPPED: copilot_pb2.STAGE_STATE_SKIPPED,
+}
+
+
+def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
+    return d.DiagnosisInput(
+        plant_id=m.plant_id,
+        equipment_id=m.equipment_id,
+        problem_description=m.problem_description,
+        image_data=m.image.data if m.HasField("image") else b"",
+        image_mime_type=m.image.mime_type if m.HasField("image") else "",
+        image_id=m.image_id if m.HasField("image_id") else "",
+    )
+
+
+def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
+    return copilot_pb2.DiagnoseResponse(
+        request_id=x.request_id,
+        report=report_to_pb(x.report),
+        confidence_score=x.confidence_score,
+        requires_manual_review=x.requires_manual_review,
+        stages=[
+            copilot_pb2.StageStatus(
+                stage=_STAGE[s.stage],
+                state=_STATE[s.state],
+                error=s.error,
+                confidence=s.confidence,
+                duration_ms=s.duration_ms,
+            )
+            for s in x.stages
+        ],
+        safety_disclaimer=x.safety_disclaimer,
+    )

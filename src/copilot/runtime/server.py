@@ -1,0 +1,140 @@
+"""Server bootstrap written once: grpc.aio server, health (NOT_SERVING until warm-up has loaded models
+and stores), reflection, interceptors, telemetry, JSON logs and graceful shutdown on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from copilot.runtime.config import ServerSettings, message_size_options
+from copilot.runtime.interceptors import AccessLogInterceptor
+from copilot.runtime.logging import configure_logging
+from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
+
+log = logging.getLogger("copilot.server")
+
+
+@dataclass
+class ServiceSpec:
+    """What one agent process serves."""
+
+    name: str  # short name: "vision", "knowledge", "report", "orchestrator"
+    service_names: list[str]  # full proto service names, e.g. "copilot.v1.VisionService"
+    register: Callable[[grpc.aio.Server], None]  # adds the servicers
+    warm_up: Callable[[], Awaitable[None]]  # loads models/stores; SERVING once it returns
+    close: Callable[[], Awaitable[None]] | None = None
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+
+
+class AgentServer:
+    """One gRPC server. `start()` binds and serves health at once; warm-up runs in the background and
+    flips health to SERVING when it finishes (or stops the process when it fails)."""
+
+    def __init__(self, spec: ServiceSpec, settings: ServerSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[*server_interceptors(), AccessLogInterceptor(), *spec.interceptors],
+            options=message_size_options(settings.max_message_bytes),
+        )
+        self.port = 0
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+        self._warm_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self.spec.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        self.spec.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.spec.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await self.server.start()
+        log.info("%s listening on %s:%d (NOT_SERVING until warm)", self.spec.name, self.settings.host, self.port)
+        self._warm_task = asyncio.create_task(self._warm())
+        return self.port
+
+    async def _warm(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self.spec.warm_up()
+        except BaseException as exc:  # noqa: BLE001 - reported and turned into a clean stop
+            self.failed = exc
+            log.exception("%s warm-up failed; stopping", self.spec.name)
+            self._stopped.set()
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("%s SERVING after %.2fs warm-up", self.spec.name, loop.time() - started,
+                 extra={"warmup_s": round(loop.time() - started, 3)})
+
+    async def wait_ready(self) -> None:
+        """Wait until SERVING; raises if warm-up failed."""
+        assert self._warm_task is not None, "start() first"
+        await self._warm_task
+        if self.failed is not None:
+            raise RuntimeError(f"{self.spec.name} warm-up failed") from self.failed
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls (health says NOT_SERVING at once), let in-flight calls finish within grace."""
+        await self.health.enter_graceful_shutdown()
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        if self.spec.close is not None:
+            await self.spec.close()
+        self._stopped.set()
+
+    async def serve_until_signal(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        waiter = asyncio.create_task(stop_requested.wait())
+        crashed = asyncio.create_task(self._stopped.wait())
+        await asyncio.wait({waiter, crashed}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("%s shutting down (grace %.1fs)", self.spec.name, self.settings.grace_seconds)
+        await self.stop()
+        waiter.cancel()
+        crashed.cancel()
+        return 1 if self.failed is not None else 0
+
+
+def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings]]) -> None:
+    """Process entry point shared by every `python -m services.<agent>`. `build` runs inside the event
+    loop, so channels and other loop-bound objects it creates belong to the loop that serves."""
+
+    otel_name = f"copilot-{name}"
+    configure_logging(otel_name)
+    setup_telemetry(otel_name)
+
+    async def main() -> int:
+        spec, settings = build()
+        logging.getLogger().setLevel(settings.log_level.upper())
+        return await AgentServer(spec, settings).serve_until_signal()
+
+    try:
+        code = asyncio.run(main())
+    finally:
+        shutdown_telemetry()
+    raise SystemExit(code)
