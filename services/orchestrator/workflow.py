@@ -111,55 +111,53 @@ class DiagnosisWorkflow:
             return stage_timeout
         return min(stage_timeout, deadline - time.monotonic())
 
-    async def _call(self, stage: Stage, state: DiagnosisState, stage_timeout: float, call):
-        """Run one agent call inside its span; return (result or None, StageStatus-without-confidence)."""
+    async def _call(self, stage: Stage, state: DiagnosisState, stage_timeout: float, call, describe):
+        """Run one agent call inside its span. `describe(result)` gives the stage confidence (or None) and
+        the business attributes of a successful result. Any failure degrades the stage; none escapes."""
         started = time.perf_counter()
         timeout = self._budget(state, stage_timeout)
         with tracer.start_as_current_span(f"workflow.{stage.value}") as span:
             span.set_attributes({"app.stage": stage.value, "app.request_id": state["request_id"],
                                  "app.timeout_s": round(timeout, 3)})
+            result, confidence, outcome, error = None, None, StageState.OK, ""
             try:
                 if timeout <= 0:
                     raise asyncio.TimeoutError
                 result = await call(timeout)
-                state_ = StageState.OK
-                error = ""
-            except Exception as exc:  # noqa: BLE001 - every failure degrades the stage, none escapes
-                result, state_, error = None, StageState.DEGRADED, _describe_error(exc)
+                confidence, attributes = describe(result)
+                span.set_attributes(attributes)
+            except Exception as exc:  # noqa: BLE001
+                outcome, error = StageState.DEGRADED, _describe_error(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error))
                 log.warning("stage %s degraded: %s", stage.value, error,
                             extra={"stage": stage.value, "request_id": state["request_id"]})
-            span.set_attribute("app.stage.state", state_.value)
-            return result, span, StageStatus(stage, state_, error, None, round((time.perf_counter() - started) * 1000, 2))
+            span.set_attribute("app.stage.state", outcome.value)
+            if confidence is not None:
+                span.set_attribute("app.confidence", confidence)
+            elapsed = round((time.perf_counter() - started) * 1000, 2)
+            return result, StageStatus(stage, outcome, error, confidence, elapsed)
 
     # --- nodes ----------------------------------------------------------------------------------
 
     async def _vision(self, state: DiagnosisState) -> dict:
         req = state["input"]
-        findings, span, status = await self._call(
+        findings, status = await self._call(
             Stage.VISION, state, self.timeouts.vision,
             lambda t: self.clients.analyze_image(req.image_data, req.image_mime_type, req.image_id, req.equipment_id, t),
+            lambda f: (f.confidence, {"app.defect_count": len(f.defects), "app.defect_types": [d.type for d in f.defects]}),
         )
-        if findings is not None:
-            status = StageStatus(status.stage, status.state, "", findings.confidence, status.duration_ms)
-            span.set_attributes({"app.defect_count": len(findings.defects), "app.confidence": findings.confidence,
-                                 "app.defect_types": [d.type for d in findings.defects]})
         return {"vision": findings, "stages": [status]}
 
     async def _knowledge(self, state: DiagnosisState) -> dict:
         req = state["input"]
         defects = state["vision"].defects if state.get("vision") else ()
-        guidance, span, status = await self._call(
+        guidance, status = await self._call(
             Stage.KNOWLEDGE, state, self.timeouts.knowledge,
             lambda t: self.clients.advise(req.problem_description, defects, req.plant_id, req.equipment_id, t),
+            lambda g: (g.confidence, {"app.sop_ids": sorted({c.sop_id for c in g.citations}),
+                                      "app.step_count": len(g.steps), "app.fallback": g.fallback}),
         )
-        if guidance is None:
-            guidance = FALLBACK_GUIDANCE
-        else:
-            status = StageStatus(status.stage, status.state, "", guidance.confidence, status.duration_ms)
-        span.set_attributes({"app.sop_ids": sorted({c.sop_id for c in guidance.citations}),
-                             "app.confidence": guidance.confidence, "app.fallback": guidance.fallback})
-        return {"guidance": guidance, "stages": [status]}
+        return {"guidance": guidance or FALLBACK_GUIDANCE, "stages": [status]}
 
     async def _report(self, state: DiagnosisState) -> dict:
         req = state["input"]
@@ -176,13 +174,14 @@ class DiagnosisWorkflow:
             confidence_score=confidence, requires_manual_review=manual, stage_notes=notes,
             image_analyzed=vision is not None,
         )
-        report, span, status = await self._call(Stage.REPORT, state, self.timeouts.report,
-                                                lambda t: self.clients.compose_report(inputs, t))
-        if report is None:
-            report = fallback_report(inputs)
-        span.set_attributes({"app.confidence": confidence, "app.requires_manual_review": manual,
-                             "app.sop_ids": list(report.referenced_sop_ids)})
-        return {"report": report, "confidence": confidence, "requires_manual_review": manual, "stages": [status]}
+        report, status = await self._call(
+            Stage.REPORT, state, self.timeouts.report,
+            lambda t: self.clients.compose_report(inputs, t),
+            lambda r: (None, {"app.sop_ids": list(r.referenced_sop_ids), "app.overall_confidence": confidence,
+                              "app.requires_manual_review": manual}),
+        )
+        return {"report": report or fallback_report(inputs), "confidence": confidence,
+                "requires_manual_review": manual, "stages": [status]}
 
     # --- entry ----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic_settings import SettingsConfigDict
 
@@ -11,6 +12,9 @@ from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.corpus import load_folder, starter_corpus
 from services.rag.servicer import KnowledgeServicer
+
+if TYPE_CHECKING:
+    from services.rag.core import KnowledgeBase
 
 SERVICE_NAME = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
@@ -27,20 +31,25 @@ class KnowledgeSettings(ServerSettings):
     min_score: float = 0.30
 
 
-def build(settings: KnowledgeSettings | None = None) -> tuple[ServiceSpec, KnowledgeSettings]:
+def build(settings: KnowledgeSettings | None = None,
+          knowledge: "KnowledgeBase | None" = None) -> tuple[ServiceSpec, KnowledgeSettings]:
+    """Wire the service; `knowledge` injects an already loaded knowledge base (tests, benchmarks)."""
     settings = settings or KnowledgeSettings()
     servicer = KnowledgeServicer()  # the knowledge base is attached by warm_up
 
     def load() -> None:
+        if knowledge is not None:
+            servicer.knowledge = knowledge
+            return
         from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_collection
 
         collection = open_collection(settings.chroma_path, settings.chroma_host, settings.chroma_port)
-        knowledge = KnowledgeBase(collection, minilm_embedder(),
-                                  AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score))
+        loaded = KnowledgeBase(collection, minilm_embedder(),
+                               AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score))
         documents = starter_corpus() + (load_folder(settings.corpus_dir) if settings.corpus_dir else [])
-        knowledge.ensure_documents(documents)
-        knowledge.retrieve("warm-up query", 1)
-        servicer.knowledge = knowledge
+        loaded.ensure_documents(documents)
+        loaded.retrieve("warm-up query", 1)
+        servicer.knowledge = loaded
 
     async def warm_up() -> None:
         await asyncio.to_thread(load)

@@ -76,6 +76,9 @@ class AnalyserTuning:
     rust_min_fraction: float = 0.004
 
 
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
 def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx = rgb.max(axis=-1)
@@ -145,7 +148,7 @@ class TextureInspector:
         anomalous = np.zeros_like(rust)
         for polarity, mask in (("dark", z < -t.z_threshold), ("bright", z > t.z_threshold)):
             mask = ndimage.binary_closing(mask & ~rust, iterations=1)
-            labels, count = ndimage.label(mask)
+            labels, _ = ndimage.label(mask, structure=_EIGHT)  # 8-connected: diagonal lines stay whole
             for index, region in enumerate(ndimage.find_objects(labels), start=1):
                 if region is None:
                     continue
@@ -174,7 +177,7 @@ class TextureInspector:
                     )
                 )
 
-        rust_labels, _ = ndimage.label(rust)
+        rust_labels, _ = ndimage.label(rust, structure=_EIGHT)
         for index, region in enumerate(ndimage.find_objects(rust_labels), start=1):
             if region is None:
                 continue

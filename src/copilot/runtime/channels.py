@@ -37,7 +37,7 @@ def agent_channel(target: str, service_names: list[str], *, max_message_bytes: i
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
         *message_size_options(max_message_bytes),
     ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real embedding model and a real Chroma store, loaded once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from services.rag.core import minilm_embedder
+
+    return minilm_embedder()
+
+
+@pytest.fixture(scope="session")
+def knowledge_base(tmp_path_factory, embedder):
+    from services.rag.core import KnowledgeBase, open_collection
+    from services.rag.corpus import starter_corpus
+
+    kb = KnowledgeBase(open_collection(tmp_path_factory.mktemp("chroma")), embedder)
+    kb.ensure_documents(starter_corpus())
+    return kb
+
+
+@pytest.fixture(scope="session")
+def crack_photo() -> bytes:
+    return (SAMPLES / "pump-housing-crack.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def clean_photo() -> bytes:
+    return (SAMPLES / "pump-housing-clean.jpg").read_bytes()

@@ -1,0 +1,121 @@
+"""One Diagnose = one trace with spans from all four services, received by an OTLP receiver the test runs."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from copilot.client import auth_metadata, diagnose_request
+from copilot.launcher import Mesh, free_port
+from copilot.v1 import copilot_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A minimal OTLP/gRPC trace receiver: keeps every span with its service.name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((attrs.get("service.name", "?"), span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace(self, trace_id: bytes) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(svc, s) for svc, s in self.spans if s.trace_id == trace_id]
+
+
+def attributes(span) -> dict:
+    out = {}
+    for a in span.attributes:
+        v = a.value
+        kind = v.WhichOneof("value")
+        out[a.key] = [getattr(x, x.WhichOneof("value")) for x in v.array_value.values] if kind == "array_value" else getattr(v, kind)
+    return out
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    port = free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = OtlpReceiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield servicer, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(receiver, tmp_path_factory):
+    _, port = receiver
+    mesh = Mesh.on_free_ports(data_dir=tmp_path_factory.mktemp("traced"),
+                              extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                                         "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    mesh.start()
+    try:
+        mesh.wait_ready(timeout=180)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, crack_photo):
+    servicer, _ = receiver
+    with grpc.insecure_channel(traced_mesh.address("orchestrator")) as channel:
+        reply = copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
+            diagnose_request("PUNE-IN", "PUMP-A-7", "Pump overheating during operation", crack_photo),
+            metadata=auth_metadata("technician-7"), timeout=30)
+
+    deadline = time.monotonic() + 20
+    spans: list = []
+    while time.monotonic() < deadline:
+        roots = [s for svc, s in servicer.spans if s.name == "workflow.diagnose"
+                 and attributes(s).get("app.request_id") == reply.request_id]
+        if roots:
+            spans = servicer.trace(roots[0].trace_id)
+            if {svc for svc, _ in spans} >= {"copilot-orchestrator", "copilot-vision", "copilot-knowledge", "copilot-report"}:
+                break
+        time.sleep(0.2)
+    by_service = defaultdict(set)
+    for svc, span in spans:
+        by_service[svc].add(span.name)
+    assert set(by_service) == {"copilot-orchestrator", "copilot-vision", "copilot-knowledge", "copilot-report"}, by_service
+
+    # every agent's server span hangs under an orchestrator client span: context crossed gRPC metadata
+    ids = {span.span_id: (svc, span) for svc, span in spans}
+    for svc, rpc in [("copilot-vision", "/copilot.v1.VisionService/AnalyzeImage"),
+                     ("copilot-knowledge", "/copilot.v1.KnowledgeService/Advise"),
+                     ("copilot-report", "/copilot.v1.ReportService/ComposeReport")]:
+        (server_span,) = [s for v, s in spans if v == svc and s.name == rpc.lstrip("/")
+                          or v == svc and s.name == rpc]
+        parent_svc, parent = ids[server_span.parent_span_id]
+        assert parent_svc == "copilot-orchestrator"
+
+    named = {span.name: attributes(span) for _, span in spans}
+    assert named["workflow.vision"]["app.defect_count"] == len(reply.report.defects) > 0
+    assert set(named["workflow.knowledge"]["app.sop_ids"]) <= set(reply.report.referenced_sop_ids)
+    assert named["workflow.knowledge"]["app.sop_ids"]
+    assert named["workflow.diagnose"]["app.confidence"] == pytest.approx(reply.confidence_score, abs=1e-4)
+    assert named["workflow.report"]["app.stage"] == "report"
+    assert named["knowledge.advise"]["app.stage"] == "knowledge"
+    assert named["vision.analyze"]["app.defect_count"] == len(reply.report.defects)
+
+    # the orchestrator's JSON log line for this call carries the same trace id
+    trace_hex = spans[0][1].trace_id.hex()
+    lines = [json.loads(line) for line in traced_mesh.services["orchestrator"].log_path.read_text().splitlines()
+             if line.startswith("{")]
+    assert any(line.get("trace_id") == trace_hex and line.get("rpc.method", "").endswith("/Diagnose") for line in lines)

@@ -1,0 +1,122 @@
+"""The real mesh: four OS processes on free ports, talking gRPC. Agents are killed, frozen and restarted
+while the orchestrator keeps answering."""
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import pytest
+
+from copilot.client import auth_metadata, diagnose_request
+from copilot.launcher import Mesh
+from copilot.runtime.errors import field_violations
+from copilot.v1 import copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+OK, DEGRADED, SKIPPED = copilot_pb2.STAGE_STATE_OK, copilot_pb2.STAGE_STATE_DEGRADED, copilot_pb2.STAGE_STATE_SKIPPED
+PROBLEM = "CNC machine overheating during operation, coolant smells burnt"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    mesh = Mesh.on_free_ports(data_dir=tmp_path_factory.mktemp("mesh"),
+                              extra_env={"ORCHESTRATOR_VISION_TIMEOUT_S": "2", "ORCHESTRATOR_REPORT_TIMEOUT_S": "2"})
+    mesh.start()
+    try:
+        mesh.wait_ready(timeout=180)
+        yield mesh
+    finally:
+        codes = mesh.stop()
+        print("exit codes", codes)
+
+
+@pytest.fixture(scope="module")
+def stub(mesh):
+    with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
+        yield copilot_pb2_grpc.CopilotServiceStub(channel)
+
+
+def call(stub, image=None, **overrides):
+    fields = dict(plant_id="PUNE-IN", equipment_id="CNC-A-102", problem=PROBLEM)
+    fields.update(overrides)
+    request = diagnose_request(fields["plant_id"], fields["equipment_id"], fields["problem"], image)
+    return stub.Diagnose(request, metadata=auth_metadata("technician-42"), timeout=30)
+
+
+def test_processes_are_separate(mesh):
+    pids = {name: proc.process.pid for name, proc in mesh.services.items()}
+    assert len(set(pids.values())) == 4 and all(p.alive for p in mesh.services.values())
+
+
+def test_text_only_diagnosis_cites_what_knowledge_retrieves(mesh, stub):
+    reply = call(stub)
+    assert [s.state for s in reply.stages] == [SKIPPED, OK, OK]
+    with grpc.insecure_channel(mesh.address("knowledge")) as channel:
+        advice = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
+            knowledge_pb2.AdviseRequest(problem_description=PROBLEM), timeout=30)
+    assert list(reply.report.referenced_sop_ids) == list(dict.fromkeys(
+        [s for step in advice.steps for s in step.sop_ids] + [c.sop_id for c in advice.citations]))
+    assert reply.report.referenced_sop_ids[0] == "SOP-123"
+    assert reply.confidence_score == pytest.approx(reply.stages[1].confidence, abs=1e-4)
+    assert "SOP-123" in reply.report.rendered_text
+
+
+def test_photo_diagnosis_uses_all_three_agents(stub, crack_photo):
+    reply = call(stub, crack_photo)
+    assert [s.state for s in reply.stages] == [OK, OK, OK]
+    assert {"crack", "corrosion"} <= {d.type for d in reply.report.defects}
+
+
+def test_bad_requests_get_precise_errors(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub, plant_id="Pune", problem="short")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {v.field for v in field_violations(err.value)} == {"plant_id", "problem_description"}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Diagnose(diagnose_request("PUNE-IN", "CNC-A-102", PROBLEM), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert call(stub).report.summary  # and it keeps serving
+
+
+@pytest.mark.parametrize("agent", ["vision", "knowledge", "report"])
+def test_killed_agent_degrades_its_stage_then_recovers_after_restart(mesh, stub, crack_photo, agent):
+    index = ["vision", "knowledge", "report"].index(agent)
+    mesh.kill(agent)
+    reply = call(stub, crack_photo)
+    assert reply.stages[index].state == DEGRADED
+    assert reply.stages[index].error.startswith("UNAVAILABLE")
+    assert [s.state for i, s in enumerate(reply.stages) if i != index] == [OK, OK]
+    assert reply.report.rendered_text.startswith("MANUFACTURING INCIDENT REPORT")
+    if agent != "report":
+        assert reply.requires_manual_review  # a degraded stage counts 0.0 in the mean
+    mesh.services[agent].spawn()
+    mesh.wait_ready(timeout=180, names=[agent])
+    # the orchestrator's channel reconnects within its reconnect backoff (at most 1 s) and uses it again
+    deadline = time.monotonic() + 5
+    while (states := [s.state for s in call(stub, crack_photo).stages]) != [OK, OK, OK] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert states == [OK, OK, OK]
+
+
+def test_frozen_agent_is_cut_by_the_stage_deadline(mesh, stub, crack_photo):
+    vision = mesh.services["vision"].process
+    vision.send_signal(signal.SIGSTOP)
+    try:
+        reply = call(stub, crack_photo)
+    finally:
+        vision.send_signal(signal.SIGCONT)
+    assert reply.stages[0].state == DEGRADED and "DEADLINE_EXCEEDED" in reply.stages[0].error
+    assert reply.stages[0].duration_ms < 5000
+    assert reply.stages[1].state == OK
+
+
+def test_sigterm_drains_and_exits_cleanly(tmp_path):
+    mesh = Mesh.on_free_ports(data_dir=tmp_path)
+    mesh.start()
+    try:
+        mesh.wait_ready(timeout=180, names=["report", "vision"])
+    finally:
+        codes = mesh.stop()
+    assert codes["report"] == 0 and codes["vision"] == 0

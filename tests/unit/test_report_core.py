@@ -1,0 +1,63 @@
+"""The report core composes every section from its typed inputs."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from copilot.domain import BoundingBox, Defect, GuidanceStep, ReportInputs, SopCitation
+from services.report.core import compose_report
+
+NOW = datetime(2026, 11, 25, 14, 32, tzinfo=timezone.utc)
+
+
+def _inputs(**overrides) -> ReportInputs:
+    base = dict(
+        request_id="req-1", plant_id="PUNE-IN", equipment_id="CNC-A-102",
+        problem_description="Machine overheating during operation",
+        defects=(Defect("crack", 0.87, "Crack at x 0.2", BoundingBox(0.2, 0.3, 0.5, 0.6)),),
+        guidance=(GuidanceStep("Check the coolant level.", ("SOP-123",), ("Cooling",)),
+                  GuidanceStep("Check gas flow.", ("MAINT-GUIDE-V2",), ("Gas",))),
+        citations=(SopCitation("SOP-123", "CNC", "Cooling", 0.7), SopCitation("SAFETY-SOP-001", "ER", "LOTO", 0.4)),
+        safety_notes=("Allow the spindle to cool.",),
+        confidence_score=0.8, image_analyzed=True,
+    )
+    base.update(overrides)
+    return ReportInputs(**base)
+
+
+def test_sections_follow_the_seed_layout():
+    report = compose_report(_inputs(), now=NOW)
+    text = report.rendered_text
+    order = ["MANUFACTURING INCIDENT REPORT", "SUMMARY:", "DEFECTS IDENTIFIED:", "RECOMMENDED ACTIONS:",
+             "SAFETY NOTES:", "FOLLOW-UP REQUIRED:", "Referenced SOPs:", "Report Generated:"]
+    positions = [text.index(h) for h in order]
+    assert positions == sorted(positions)
+    assert "• Crack (87% confidence)" in text
+    assert "1. Check the coolant level. [SOP-123]" in text
+    assert "Referenced SOPs: SOP-123, MAINT-GUIDE-V2, SAFETY-SOP-001" in text
+    assert "Report Generated: 2026-11-25 14:32:00 UTC" in text
+
+
+def test_structured_fields_come_from_the_inputs():
+    report = compose_report(_inputs(), now=NOW)
+    assert [a.sop_ids for a in report.recommended_actions] == [("SOP-123",), ("MAINT-GUIDE-V2",)]
+    assert report.referenced_sop_ids == ("SOP-123", "MAINT-GUIDE-V2", "SAFETY-SOP-001")
+    assert report.safety_notes[0] == "Allow the spindle to cool."
+    assert any("crack" in n for n in report.safety_notes)
+    assert "CNC-A-102" in report.summary and "PUNE-IN" in report.summary and "crack (87%)" in report.summary
+    assert report.generated_at == NOW and report.defects[0].box.x_min == 0.2
+
+
+def test_manual_review_and_degraded_stages_reach_summary_and_follow_up():
+    report = compose_report(_inputs(confidence_score=0.3, requires_manual_review=True, defects=(), image_analyzed=False,
+                                    stage_notes=("vision stage degraded (UNAVAILABLE: down)",)), now=NOW)
+    assert "below 50%" in report.summary and "No image was analysed" in report.summary
+    assert any("manual review" in f for f in report.follow_up)
+    assert any("vision stage degraded" in f for f in report.follow_up)
+    assert "• None identified" in report.rendered_text
+
+
+def test_different_inputs_give_different_reports():
+    a = compose_report(_inputs(), now=NOW)
+    b = compose_report(_inputs(equipment_id="WELD-R-9", guidance=(), citations=()), now=NOW)
+    assert a.rendered_text != b.rendered_text
+    assert "WELD-R-9" in b.summary and "No plant SOP matched" in b.summary
