@@ -1,0 +1,152 @@
+"""`copilot bench`: cold start of the mesh and diagnosis latency, through the mesh and with the same
+agent cores called in-process, measured in one run so the ratio is meaningful on a noisy machine."""
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from copilot.client import auth_metadata, diagnose_request
+from copilot.domain import DiagnosisInput
+from copilot.launcher import Mesh
+from copilot.v1 import copilot_pb2_grpc
+
+PROBLEMS = [
+    "CNC machine overheating during operation",
+    "Spot welder producing porous welds with spatter",
+    "Paint peeling from housings after the curing oven",
+    "Bolts on the assembly station keep coming loose",
+    "Spindle vibration and chatter marks on parts",
+]
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "pump-housing-crack.jpg"
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {"n": len(ordered), "p50_ms": round(q[49], 2), "p90_ms": round(q[89], 2), "p99_ms": round(q[98], 2),
+            "mean_ms": round(statistics.fmean(ordered), 2), "max_ms": round(ordered[-1], 2)}
+
+
+class InProcessAgents:
+    """The same agent cores the services wrap, called directly (no gRPC, no processes)."""
+
+    def __init__(self, store: Path) -> None:
+        from services.rag.core import KnowledgeBase, minilm_embedder, open_collection
+        from services.rag.corpus import starter_corpus
+        from services.vision.core import TextureInspector
+
+        self.inspector = TextureInspector()
+        self.knowledge = KnowledgeBase(open_collection(store), minilm_embedder())
+        self.knowledge.ensure_documents(starter_corpus())
+
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, timeout):
+        return self.inspector.analyze(data)
+
+    async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
+        return self.knowledge.advise(problem_description, defects)
+
+    async def compose_report(self, inputs, timeout):
+        from services.report.core import compose_report
+
+        return compose_report(inputs)
+
+
+def _time_mesh(address: str, n: int, image: bytes | None) -> list[float]:
+    times = []
+    with grpc.insecure_channel(address) as channel:
+        stub = copilot_pb2_grpc.CopilotServiceStub(channel)
+        for i in range(n + 3):
+            request = diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i % len(PROBLEMS)], image)
+            started = time.perf_counter()
+            stub.Diagnose(request, metadata=auth_metadata("technician-bench"), timeout=60)
+            if i >= 3:  # the first calls open connections
+                times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def _time_in_process(agents: InProcessAgents, n: int, image: bytes | None) -> list[float]:
+    from services.orchestrator.workflow import DiagnosisWorkflow
+
+    workflow = DiagnosisWorkflow(agents)
+
+    async def go() -> list[float]:
+        times = []
+        for i in range(n + 3):
+            request = DiagnosisInput("PUNE-IN", "CNC-A-102", PROBLEMS[i % len(PROBLEMS)], image_data=image or b"")
+            started = time.perf_counter()
+            await workflow.run(request)
+            if i >= 3:
+                times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    return asyncio.run(go())
+
+
+def run(n: int, output: Path, console: Console) -> dict:
+    photo = SAMPLE.read_bytes()
+    results: dict = {"when": datetime.now(timezone.utc).isoformat(), "machine": platform.machine(),
+                     "python": platform.python_version(), "n": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        mesh = Mesh.on_free_ports(data_dir=data / "mesh")
+        started = time.monotonic()
+        mesh.start()
+        try:
+            with console.status("cold start (empty store)…"):
+                per_service = mesh.wait_ready()
+            results["cold_start_s"] = round(time.monotonic() - started, 2)
+            results["cold_start_per_service_s"] = {k: round(v, 2) for k, v in per_service.items()}
+            with console.status(f"{n} text-only diagnoses through the mesh…"):
+                results["mesh_text"] = percentiles(_time_mesh(mesh.address("orchestrator"), n, None))
+            with console.status(f"{max(10, n // 5)} photo diagnoses through the mesh…"):
+                results["mesh_photo"] = percentiles(_time_mesh(mesh.address("orchestrator"), max(10, n // 5), photo))
+        finally:
+            mesh.stop()
+        restarted = time.monotonic()
+        mesh.start()
+        try:
+            mesh.wait_ready()
+            results["warm_start_s"] = round(time.monotonic() - restarted, 2)
+        finally:
+            mesh.stop()
+        with console.status("same cores in-process…"):
+            agents = InProcessAgents(data / "inproc")
+            results["inproc_text"] = percentiles(_time_in_process(agents, n, None))
+            results["inproc_photo"] = percentiles(_time_in_process(agents, max(10, n // 5), photo))
+    for kind in ("text", "photo"):
+        mesh_p, local_p = results[f"mesh_{kind}"], results[f"inproc_{kind}"]
+        results[f"{kind}_overhead"] = {
+            "p50_added_ms": round(mesh_p["p50_ms"] - local_p["p50_ms"], 2),
+            "p50_ratio": round(mesh_p["p50_ms"] / local_p["p50_ms"], 2),
+            "p99_ratio": round(mesh_p["p99_ms"] / local_p["p99_ms"], 2),
+        }
+
+    table = Table(title="Diagnose latency: mesh (4 processes, gRPC) vs same cores in-process")
+    for column in ("workload", "path", "n", "p50 ms", "p90 ms", "p99 ms", "mean ms"):
+        table.add_column(column)
+    for kind in ("text", "photo"):
+        for path in ("mesh", "inproc"):
+            r = results[f"{path}_{kind}"]
+            table.add_row(kind, path, str(r["n"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                          f"{r['mean_ms']:.1f}")
+    console.print(table)
+    for kind in ("text", "photo"):
+        o = results[f"{kind}_overhead"]
+        console.print(f"{kind}: mesh adds {o['p50_added_ms']:.1f} ms at p50 (p50 ratio {o['p50_ratio']:.2f}×, "
+                      f"p99 ratio {o['p99_ratio']:.2f}×)")
+    console.print(f"cold start of the mesh (empty store): {results['cold_start_s']:.1f}s "
+                  f"{results['cold_start_per_service_s']}; restart with the store in place: {results['warm_start_s']:.1f}s")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {output}")
+    return results
