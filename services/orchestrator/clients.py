@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
 from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
 from copilot.runtime import convert
 from copilot.runtime.channels import agent_channel
 from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
-from services.rag.server import SERVICE_NAME as KNOWLEDGE_SERVICE
-from services.report.server import SERVICE_NAME as REPORT_SERVICE
-from services.vision.server import SERVICE_NAME as VISION_SERVICE
 
 
 class AgentClients(Protocol):

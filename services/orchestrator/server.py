@@ -4,21 +4,23 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import DEFAULT_PORTS, ServerSettings
+from copilot.contracts import COPILOT_SERVICE
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.interceptors import BearerAuthInterceptor
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.clients import GrpcAgentClients
 from services.orchestrator.servicer import CopilotServicer
 from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
 
-SERVICE_NAME = copilot_pb2.DESCRIPTOR.services_by_name["CopilotService"].full_name
+SERVICE_NAME = COPILOT_SERVICE
 
 
 class OrchestratorSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", populate_by_name=True)
 
     port: int = DEFAULT_PORTS["orchestrator"]
+    metrics_port: int = DEFAULT_METRICS_PORTS["orchestrator"]
     # Agent addresses: host:port, or dns:///name:port for a headless Service (round_robin over pods).
     vision_addr: str = Field(f"localhost:{DEFAULT_PORTS['vision']}", validation_alias=AliasChoices("VISION_ADDR"))
     knowledge_addr: str = Field(f"localhost:{DEFAULT_PORTS['knowledge']}",

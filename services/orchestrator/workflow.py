@@ -30,6 +30,7 @@ from copilot.domain import (
     VisionFindings,
 )
 from copilot.report_format import render_text
+from copilot.runtime.metrics import copilot_metrics
 from services.orchestrator.clients import AgentClients
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,12 @@ class DiagnosisWorkflow:
             span.set_attribute("app.stage.state", outcome.value)
             if confidence is not None:
                 span.set_attribute("app.confidence", confidence)
-            elapsed = round((time.perf_counter() - started) * 1000, 2)
-            return result, StageStatus(stage, outcome, error, confidence, elapsed)
+            elapsed = time.perf_counter() - started
+            meters = copilot_metrics()
+            meters.stage_duration.record(elapsed, {"stage": stage.value, "state": outcome.value})
+            if outcome is StageState.DEGRADED:
+                meters.stage_degraded.add(1, {"stage": stage.value})
+            return result, StageStatus(stage, outcome, error, confidence, round(elapsed * 1000, 2))
 
     # --- nodes ----------------------------------------------------------------------------------
 
@@ -198,6 +203,11 @@ class DiagnosisWorkflow:
             if Stage.VISION not in stages:
                 stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")
             ordered = [stages[s] for s in (Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT)]
+            meters = copilot_metrics()
+            meters.diagnoses.add(1, {"requires_manual_review": final["requires_manual_review"]})
+            meters.diagnosis_confidence.record(final["confidence"])
+            if final["requires_manual_review"]:
+                meters.escalations.add(1)
             span.set_attributes({
                 "app.confidence": final["confidence"],
                 "app.requires_manual_review": final["requires_manual_review"],

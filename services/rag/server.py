@@ -7,22 +7,24 @@ from typing import TYPE_CHECKING
 
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import DEFAULT_PORTS, ServerSettings
+from copilot.contracts import KNOWLEDGE_SERVICE
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+from copilot.v1 import knowledge_pb2_grpc
 from services.rag.corpus import load_folder, starter_corpus
 from services.rag.servicer import KnowledgeServicer
 
 if TYPE_CHECKING:
     from services.rag.core import KnowledgeBase
 
-SERVICE_NAME = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
+SERVICE_NAME = KNOWLEDGE_SERVICE
 
 
 class KnowledgeSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWLEDGE_", extra="ignore")
 
     port: int = DEFAULT_PORTS["knowledge"]
+    metrics_port: int = DEFAULT_METRICS_PORTS["knowledge"]
     chroma_path: Path = Path(".copilot-data/chroma")  # embedded persistent store (default)
     chroma_host: str | None = None  # set to use a `chroma run` server instead
     chroma_port: int = 8000

@@ -10,6 +10,7 @@ from opentelemetry import trace
 from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
+from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
 
@@ -33,6 +34,15 @@ def _check_top_k(top_k: int) -> list[FieldViolation]:
     return []
 
 
+def _record_retrieval(k: int, scores: list[float], fallback: bool | None) -> None:
+    meters = copilot_metrics()
+    meters.retrieval_results.record(k)
+    if scores:
+        meters.retrieval_top_score.record(max(scores))
+    if fallback:
+        meters.guidance_fallbacks.add(1)
+
+
 class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
     def __init__(self, knowledge: KnowledgeBase | None = None) -> None:
         self.knowledge = knowledge  # None until the process has loaded the model and the store
@@ -51,6 +61,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             chunks = await asyncio.to_thread(knowledge.retrieve, request.query, request.top_k or None)
             span.set_attributes({"app.retrieval.k": len(chunks), "app.sop_ids": [c.sop_id for c in chunks],
                                  "app.retrieval.scores": [c.score for c in chunks]})
+            _record_retrieval(len(chunks), [c.score for c in chunks], fallback=None)
             return knowledge_pb2.RetrieveResponse(chunks=[convert.chunk_to_pb(c) for c in chunks])
 
     async def Advise(self, request: knowledge_pb2.AdviseRequest, context) -> knowledge_pb2.AdviseResponse:
@@ -65,6 +76,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             guidance = await asyncio.to_thread(
                 knowledge.advise, request.problem_description, defects, request.top_k or None
             )
+            _record_retrieval(len(guidance.citations), [c.score for c in guidance.citations], guidance.fallback)
             span.set_attributes({
                 "app.sop_ids": sorted({c.sop_id for c in guidance.citations}),
                 "app.step_count": len(guidance.steps),

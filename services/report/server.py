@@ -3,18 +3,20 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import DEFAULT_PORTS, ServerSettings
+from copilot.contracts import REPORT_SERVICE
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import report_pb2, report_pb2_grpc
+from copilot.v1 import report_pb2_grpc
 from services.report.servicer import ReportServicer
 
-SERVICE_NAME = report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name
+SERVICE_NAME = REPORT_SERVICE
 
 
 class ReportSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="REPORT_", extra="ignore")
 
     port: int = DEFAULT_PORTS["report"]
+    metrics_port: int = DEFAULT_METRICS_PORTS["report"]
 
 
 def build(settings: ReportSettings | None = None) -> tuple[ServiceSpec, ReportSettings]:

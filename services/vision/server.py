@@ -3,19 +3,21 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import DEFAULT_PORTS, ServerSettings
+from copilot.contracts import VISION_SERVICE
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import vision_pb2, vision_pb2_grpc
+from copilot.v1 import vision_pb2_grpc
 from services.vision.core import ImageLimits, TextureInspector
 from services.vision.servicer import VisionServicer
 
-SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+SERVICE_NAME = VISION_SERVICE
 
 
 class VisionSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore")
 
     port: int = DEFAULT_PORTS["vision"]
+    metrics_port: int = DEFAULT_METRICS_PORTS["vision"]
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
 

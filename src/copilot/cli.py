@@ -119,6 +119,23 @@ def up(
 
 
 @app.command()
+def health(
+    addr: str = typer.Option(f"localhost:{DEFAULT_PORTS['orchestrator']}", "--addr"),
+    service: str = typer.Option("", "--service", help="a full service name; empty = the whole server"),
+    timeout: float = typer.Option(2.0, "--timeout"),
+) -> None:
+    """grpc.health.v1 check (for container health checks): exit 0 when SERVING, 1 otherwise."""
+    from grpc_health.v1 import health_pb2
+
+    from copilot.launcher import health_status
+
+    status = health_status(addr, timeout=timeout, service=service)
+    name = "UNREACHABLE" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    out.print(f"{addr} {service or '(server)'}: {name}")
+    raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command()
 def bench(
     n: int = typer.Option(50, "--n", help="text-only diagnoses to time"),
     output: Path = typer.Option(Path("benchmarks/results/mesh_latency.json"), "--output"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from copilot.runtime.config import DEFAULT_PORTS
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 # name -> (python module, environment prefix)
 SERVICES: dict[str, tuple[str, str]] = {
@@ -69,21 +69,27 @@ class ServiceProcess:
 class Mesh:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     data_dir: Path = Path(".copilot-data")
     extra_env: dict[str, str] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, **kwargs) -> "Mesh":
-        return cls(ports={name: free_port() for name in SERVICES}, **kwargs)
+        return cls(ports={name: free_port() for name in SERVICES},
+                   metrics_ports={name: free_port() for name in SERVICES}, **kwargs)
 
     def address(self, name: str) -> str:
         return f"{self.host}:{self.ports[name]}"
 
+    def metrics_url(self, name: str) -> str:
+        return f"http://{self.host}:{self.metrics_ports[name]}/metrics"
+
     def _env(self, name: str) -> dict[str, str]:
         prefix = SERVICES[name][1]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env,
-               f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name])}
+               f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name]),
+               f"{prefix}_METRICS_HOST": self.host, f"{prefix}_METRICS_PORT": str(self.metrics_ports[name])}
         if name == "knowledge":
             env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
         if name == "orchestrator":

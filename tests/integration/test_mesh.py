@@ -2,7 +2,9 @@
 while the orchestrator keeps answering."""
 from __future__ import annotations
 
+import re
 import signal
+import urllib.request
 import time
 
 import grpc
@@ -120,3 +122,25 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path):
     finally:
         codes = mesh.stop()
     assert codes["report"] == 0 and codes["vision"] == 0
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()
+
+
+def test_every_service_exposes_prometheus_metrics(mesh, stub):
+    call(stub)
+    orchestrator = scrape(mesh.metrics_url("orchestrator"))
+    assert re.search(r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="OK"[^}]*CopilotService/Diagnose', orchestrator)
+    assert re.search(r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="INVALID_ARGUMENT"', orchestrator)
+    assert re.search(r'copilot_stage_duration_seconds_bucket\{[^}]*stage="knowledge"', orchestrator)
+    # the degradation tests above killed each agent once
+    for stage in ("vision", "knowledge", "report"):
+        assert re.search(rf'copilot_stage_degraded_total\{{[^}}]*stage="{stage}"[^}}]*\}} [1-9]', orchestrator), stage
+    assert re.search(r"copilot_escalations_total\{[^}]*\} [1-9]", orchestrator)
+    assert "copilot_rpc_in_flight" in orchestrator and "copilot_diagnosis_confidence_bucket" in orchestrator
+    assert "copilot_model_inference_duration_seconds_count" in scrape(mesh.metrics_url("vision"))
+    knowledge = scrape(mesh.metrics_url("knowledge"))
+    assert "copilot_retrieval_top_score_bucket" in knowledge and "copilot_retrieval_results_count" in knowledge
+    assert "CopilotService" not in scrape(mesh.metrics_url("report"))

@@ -6,6 +6,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Documented default ports of the mesh; `copilot up` and the Kubernetes manifests use the same numbers.
 DEFAULT_PORTS = {"orchestrator": 50051, "vision": 50052, "knowledge": 50053, "report": 50054}
+DEFAULT_METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466, "report": 9467}
 
 
 class ServerSettings(BaseSettings):
@@ -18,6 +19,8 @@ class ServerSettings(BaseSettings):
     grace_seconds: float = Field(10.0, gt=0, description="drain time after SIGTERM")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
     log_level: str = "INFO"
+    metrics_host: str = Field("0.0.0.0", description="interface of the Prometheus /metrics endpoint")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
 
     @property
     def address(self) -> str:

@@ -10,6 +10,8 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 from opentelemetry import trace
 
+from copilot.runtime.metrics import copilot_metrics
+
 log = logging.getLogger("copilot.rpc")
 
 #: The authenticated caller of the current RPC ("technician-42"), for logs and span attributes.
@@ -30,9 +32,10 @@ def _service_of(method: str) -> str:
     return method.rsplit("/", 1)[0].lstrip("/")
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Logs every unary RPC with its status and duration; an unexpected exception becomes INTERNAL with
-    a trace id instead of a stack trace sent to the caller (the trace goes to the log)."""
+class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Logs and meters every unary RPC (requests by status code, duration, in flight); an unexpected
+    exception becomes INTERNAL with a trace id instead of a stack trace sent to the caller (the stack
+    trace goes to the log)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -44,6 +47,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             async def logged(request, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.OK
+                meters = copilot_metrics()
+                meters.rpc_in_flight.add(1, {"rpc.method": method})
                 try:
                     return await behaviour(request, context)
                 except grpc.aio.AbortError:
@@ -55,19 +60,15 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     log.exception("unhandled error in %s", method, extra={"rpc.method": method})
                     await context.abort(code, f"internal error; trace id {trace_id}")
                 finally:
-                    if isinstance(code, int):
-                        code = grpc.StatusCode(code)  # pragma: no cover - defensive
-                    log.info(
-                        "rpc %s %s",
-                        method,
-                        getattr(code, "name", code),
-                        extra={
-                            "rpc.method": method,
-                            "rpc.code": getattr(code, "name", str(code)),
-                            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                            "principal": current_principal.get(),
-                        },
-                    )
+                    elapsed = time.perf_counter() - started
+                    name = getattr(code, "name", str(code))
+                    meters.rpc_in_flight.add(-1, {"rpc.method": method})
+                    meters.rpc_requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": name})
+                    meters.rpc_duration.record(elapsed, {"rpc.method": method})
+                    log.info("rpc %s %s", method, name, extra={
+                        "rpc.method": method, "rpc.code": name, "duration_ms": round(elapsed * 1000, 2),
+                        "principal": current_principal.get(),
+                    })
 
             return logged
 

@@ -14,7 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from copilot.runtime.config import ServerSettings, message_size_options
-from copilot.runtime.interceptors import AccessLogInterceptor
+from copilot.runtime.interceptors import RpcObservabilityInterceptor
 from copilot.runtime.logging import configure_logging
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
 
@@ -42,7 +42,7 @@ class AgentServer:
         self.settings = settings
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), AccessLogInterceptor(), *spec.interceptors],
+            interceptors=[*server_interceptors(), RpcObservabilityInterceptor(), *spec.interceptors],
             options=message_size_options(settings.max_message_bytes),
         )
         self.port = 0
@@ -126,11 +126,11 @@ def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings
 
     otel_name = f"copilot-{name}"
     configure_logging(otel_name)
-    setup_telemetry(otel_name)
 
     async def main() -> int:
-        spec, settings = build()
+        spec, settings = build()  # trace/metric proxies created here bind to the providers set next
         logging.getLogger().setLevel(settings.log_level.upper())
+        setup_telemetry(otel_name, settings.metrics_host, settings.metrics_port)
         return await AgentServer(spec, settings).serve_until_signal()
 
     try:

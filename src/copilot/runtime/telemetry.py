@@ -1,11 +1,13 @@
-"""OpenTelemetry set-up: one TracerProvider per process with service.name, OTLP export when
-OTEL_EXPORTER_OTLP_ENDPOINT is set, and the gRPC instrumentation that carries context in metadata."""
+"""OpenTelemetry set-up: one tracer and one meter provider per process with service.name, OTLP export
+when OTEL_EXPORTER_OTLP_ENDPOINT is set, Prometheus /metrics on the metrics port, and the gRPC
+instrumentation that carries the trace context in metadata."""
 from __future__ import annotations
 
 import os
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -13,21 +15,42 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from copilot import __version__
 
 _provider: TracerProvider | None = None
+_meter_provider: MeterProvider | None = None
 
 
-def setup_telemetry(service_name: str) -> TracerProvider:
-    """Install the process-wide tracer provider (idempotent)."""
-    global _provider
+def _otlp_enabled(signal: str) -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+
+
+def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_port: int = 0) -> TracerProvider:
+    """Install the process-wide tracer and meter providers (idempotent). `metrics_port` > 0 serves
+    Prometheus /metrics on that port."""
+    global _provider, _meter_provider
     if _provider is not None:
         return _provider
     resource = Resource.create({"service.name": service_name, "service.version": __version__,
                                 "service.namespace": "manufacturing-copilot"})
     provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    if _otlp_enabled("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+
+    readers = []
+    if metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        readers.append(PrometheusMetricReader())
+        start_http_server(metrics_port, addr=metrics_host)
+    if _otlp_enabled("METRICS"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    _meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    metrics.set_meter_provider(_meter_provider)
     _provider = provider
     return provider
 
@@ -35,6 +58,8 @@ def setup_telemetry(service_name: str) -> TracerProvider:
 def shutdown_telemetry() -> None:
     if _provider is not None:
         _provider.shutdown()
+    if _meter_provider is not None:
+        _meter_provider.shutdown()
 
 
 def server_interceptors() -> list:

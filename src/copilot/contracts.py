@@ -1,0 +1,9 @@
+"""Full names of the gRPC services, read from the generated descriptors (one place, no heavy imports)."""
+from __future__ import annotations
+
+from copilot.v1 import copilot_pb2, knowledge_pb2, report_pb2, vision_pb2
+
+VISION_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+KNOWLEDGE_SERVICE = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
+REPORT_SERVICE = report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name
+COPILOT_SERVICE = copilot_pb2.DESCRIPTOR.services_by_name["CopilotService"].full_name

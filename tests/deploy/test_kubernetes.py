@@ -1,0 +1,188 @@
+"""The Kubernetes manifests, rendered by kustomize for each overlay, validated against the Kubernetes
+schemas (offline) and checked against the code: ports, environment names, probes, security."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from .conftest import DEPLOY, OUR_IMAGES
+
+KUBECTL = Path(sys.executable).with_name("kubectl")
+K8S_VERSION = "1.31.0"
+AGENTS = ("vision", "knowledge", "report")
+SERVICES = ("orchestrator", *AGENTS)
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([str(KUBECTL), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module", params=["dev", "prod"])
+def manifests(request) -> list[dict]:
+    return render(request.param)
+
+
+def by_kind(docs, kind) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs):
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def ours(container) -> bool:
+    return container["image"].split(":")[0] in OUR_IMAGES and "command" not in container
+
+
+def test_every_object_validates_against_the_kubernetes_schema(manifests):
+    for doc in manifests:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # CRD: no upstream schema offline
+            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"][0]["port"] == "metrics"
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["spec"]["template"]["spec"].__setitem__("container", d["spec"]["template"]["spec"].pop("containers")),
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"].__setitem__("grcp", {"port": 1}),
+        lambda d: d["spec"].__setitem__("replicas", "two"),
+    ],
+)
+def test_a_manifest_typo_fails_validation(mutate):
+    vision = copy.deepcopy(by_kind(render("dev"), "Deployment")["vision"])
+    mutate(vision)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(vision, K8S_VERSION, strict=True)
+
+
+def test_every_workload_is_hardened_and_probed(manifests):
+    accounts = by_kind(manifests, "ServiceAccount")
+    for workload in workloads(manifests):
+        pod = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False, name
+        assert accounts[pod["serviceAccountName"]]["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in c, (name, probe)
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][bound]), (name, bound)
+
+
+def test_copilot_services_probe_grpc_health_on_the_port_the_code_listens_on(manifests, default_ports):
+    deployments = by_kind(manifests, "Deployment")
+    services = by_kind(manifests, "Service")
+    for name in SERVICES:
+        pod = deployments[name]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        grpc_port, metrics_port = default_ports[name]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": grpc_port, "metrics": metrics_port}, name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == grpc_port, (name, probe)
+        env = {e["name"]: e["value"] for e in container["env"]}
+        prefix = "ORCHESTRATOR" if name == "orchestrator" else name.upper()
+        assert env[f"{prefix}_PORT"] == str(grpc_port) and env[f"{prefix}_HOST"] == "0.0.0.0"
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {grpc_port, metrics_port}
+        assert pod["affinity"]["podAntiAffinity"], name
+        assert pod["terminationGracePeriodSeconds"] > int(env[f"{prefix}_GRACE_SECONDS"])
+
+
+def test_environment_names_are_ones_the_code_reads(manifests, known_env):
+    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+    assert set(config) <= known_env, set(config) - known_env
+    for workload in workloads(manifests):
+        for c in workload["spec"]["template"]["spec"]["containers"]:
+            if ours(c):
+                names = {e["name"] for e in c.get("env", [])}
+                assert names <= known_env, (workload["metadata"]["name"], names - known_env)
+
+
+def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifests, default_ports):
+    services = by_kind(manifests, "Service")
+    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+    for agent in AGENTS:
+        assert services[agent]["spec"]["clusterIP"] == "None"
+        assert config[f"{agent.upper()}_ADDR"] == f"dns:///{agent}:{default_ports[agent][0]}"
+    assert services["orchestrator"]["spec"]["type"] == "ClusterIP"
+    chroma = services[config["KNOWLEDGE_CHROMA_HOST"]]
+    assert {p["port"] for p in chroma["spec"]["ports"]} == {int(config["KNOWLEDGE_CHROMA_PORT"])}
+    collector = config["OTEL_EXPORTER_OTLP_ENDPOINT"].split("//")[1].split(":")[0]
+    assert 4317 in {p["port"] for p in services[collector]["spec"]["ports"]}
+
+
+def test_autoscaling_follows_the_seed_policy_and_vision_scales_on_its_own(manifests):
+    hpas = by_kind(manifests, "HorizontalPodAutoscaler")
+    assert set(hpas) == set(SERVICES)
+    for name, hpa in hpas.items():
+        spec = hpa["spec"]
+        assert spec["scaleTargetRef"]["name"] == name
+        targets = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in spec["metrics"]}
+        assert targets == {"cpu": 70, "memory": 80}
+        up = spec["behavior"]["scaleUp"]["policies"]
+        assert {"type": "Pods", "value": 4, "periodSeconds": 60} in up
+        assert {"type": "Percent", "value": 100, "periodSeconds": 60} in up
+        assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert hpas["vision"]["spec"]["maxReplicas"] > hpas["orchestrator"]["spec"]["maxReplicas"]
+
+
+def test_every_service_keeps_a_pod_through_disruptions(manifests):
+    pdbs = by_kind(manifests, "PodDisruptionBudget")
+    for name in SERVICES:
+        assert pdbs[name]["spec"]["minAvailable"] == 1
+        assert pdbs[name]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+
+
+def test_network_policies_allow_only_the_mesh_paths(manifests):
+    policies = by_kind(manifests, "NetworkPolicy")
+    assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    agents_in = policies["agents-from-orchestrator"]["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for rule in agents_in for peer in rule["from"]] == \
+        [{"app.kubernetes.io/name": "orchestrator"}]
+    chroma_in = policies["chroma-from-knowledge"]["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for rule in chroma_in for peer in rule["from"]] == \
+        [{"app.kubernetes.io/name": "knowledge"}]
+    to_collector = policies["all-to-collector"]["spec"]
+    assert to_collector["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "manufacturing-copilot"}
+    # every pod of ours carries the label the collector policy selects
+    for workload in workloads(manifests):
+        assert workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "manufacturing-copilot"
+
+
+def test_chroma_is_a_statefulset_with_a_10gi_volume(manifests):
+    chroma = by_kind(manifests, "StatefulSet")["chroma"]
+    (claim,) = chroma["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert chroma["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["chroma", "run"]
+
+
+def test_ingress_reaches_the_orchestrator_over_grpc(manifests, default_ports):
+    (ingress,) = by_kind(manifests, "Ingress").values()
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "orchestrator" and backend["port"]["name"] == "grpc"
+
+
+def test_overlays_differ_where_they_should():
+    dev, prod = render("dev"), render("prod")
+    assert {d["metadata"].get("namespace") for d in dev if d["kind"] != "Namespace"} == {"copilot-dev"}
+    assert by_kind(dev, "Deployment")["vision"]["spec"]["replicas"] == 1
+    assert by_kind(prod, "HorizontalPodAutoscaler")["vision"]["spec"]["maxReplicas"] == 30
+    assert "ServiceMonitor" in {d["kind"] for d in prod} and "ServiceMonitor" not in {d["kind"] for d in dev}
+    tags = {c["image"] for d in workloads(prod) for c in d["spec"]["template"]["spec"]["containers"] if ours(c)}
+    assert tags == {f"{image}:0.1.0" for image in OUR_IMAGES}
