@@ -11,13 +11,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from copilot.client import auth_metadata, diagnose_request
 from copilot.runtime.config import ServerSettings
 from copilot.runtime.errors import field_violations
-from copilot.runtime.server import AgentServer, ServiceSpec
+from copilot.runtime.server import ServiceSpec
 from copilot.v1 import (
     common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc, report_pb2, report_pb2_grpc,
     vision_pb2, vision_pb2_grpc,
 )
 
-from .conftest import channel_to
+from .conftest import channel_to, serving
 
 # --- vision -----------------------------------------------------------------------------------------
 
@@ -158,15 +158,12 @@ async def test_health_is_not_serving_until_warm_up_finishes_and_during_shutdown(
     loaded = asyncio.Event()
     spec = ServiceSpec(name="slow", service_names=["copilot.v1.ReportService"], register=lambda server: None,
                        warm_up=loaded.wait)
-    server = AgentServer(spec, ServerSettings(port=0))
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING
         loaded.set()
         await server.wait_ready()
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
-    await server.stop(0)
 
 
 async def test_knowledge_answers_unavailable_while_loading():
@@ -175,13 +172,10 @@ async def test_knowledge_answers_unavailable_while_loading():
     spec = ServiceSpec(name="knowledge", service_names=["copilot.v1.KnowledgeService"],
                        register=lambda s: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeServicer(), s),
                        warm_up=asyncio.Event().wait)
-    server = AgentServer(spec, ServerSettings(port=0))
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await knowledge_pb2_grpc.KnowledgeServiceStub(channel).Retrieve(knowledge_pb2.RetrieveRequest(query="x"))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    await server.stop(0)
 
 
 async def test_unexpected_errors_become_internal_without_leaking_details(monkeypatch):
@@ -192,11 +186,8 @@ async def test_unexpected_errors_become_internal_without_leaking_details(monkeyp
         raise RuntimeError("secret database password in a stack trace")
 
     monkeypatch.setattr(report_servicer, "compose_report", explode)
-    server = AgentServer(*build(ReportSettings(port=0)))
-    await server.start()
-    await server.wait_ready()
     request = report_pb2.ComposeReportRequest(plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="x" * 12)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with serving(*build(ReportSettings(port=0))) as server, channel_to(server) as channel:
         stub = report_pb2_grpc.ReportServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ComposeReport(request)
@@ -204,4 +195,3 @@ async def test_unexpected_errors_become_internal_without_leaking_details(monkeyp
         assert "secret" not in err.value.details() and "trace id" in err.value.details()
         monkeypatch.undo()
         assert (await stub.ComposeReport(request)).report.summary  # still serving
-    await server.stop(0)
