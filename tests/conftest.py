@@ -37,3 +37,22 @@ def crack_photo() -> bytes:
 @pytest.fixture(scope="session")
 def clean_photo() -> bytes:
     return (SAMPLES / "pump-housing-clean.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def feature_extractor():
+    from services.vision.patchcore import FeatureExtractor
+
+    return FeatureExtractor()
+
+
+@pytest.fixture(scope="session")
+def vision_engine(tmp_path_factory, feature_extractor):
+    """The reference engine on a copy of the shipped starter set."""
+    from services.vision.core import VisionEngine
+    from services.vision.references import ReferenceStore
+
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path_factory.mktemp("vision-refs")))
+    engine.seed_starter_set()
+    engine.load()
+    return engine

@@ -12,7 +12,7 @@ from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2
 
 class AgentClients(Protocol):
     async def analyze_image(self, data: bytes, mime_type: str, image_id: str, equipment_id: str,
-                            timeout: float) -> VisionFindings: ...
+                            equipment_type: str, timeout: float) -> VisionFindings: ...
 
     async def advise(self, problem_description: str, defects: Sequence[Defect], plant_id: str, equipment_id: str,
                      timeout: float) -> Guidance: ...
@@ -33,9 +33,10 @@ class GrpcAgentClients:
         self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])
         self.report = report_pb2_grpc.ReportServiceStub(self._channels[2])
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, timeout):
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
         request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=data, mime_type=mime_type),
-                                                 image_id=image_id, equipment_id=equipment_id)
+                                                 image_id=image_id, equipment_id=equipment_id,
+                                                 equipment_type=equipment_type)
         return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
 
     async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):

@@ -11,6 +11,7 @@ FORBIDDEN_CHARS = "<>{};"
 EQUIPMENT_ID_MIN, EQUIPMENT_ID_MAX = 4, 64
 DESCRIPTION_MIN, DESCRIPTION_MAX = 10, 500
 IMAGE_ID_MAX = 128
+EQUIPMENT_TYPE = re.compile(r"[a-z][a-z0-9-]{1,39}")
 
 
 def validate_diagnosis(request: DiagnosisInput, *, has_image: bool, max_image_bytes: int) -> list[FieldViolation]:
@@ -42,6 +43,8 @@ def validate_diagnosis(request: DiagnosisInput, *, has_image: bool, max_image_by
             v.append(FieldViolation("image.data", f"image is {len(data)} bytes; the limit is {max_image_bytes}"))
         elif sniff_mime_type(data) is None:
             v.append(FieldViolation("image.data", f"not a {', '.join(ALLOWED_IMAGE_TYPES)} image (bytes sniffed)"))
+    if request.equipment_type and not EQUIPMENT_TYPE.fullmatch(request.equipment_type):
+        v.append(FieldViolation("equipment_type", "must be kebab-case, 2-40 characters (e.g. brushed-steel)"))
     if len(request.image_id) > IMAGE_ID_MAX:
         v.append(FieldViolation("image_id", f"must be at most {IMAGE_ID_MAX} characters"))
     return v

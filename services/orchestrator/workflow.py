@@ -148,7 +148,8 @@ class DiagnosisWorkflow:
         req = state["input"]
         findings, status = await self._call(
             Stage.VISION, state, self.timeouts.vision,
-            lambda t: self.clients.analyze_image(req.image_data, req.image_mime_type, req.image_id, req.equipment_id, t),
+            lambda t: self.clients.analyze_image(req.image_data, req.image_mime_type, req.image_id, req.equipment_id,
+                                                req.equipment_type, t),
             lambda f: (f.confidence, {"app.defect_count": len(f.defects), "app.defect_types": [d.type for d in f.defects]}),
         )
         return {"vision": findings, "stages": [status]}

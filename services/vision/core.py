@@ -1,29 +1,22 @@
-"""Vision agent core: image checks and a texture-statistics defect analyser. No gRPC here.
+"""Vision agent core: image checks and the reference-based defect analyser. No gRPC here.
 
-What it really does (the learned, reference-based model comes with the vision issue): the photo is
-decoded, reduced to at most 384 px, and each pixel's brightness is compared with its neighbourhood
-(a Gaussian background). Pixels far outside the image's own robust spread (median/MAD z-score) are
-anomalous. Connected anomalous regions are classified by shape and colour:
-
-* dark and elongated or slender -> crack
-* bright and elongated/slender  -> scratch
-* dark, compact                 -> contamination (spots, spatter, pits)
-* orange-brown and saturated    -> corrosion (rust, from HSV colour)
-* fine-grained texture energy well above a machined surface -> surface-roughness (no box)
-
-Every answer is computed from the pixels it is given: a different photo gives a different answer.
+The analyser (`VisionEngine`) scores a photo against the good reference images of its equipment type with
+PatchCore-style patch features (see `patchcore.py`), localises the anomalous regions as boxes and names
+each region's defect type from labelled reference examples. Unknown equipment types are scored against the
+generic set (all types' references) with lower confidence.
 """
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 
 from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import sniff_mime_type
+from services.vision.references import EQUIPMENT_TYPE, LABEL
 
 MODEL_NAME = "texture-statistics/1"
 
@@ -64,193 +57,189 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") ->
         raise ImageRejected(FieldViolation(field, f"cannot decode {mime} image: {exc}")) from exc
 
 
+GENERIC = "generic"
+
+
 @dataclass(frozen=True)
-class AnalyserTuning:
-    working_side: int = 384
-    background_sigma: float = 6.0
-    z_threshold: float = 4.5
-    min_region_fraction: float = 0.0008
-    elongation_for_line: float = 3.5
-    slenderness_for_line: float = 8.0
-    roughness_threshold: float = 0.045
-    rust_min_fraction: float = 0.004
+class EngineTuning:
+    image_size: int = 256
+    coreset_ratio: float = 0.1
+    coreset_max: int = 20_000
+    generic_confidence_factor: float = 0.8  # an unknown equipment type is scored less surely
+    max_defects: int = 5
 
 
-_EIGHT = np.ones((3, 3), dtype=bool)
+@dataclass(frozen=True)
+class TypeModel:
+    """Everything needed to score one equipment type: its memory bank and its defect typer."""
+
+    bank: "MemoryBank"
+    typer: "DefectTyper"
+    good_images: int
+    labelled_images: int
 
 
-def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = rgb.max(axis=-1)
-    mn = rgb.min(axis=-1)
-    delta = mx - mn
-    safe = np.where(delta == 0, 1.0, delta)
-    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
-    hue = np.where(delta == 0, 0.0, hue)
-    sat = np.where(mx == 0, 0.0, delta / np.where(mx == 0, 1.0, mx))
-    return hue, sat, mx
+class VisionEngine:
+    """Reference-based defect analysis. `load()` builds a model per equipment type from the reference store;
+    `register`/`delete` rebuild the affected types. Models are swapped atomically, so concurrent analyses
+    always see a consistent set."""
 
+    model = "patchcore/efficientnet-lite0"
 
-def _confidence(strength: float) -> float:
-    """Map a strength >= 1 (1 = just over threshold) to a confidence in [0.5, 0.97]."""
-    return float(min(0.97, 0.5 + 0.47 * (1.0 - np.exp(-(max(strength, 1.0) - 1.0) * 1.2))))
-
-
-class TextureInspector:
-    """The offline vision analyser. Stateless and thread-safe; `analyze` is CPU-bound."""
-
-    model = MODEL_NAME
-
-    def __init__(self, limits: ImageLimits | None = None, tuning: AnalyserTuning | None = None) -> None:
+    def __init__(self, extractor, store, limits: ImageLimits | None = None, tuning: EngineTuning | None = None) -> None:
+        self.extractor = extractor
+        self.store = store
         self.limits = limits or ImageLimits()
-        self.tuning = tuning or AnalyserTuning()
+        self.tuning = tuning or EngineTuning()
+        self._features: dict[str, object] = {}  # reference id -> feature map
+        self._models: dict[str, TypeModel] = {}
+        self._lock = threading.Lock()
 
-    def analyze(self, data: bytes) -> VisionFindings:
+    # --- references -----------------------------------------------------------------------------
+
+    def seed_starter_set(self) -> int:
+        """Load the shipped starter images into an empty store."""
+        from services.vision.starter import starter_dir
+
+        if len(self.store):
+            return 0
+        added = 0
+        for folder in sorted(p for p in starter_dir().iterdir() if p.is_dir()):
+            for file in sorted(folder.glob("*.jpg")):
+                label = file.stem.rsplit("-", 1)[0]
+                data = file.read_bytes()
+                image = decode_image(data, self.limits)
+                self.store.add(folder.name, label, data, *image.size)
+                added += 1
+        return added
+
+    def _feature_maps(self, refs) -> None:
+        missing = [r for r in refs if r.reference_id not in self._features]
+        for start in range(0, len(missing), 16):
+            batch = missing[start:start + 16]
+            maps = self.extractor.patch_features([decode_image(self.store.read(r), self.limits) for r in batch])
+            for ref, fmap in zip(batch, maps):
+                self._features[ref.reference_id] = fmap
+
+    def _build(self, refs) -> TypeModel | None:
+        from services.vision.patchcore import DefectTyper, MemoryBank, region_prototype
+
+        goods = [self._features[r.reference_id] for r in refs if r.good]
+        if not goods:
+            return None
+        bank = MemoryBank.build(goods, self.tuning.coreset_ratio, self.tuning.coreset_max)
+        typer = DefectTyper()
+        labelled = [r for r in refs if not r.good]
+        for ref in labelled:
+            fmap = self._features[ref.reference_id]
+            typer.add(ref.label, region_prototype(fmap, bank.patch_scores(fmap), bank.threshold))
+        return TypeModel(bank, typer, len(goods), len(labelled))
+
+    def load(self, equipment_types: set[str] | None = None) -> dict[str, TypeModel]:
+        """(Re)build the models of the given equipment types (all when None) and the generic model."""
+        with self._lock:
+            refs = self.store.all()
+            live = {r.reference_id for r in refs}
+            self._features = {k: v for k, v in self._features.items() if k in live}
+            self._feature_maps(refs)
+            by_type: dict[str, list] = {}
+            for ref in refs:
+                by_type.setdefault(ref.equipment_type, []).append(ref)
+            models = dict(self._models)
+            for name in list(models):
+                if name not in by_type and name != GENERIC:
+                    del models[name]
+            for name, type_refs in by_type.items():
+                if equipment_types is None or name in equipment_types:
+                    built = self._build(type_refs)
+                    if built is None:
+                        models.pop(name, None)
+                    else:
+                        models[name] = built
+            generic = self._build(refs) if refs else None
+            if generic is None:
+                models.pop(GENERIC, None)
+            else:
+                models[GENERIC] = generic
+            self._models = models  # atomic swap
+            return models
+
+    def register(self, equipment_type: str, label: str, data: bytes):
+        for field_name, value, pattern in (("equipment_type", equipment_type, EQUIPMENT_TYPE), ("label", label, LABEL)):
+            if not pattern.fullmatch(value) or value == GENERIC:
+                raise ImageRejected(FieldViolation(field_name, f"must be kebab-case, 2-40 characters, not '{GENERIC}'"
+                                                               f" (got {value!r})"))
         image = decode_image(data, self.limits)
-        width, height = image.size
-        image.thumbnail((self.tuning.working_side, self.tuning.working_side))
-        rgb = np.asarray(image, dtype=np.float32) / 255.0
-        defects, anomaly = self._find_defects(rgb)
-        defects.sort(key=lambda x: x.confidence, reverse=True)
+        ref, created = self.store.add(equipment_type, label, data, *image.size)
+        if created:
+            self.load({equipment_type})
+        return ref, created
+
+    def delete(self, reference_id: str):
+        ref = self.store.delete(reference_id)
+        if ref is not None:
+            self.load({ref.equipment_type})
+        return ref
+
+    def reference_sets(self) -> dict[str, TypeModel]:
+        return dict(self._models)
+
+    # --- analysis -------------------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.limits)
+
+    def features(self, images: list[Image.Image]) -> list:
+        """One forward pass for a batch of decoded images (what the dynamic batcher calls)."""
+        return list(self.extractor.patch_features(images))
+
+    def score(self, image: Image.Image, feature_map, equipment_type: str = "",
+              include_heatmap: bool = False) -> VisionFindings:
+        from services.vision.patchcore import heatmap_png, regions
+
+        models = self._models
+        reference_set = equipment_type if equipment_type in models else GENERIC
+        model = models.get(reference_set)
+        if model is None:
+            raise RuntimeError("no reference images are registered")
+        bank = model.bank
+        scores = bank.patch_scores(feature_map)
+        peak = float(scores.max())
+        anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
+        factor = 1.0 if reference_set == equipment_type else self.tuning.generic_confidence_factor
+        defects = []
+        if peak > bank.threshold:
+            for region in regions(feature_map, scores, bank.threshold)[: self.tuning.max_defects]:
+                label, type_confidence = model.typer.classify(region.feature)
+                strength = _sigmoid((region.score - bank.threshold) / (0.1 * bank.threshold))
+                box = BoundingBox(*(round(v, 4) for v in region.box))
+                defects.append(Defect(
+                    type=label,
+                    confidence=round(factor * (0.5 * strength + 0.5 * type_confidence), 4),
+                    description=(f"{label.replace('-', ' ').capitalize()} at x {box.x_min:.2f}-{box.x_max:.2f}, "
+                                 f"y {box.y_min:.2f}-{box.y_max:.2f} ({region.area:.1%} of the image, "
+                                 f"anomaly {region.score / bank.threshold:.2f}x threshold)."),
+                    box=box,
+                ))
         if defects:
-            confidence = float(np.mean([x.confidence for x in defects[:3]]))
-            names = ", ".join(f"{x.label} ({x.confidence:.0%})" for x in defects)
-            description = f"{len(defects)} visual defect(s) found: {names}."
+            confidence = sum(d.confidence for d in defects) / len(defects)
+            names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in defects)
+            description = f"{len(defects)} defect(s) against the {reference_set} references: {names}."
         else:
-            # No region stands out; the less texture variation, the surer the "clean" verdict.
-            confidence = float(max(0.5, 0.85 - anomaly))
-            description = "No visual defect stands out from the surface texture."
+            confidence = factor * (1.0 - anomaly)
+            description = f"No defect: the surface matches the {reference_set} good references."
         return VisionFindings(
-            defects=tuple(defects),
-            confidence=round(confidence, 4),
-            anomaly_score=round(anomaly, 4),
-            description=description,
-            model=self.model,
-            width=width,
-            height=height,
+            defects=tuple(defects), confidence=round(confidence, 4), anomaly_score=round(anomaly, 4),
+            description=description, model=self.model, width=image.size[0], height=image.size[1],
+            heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
+            reference_set=reference_set,
         )
 
-    def _find_defects(self, rgb: np.ndarray) -> tuple[list[Defect], float]:
-        t = self.tuning
-        gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        h, w = gray.shape
-        residual = gray - ndimage.gaussian_filter(gray, t.background_sigma)
-        med = float(np.median(residual))
-        mad = float(np.median(np.abs(residual - med))) * 1.4826 + 1e-4
-        z = (residual - med) / mad
-        min_area = max(6, int(t.min_region_fraction * h * w))
-
-        hue, sat, val = _rgb_to_hsv(rgb)
-        rust = (hue >= 5) & (hue <= 40) & (sat >= 0.35) & (val >= 0.12) & (val <= 0.9)
-        rust = ndimage.binary_opening(rust, iterations=1)
-
-        defects: list[Defect] = []
-        anomalous = np.zeros_like(rust)
-        for polarity, mask in (("dark", z < -t.z_threshold), ("bright", z > t.z_threshold)):
-            mask = ndimage.binary_closing(mask & ~rust, iterations=1)
-            labels, _ = ndimage.label(mask, structure=_EIGHT)  # 8-connected: diagonal lines stay whole
-            for index, region in enumerate(ndimage.find_objects(labels), start=1):
-                if region is None:
-                    continue
-                component = labels[region] == index
-                area = int(component.sum())
-                if area < min_area:
-                    continue
-                anomalous[region] |= component
-                elongation = _elongation(component)
-                slenderness = max(component.shape) ** 2 / area  # ~1.3 for a disc, length/width for a line
-                strength = float(np.abs(z[region][component]).mean()) / t.z_threshold
-                line = elongation >= t.elongation_for_line or slenderness >= t.slenderness_for_line
-                if polarity == "dark":
-                    kind = "crack" if line else "contamination"
-                elif line:
-                    kind = "scratch"
-                else:
-                    continue  # compact bright regions are glare far more often than defects
-                box = _box(region, h, w)
-                defects.append(
-                    Defect(
-                        type=kind,
-                        confidence=_confidence(strength + (0.3 if line else 0.0)),
-                        description=_describe(kind, box, elongation, area / (h * w)),
-                        box=box,
-                    )
-                )
-
-        rust_labels, _ = ndimage.label(rust, structure=_EIGHT)
-        for index, region in enumerate(ndimage.find_objects(rust_labels), start=1):
-            if region is None:
-                continue
-            component = rust_labels[region] == index
-            fraction = component.sum() / (h * w)
-            if fraction < t.rust_min_fraction:
-                continue
-            anomalous[region] |= component
-            saturation = float(sat[region][component].mean())
-            box = _box(region, h, w)
-            defects.append(
-                Defect(
-                    type="corrosion",
-                    confidence=_confidence(1.0 + saturation * 2 + fraction * 20),
-                    description=_describe("corrosion", box, 1.0, fraction),
-                    box=box,
-                )
-            )
-
-        fine = gray - ndimage.gaussian_filter(gray, 1.0)
-        clean = ~ndimage.binary_dilation(anomalous, iterations=2)
-        roughness = float(fine[clean].std()) if clean.any() else 0.0
-        if roughness > t.roughness_threshold:
-            defects.append(
-                Defect(
-                    type="surface-roughness",
-                    confidence=_confidence(roughness / t.roughness_threshold),
-                    description=f"Fine-grained texture energy {roughness:.3f} exceeds {t.roughness_threshold:.3f}.",
-                )
-            )
-        area_fraction = float(anomalous.mean())
-        anomaly = float(min(1.0, 1.0 - np.exp(-area_fraction * 40) + max(0.0, roughness - t.roughness_threshold) * 4))
-        return _merge_overlaps(defects), anomaly
+    def analyze(self, data: bytes, equipment_type: str = "", include_heatmap: bool = False) -> VisionFindings:
+        """Decode, extract and score one image without batching (unit tests, in-process use)."""
+        image = self.decode(data)
+        return self.score(image, self.features([image])[0], equipment_type, include_heatmap)
 
 
-def _elongation(component: np.ndarray) -> float:
-    ys, xs = np.nonzero(component)
-    if len(xs) < 3:
-        return 1.0
-    cov = np.cov(np.vstack([xs, ys]).astype(np.float64))
-    eig = np.sort(np.linalg.eigvalsh(cov))
-    return float(np.sqrt(max(eig[1], 1e-6) / max(eig[0], 0.25)))
-
-
-def _box(region: tuple[slice, slice], h: int, w: int) -> BoundingBox:
-    ys, xs = region
-    return BoundingBox(
-        x_min=round(xs.start / w, 4), y_min=round(ys.start / h, 4),
-        x_max=round(xs.stop / w, 4), y_max=round(ys.stop / h, 4),
-    )
-
-
-def _describe(kind: str, box: BoundingBox, elongation: float, fraction: float) -> str:
-    where = f"at x {box.x_min:.2f}-{box.x_max:.2f}, y {box.y_min:.2f}-{box.y_max:.2f}"
-    shape = f"elongation {elongation:.1f}, " if elongation > 1 else ""
-    return f"{kind.replace('-', ' ').capitalize()} {where} ({shape}{fraction:.2%} of the image)."
-
-
-def _merge_overlaps(defects: list[Defect]) -> list[Defect]:
-    """Keep one defect per type when boxes of the same type overlap heavily (e.g. a crack split in two)."""
-    kept: list[Defect] = []
-    for candidate in sorted(defects, key=lambda x: x.confidence, reverse=True):
-        if candidate.box is not None and any(
-            k.type == candidate.type and k.box is not None and _iou(k.box, candidate.box) > 0.3 for k in kept
-        ):
-            continue
-        kept.append(candidate)
-    return kept
-
-
-def _iou(a: BoundingBox, b: BoundingBox) -> float:
-    ix = max(0.0, min(a.x_max, b.x_max) - max(a.x_min, b.x_min))
-    iy = max(0.0, min(a.y_max, b.y_max) - max(a.y_min, b.y_min))
-    inter = ix * iy
-    union = (a.x_max - a.x_min) * (a.y_max - a.y_min) + (b.x_max - b.x_min) * (b.y_max - b.y_min) - inter
-    return inter / union if union > 0 else 0.0
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))

@@ -1,13 +1,18 @@
 """Vision service process: settings and wiring."""
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import vision_pb2_grpc
-from services.vision.core import ImageLimits, TextureInspector
+from services.vision.core import EngineTuning, ImageLimits
 from services.vision.servicer import VisionServicer
 
 SERVICE_NAME = VISION_SERVICE
@@ -20,23 +25,80 @@ class VisionSettings(ServerSettings):
     metrics_port: int = DEFAULT_METRICS_PORTS["vision"]
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    provider: Literal["patchcore", "hf-endpoint", "blip2-local", "openai-compatible"] = "patchcore"
+    # patchcore
+    reference_dir: Path = Path(".copilot-data/vision-references")
+    image_size: int = Field(256, ge=64, le=1024)
+    coreset_ratio: float = Field(0.1, gt=0, le=1)
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = the CPUs this process may use")
+    batching: bool = True
+    batch_max_size: int = Field(8, ge=1, le=128)
+    batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    # hosted / local models
+    hf_endpoint: str = ""  # URL of a BLIP-2 (Salesforce/blip2-opt-2.7b) inference endpoint
+    hf_token: SecretStr = SecretStr("")
+    blip2_model_path: str = ""
+    openai_base_url: str = ""
+    openai_model: str = ""
+    openai_api_key: SecretStr = SecretStr("")
+    provider_timeout_s: float = Field(60.0, gt=0)
+
+
+def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
+    """Load the configured provider (blocking: runs in a thread during warm-up)."""
+    from services.vision import providers
+
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    if settings.provider == "patchcore":
+        from copilot.runtime.metrics import copilot_metrics
+        from services.vision.batching import DynamicBatcher
+        from services.vision.core import VisionEngine
+        from services.vision.patchcore import FeatureExtractor
+        from services.vision.references import ReferenceStore
+
+        engine = VisionEngine(FeatureExtractor(settings.image_size, settings.threads or None),
+                              ReferenceStore(settings.reference_dir), limits,
+                              EngineTuning(image_size=settings.image_size, coreset_ratio=settings.coreset_ratio))
+        engine.seed_starter_set()
+        engine.load()
+        batcher = None
+        if settings.batching:
+            meters = copilot_metrics()
+            batcher = DynamicBatcher(engine.features, max_batch=settings.batch_max_size,
+                                     max_wait_s=settings.batch_max_wait_ms / 1000,
+                                     on_batch=lambda size, _s: meters.batch_size.record(size))
+        servicer.engine = engine
+        servicer.provider = providers.PatchCoreProvider(engine, batcher)
+    elif settings.provider == "hf-endpoint":
+        servicer.provider = providers.HfEndpointProvider(settings.hf_endpoint, settings.hf_token.get_secret_value(),
+                                                         settings.provider_timeout_s, limits)
+    elif settings.provider == "blip2-local":
+        servicer.provider = providers.Blip2LocalProvider(settings.blip2_model_path, limits)
+    else:
+        if not settings.openai_base_url or not settings.openai_model:
+            raise ValueError("VISION_OPENAI_BASE_URL and VISION_OPENAI_MODEL are required for openai-compatible")
+        servicer.provider = providers.OpenAICompatibleProvider(settings.openai_base_url, settings.openai_model,
+                                                               settings.openai_api_key.get_secret_value(),
+                                                               settings.provider_timeout_s, limits)
 
 
 def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSettings]:
     settings = settings or VisionSettings()
-    inspector = TextureInspector(ImageLimits(settings.max_image_bytes, settings.max_image_pixels))
+    servicer = VisionServicer()
 
     async def warm_up() -> None:
-        # Analysing a generated image once loads numpy/scipy code paths before the first real call.
-        from copilot.samples import brushed_metal, to_bytes
+        await asyncio.to_thread(build_provider, settings, servicer)
 
-        inspector.analyze(to_bytes(brushed_metal(64)))
+    async def close() -> None:
+        if servicer.provider is not None:
+            await servicer.provider.close()
 
     spec = ServiceSpec(
         name="vision",
         service_names=[SERVICE_NAME],
-        register=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(inspector), server),
+        register=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
+        close=close,
     )
     return spec, settings
 

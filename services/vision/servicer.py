@@ -1,35 +1,79 @@
-"""VisionService: a thin gRPC adapter over the vision core."""
+"""VisionService: a thin gRPC adapter over the vision providers and the reference store."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
+from datetime import datetime
 
+import grpc
+from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
+from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import vision_pb2, vision_pb2_grpc
-from services.vision.core import ImageRejected, TextureInspector
+from services.vision.core import ImageRejected, VisionEngine
+from services.vision.providers import VisionProvider
 
 tracer = trace.get_tracer(__name__)
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+def _reference_pb(ref) -> vision_pb2.ReferenceImage:
+    created = timestamp_pb2.Timestamp()
+    created.FromDatetime(datetime.fromisoformat(ref.created_at))
+    return vision_pb2.ReferenceImage(reference_id=ref.reference_id, equipment_type=ref.equipment_type,
+                                     label=ref.label, sha256=ref.sha256, width=ref.width, height=ref.height,
+                                     created_at=created)
+
+
+def _page_offset(token: str) -> int | None:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(self, inspector: TextureInspector) -> None:
-        self.inspector = inspector
+    def __init__(self) -> None:
+        self.provider: VisionProvider | None = None  # attached by warm-up
+        self.engine: VisionEngine | None = None  # the reference engine, when the provider uses one
+
+    async def _provider(self, context) -> VisionProvider:
+        if self.provider is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "vision model is still loading")
+        return self.provider
+
+    async def _engine(self, context) -> VisionEngine:
+        await self._provider(context)
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"reference images are used by the patchcore provider, not {self.provider.name}")
+        return self.engine
 
     async def AnalyzeImage(self, request: vision_pb2.AnalyzeImageRequest, context) -> vision_pb2.AnalyzeImageResponse:
+        provider = await self._provider(context)
         with tracer.start_as_current_span("vision.analyze") as span:
             span.set_attributes({"app.stage": "vision", "app.image_id": request.image_id,
-                                 "app.equipment_id": request.equipment_id, "app.image.bytes": len(request.image.data)})
+                                 "app.equipment_id": request.equipment_id, "app.equipment_type": request.equipment_type,
+                                 "app.image.bytes": len(request.image.data), "app.provider": provider.name})
             started = time.perf_counter()
             try:
-                # CPU-bound: off the event loop so health checks and other calls keep flowing.
-                findings = await asyncio.to_thread(self.inspector.analyze, request.image.data)
+                findings = await provider.analyze(request.image.data, request.equipment_type, request.include_heatmap)
             except ImageRejected as exc:
                 span.set_attribute("app.rejected", exc.violation.description)
                 await abort_invalid(context, [exc.violation])
+            except RuntimeError as exc:  # e.g. no reference images at all
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a hosted model failing is an unavailable dependency
+                span.record_exception(exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{provider.name} provider failed: {type(exc).__name__}")
             meters = copilot_metrics()
             meters.inference_duration.record(time.perf_counter() - started, {"model": findings.model})
             for defect in findings.defects:
@@ -40,5 +84,41 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 "app.confidence": findings.confidence,
                 "app.anomaly_score": findings.anomaly_score,
                 "app.model": findings.model,
+                "app.reference_set": findings.reference_set,
             })
             return convert.findings_to_pb(findings)
+
+    async def RegisterReference(self, request, context) -> vision_pb2.RegisterReferenceResponse:
+        engine = await self._engine(context)
+        try:
+            ref, created = await asyncio.to_thread(engine.register, request.equipment_type, request.label,
+                                                   request.image.data)
+        except ImageRejected as exc:
+            await abort_invalid(context, [exc.violation])
+        return vision_pb2.RegisterReferenceResponse(reference=_reference_pb(ref), created=created)
+
+    async def ListReferences(self, request, context) -> vision_pb2.ListReferencesResponse:
+        engine = await self._engine(context)
+        offset = _page_offset(request.page_token)
+        violations = []
+        if offset is None or offset < 0:
+            violations.append(FieldViolation("page_token", "not a token from a previous ListReferences reply"))
+        if not 0 <= request.page_size <= MAX_PAGE:
+            violations.append(FieldViolation("page_size", f"must be between 0 (default {DEFAULT_PAGE}) and {MAX_PAGE}"))
+        if violations:
+            await abort_invalid(context, violations)
+        refs = [r for r in engine.store.all() if not request.equipment_type or r.equipment_type == request.equipment_type]
+        size = request.page_size or DEFAULT_PAGE
+        page = refs[offset:offset + size]
+        following = offset + size
+        token = base64.urlsafe_b64encode(str(following).encode()).decode() if following < len(refs) else ""
+        return vision_pb2.ListReferencesResponse(references=[_reference_pb(r) for r in page], next_page_token=token)
+
+    async def DeleteReference(self, request, context) -> vision_pb2.DeleteReferenceResponse:
+        engine = await self._engine(context)
+        if not request.reference_id:
+            await abort_invalid(context, [FieldViolation("reference_id", "must not be empty")])
+        ref = await asyncio.to_thread(engine.delete, request.reference_id)
+        if ref is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reference {request.reference_id!r}")
+        return vision_pb2.DeleteReferenceResponse()

@@ -43,14 +43,18 @@ class InProcessAgents:
     def __init__(self, store: Path) -> None:
         from services.rag.core import KnowledgeBase, minilm_embedder, open_collection
         from services.rag.corpus import starter_corpus
-        from services.vision.core import TextureInspector
+        from services.vision.core import VisionEngine
+        from services.vision.patchcore import FeatureExtractor
+        from services.vision.references import ReferenceStore
 
-        self.inspector = TextureInspector()
+        self.vision = VisionEngine(FeatureExtractor(), ReferenceStore(store / "vision"))
+        self.vision.seed_starter_set()
+        self.vision.load()
         self.knowledge = KnowledgeBase(open_collection(store), minilm_embedder())
         self.knowledge.ensure_documents(starter_corpus())
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, timeout):
-        return self.inspector.analyze(data)
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
+        return self.vision.analyze(data, equipment_type)
 
     async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
         return self.knowledge.advise(problem_description, defects)

@@ -52,13 +52,14 @@ def diagnose_cmd(
     problem: str = typer.Option(..., "--problem", help="what the technician sees (10-500 characters)"),
     image: Optional[Path] = typer.Option(None, "--image", exists=True, dir_okay=False, help="photo (JPEG/PNG/WebP)"),
     image_id: Optional[str] = typer.Option(None, "--image-id"),
+    equipment_type: str = typer.Option("", "--equipment-type", help="vision reference set, e.g. brushed-steel"),
     as_json: bool = typer.Option(False, "--json", help="print the whole response as JSON"),
     addr: str = typer.Option(f"localhost:{DEFAULT_PORTS['orchestrator']}", "--addr", envvar="COPILOT_ADDR"),
     token: str = typer.Option(DEV_TOKEN, "--token", envvar="COPILOT_TOKEN", help="technician-<id>"),
     timeout: float = typer.Option(60.0, "--timeout"),
 ) -> None:
     """Send one diagnosis to the orchestrator and print the report."""
-    request = diagnose_request(plant, equipment, problem, image, image_id)
+    request = diagnose_request(plant, equipment, problem, image, image_id, equipment_type)
     try:
         response = diagnose(addr, request, token=token, timeout=timeout)
     except grpc.RpcError as exc:
@@ -102,7 +103,8 @@ def up(
         if demo:
             console.rule("demo diagnosis with the shipped sample photo")
             request = diagnose_request("PUNE-IN", "PUMP-A-7", "Pump housing overheating during operation and a "
-                                       "visible crack near the outlet flange", SAMPLE_PHOTO)
+                                       "visible crack near the outlet flange", SAMPLE_PHOTO,
+                                       equipment_type="brushed-steel")
             print_diagnosis(diagnose(mesh.address("orchestrator"), request), as_json=False)
         if demo and exit_after_demo:
             return

@@ -12,8 +12,9 @@ DEV_TOKEN = "technician-cli"
 
 
 def diagnose_request(plant_id: str, equipment_id: str, problem: str, image: Path | bytes | None = None,
-                     image_id: str | None = None) -> copilot_pb2.DiagnoseRequest:
-    request = copilot_pb2.DiagnoseRequest(plant_id=plant_id, equipment_id=equipment_id, problem_description=problem)
+                     image_id: str | None = None, equipment_type: str = "") -> copilot_pb2.DiagnoseRequest:
+    request = copilot_pb2.DiagnoseRequest(plant_id=plant_id, equipment_id=equipment_id, problem_description=problem,
+                                          equipment_type=equipment_type)
     if image is not None:
         if isinstance(image, Path):
             data, mime = image.read_bytes(), mimetypes.guess_type(image.name)[0] or ""

@@ -41,6 +41,8 @@ class VisionFindings:
     model: str
     width: int = 0
     height: int = 0
+    heatmap_png: bytes = b""
+    reference_set: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class DiagnosisInput:
     image_data: bytes = b""
     image_mime_type: str = ""
     image_id: str = ""
+    equipment_type: str = ""
 
 
 @dataclass

@@ -92,6 +92,8 @@ class Mesh:
                f"{prefix}_METRICS_HOST": self.host, f"{prefix}_METRICS_PORT": str(self.metrics_ports[name])}
         if name == "knowledge":
             env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
+        if name == "vision":
+            env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / "vision-references"))
         if name == "orchestrator":
             env.update(VISION_ADDR=self.address("vision"), KNOWLEDGE_ADDR=self.address("knowledge"),
                        REPORT_ADDR=self.address("report"))

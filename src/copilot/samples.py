@@ -80,6 +80,84 @@ def draw_spatter(image: Image.Image, seed: int = 4, count: int = 6) -> Image.Ima
     return image
 
 
+def painted_panel(size: int = 512, seed: int = 0, colour: tuple[int, int, int] = (46, 92, 150)) -> Image.Image:
+    """A powder-coated panel: flat colour with fine orange-peel texture."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    peel = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma=2.0)
+    peel /= peel.std() + 1e-6
+    base = np.array(colour, dtype=np.float32)[None, None, :] / 255.0
+    rgb = np.clip(base * (1 + 0.035 * peel[..., None]), 0, 1)
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+
+
+def draw_dent(image: Image.Image, seed: int = 5, centre: tuple[float, float] | None = None, radius: float = 0.09) -> Image.Image:
+    """A dent: a shallow bowl lit from the top left, dark on one side and bright on the other."""
+    rng = np.random.default_rng(seed)
+    w, h = image.size
+    cx, cy = centre or (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = (xx - cx * w) / (radius * w), (yy - cy * h) / (radius * h)
+    r2 = dx ** 2 + dy ** 2
+    bowl = np.where(r2 < 1, (1 - r2), 0.0)
+    shade = -(dx + dy) * bowl * 0.35  # slope facing the light is brighter
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    out = np.clip(rgb * (1 + shade[..., None]), 0, 1)
+    return Image.fromarray((out * 255).astype(np.uint8), "RGB")
+
+
+def draw_coating_defect(image: Image.Image, seed: int = 6, centre: tuple[float, float] | None = None) -> Image.Image:
+    """Peeled coating: an irregular patch of bare grey metal with a dark rim."""
+    rng = np.random.default_rng(seed)
+    w, h = image.size
+    cx, cy = centre or (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
+    layer = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(layer)
+    points = []
+    for k in range(14):
+        angle = 2 * np.pi * k / 14
+        r = w * rng.uniform(0.05, 0.11)
+        points.append((cx * w + r * np.cos(angle), cy * h + r * np.sin(angle)))
+    draw.polygon(points, fill=255)
+    rim = layer.filter(ImageFilter.MaxFilter(5))
+    out = Image.composite(Image.new("RGB", image.size, (40, 40, 44)), image, rim)
+    return Image.composite(Image.new("RGB", image.size, (168, 170, 172)), out, layer)
+
+
+def draw_porosity(image: Image.Image, seed: int = 7, centre: tuple[float, float] | None = None) -> Image.Image:
+    """Weld porosity: a cluster of small round pores."""
+    rng = np.random.default_rng(seed)
+    w, h = image.size
+    cx, cy = centre or (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(10, 18))):
+        px, py = cx * w + rng.normal(0, 0.04 * w), cy * h + rng.normal(0, 0.04 * h)
+        r = rng.uniform(0.004, 0.009) * w
+        draw.ellipse([px - r, py - r, px + r, py + r], fill=(20, 18, 16))
+    return image
+
+
+SURFACES = {"brushed-steel": brushed_metal, "painted-panel": painted_panel}
+DEFECTS = {
+    "crack": lambda img, seed: draw_crack(img, seed=seed, start=(0.15 + 0.3 * (seed % 3) / 3, 0.2 + 0.1 * (seed % 4))),
+    "scratch": lambda img, seed: draw_scratch(img, seed=seed),
+    "corrosion": lambda img, seed: draw_rust(img, seed=seed, centre=(0.3 + 0.1 * (seed % 5), 0.3 + 0.08 * (seed % 6))),
+    "dent": lambda img, seed: draw_dent(img, seed=seed),
+    "contamination": lambda img, seed: draw_spatter(img, seed=seed),
+    "coating-defect": lambda img, seed: draw_coating_defect(img, seed=seed),
+    "weld-porosity": lambda img, seed: draw_porosity(img, seed=seed),
+}
+
+
+def make_surface(surface: str, seed: int, size: int = 256) -> Image.Image:
+    return SURFACES[surface](size, seed=seed)
+
+
+def make_defect(surface: str, defect: str, seed: int, size: int = 256) -> Image.Image:
+    return DEFECTS[defect](make_surface(surface, seed, size), seed)
+
+
 def to_bytes(image: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, quality=92)

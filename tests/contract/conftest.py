@@ -23,10 +23,11 @@ async def serving(spec, settings, *, ready: bool = True):
 
 
 @pytest.fixture(scope="session")
-async def vision_server():
+async def vision_server(tmp_path_factory):
     from services.vision.server import VisionSettings, build
 
-    async with serving(*build(VisionSettings(port=0))) as server:
+    settings = VisionSettings(port=0, reference_dir=tmp_path_factory.mktemp("vision-contract"))
+    async with serving(*build(settings)) as server:
         yield server
 
 

@@ -29,7 +29,8 @@ async def test_vision_analyses_the_photo_it_is_sent(vision_server, crack_photo, 
         clean = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=clean_photo)))
     assert {"crack", "corrosion"} <= {d.type for d in cracked.defects}
     assert all(d.HasField("box") and 0 <= d.box.x_min < d.box.x_max <= 1 for d in cracked.defects if d.type != "surface-roughness")
-    assert len(clean.defects) == 0 and clean.model == "texture-statistics/1"
+    assert len(clean.defects) == 0 and clean.model == "patchcore/efficientnet-lite0"
+    assert cracked.reference_set == "generic"  # no equipment type given
 
 
 @pytest.mark.parametrize(("data", "fragment"), [(b"", "empty"), (b"not an image at all", "not a JPEG")])
@@ -43,6 +44,48 @@ async def test_vision_rejects_bad_images_with_field_details_and_keeps_serving(vi
         assert violation.field == "image.data" and fragment in violation.description
         again = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=crack_photo)))
         assert again.defects
+
+
+async def test_vision_references_register_list_page_and_delete(vision_server, crack_photo):
+    async with channel_to(vision_server) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        image = common_pb2.Image(data=crack_photo)
+        added = await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(
+            equipment_type="pump-housing", label="crack", image=image))
+        again = await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(
+            equipment_type="pump-housing", label="crack", image=image))
+        assert added.created and not again.created and again.reference.reference_id == added.reference.reference_id
+        assert added.reference.sha256 and added.reference.width == 512 and added.reference.created_at.seconds > 0
+
+        seen, token = [], ""
+        while True:
+            page = await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=25, page_token=token))
+            seen += [r.reference_id for r in page.references]
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(seen) == len(set(seen)) == 63  # 62 starter images + the one just added
+        only = await stub.ListReferences(vision_pb2.ListReferencesRequest(equipment_type="pump-housing"))
+        assert [r.label for r in only.references] == ["crack"]
+
+        await stub.DeleteReference(vision_pb2.DeleteReferenceRequest(reference_id=added.reference.reference_id))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DeleteReference(vision_pb2.DeleteReferenceRequest(reference_id=added.reference.reference_id))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=10_000, page_token="%%%"))
+        assert {v.field for v in field_violations(err.value)} == {"page_size", "page_token"}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(equipment_type="Pump", label="good",
+                                                                             image=image))
+        assert [v.field for v in field_violations(err.value)] == ["equipment_type"]
+
+
+async def test_vision_heatmap_on_request(vision_server, crack_photo):
+    async with channel_to(vision_server) as channel:
+        reply = await vision_pb2_grpc.VisionServiceStub(channel).AnalyzeImage(vision_pb2.AnalyzeImageRequest(
+            image=common_pb2.Image(data=crack_photo), equipment_type="brushed-steel", include_heatmap=True))
+    assert reply.heatmap_png.startswith(b"\x89PNG") and reply.reference_set == "brushed-steel"
 
 
 # --- knowledge --------------------------------------------------------------------------------------

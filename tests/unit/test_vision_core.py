@@ -1,4 +1,5 @@
-"""The vision core looks at the pixels: different photos, different answers."""
+"""The vision core: PatchCore-style scoring on the packaged EfficientNet-Lite0, localisation, few-shot
+types, reference persistence, and the image checks."""
 from __future__ import annotations
 
 import io
@@ -7,66 +8,85 @@ import pytest
 from PIL import Image
 
 from copilot import samples
-from services.vision.core import ImageLimits, ImageRejected, TextureInspector
+from services.vision.core import GENERIC, ImageLimits, ImageRejected, VisionEngine, decode_image
+from services.vision.evaluation import evaluate
+from services.vision.references import ReferenceStore
 
 
-@pytest.fixture(scope="module")
-def inspector() -> TextureInspector:
-    return TextureInspector()
+def _types(findings) -> list[str]:
+    return [d.type for d in findings.defects]
 
 
-def _types(findings) -> set[str]:
-    return {d.type for d in findings.defects}
-
-
-def test_shipped_crack_photo_finds_crack_and_corrosion_with_boxes(inspector, crack_photo):
-    findings = inspector.analyze(crack_photo)
-    assert {"crack", "corrosion"} <= _types(findings)
+def test_shipped_crack_photo_finds_crack_and_corrosion_where_they_are(vision_engine, crack_photo):
+    findings = vision_engine.analyze(crack_photo, "brushed-steel")
+    assert set(_types(findings)) >= {"crack", "corrosion"}
     crack = next(d for d in findings.defects if d.type == "crack")
-    # the crack is drawn from (0.2, 0.3) rightwards and downwards; the rust blob is centred at (0.72, 0.7)
-    assert crack.box.x_min == pytest.approx(0.2, abs=0.05) and crack.box.y_min < 0.45
     rust = next(d for d in findings.defects if d.type == "corrosion")
+    # drawn from (0.2, 0.3) to the right and down; the rust blob is centred at (0.72, 0.7)
+    assert crack.box.x_min < 0.3 and crack.box.y_min < 0.45
     assert rust.box.x_min < 0.72 < rust.box.x_max and rust.box.y_min < 0.7 < rust.box.y_max
-    assert findings.confidence > 0.5 and findings.anomaly_score > 0.3
-    assert findings.model == "texture-statistics/1" and (findings.width, findings.height) == (512, 512)
+    assert findings.anomaly_score > 0.9 and findings.reference_set == "brushed-steel"
+    assert findings.model == "patchcore/efficientnet-lite0" and (findings.width, findings.height) == (512, 512)
 
 
-def test_clean_surface_has_no_defects(inspector, clean_photo):
-    findings = inspector.analyze(clean_photo)
-    assert findings.defects == ()
-    assert findings.anomaly_score < 0.1
-    assert "No visual defect" in findings.description
+def test_clean_surface_has_no_defects(vision_engine, clean_photo):
+    findings = vision_engine.analyze(clean_photo, "brushed-steel")
+    assert findings.defects == () and findings.anomaly_score < 0.5
+    assert "matches the brushed-steel good references" in findings.description
 
 
-@pytest.mark.parametrize(
-    ("make", "expected"),
-    [
-        (lambda: samples.draw_scratch(samples.brushed_metal(400, 31), seed=8), "scratch"),
-        (lambda: samples.draw_spatter(samples.brushed_metal(400, 32), seed=9), "contamination"),
-        (lambda: samples.draw_crack(samples.brushed_metal(300, 33), seed=10, start=(0.5, 0.1)), "crack"),
-        (lambda: samples.draw_rust(samples.brushed_metal(256, 34), seed=11, centre=(0.3, 0.3)), "corrosion"),
-    ],
-)
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_held_out_generated_defects_are_named(inspector, make, expected, fmt):
-    findings = inspector.analyze(samples.to_bytes(make(), fmt))
-    assert expected in _types(findings), findings
+def test_unknown_equipment_type_uses_the_generic_set_with_lower_confidence(vision_engine, crack_photo):
+    known = vision_engine.analyze(crack_photo, "brushed-steel")
+    unknown = vision_engine.analyze(crack_photo, "gearbox-casing")
+    assert unknown.reference_set == GENERIC and set(_types(unknown)) >= {"crack", "corrosion"}
+    assert unknown.confidence < known.confidence
 
 
-def test_held_out_clean_surfaces_stay_clean(inspector):
-    for seed in range(40, 45):
-        findings = inspector.analyze(samples.to_bytes(samples.brushed_metal(320, seed), "PNG"))
-        assert findings.defects == (), (seed, findings)
+def test_held_out_generated_set_quality(vision_engine):
+    """Measured on images the starter set never saw (different seeds). Same generator as the starter
+    set, so this measures the pipeline, not performance on real photos."""
+    result = evaluate(vision_engine, goods_per_surface=4, per_defect=2)
+    assert result.auroc >= 0.95, result
+    assert result.detection_rate >= 0.9 and result.false_positive_rate <= 0.25, result
+    assert result.type_accuracy >= 0.8, result
 
 
-def test_rough_surface_is_reported_without_a_box(inspector):
-    import numpy as np
+def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):
+    findings = vision_engine.analyze(crack_photo, "brushed-steel", include_heatmap=True)
+    heat = Image.open(io.BytesIO(findings.heatmap_png))
+    assert heat.format == "PNG" and heat.size == (512, 512)
+    red = heat.getpixel((int(0.72 * 512), int(0.7 * 512)))  # over the rust: tinted red
+    assert red[0] > red[2]
 
-    rng = np.random.default_rng(5)
-    rough = (0.5 + 0.12 * rng.normal(size=(256, 256, 1))).clip(0, 1).repeat(3, axis=2)
-    findings = inspector.analyze(samples.to_bytes(Image.fromarray((rough * 255).astype("uint8")), "PNG"))
-    rough_defects = [d for d in findings.defects if d.type == "surface-roughness"]
-    assert rough_defects and rough_defects[0].box is None
+
+def test_references_register_persist_and_delete(tmp_path, feature_extractor):
+    store_dir = tmp_path / "refs"
+    engine = VisionEngine(feature_extractor, ReferenceStore(store_dir))
+    engine.seed_starter_set()
+    engine.load()
+    good = samples.to_bytes(samples.painted_panel(256, seed=77, colour=(160, 40, 40)), "PNG")
+    ref, created = engine.register("red-panel", "good", good)
+    assert created and "red-panel" in engine.reference_sets()
+    assert engine.register("red-panel", "good", good) == (ref, False)  # idempotent per content
+    scratched = samples.to_bytes(samples.draw_scratch(samples.painted_panel(256, 78, (160, 40, 40)), seed=3), "PNG")
+    engine.register("red-panel", "scratch", scratched)
+
+    reopened = VisionEngine(feature_extractor, ReferenceStore(store_dir))  # a restart
+    assert reopened.seed_starter_set() == 0
+    reopened.load()
+    assert reopened.reference_sets()["red-panel"].good_images == 1
+    assert reopened.reference_sets()["red-panel"].labelled_images == 1
+    reopened.delete(ref.reference_id)
+    assert "red-panel" not in reopened.reference_sets()  # no good image left for that type
+    assert ReferenceStore(store_dir).get(ref.reference_id) is None
+
+
+@pytest.mark.parametrize(("equipment_type", "label", "field"),
+                         [("Red Panel", "good", "equipment_type"), ("red-panel", "x", "label"), ("generic", "good", "equipment_type")])
+def test_register_rejects_bad_names(vision_engine, clean_photo, equipment_type, label, field):
+    with pytest.raises(ImageRejected) as err:
+        vision_engine.register(equipment_type, label, clean_photo)
+    assert err.value.violation.field == field
 
 
 @pytest.mark.parametrize(
@@ -77,18 +97,24 @@ def test_rough_surface_is_reported_without_a_box(inspector):
         (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "cannot decode"),
     ],
 )
-def test_bad_images_are_rejected_with_the_field(inspector, data, fragment):
+def test_bad_images_are_rejected_with_the_field(vision_engine, data, fragment):
     with pytest.raises(ImageRejected) as err:
-        inspector.analyze(data)
+        vision_engine.analyze(data)
     assert err.value.violation.field == "image.data"
     assert fragment in err.value.violation.description
 
 
 def test_size_and_pixel_limits(clean_photo):
     with pytest.raises(ImageRejected, match="bytes; the limit is 1000"):
-        TextureInspector(ImageLimits(max_bytes=1000)).analyze(clean_photo)
+        decode_image(clean_photo, ImageLimits(max_bytes=1000))
     # a decompression bomb is refused from its header, before its pixels are decoded
     bomb = io.BytesIO()
     Image.new("L", (6000, 6000)).save(bomb, "PNG")
     with pytest.raises(ImageRejected, match="6000x6000 pixels"):
-        TextureInspector(ImageLimits(max_pixels=10_000_000)).analyze(bomb.getvalue())
+        decode_image(bomb.getvalue(), ImageLimits(max_pixels=10_000_000))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_every_allowed_format_is_analysed(vision_engine, fmt):
+    image = samples.make_defect("painted-panel", "coating-defect", 4242)
+    assert "coating-defect" in _types(vision_engine.analyze(samples.to_bytes(image, fmt), "painted-panel"))

@@ -34,7 +34,7 @@ class FakeAgents:
         if name in self.hang:
             await asyncio.wait_for(asyncio.sleep(3600), timeout)
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, timeout):
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
         await self._maybe("vision", timeout)
         return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
 

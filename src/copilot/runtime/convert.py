@@ -94,6 +94,8 @@ def findings_to_pb(f: d.VisionFindings) -> vision_pb2.AnalyzeImageResponse:
         model=f.model,
         width=f.width,
         height=f.height,
+        heatmap_png=f.heatmap_png,
+        reference_set=f.reference_set,
     )
 
 
@@ -106,6 +108,7 @@ def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
         model=m.model,
         width=m.width,
         height=m.height,
+        reference_set=m.reference_set,
     )
 
 
@@ -198,6 +201,7 @@ def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
         image_data=m.image.data if m.HasField("image") else b"",
         image_mime_type=m.image.mime_type if m.HasField("image") else "",
         image_id=m.image_id if m.HasField("image_id") else "",
+        equipment_type=m.equipment_type,
     )
 
 

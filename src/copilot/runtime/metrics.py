@@ -26,6 +26,7 @@ class CopilotMetrics:
     retrieval_results: metrics.Histogram
     retrieval_top_score: metrics.Histogram
     guidance_fallbacks: metrics.Counter
+    batch_size: metrics.Histogram
 
 
 @lru_cache(maxsize=1)
@@ -55,4 +56,6 @@ def copilot_metrics() -> CopilotMetrics:
             explicit_bucket_boundaries_advisory=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)),
         guidance_fallbacks=m.create_counter("copilot.guidance.fallbacks",
                                             description="guidance answered with the no-evidence fallback"),
+        batch_size=m.create_histogram("copilot.vision.batch_size", description="images per forward pass",
+                                      explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64)),
     )

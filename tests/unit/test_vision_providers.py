@@ -1,0 +1,106 @@
+"""Hosted vision providers against a local HTTP server started by the test (no network)."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from copilot import samples
+from services.vision.core import ImageLimits
+from services.vision.providers import (
+    Blip2LocalProvider, HfEndpointProvider, OpenAICompatibleProvider, defects_from_caption, parse_json_findings,
+)
+
+PHOTO = samples.to_bytes(samples.make_defect("brushed-steel", "corrosion", 5), "PNG")
+
+
+class FakeModelServer:
+    """Answers like an HF inference endpoint (POST image bytes -> generated_text) and like an
+    OpenAI-compatible /chat/completions; records what it was sent."""
+
+    def __init__(self, chat_content: str) -> None:
+        self.requests: list[tuple[str, dict, bytes]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                owner.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                if self.path.endswith("/chat/completions"):
+                    reply = {"choices": [{"message": {"role": "assistant", "content": chat_content}}]}
+                else:
+                    reply = [{"generated_text": "a rusty steel plate with a long crack across it"}]
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def model_server(request):
+    server = FakeModelServer(getattr(request, "param", '{"defects": [], "description": "clean"}'))
+    yield server
+    server.close()
+
+
+async def test_hf_endpoint_sends_the_image_and_reads_defects_from_the_caption(model_server):
+    provider = HfEndpointProvider(f"{model_server.url}/models/blip2", "hf_secret", 10, ImageLimits())
+    findings = await provider.analyze(PHOTO, "brushed-steel", False)
+    await provider.close()
+    path, headers, body = model_server.requests[0]
+    assert path == "/models/blip2" and body == PHOTO
+    assert headers.get("authorization") == "Bearer hf_secret"
+    assert {d.type for d in findings.defects} == {"corrosion", "crack"}
+    assert all(d.box is None and d.confidence == 0.6 for d in findings.defects)
+    assert findings.model.startswith("hf-endpoint/") and findings.width == 256
+
+
+CHAT = json.dumps({"defects": [
+    {"type": "Corrosion", "confidence": 0.91, "box": [0.3, 0.3, 0.5, 0.6], "description": "rust patch"},
+    {"type": "alien-goo", "confidence": 7, "box": [0.9, 0.9, 0.1, 0.1]},
+], "description": "rust on a steel plate"})
+
+
+@pytest.mark.parametrize("model_server", [f"Here you go:\n```json\n{CHAT}\n```"], indirect=True)
+async def test_openai_compatible_asks_for_json_and_validates_the_answer(model_server):
+    provider = OpenAICompatibleProvider(model_server.url + "/v1", "llava", "sk-test", 10, ImageLimits())
+    findings = await provider.analyze(PHOTO, "brushed-steel", False)
+    await provider.close()
+    path, headers, body = model_server.requests[0]
+    sent = json.loads(body)
+    assert path == "/v1/chat/completions" and headers.get("authorization") == "Bearer sk-test"
+    assert sent["model"] == "llava"
+    assert sent["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    first, second = findings.defects
+    assert (first.type, first.confidence, first.box.x_min) == ("corrosion", 0.91, 0.3)
+    assert (second.type, second.confidence, second.box) == ("other", 1.0, None)  # clamped, bad box dropped
+
+
+def test_non_json_answers_are_refused():
+    with pytest.raises(ValueError, match="JSON"):
+        parse_json_findings("I think it is fine.", "m", (1, 1))
+
+
+def test_caption_keywords():
+    assert {d.type for d in defects_from_caption("Paint is peeling and there are pinholes")} == \
+        {"coating-defect", "weld-porosity"}
+    assert defects_from_caption("a clean polished surface") == ()
+
+
+def test_local_blip2_needs_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VISION_BLIP2_MODEL_PATH"):
+        Blip2LocalProvider(str(tmp_path / "missing"), ImageLimits())
