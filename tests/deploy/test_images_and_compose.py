@@ -118,7 +118,7 @@ def test_compose_wiring_matches_the_code(compose, known_env, default_ports):
 
 
 BLOCKED = {
-    "vision": ["chromadb", "torch", "sentence_transformers", "langchain_huggingface", "langgraph"],
+    "vision": ["chromadb", "sentence_transformers", "langchain_huggingface", "langgraph"],
     "knowledge": ["langgraph"],
     "report": ["numpy", "scipy", "PIL", "chromadb", "torch", "sentence_transformers", "langgraph"],
     "orchestrator": ["numpy", "scipy", "PIL", "chromadb", "torch", "sentence_transformers", "langchain_huggingface"],
