@@ -78,14 +78,17 @@ def up(
     knowledge_port: int = typer.Option(DEFAULT_PORTS["knowledge"], "--knowledge-port"),
     report_port: int = typer.Option(DEFAULT_PORTS["report"], "--report-port"),
     data_dir: Path = typer.Option(Path(".copilot-data"), "--data-dir", help="Chroma store and service logs"),
+    vision_replicas: int = typer.Option(1, "--vision-replicas", min=1, max=8,
+                                        help="vision processes; the orchestrator round-robins over them"),
     demo: bool = typer.Option(False, "--demo", help="run one diagnosis with the shipped sample photo once SERVING"),
     exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop the mesh after the demo"),
 ) -> None:
     """Start the four services as separate processes, wait for SERVING, serve until Ctrl-C/SIGTERM."""
     from copilot.launcher import Mesh
 
-    mesh = Mesh(host=host, data_dir=data_dir, ports={"orchestrator": orchestrator_port, "vision": vision_port,
-                                                     "knowledge": knowledge_port, "report": report_port})
+    ports = {"orchestrator": orchestrator_port, "vision": vision_port, "knowledge": knowledge_port,
+             "report": report_port}
+    mesh = Mesh(host=host, data_dir=data_dir, vision_replicas=vision_replicas, ports=ports)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

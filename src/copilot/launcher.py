@@ -25,6 +25,11 @@ SERVICES: dict[str, tuple[str, str]] = {
 }
 
 
+def kind_of(name: str) -> str:
+    """'vision-2' (a replica) -> 'vision'."""
+    return name.split("-", 1)[0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -52,7 +57,7 @@ class ServiceProcess:
 
     @property
     def module(self) -> str:
-        return SERVICES[self.name][0]
+        return SERVICES[kind_of(self.name)][0]
 
     def spawn(self) -> None:
         log = self.log_path.open("ab")
@@ -72,12 +77,32 @@ class Mesh:
     metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     data_dir: Path = Path(".copilot-data")
     extra_env: dict[str, str] = field(default_factory=dict)
+    vision_replicas: int = 1
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # extra vision replicas listen 100 ports above the first (unless ports were given for them)
+        for i in range(2, self.vision_replicas + 1):
+            self.ports.setdefault(f"vision-{i}", self.ports["vision"] + 100 * (i - 1))
+            self.metrics_ports.setdefault(f"vision-{i}", self.metrics_ports["vision"] + 100 * (i - 1))
+
+    @property
+    def names(self) -> list[str]:
+        replicas = [f"vision-{i}" for i in range(2, self.vision_replicas + 1)]
+        return ["vision", *replicas, "knowledge", "report", "orchestrator"]
+
     @classmethod
-    def on_free_ports(cls, **kwargs) -> "Mesh":
-        return cls(ports={name: free_port() for name in SERVICES},
-                   metrics_ports={name: free_port() for name in SERVICES}, **kwargs)
+    def on_free_ports(cls, vision_replicas: int = 1, **kwargs) -> "Mesh":
+        names = [*SERVICES, *(f"vision-{i}" for i in range(2, vision_replicas + 1))]
+        return cls(ports={name: free_port() for name in names}, metrics_ports={name: free_port() for name in names},
+                   vision_replicas=vision_replicas, **kwargs)
+
+    def vision_target(self) -> str:
+        """What the orchestrator dials: one address, or every replica for round_robin."""
+        replicas = [n for n in self.names if kind_of(n) == "vision"]
+        if len(replicas) == 1:
+            return self.address("vision")
+        return "ipv4:" + ",".join(self.address(n) for n in replicas)
 
     def address(self, name: str) -> str:
         return f"{self.host}:{self.ports[name]}"
@@ -86,23 +111,24 @@ class Mesh:
         return f"http://{self.host}:{self.metrics_ports[name]}/metrics"
 
     def _env(self, name: str) -> dict[str, str]:
-        prefix = SERVICES[name][1]
+        kind = kind_of(name)
+        prefix = SERVICES[kind][1]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env,
                f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name]),
                f"{prefix}_METRICS_HOST": self.host, f"{prefix}_METRICS_PORT": str(self.metrics_ports[name])}
         if name == "knowledge":
             env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
-        if name == "vision":
-            env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / "vision-references"))
+        if kind == "vision":  # one store per replica: processes do not share an index file
+            env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / f"{name}-references"))
         if name == "orchestrator":
-            env.update(VISION_ADDR=self.address("vision"), KNOWLEDGE_ADDR=self.address("knowledge"),
+            env.update(VISION_ADDR=self.vision_target(), KNOWLEDGE_ADDR=self.address("knowledge"),
                        REPORT_ADDR=self.address("report"))
         return env
 
     def start(self) -> None:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for name in SERVICES:
+        for name in self.names:
             proc = ServiceProcess(name, self.ports[name], self._env(name), logs / f"{name}.log")
             proc.spawn()
             self.services[name] = proc
