@@ -154,3 +154,80 @@ def run(n: int, output: Path, console: Console) -> dict:
     output.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {output}")
     return results
+
+
+def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tuple[list[float], float]:
+    from copilot.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+
+    async def go() -> tuple[list[float], float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = vision_pb2_grpc.VisionServiceStub(channel)
+            request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=image), equipment_type="brushed-steel")
+            for _ in range(3):
+                await stub.AnalyzeImage(request, timeout=60)
+            times: list[float] = []
+            remaining = [total]
+
+            async def worker() -> None:
+                while remaining[0] > 0:
+                    remaining[0] -= 1
+                    started = time.perf_counter()
+                    await stub.AnalyzeImage(request, timeout=120)
+                    times.append((time.perf_counter() - started) * 1000)
+
+            began = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return times, time.perf_counter() - began
+
+    return asyncio.run(go())
+
+
+def run_vision(total: int, output: Path, console: Console) -> dict:
+    """Images/s and latency of AnalyzeImage at 1, 4 and 16 concurrent clients, dynamic batching off and on,
+    against a real vision process each time."""
+    from copilot.launcher import ServiceProcess, free_port, health_status
+    from grpc_health.v1 import health_pb2
+
+    photo = SAMPLE.read_bytes()
+    results: dict = {"when": datetime.now(timezone.utc).isoformat(), "images_per_run": total, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batching in (False, True):
+            port = free_port()
+            env = {**__import__("os").environ, "VISION_PORT": str(port), "VISION_METRICS_PORT": "0",
+                   "VISION_BATCHING": str(batching).lower(), "VISION_REFERENCE_DIR": f"{tmp}/refs-{batching}"}
+            proc = ServiceProcess("vision", port, env, Path(tmp) / f"vision-{batching}.log")
+            proc.spawn()
+            try:
+                with console.status(f"vision (batching {'on' if batching else 'off'}) warming up…"):
+                    while health_status(f"127.0.0.1:{port}") != health_pb2.HealthCheckResponse.SERVING:
+                        if not proc.alive:
+                            raise RuntimeError((Path(tmp) / f"vision-{batching}.log").read_text()[-2000:])
+                        time.sleep(0.2)
+                for concurrency in (1, 4, 16):
+                    with console.status(f"batching {'on' if batching else 'off'}, {concurrency} clients…"):
+                        times, elapsed = _vision_load(f"127.0.0.1:{port}", photo, concurrency, total)
+                    row = {"batching": batching, "clients": concurrency, "images_per_s": round(total / elapsed, 2),
+                           **percentiles(times)}
+                    results["runs"].append(row)
+            finally:
+                proc.process.terminate()
+                proc.process.wait(timeout=30)
+    table = Table(title="Vision AnalyzeImage: dynamic batching off vs on (one process, 2 CPU cores)")
+    for column in ("batching", "clients", "images/s", "p50 ms", "p99 ms"):
+        table.add_column(column)
+    for row in results["runs"]:
+        table.add_row("on" if row["batching"] else "off", str(row["clients"]), f"{row['images_per_s']:.1f}",
+                      f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}")
+    console.print(table)
+    by = {(r["batching"], r["clients"]): r for r in results["runs"]}
+    for clients in (1, 4, 16):
+        on, off = by[(True, clients)], by[(False, clients)]
+        ratio = {"throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
+                 "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2)}
+        results[f"clients_{clients}"] = ratio
+        console.print(f"{clients} clients: batching gives {ratio['throughput_ratio']:.2f}× throughput, "
+                      f"p99 {ratio['p99_ratio']:.2f}×")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {output}")
+    return results

@@ -142,13 +142,21 @@ def health(
 
 @app.command()
 def bench(
-    n: int = typer.Option(50, "--n", help="text-only diagnoses to time"),
-    output: Path = typer.Option(Path("benchmarks/results/mesh_latency.json"), "--output"),
+    suite: str = typer.Option("mesh", "--suite", help="mesh: cold start + Diagnose latency, mesh vs in-process; "
+                                                      "vision: AnalyzeImage at 1/4/16 clients, batching off vs on"),
+    n: int = typer.Option(50, "--n", help="diagnoses (mesh) or images per run (vision) to time"),
+    output: Optional[Path] = typer.Option(None, "--output", help="JSON file (default benchmarks/results/<suite>.json)"),
 ) -> None:
-    """Cold start of the mesh and latency of text-only diagnoses, mesh vs the same cores in-process."""
-    from copilot.bench import run
+    """Benchmarks: print a table and write JSON (never asserted in tests)."""
+    from copilot.bench import run, run_vision
 
-    run(n=n, output=output, console=out)
+    if suite not in ("mesh", "vision"):
+        raise typer.BadParameter("--suite is mesh or vision")
+    target = output or Path("benchmarks/results") / f"{suite}.json"
+    if suite == "mesh":
+        run(n=n, output=target, console=out)
+    else:
+        run_vision(total=n, output=target, console=out)
 
 
 if __name__ == "__main__":
