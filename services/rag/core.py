@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from copilot.domain import Defect, Guidance, GuidanceStep, SopChunk, SopCitation
-from services.rag.corpus import SopDocument
+from services.rag.corpus import SopDocument, step_lines
 
 # Offline by default: nothing in this process may reach a model hub unless the operator says so.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,7 +170,7 @@ class KnowledgeBase:
         seen: set[str] = set()
         cited: list[SopChunk] = []
         for rank, chunk in enumerate(supported):
-            lines = [line for line in _section_steps(chunk.text) if line.lower() not in seen]
+            lines = [line for line in step_lines(chunk.text) if line.lower() not in seen]
             if "safety" in chunk.section.lower():
                 safety.extend(lines)
                 seen.update(line.lower() for line in lines)
@@ -196,12 +196,6 @@ class KnowledgeBase:
         confidence = min(0.95, 0.4 + (top - t.min_score) * 1.5)
         return Guidance(steps=tuple(steps), citations=tuple(_citation(c) for c in cited), safety_notes=tuple(safety),
                         confidence=round(confidence, 4), fallback=False, query=query)
-
-
-def _section_steps(text: str) -> list[str]:
-    from services.rag.corpus import Section
-
-    return Section("", text, 0).steps()
 
 
 def _citation(chunk: SopChunk) -> SopCitation:

@@ -14,6 +14,11 @@ _HEADING = re.compile(r"^(#{1,3})\s+(.*)$", re.M)
 _STEP = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.*\S)\s*$")
 
 
+def step_lines(text: str) -> list[str]:
+    """Numbered or bulleted lines of a text, in order."""
+    return [m.group(1) for line in text.splitlines() if (m := _STEP.match(line))]
+
+
 @dataclass(frozen=True)
 class Section:
     heading: str
@@ -22,7 +27,7 @@ class Section:
 
     def steps(self) -> list[str]:
         """Numbered or bulleted lines of the section, in document order."""
-        return [m.group(1) for line in self.body.splitlines() if (m := _STEP.match(line))]
+        return step_lines(self.body)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -17,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import sniff_mime_type
 from services.vision.references import EQUIPMENT_TYPE, LABEL
+
+if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
+    from services.vision.patchcore import DefectTyper, MemoryBank
 
 MODEL_NAME = "texture-statistics/1"
 
@@ -58,6 +62,10 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") ->
 
 
 GENERIC = "generic"
+
+
+class NoReferenceImages(LookupError):
+    """No good reference image is registered for any equipment type."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ class VisionEngine:
         reference_set = equipment_type if equipment_type in models else GENERIC
         model = models.get(reference_set)
         if model is None:
-            raise RuntimeError("no reference images are registered")
+            raise NoReferenceImages("no reference images are registered")
         bank = model.bank
         scores = bank.patch_scores(feature_map)
         peak = float(scores.max())

@@ -15,7 +15,7 @@ from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import vision_pb2, vision_pb2_grpc
-from services.vision.core import ImageRejected, VisionEngine
+from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
 
 tracer = trace.get_tracer(__name__)
@@ -69,7 +69,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             except ImageRejected as exc:
                 span.set_attribute("app.rejected", exc.violation.description)
                 await abort_invalid(context, [exc.violation])
-            except RuntimeError as exc:  # e.g. no reference images at all
+            except NoReferenceImages as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             except Exception as exc:  # noqa: BLE001 - a hosted model failing is an unavailable dependency
                 span.record_exception(exc)
