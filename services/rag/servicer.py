@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from opentelemetry import trace
 
@@ -13,11 +16,25 @@ from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
+from services.rag.corpus import DOCUMENT_ID, DocumentFormat, DocumentMeta, DocumentRejected
+from services.rag.store import StoredDocument
 
 tracer = trace.get_tracer(__name__)
 
 MAX_QUERY_CHARS = 4000
 MAX_TOP_K = 20
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_SCOPE_CHARS = 64
+
+_FORMATS = {
+    knowledge_pb2.DOCUMENT_FORMAT_MARKDOWN: DocumentFormat.MARKDOWN,
+    knowledge_pb2.DOCUMENT_FORMAT_TEXT: DocumentFormat.TEXT,
+    knowledge_pb2.DOCUMENT_FORMAT_PDF: DocumentFormat.PDF,
+}
+_FORMATS_PB = {v: k for k, v in _FORMATS.items()}
+_OUTCOMES = {"created": knowledge_pb2.INGEST_OUTCOME_CREATED, "replaced": knowledge_pb2.INGEST_OUTCOME_REPLACED,
+             "unchanged": knowledge_pb2.INGEST_OUTCOME_UNCHANGED}
 
 
 def _check_text(field: str, value: str) -> list[FieldViolation]:
@@ -32,6 +49,42 @@ def _check_top_k(top_k: int) -> list[FieldViolation]:
     if not 0 <= top_k <= MAX_TOP_K:
         return [FieldViolation("top_k", f"must be between 0 (server default) and {MAX_TOP_K} (got {top_k})")]
     return []
+
+
+def _check_scope(**values: str) -> list[FieldViolation]:
+    return [FieldViolation(name, f"must be at most {MAX_SCOPE_CHARS} characters")
+            for name, value in values.items() if len(value) > MAX_SCOPE_CHARS]
+
+
+def _check_document_id(field: str, value: str) -> list[FieldViolation]:
+    if not value:
+        return [FieldViolation(field, "is required")]
+    if not DOCUMENT_ID.match(value):
+        return [FieldViolation(field, "must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")]
+    return []
+
+
+def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
+    ingested = timestamp_pb2.Timestamp()
+    ingested.FromDatetime(doc.ingested_at)
+    return knowledge_pb2.Document(
+        document_id=doc.sop_id, title=doc.title, version=doc.version, equipment_types=list(doc.equipment_types),
+        plant_ids=list(doc.plant_ids), format=_FORMATS_PB[doc.format], filename=doc.filename,
+        chunk_count=doc.chunk_count, sections=list(doc.sections), content_hash=doc.content_hash,
+        size_bytes=doc.size_bytes, ingested_at=ingested,
+    )
+
+
+def _page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(f"after:{last_id}".encode()).decode()
+
+
+def _after_id(token: str) -> str | None:
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return text[len("after:"):] if text.startswith("after:") else None
 
 
 def _record_retrieval(k: int, scores: list[float], fallback: bool | None) -> None:
@@ -53,19 +106,22 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         return self.knowledge
 
     async def Retrieve(self, request: knowledge_pb2.RetrieveRequest, context) -> knowledge_pb2.RetrieveResponse:
-        violations = _check_text("query", request.query) + _check_top_k(request.top_k)
+        violations = (_check_text("query", request.query) + _check_top_k(request.top_k)
+                      + _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id))
         if violations:
             await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         with tracer.start_as_current_span("knowledge.retrieve") as span:
-            chunks = await asyncio.to_thread(knowledge.retrieve, request.query, request.top_k or None)
+            chunks = await asyncio.to_thread(knowledge.retrieve, request.query, request.top_k or None,
+                                             request.equipment_type, request.plant_id)
             span.set_attributes({"app.retrieval.k": len(chunks), "app.sop_ids": [c.sop_id for c in chunks],
                                  "app.retrieval.scores": [c.score for c in chunks]})
             _record_retrieval(len(chunks), [c.score for c in chunks], fallback=None)
             return knowledge_pb2.RetrieveResponse(chunks=[convert.chunk_to_pb(c) for c in chunks])
 
     async def Advise(self, request: knowledge_pb2.AdviseRequest, context) -> knowledge_pb2.AdviseResponse:
-        violations = _check_text("problem_description", request.problem_description) + _check_top_k(request.top_k)
+        violations = (_check_text("problem_description", request.problem_description) + _check_top_k(request.top_k)
+                      + _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id))
         if violations:
             await abort_invalid(context, violations)
         knowledge = await self._ready(context)
@@ -74,13 +130,112 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             span.set_attributes({"app.stage": "knowledge", "app.equipment_id": request.equipment_id,
                                  "app.defect_count": len(defects)})
             guidance = await asyncio.to_thread(
-                knowledge.advise, request.problem_description, defects, request.top_k or None
+                knowledge.advise, request.problem_description, defects, request.top_k or None,
+                request.equipment_type, request.plant_id,
             )
+            meters = copilot_metrics()
+            if guidance.citations_removed:
+                meters.citations_removed.add(guidance.citations_removed, {"generator": guidance.generator})
+            if guidance.unsupported_steps and not guidance.fallback:
+                meters.unsupported_steps.add(guidance.unsupported_steps, {"generator": guidance.generator})
             _record_retrieval(len(guidance.citations), [c.score for c in guidance.citations], guidance.fallback)
             span.set_attributes({
                 "app.sop_ids": sorted({c.sop_id for c in guidance.citations}),
                 "app.step_count": len(guidance.steps),
                 "app.confidence": guidance.confidence,
                 "app.fallback": guidance.fallback,
+                "app.generator": guidance.generator,
+                "app.citations_removed": guidance.citations_removed,
+                "app.cached": guidance.cached,
             })
             return convert.guidance_to_pb(guidance)
+
+    # --- documents ------------------------------------------------------------------------------
+
+    async def IngestDocument(self, request_iterator, context) -> knowledge_pb2.IngestDocumentResponse:
+        knowledge = await self._ready(context)
+        limit = knowledge.limits.max_bytes
+        metadata: knowledge_pb2.DocumentMetadata | None = None
+        parts: list[bytes] = []
+        size = 0
+        async for message in request_iterator:
+            kind = message.WhichOneof("payload")
+            if metadata is None:
+                if kind != "metadata":
+                    await abort_invalid(context, [FieldViolation("metadata", "the first message must carry metadata")])
+                metadata = message.metadata
+                continue
+            if kind == "metadata":
+                await abort_invalid(context, [FieldViolation("metadata", "only the first message may carry metadata")])
+            size += len(message.content)
+            if size > limit:  # stop reading: the rest would only fill memory
+                await abort_invalid(context, [FieldViolation("content", f"is larger than the limit of {limit} bytes")])
+            parts.append(message.content)
+        if metadata is None:
+            await abort_invalid(context, [FieldViolation("metadata", "is required (the stream was empty)")])
+        violations = []
+        if metadata.document_id:
+            violations += _check_document_id("metadata.document_id", metadata.document_id)
+        if metadata.format not in _FORMATS and metadata.format != knowledge_pb2.DOCUMENT_FORMAT_UNSPECIFIED:
+            violations.append(FieldViolation("metadata.format", f"unknown value {metadata.format}"))
+        if len(metadata.title) > 200:
+            violations.append(FieldViolation("metadata.title", "must be at most 200 characters"))
+        if violations:
+            await abort_invalid(context, violations)
+        meta = DocumentMeta(sop_id=metadata.document_id, title=metadata.title, version=metadata.version,
+                            equipment_types=tuple(metadata.equipment_types), plant_ids=tuple(metadata.plant_ids),
+                            format=_FORMATS.get(metadata.format), filename=metadata.filename[:255])
+        with tracer.start_as_current_span("knowledge.ingest") as span:
+            span.set_attributes({"app.document_id": metadata.document_id, "app.document_bytes": size})
+            try:
+                result = await asyncio.to_thread(knowledge.ingest_document, b"".join(parts), meta)
+            except DocumentRejected as exc:
+                copilot_metrics().documents_ingested.add(1, {"outcome": "rejected"})
+                await abort_invalid(context, exc.violations)
+            copilot_metrics().documents_ingested.add(1, {"outcome": result.outcome})
+            span.set_attributes({"app.document_id": result.document.sop_id, "app.ingest.outcome": result.outcome,
+                                 "app.ingest.chunks_written": result.chunks_written})
+        return knowledge_pb2.IngestDocumentResponse(
+            document=document_to_pb(result.document), outcome=_OUTCOMES[result.outcome],
+            chunks_written=result.chunks_written, chunks_removed=result.chunks_removed)
+
+    async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
+        violations = _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id)
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) "
+                                                          f"and {MAX_PAGE_SIZE}"))
+        after = _after_id(request.page_token) if request.page_token else ""
+        if after is None:
+            violations.append(FieldViolation("page_token", "is not a token from a previous ListDocuments response"))
+        if violations:
+            await abort_invalid(context, violations)
+        knowledge = await self._ready(context)
+        documents = await asyncio.to_thread(knowledge.list_documents, request.equipment_type, request.plant_id)
+        remaining = [d for d in documents if d.sop_id > after] if after else documents
+        page = remaining[: request.page_size or DEFAULT_PAGE_SIZE]
+        more = len(remaining) > len(page)
+        return knowledge_pb2.ListDocumentsResponse(
+            documents=[document_to_pb(d) for d in page], total_size=len(documents),
+            next_page_token=_page_token(page[-1].sop_id) if more else "")
+
+    async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
+        violations = _check_document_id("document_id", request.document_id)
+        if violations:
+            await abort_invalid(context, violations)
+        knowledge = await self._ready(context)
+        doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
+        if doc is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
+        chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id)
+        return knowledge_pb2.GetDocumentResponse(document=document_to_pb(doc),
+                                                 chunks=[convert.chunk_to_pb(c) for c in chunks])
+
+    async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context):
+        violations = _check_document_id("document_id", request.document_id)
+        if violations:
+            await abort_invalid(context, violations)
+        knowledge = await self._ready(context)
+        removed = await asyncio.to_thread(knowledge.delete_document, request.document_id)
+        if removed is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
+        return knowledge_pb2.DeleteDocumentResponse(chunks_removed=removed)

@@ -41,7 +41,7 @@ class InProcessAgents:
     """The same agent cores the services wrap, called directly (no gRPC, no processes)."""
 
     def __init__(self, store: Path) -> None:
-        from services.rag.core import KnowledgeBase, minilm_embedder, open_collection
+        from services.rag.core import KnowledgeBase, minilm_embedder, open_store
         from services.rag.corpus import starter_corpus
         from services.vision.core import VisionEngine
         from services.vision.patchcore import FeatureExtractor
@@ -50,7 +50,7 @@ class InProcessAgents:
         self.vision = VisionEngine(FeatureExtractor(), ReferenceStore(store / "vision"))
         self.vision.seed_starter_set()
         self.vision.load()
-        self.knowledge = KnowledgeBase(open_collection(store), minilm_embedder())
+        self.knowledge = KnowledgeBase(open_store(store), minilm_embedder())
         self.knowledge.ensure_documents(starter_corpus())
 
     async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):

@@ -54,6 +54,7 @@ class SopChunk:
     text: str
     score: float
     version: str = ""
+    position: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class GuidanceStep:
     text: str
     sop_ids: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
+    unsupported: bool = False  # no retrieved document backs it
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ class Guidance:
     confidence: float
     fallback: bool
     query: str
+    generator: str = "extractive"
+    model: str = ""
+    citations_removed: int = 0
+    unsupported_steps: int = 0
+    cached: bool = False
 
 
 @dataclass(frozen=True)

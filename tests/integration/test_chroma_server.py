@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from copilot.launcher import free_port
-from services.rag.core import KnowledgeBase, open_collection
+from services.rag.core import KnowledgeBase, open_store
 from services.rag.corpus import starter_corpus
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def test_knowledge_over_a_chroma_server_survives_a_server_restart(tmp_path, embe
     port = free_port()
     server = start_chroma(tmp_path, port)
     try:
-        kb = KnowledgeBase(open_collection(host="127.0.0.1", port=port), embedder)
+        kb = KnowledgeBase(open_store(host="127.0.0.1", port=port), embedder)
         written = kb.ensure_documents(starter_corpus())
         assert written == kb.count() > 0
         before = kb.advise("CNC machine overheating during operation")
@@ -45,7 +45,7 @@ def test_knowledge_over_a_chroma_server_survives_a_server_restart(tmp_path, embe
         server.wait(timeout=30)
     server = start_chroma(tmp_path, port)
     try:
-        kb = KnowledgeBase(open_collection(host="127.0.0.1", port=port), embedder)
+        kb = KnowledgeBase(open_store(host="127.0.0.1", port=port), embedder)
         assert kb.ensure_documents(starter_corpus()) == 0  # everything is still there
         after = kb.advise("CNC machine overheating during operation")
         assert after.steps == before.steps and after.citations == before.citations

@@ -40,11 +40,13 @@ def citation_from_pb(m: common_pb2.SopCitation) -> d.SopCitation:
 
 
 def step_to_pb(s: d.GuidanceStep) -> common_pb2.GuidanceStep:
-    return common_pb2.GuidanceStep(text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections))
+    return common_pb2.GuidanceStep(text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections),
+                                   unsupported=s.unsupported)
 
 
 def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
-    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections))
+    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections),
+                          unsupported=m.unsupported)
 
 
 def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
@@ -117,7 +119,12 @@ def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
 
 def chunk_to_pb(c: d.SopChunk) -> knowledge_pb2.SopChunk:
     return knowledge_pb2.SopChunk(chunk_id=c.chunk_id, sop_id=c.sop_id, title=c.title, section=c.section,
-                                  text=c.text, score=c.score, version=c.version)
+                                  text=c.text, score=c.score, version=c.version, position=c.position)
+
+
+def chunk_from_pb(m: knowledge_pb2.SopChunk) -> d.SopChunk:
+    return d.SopChunk(chunk_id=m.chunk_id, sop_id=m.sop_id, title=m.title, section=m.section, text=m.text,
+                      score=m.score, version=m.version, position=m.position)
 
 
 def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
@@ -128,6 +135,11 @@ def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
         confidence=g.confidence,
         fallback=g.fallback,
         query=g.query,
+        generator=g.generator,
+        model=g.model,
+        citations_removed=g.citations_removed,
+        unsupported_steps=g.unsupported_steps,
+        cached=g.cached,
     )
 
 
@@ -139,6 +151,11 @@ def guidance_from_pb(m: knowledge_pb2.AdviseResponse) -> d.Guidance:
         confidence=m.confidence,
         fallback=m.fallback,
         query=m.query,
+        generator=m.generator,
+        model=m.model,
+        citations_removed=m.citations_removed,
+        unsupported_steps=m.unsupported_steps,
+        cached=m.cached,
     )
 
 

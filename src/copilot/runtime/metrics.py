@@ -27,6 +27,10 @@ class CopilotMetrics:
     retrieval_top_score: metrics.Histogram
     guidance_fallbacks: metrics.Counter
     batch_size: metrics.Histogram
+    generator_cache: metrics.Counter
+    citations_removed: metrics.Counter
+    unsupported_steps: metrics.Counter
+    documents_ingested: metrics.Counter
 
 
 @lru_cache(maxsize=1)
@@ -58,4 +62,13 @@ def copilot_metrics() -> CopilotMetrics:
                                             description="guidance answered with the no-evidence fallback"),
         batch_size=m.create_histogram("copilot.vision.batch_size", description="images per forward pass",
                                       explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64)),
+        generator_cache=m.create_counter(
+            "copilot.generator.cache", description="guidance generator response cache lookups, by result (hit/miss); "
+            "hit ratio = hit / (hit + miss)"),
+        citations_removed=m.create_counter("copilot.guidance.citations_removed",
+                                           description="generator citations to documents not retrieved or not saying it"),
+        unsupported_steps=m.create_counter("copilot.guidance.unsupported_steps",
+                                           description="guidance steps no retrieved document supports"),
+        documents_ingested=m.create_counter("copilot.documents.ingested",
+                                            description="document uploads, by outcome (created/replaced/unchanged/rejected)"),
     )

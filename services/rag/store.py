@@ -1,0 +1,241 @@
+"""The document store: two Chroma collections, one of chunks (with embeddings) and one catalog of documents.
+
+The catalog record of a document names its live version; a query keeps only chunks of live versions. A new
+version is written beside the old one, then the catalog flips, then the old chunks are deleted, so a query
+sees either all of the old version or all of the new one, never half of each, and a failed write leaves the
+store as it was. The same holds with several knowledge replicas on one Chroma server, since the catalog lives
+in Chroma too.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from copilot.domain import SopChunk
+from services.rag.corpus import Chunk, DocumentFormat, SopDocument
+
+log = logging.getLogger(__name__)
+
+CHUNKS = "manufacturing_sops"
+CATALOG = "manufacturing_documents"
+ANY = "*"  # scope value of documents that apply to every equipment type / plant
+# Identifiers worth an exact match: error codes, part numbers, document ids ("E-0452", "PN-7781-A", "SOP-123").
+_IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9._/-]*\d)[A-Za-z][A-Za-z0-9]*(?:[-./][A-Za-z0-9]+)+\b|\b[A-Z]{1,4}\d{2,}\b")
+
+
+def identifiers(text: str) -> list[str]:
+    return list(dict.fromkeys(m.group(0) for m in _IDENTIFIER.finditer(text) if len(m.group(0)) >= 3))
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    sop_id: str
+    title: str
+    version: str
+    equipment_types: tuple[str, ...]
+    plant_ids: tuple[str, ...]
+    format: DocumentFormat
+    filename: str
+    chunk_count: int
+    sections: tuple[str, ...]
+    content_hash: str
+    size_bytes: int
+    ingested_at: datetime
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    document: StoredDocument
+    outcome: str  # "created" | "replaced" | "unchanged"
+    chunks_written: int
+    chunks_removed: int
+
+
+class VersionConflict(ValueError):
+    """The same id and version were loaded before with different content."""
+
+
+def open_client(persist_path: Path | None = None, host: str | None = None, port: int = 8000):
+    """`HttpClient` when a Chroma server host is given, else an embedded `PersistentClient`."""
+    import chromadb
+    from chromadb.config import Settings
+
+    settings = Settings(anonymized_telemetry=False)
+    if host:
+        return chromadb.HttpClient(host=host, port=port, settings=settings)
+    assert persist_path is not None, "persist_path or host is required"
+    persist_path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(persist_path), settings=settings)
+
+
+def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:
+    clauses = []
+    if equipment_type:
+        clauses.append({"$or": [{"equipment_types": {"$contains": equipment_type}},
+                                {"equipment_types": {"$contains": ANY}}]})
+    if plant_id:
+        clauses.append({"$or": [{"plant_ids": {"$contains": plant_id}}, {"plant_ids": {"$contains": ANY}}]})
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _stored(record_id: str, meta: dict) -> StoredDocument:
+    return StoredDocument(
+        sop_id=record_id,
+        title=meta["title"],
+        version=meta["version"],
+        equipment_types=tuple(t for t in meta.get("equipment_types", []) if t != ANY),
+        plant_ids=tuple(p for p in meta.get("plant_ids", []) if p != ANY),
+        format=DocumentFormat(meta.get("format", "markdown")),
+        filename=meta.get("filename", ""),
+        chunk_count=int(meta["chunk_count"]),
+        sections=tuple(s for s in meta.get("sections", "").split("\n") if s),
+        content_hash=meta["content_hash"],
+        size_bytes=int(meta.get("size_bytes", 0)),
+        ingested_at=datetime.fromtimestamp(float(meta.get("ingested_at", 0)), timezone.utc),
+    )
+
+
+class DocumentStore:
+    def __init__(self, client) -> None:
+        self.client = client
+        # Embeddings are computed by the caller; Chroma's own (downloading) embedder is never used.
+        self.chunks = client.get_or_create_collection(CHUNKS, embedding_function=None,
+                                                      metadata={"hnsw:space": "cosine"})
+        # Chroma stores records with vectors; the catalog's is a constant placeholder nobody queries by.
+        self.catalog = client.get_or_create_collection(CATALOG, embedding_function=None)
+        self._write_lock = threading.Lock()  # one writer per process; Chroma serialises across processes
+
+    # --- catalog --------------------------------------------------------------------------------
+
+    def get(self, sop_id: str) -> StoredDocument | None:
+        found = self.catalog.get(ids=[sop_id], include=["metadatas"])
+        return _stored(found["ids"][0], found["metadatas"][0]) if found["ids"] else None
+
+    def list(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
+        found = self.catalog.get(where=_scope_where(equipment_type, plant_id), include=["metadatas"])
+        return sorted((_stored(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda d: d.sop_id)
+
+    def live_versions(self, sop_ids: Sequence[str]) -> dict[str, str]:
+        if not sop_ids:
+            return {}
+        found = self.catalog.get(ids=list(dict.fromkeys(sop_ids)), include=["metadatas"])
+        return {i: m["version"] for i, m in zip(found["ids"], found["metadatas"])}
+
+    def chunk_count(self) -> int:
+        return self.chunks.count()
+
+    def document_chunks(self, sop_id: str) -> list[SopChunk]:
+        doc = self.get(sop_id)
+        if doc is None:
+            return []
+        found = self.chunks.get(where={"$and": [{"sop_id": sop_id}, {"version": doc.version}]},
+                                include=["documents", "metadatas"])
+        chunks = [_chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"])]
+        return sorted(chunks, key=lambda c: c.position)
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def ingest(self, doc: SopDocument, chunks: Sequence[Chunk], embeddings: Sequence[Sequence[float]]) -> IngestResult:
+        """Write a parsed, chunked and embedded document (see the module docstring for the atomicity)."""
+        with self._write_lock:
+            current = self.get(doc.sop_id)
+            if current is not None and current.version == doc.version:
+                if current.content_hash == doc.content_hash:
+                    return IngestResult(current, "unchanged", 0, 0)
+                raise VersionConflict(
+                    f"{doc.sop_id} version {doc.version} is already loaded with different content; "
+                    "give the new content a new version")
+            new_ids = [c.chunk_id for c in chunks]
+            scope_types = list(doc.equipment_types) or [ANY]
+            scope_plants = list(doc.plant_ids) or [ANY]
+            try:
+                for start in range(0, len(chunks), 1000):  # Chroma caps one write's batch size
+                    part = slice(start, start + 1000)
+                    self.chunks.upsert(
+                        ids=new_ids[part],
+                        embeddings=[list(e) for e in embeddings[part]],
+                        documents=[c.text for c in chunks[part]],
+                        metadatas=[{"sop_id": c.sop_id, "version": c.version, "title": c.title, "section": c.section,
+                                    "position": c.position, "equipment_types": scope_types, "plant_ids": scope_plants}
+                                   for c in chunks[part]],
+                    )
+            except Exception:
+                self._delete_quietly(new_ids)  # leave the store exactly as before
+                raise
+            record = {
+                "title": doc.title, "version": doc.version, "equipment_types": scope_types, "plant_ids": scope_plants,
+                "format": doc.format.value, "filename": doc.filename, "chunk_count": len(chunks),
+                "sections": "\n".join(dict.fromkeys(s.heading for s in doc.sections)),
+                "content_hash": doc.content_hash, "size_bytes": doc.size_bytes, "ingested_at": time.time(),
+            }
+            try:
+                self.catalog.upsert(ids=[doc.sop_id], embeddings=[[1.0]], metadatas=[record])  # the switch
+            except Exception:
+                self._delete_quietly(new_ids)
+                raise
+            removed = 0
+            if current is not None:
+                removed = self._delete_version_chunks(doc.sop_id, keep_version=doc.version)
+            log.info("ingested %s v%s (%d chunks, %d removed)", doc.sop_id, doc.version, len(chunks), removed)
+            return IngestResult(_stored(doc.sop_id, record), "replaced" if current else "created", len(chunks), removed)
+
+    def delete(self, sop_id: str) -> int | None:
+        """Remove a document; None when it was not loaded. The catalog goes first, so queries stop at once."""
+        with self._write_lock:
+            if self.get(sop_id) is None:
+                return None
+            self.catalog.delete(ids=[sop_id])
+            return self._delete_version_chunks(sop_id, keep_version=None)
+
+    def _delete_version_chunks(self, sop_id: str, keep_version: str | None) -> int:
+        where: dict = {"sop_id": sop_id}
+        if keep_version is not None:
+            where = {"$and": [{"sop_id": sop_id}, {"version": {"$ne": keep_version}}]}
+        stale = self.chunks.get(where=where, include=[])["ids"]
+        if stale:
+            self.chunks.delete(ids=stale)
+        return len(stale)
+
+    def _delete_quietly(self, ids: list[str]) -> None:
+        try:
+            if ids:
+                self.chunks.delete(ids=ids)
+        except Exception:  # the original error matters more; orphans of a dead version are never served
+            log.exception("could not roll back %d chunks", len(ids))
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def query(self, embedding: Sequence[float], k: int, equipment_type: str = "", plant_id: str = "") -> list[SopChunk]:
+        """The k nearest chunks of live document versions, cosine similarity as score."""
+        result = self.chunks.query(query_embeddings=[list(embedding)], n_results=k,
+                                   where=_scope_where(equipment_type, plant_id),
+                                   include=["documents", "metadatas", "distances"])
+        return [_chunk(i, t, m, max(0.0, 1.0 - float(d))) for i, t, m, d in
+                zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0])]
+
+    def lexical(self, terms: Sequence[str], limit: int, equipment_type: str = "",
+                plant_id: str = "") -> list[tuple[SopChunk, list[float]]]:
+        """Chunks containing any of the exact terms (as written, upper or lower case), with their vectors."""
+        variants = list(dict.fromkeys(v for t in terms for v in (t, t.upper(), t.lower())))
+        if not variants:
+            return []
+        where_document = ({"$contains": variants[0]} if len(variants) == 1
+                          else {"$or": [{"$contains": v} for v in variants]})
+        found = self.chunks.get(where=_scope_where(equipment_type, plant_id), where_document=where_document,
+                                limit=limit, include=["documents", "metadatas", "embeddings"])
+        return [(_chunk(i, t, m, 0.0), list(e)) for i, t, m, e in
+                zip(found["ids"], found["documents"], found["metadatas"], found["embeddings"])]
+
+
+def _chunk(chunk_id: str, text: str, meta: dict, score: float) -> SopChunk:
+    return SopChunk(chunk_id=chunk_id, sop_id=meta["sop_id"], title=meta["title"], section=meta["section"],
+                    text=text, score=round(score, 4), version=meta.get("version", ""),
+                    position=int(meta.get("position", 0)))

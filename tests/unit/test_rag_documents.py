@@ -1,0 +1,110 @@
+"""Parsing and chunking of Markdown, plain-text and PDF documents, and the precise refusals of bad uploads."""
+from __future__ import annotations
+
+import pytest
+
+from services.rag.corpus import (ChunkingPolicy, DocumentFormat, DocumentLimits, DocumentMeta, DocumentRejected,
+                                 chunk_document, parse_document)
+
+MANUAL_TXT = """CHILLER CH-150 SERVICE NOTES
+
+High condenser pressure:
+1. Clean the condenser coil with a soft brush.
+2. Check the condenser fan turns freely.
+3. Verify the refrigerant charge with the service gauges.
+
+Low flow alarm F-21
+The flow switch trips when the chilled water flow is below 40 l/min.
+1. Open the strainer and remove debris.
+2. Bleed air from the highest point of the circuit.
+"""
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=11)
+    for text in pages:
+        pdf.add_page()
+        for line in text.splitlines():
+            pdf.cell(0, 6, line, new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def test_markdown_front_matter_fills_what_the_upload_leaves_unset():
+    text = b"---\nid: SOP-777\ntitle: Press brake\nversion: '4'\nequipment_types: [press-brake]\n---\n# Press brake\n## Setup\n1. Clean the die.\n"
+    doc = parse_document(text, DocumentMeta(filename="x.md"))
+    assert (doc.sop_id, doc.title, doc.version, doc.equipment_types) == ("SOP-777", "Press brake", "4", ("press-brake",))
+    overridden = parse_document(text, DocumentMeta(sop_id="SOP-778", version="5", filename="x.md"))
+    assert (overridden.sop_id, overridden.version) == ("SOP-778", "5")
+
+
+def test_plain_text_headings_and_steps_become_sections():
+    doc = parse_document(MANUAL_TXT.encode(), DocumentMeta(sop_id="CH-150", filename="chiller.txt"))
+    assert doc.format is DocumentFormat.TEXT
+    assert [s.heading for s in doc.sections] == ["High condenser pressure", "Low flow alarm F-21"]
+    low_flow = next(s for s in doc.sections if s.heading.startswith("Low flow"))
+    assert low_flow.steps() == ["Open the strainer and remove debris.", "Bleed air from the highest point of the circuit."]
+    assert doc.title == "CHILLER CH-150 SERVICE NOTES"  # no title given: the lone first line
+    untitled = parse_document(MANUAL_TXT.split("\n", 2)[2].encode(), DocumentMeta(sop_id="CH-150", filename="chiller.txt"))
+    assert untitled.title == "chiller"  # nor a title line: the file name
+
+
+def test_pdf_text_is_extracted_page_by_page():
+    data = make_pdf(["Flame failure:\n1. Check the gas valve.\n2. Clean the UV scanner.",
+                     "Refractory inspection:\n1. Look for cracks in the lining."])
+    doc = parse_document(data, DocumentMeta(sop_id="KILN-9", title="Kiln", version="1", filename="kiln.pdf"))
+    assert doc.format is DocumentFormat.PDF
+    headings = [s.heading for s in doc.sections]
+    assert headings == ["Flame failure", "Refractory inspection"]
+    assert doc.sections[0].steps() == ["Check the gas valve.", "Clean the UV scanner."]
+
+
+def test_without_a_version_the_content_decides():
+    a = parse_document(MANUAL_TXT.encode(), DocumentMeta(sop_id="CH-150", filename="c.txt"))
+    b = parse_document(MANUAL_TXT.encode(), DocumentMeta(sop_id="CH-150", filename="c.txt"))
+    changed = parse_document(MANUAL_TXT.replace("40", "45").encode(), DocumentMeta(sop_id="CH-150", filename="c.txt"))
+    assert a.version == b.version and a.version.startswith("h")
+    assert changed.version != a.version
+
+
+def test_chunks_keep_steps_whole_overlap_and_carry_their_position():
+    steps = "\n".join(f"{i}. Step number {i} of the long procedure, with enough words to take room." for i in range(1, 41))
+    doc = parse_document(f"---\nid: LONG-1\ntitle: Long\nversion: '1'\n---\n## Procedure\n{steps}\n## Short\n1. One.\n".encode(),
+                         DocumentMeta(filename="l.md"))
+    chunks = chunk_document(doc, ChunkingPolicy(max_chars=600, overlap_units=1))
+    procedure = [c for c in chunks if c.section == "Procedure"]
+    assert len(procedure) >= 5
+    assert [c.position for c in chunks] == list(range(len(chunks)))
+    for first, second in zip(procedure, procedure[1:]):
+        assert len(first.text) <= 600
+        assert first.text.splitlines()[-1] == second.text.splitlines()[0]  # one whole step of overlap
+    covered = {line for c in procedure for line in c.text.splitlines()}
+    assert len(covered) == 40  # nothing lost, no step cut in half
+    assert chunks[-1].section == "Short" and chunks[-1].chunk_id == "LONG-1@1#" + str(len(chunks) - 1)
+
+
+@pytest.mark.parametrize(
+    ("data", "meta", "field", "fragment"),
+    [
+        (b"", DocumentMeta(sop_id="A-1", filename="a.md"), "content", "empty"),
+        (b"x" * 2048, DocumentMeta(sop_id="A-1", filename="a.txt"), "content", "limit"),
+        (bytes(range(256)) * 4, DocumentMeta(sop_id="A-1", filename="a.txt"), "content", "binary"),
+        (b"\xff\xfe\xfa garbage \xc3", DocumentMeta(sop_id="A-1", filename="a.md"), "content", "UTF-8"),
+        (b"%PDF-1.7 this is not really a pdf", DocumentMeta(sop_id="A-1", filename="a.pdf"), "content", "PDF"),
+        (b"PK\x03\x04 zip", DocumentMeta(sop_id="A-1", filename="a.pdf"), "content", "not a PDF"),
+        (b"## A\n1. b\n", DocumentMeta(sop_id="A-1", filename="a.docx"), "metadata.format", "unknown document format"),
+        (b"## A\n1. b\n", DocumentMeta(filename="a.md"), "metadata.document_id", "required"),
+        (b"## A\n1. b\n", DocumentMeta(sop_id="bad id with spaces", filename="a.md"), "metadata.document_id", "letters"),
+        (b"## A\n1. b\n", DocumentMeta(sop_id="A-1", equipment_types=("Press Brake!",), filename="a.md"),
+         "metadata.equipment_types", "kebab-case"),
+        (b"---\nid: [unclosed\n---\n## A\n1. b\n", DocumentMeta(filename="a.md"), "content", "YAML"),
+        (b"   \n\n  ", DocumentMeta(sop_id="A-1", filename="a.txt"), "content", "no extractable text"),
+    ],
+)
+def test_bad_uploads_are_refused_with_the_field_at_fault(data, meta, field, fragment):
+    with pytest.raises(DocumentRejected) as refused:
+        parse_document(data, meta, DocumentLimits(max_bytes=1024))
+    assert refused.value.violations[0].field == field
+    assert fragment.lower() in refused.value.violations[0].description.lower()
