@@ -136,12 +136,12 @@ def parse_steps(answer: str, max_steps: int = 8) -> tuple[DraftStep, ...]:
     steps: list[DraftStep] = []
     pieces = _INLINE_STEP.split(answer)
     for piece in pieces[1:]:  # text before the first number is preamble
-        piece = piece.strip().split("\n\n")[0].strip()
+        piece = piece.strip().split("\n")[0].strip()  # one line per step; what follows is chatter
         cited: list[str] = []
         for group in _CITATION.findall(piece):
             cited.extend(m.group(0) for m in _CITED_ID.finditer(group.split("|")[0].split("§")[0]))
-        text = " ".join(_CITATION.sub("", piece).split()).strip(" -:")
-        if len(text) >= 8:
+        text = re.sub(r"\s+([.,;:])", r"\1", " ".join(_CITATION.sub("", piece).split())).strip(" -:")
+        if len(text) >= 8 and text.lower() not in {st.text.lower() for st in steps}:  # small models repeat
             steps.append(DraftStep(text[:400], tuple(dict.fromkeys(cited))))
         if len(steps) >= max_steps:
             break
@@ -214,11 +214,19 @@ class HfEndpointCompletion:
 
     def __init__(self, endpoint_url: str, token: str | None = None, temperature: float = 0.7,
                  max_new_tokens: int = 512, timeout_s: float = 60.0, attempts: int = 3) -> None:
+        from huggingface_hub import constants
         from langchain_huggingface import HuggingFaceEndpoint
 
+        # The process runs with HF_HUB_OFFLINE=1 so nothing downloads from a hub; configuring this generator is
+        # the operator's explicit choice to call this endpoint, which huggingface_hub's offline guard would refuse.
+        # Models still load from package paths only.
+        constants.HF_HUB_OFFLINE = False
         self.model = endpoint_url
+        # langchain passes the token only to huggingface.co URLs; a self-hosted TGI behind auth needs it too.
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         llm = HuggingFaceEndpoint(endpoint_url=endpoint_url, huggingfacehub_api_token=token, task="text-generation",
-                                  temperature=temperature, max_new_tokens=max_new_tokens, timeout=timeout_s)
+                                  temperature=temperature, max_new_tokens=max_new_tokens, timeout=timeout_s,
+                                  server_kwargs={"headers": headers})
         self.runnable = llm.with_retry(stop_after_attempt=attempts, wait_exponential_jitter=True)
 
     def complete(self, messages):
@@ -305,9 +313,19 @@ class Verified:
     unsupported_steps: int
 
 
-def verify(draft: Draft, retrieved: Sequence[SopChunk], min_overlap: float = 0.2) -> Verified:
-    """Keep a step's citation only if that document was retrieved and the step's words appear in what was
-    retrieved from it; count the others; flag steps left without a citation as unsupported."""
+def _coverage(words: set[str], chunk: SopChunk) -> float:
+    return len(words & tokens(chunk.text)) / len(words) if words else 0.0
+
+
+def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0.4,
+           attributed_overlap: float = 0.75) -> Verified:
+    """Check every step against what was retrieved.
+
+    A citation is kept only if that document was retrieved and the step's words appear in what was retrieved
+    from it (>= `cited_overlap` of them); other citations are removed and counted. A step left without a
+    citation is attributed to the retrieved chunk that states it (>= `attributed_overlap` of its words), since
+    small models paraphrase without citing; otherwise it is flagged unsupported.
+    """
     by_id: dict[str, list[SopChunk]] = {}
     for chunk in retrieved:
         by_id.setdefault(chunk.sop_id.lower(), []).append(chunk)
@@ -321,15 +339,18 @@ def verify(draft: Draft, retrieved: Sequence[SopChunk], min_overlap: float = 0.2
             if not chunks:
                 removed += 1
                 continue
-            best = max(chunks, key=lambda c: len(words & tokens(c.text)))
-            if words and len(words & tokens(best.text)) / len(words) < min_overlap:
+            best = max(chunks, key=lambda c: _coverage(words, c))
+            if words and _coverage(words, best) < cited_overlap:
                 removed += 1  # the document was retrieved but does not say this
                 continue
             kept.append((best.sop_id, best.section))
+        if not kept and retrieved and words:
+            best = max(retrieved, key=lambda c: _coverage(words, c))
+            if _coverage(words, best) >= attributed_overlap:
+                kept.append((best.sop_id, best.section))
         kept = list(dict.fromkeys(kept))
         if not kept:
             unsupported += 1
         steps.append(GuidanceStep(step.text, tuple(i for i, _ in kept), tuple(s for _, s in kept),
                                   unsupported=not kept))
     return Verified(tuple(steps), removed, unsupported)
-

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from copilot import samples
+from tests.model_server import FakeModelServer
 from services.vision.core import ImageLimits
 from services.vision.providers import (
     Blip2LocalProvider, HfEndpointProvider, OpenAICompatibleProvider, defects_from_caption, parse_json_findings,
@@ -16,43 +15,10 @@ from services.vision.providers import (
 PHOTO = samples.to_bytes(samples.make_defect("brushed-steel", "corrosion", 5), "PNG")
 
 
-class FakeModelServer:
-    """Answers like an HF inference endpoint (POST image bytes -> generated_text) and like an
-    OpenAI-compatible /chat/completions; records what it was sent."""
-
-    def __init__(self, chat_content: str) -> None:
-        self.requests: list[tuple[str, dict, bytes]] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                owner.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                if self.path.endswith("/chat/completions"):
-                    reply = {"choices": [{"message": {"role": "assistant", "content": chat_content}}]}
-                else:
-                    reply = [{"generated_text": "a rusty steel plate with a long crack across it"}]
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 @pytest.fixture
 def model_server(request):
-    server = FakeModelServer(getattr(request, "param", '{"defects": [], "description": "clean"}'))
+    server = FakeModelServer(chat_content=getattr(request, "param", '{"defects": [], "description": "clean"}'),
+                             generated_text="a rusty steel plate with a long crack across it")
     yield server
     server.close()
 
