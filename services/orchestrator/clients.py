@@ -15,7 +15,7 @@ class AgentClients(Protocol):
                             equipment_type: str, timeout: float) -> VisionFindings: ...
 
     async def advise(self, problem_description: str, defects: Sequence[Defect], plant_id: str, equipment_id: str,
-                     timeout: float) -> Guidance: ...
+                     equipment_type: str, timeout: float) -> Guidance: ...
 
     async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport: ...
 
@@ -39,10 +39,11 @@ class GrpcAgentClients:
                                                  equipment_type=equipment_type)
         return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
+    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
         request = knowledge_pb2.AdviseRequest(problem_description=problem_description,
                                               defects=[convert.defect_to_pb(d) for d in defects],
-                                              plant_id=plant_id, equipment_id=equipment_id)
+                                              plant_id=plant_id, equipment_id=equipment_id,
+                                              equipment_type=equipment_type)
         return convert.guidance_from_pb(await self.knowledge.Advise(request, timeout=timeout))
 
     async def compose_report(self, inputs, timeout):

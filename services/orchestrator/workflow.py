@@ -159,7 +159,8 @@ class DiagnosisWorkflow:
         defects = state["vision"].defects if state.get("vision") else ()
         guidance, status = await self._call(
             Stage.KNOWLEDGE, state, self.timeouts.knowledge,
-            lambda t: self.clients.advise(req.problem_description, defects, req.plant_id, req.equipment_id, t),
+            lambda t: self.clients.advise(req.problem_description, defects, req.plant_id, req.equipment_id,
+                                          req.equipment_type, t),
             lambda g: (g.confidence, {"app.sop_ids": sorted({c.sop_id for c in g.citations}),
                                       "app.step_count": len(g.steps), "app.fallback": g.fallback}),
         )

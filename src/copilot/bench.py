@@ -56,8 +56,8 @@ class InProcessAgents:
     async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
         return self.vision.analyze(data, equipment_type)
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
-        return self.knowledge.advise(problem_description, defects)
+    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
+        return self.knowledge.advise(problem_description, defects, None, equipment_type, plant_id)
 
     async def compose_report(self, inputs, timeout):
         from services.report.core import compose_report

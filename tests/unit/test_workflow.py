@@ -38,7 +38,7 @@ class FakeAgents:
         await self._maybe("vision", timeout)
         return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, timeout):
+    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
         await self._maybe("knowledge", timeout)
         self.seen_defects = tuple(defects)
         return Guidance((GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
