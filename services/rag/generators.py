@@ -77,6 +77,7 @@ class ExtractiveTuning:
     max_steps: int = 8
     steps_from_best: int = 6
     steps_from_others: int = 2
+    others_within: float = 0.08  # weaker chunks contribute only when nearly as close as the best one
 
 
 class ExtractiveGenerator:
@@ -94,7 +95,9 @@ class ExtractiveGenerator:
         wanted = tokens(request.query)
         steps: list[DraftStep] = []
         seen: set[str] = set()
-        for rank, chunk in enumerate(c for c in request.chunks if not is_safety(c)):
+        usable = [c for c in request.chunks if not is_safety(c)]
+        top = usable[0].score if usable else 0.0
+        for rank, chunk in enumerate(c for c in usable if c.score >= top - t.others_within):
             lines = [line for line in step_lines(chunk.text) if line.lower() not in seen]
             if rank == 0:
                 chosen = lines[: t.steps_from_best]

@@ -1,4 +1,4 @@
-"""`copilot up | diagnose | bench` — the command line of the Manufacturing Copilot."""
+"""`copilot up | diagnose | ingest | docs | eval | bench` — the command line of the Manufacturing Copilot."""
 from __future__ import annotations
 
 import json
@@ -140,23 +140,143 @@ def health(
     raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
+KNOWLEDGE_ADDR = f"localhost:{DEFAULT_PORTS['knowledge']}"
+
+
+@app.command()
+def ingest(
+    paths: list[Path] = typer.Argument(..., exists=True, help="files (.md .txt .pdf) or folders"),
+    addr: str = typer.Option(KNOWLEDGE_ADDR, "--addr", help="the knowledge service"),
+    document_id: str = typer.Option("", "--id", help="document id (one file only; Markdown may carry it)"),
+    title: str = typer.Option("", "--title", help="one file only"),
+    version: str = typer.Option("", "--version", help="default: the Markdown front matter, else a content hash"),
+    equipment_types: list[str] = typer.Option([], "--equipment-type", help="scope; repeat for several"),
+    plants: list[str] = typer.Option([], "--plant", help="scope; repeat for several"),
+) -> None:
+    """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from copilot.client import ingest_file
+    from services.rag.corpus import document_files
+
+    files = document_files(paths)
+    if (document_id or title) and len(files) != 1:
+        raise typer.BadParameter("--id and --title apply to a single file")
+    table = Table("file", "document", "version", "outcome", "chunks", title="ingest")
+    failed = 0
+    with grpc.insecure_channel(addr) as channel, Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console) as progress:
+        overall = progress.add_task("documents", total=sum(f.stat().st_size for f in files))
+        for path in files:
+            try:
+                reply = ingest_file(channel, path, document_id=document_id, title=title, version=version,
+                                    equipment_types=equipment_types, plant_ids=plants,
+                                    on_bytes=lambda n: progress.advance(overall, n))
+                doc = reply.document
+                outcome = knowledge_outcome(reply.outcome)
+                table.add_row(str(path), doc.document_id, doc.version, outcome,
+                              f"+{reply.chunks_written} -{reply.chunks_removed}")
+            except grpc.RpcError as exc:
+                failed += 1
+                details = "; ".join(f"{v.field}: {v.description}" for v in field_violations(exc)) or exc.details()
+                table.add_row(str(path), "", "", f"[red]{exc.code().name}[/red]", details)
+    out.print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+def knowledge_outcome(value: int) -> str:
+    from copilot.v1 import knowledge_pb2
+
+    return knowledge_pb2.IngestOutcome.Name(value).removeprefix("INGEST_OUTCOME_").lower()
+
+
+@app.command()
+def docs(
+    addr: str = typer.Option(KNOWLEDGE_ADDR, "--addr", help="the knowledge service"),
+    equipment_type: str = typer.Option("", "--equipment-type"),
+    plant: str = typer.Option("", "--plant"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the documents loaded in the knowledge service."""
+    from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+
+    documents = []
+    with grpc.insecure_channel(addr) as channel:
+        stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+        token = ""
+        while True:
+            page = stub.ListDocuments(knowledge_pb2.ListDocumentsRequest(
+                page_size=200, page_token=token, equipment_type=equipment_type, plant_id=plant), timeout=30)
+            documents.extend(page.documents)
+            token = page.next_page_token
+            if not token:
+                break
+    if as_json:
+        out.print_json(json.dumps([MessageToDict(d, preserving_proto_field_name=True) for d in documents]))
+        return
+    table = Table("id", "title", "version", "format", "chunks", "equipment types", "plants", title=f"{len(documents)} documents")
+    for d in documents:
+        table.add_row(d.document_id, d.title, d.version, knowledge_pb2.DocumentFormat.Name(d.format).removeprefix(
+            "DOCUMENT_FORMAT_").lower(), str(d.chunk_count), ", ".join(d.equipment_types) or "all",
+            ", ".join(d.plant_ids) or "all")
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(Path("tests/data/knowledge_eval.yaml"), "--data", exists=True,
+                              help="labelled questions (q, expect, escalate)"),
+    output: Path = typer.Option(Path("benchmarks/results/knowledge-eval.json"), "--output"),
+) -> None:
+    """Knowledge quality on a labelled set, hybrid scoring on and off, in-process on a fresh store with the
+    shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON."""
+    import tempfile
+    from dataclasses import asdict
+
+    from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+    from services.rag.corpus import starter_corpus
+    from services.rag.evaluation import evaluate, load_questions
+
+    questions = load_questions(data)
+    embedder = minilm_embedder()
+    with tempfile.TemporaryDirectory() as folder:
+        store = open_store(Path(folder))
+        KnowledgeBase(store, embedder).ensure_documents(starter_corpus())
+        reports = {name: evaluate(KnowledgeBase(store, embedder, AdvisorTuning(hybrid=hybrid)), questions)
+                   for name, hybrid in (("hybrid", True), ("vector only", False))}
+    metrics = ["recall_at_1", "recall_at_3", "mrr", "citation_precision", "citation_relevance", "escalation_accuracy"]
+    table = Table("metric", *reports, title=f"knowledge eval: {len(questions)} questions ({data})")
+    for metric in metrics:
+        table.add_row(metric, *(f"{getattr(r, metric):.3f}" for r in reports.values()))
+    out.print(table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({name: {**r.summary(), "results": [asdict(x) for x in r.results]}
+                                  for name, r in reports.items()}, indent=2))
+    console.print(f"wrote {output}")
+
+
 @app.command()
 def bench(
     suite: str = typer.Option("mesh", "--suite", help="mesh: cold start + Diagnose latency, mesh vs in-process; "
-                                                      "vision: AnalyzeImage at 1/4/16 clients, batching off vs on"),
+                                                      "vision: AnalyzeImage at 1/4/16 clients, batching off vs on; "
+                                                      "retrieval: p50/p99 at 1k/10k/100k chunks, ingest, embedding"),
     n: int = typer.Option(50, "--n", help="diagnoses (mesh) or images per run (vision) to time"),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file (default benchmarks/results/<suite>.json)"),
+    sizes: str = typer.Option("1000,10000,100000", "--sizes", help="retrieval: store sizes in chunks"),
 ) -> None:
     """Benchmarks: print a table and write JSON (never asserted in tests)."""
     from copilot.bench import run, run_vision
+    from copilot.bench_retrieval import run_retrieval
 
-    if suite not in ("mesh", "vision"):
-        raise typer.BadParameter("--suite is mesh or vision")
+    if suite not in ("mesh", "vision", "retrieval"):
+        raise typer.BadParameter("--suite is mesh, vision or retrieval")
     target = output or Path("benchmarks/results") / f"{suite}.json"
     if suite == "mesh":
         run(n=n, output=target, console=out)
-    else:
+    elif suite == "vision":
         run_vision(total=n, output=target, console=out)
+    else:
+        run_retrieval(queries=n, output=target, console=out, sizes=tuple(int(x) for x in sizes.split(",")))
 
 
 if __name__ == "__main__":
