@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from copilot.domain import Defect, Guidance, GuidanceStep, SopChunk, SopCitation
+from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
 from services.rag.corpus import (ChunkingPolicy, DocumentLimits, DocumentMeta, DocumentRejected, SopDocument,
                                  chunk_document, parse_document, step_lines)
 from services.rag.generators import (Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety, verify)
@@ -96,8 +96,6 @@ class KnowledgeBase:
         try:
             return self.store.ingest(doc, chunks, embeddings)
         except VersionConflict as exc:
-            from copilot.domain import FieldViolation
-
             raise DocumentRejected([FieldViolation("metadata.version", str(exc))]) from None
 
     def ensure_documents(self, documents: Sequence[SopDocument]) -> int:
