@@ -108,8 +108,8 @@ class KnowledgeBase:
     def get_document(self, sop_id: str) -> StoredDocument | None:
         return self.store.get(sop_id)
 
-    def document_chunks(self, sop_id: str) -> list[SopChunk]:
-        return self.store.document_chunks(sop_id)
+    def document_chunks(self, sop_id: str, version: str | None = None) -> list[SopChunk]:
+        return self.store.document_chunks(sop_id, version)
 
     def delete_document(self, sop_id: str) -> int | None:
         return self.store.delete(sop_id)

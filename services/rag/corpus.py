@@ -48,6 +48,16 @@ def _reject(field_name: str, description: str) -> DocumentRejected:
     return DocumentRejected([FieldViolation(field_name, description)])
 
 
+def document_id_violations(field_name: str, value: str, missing: str = "is required") -> list[FieldViolation]:
+    """The one rule for document ids, used by parsing and by every RPC that takes an id."""
+    if not value:
+        return [FieldViolation(field_name, missing)]
+    if not DOCUMENT_ID.match(value):
+        return [FieldViolation(field_name,
+                               f"'{value[:80]}' must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")]
+    return []
+
+
 def step_lines(text: str) -> list[str]:
     """Numbered or bulleted lines of a text, in order."""
     return [m.group(1) for line in text.splitlines() if (m := _STEP.match(line))]
@@ -87,10 +97,6 @@ class SopDocument:
     format: DocumentFormat = DocumentFormat.MARKDOWN
     filename: str = ""
     size_bytes: int = 0
-
-    @property
-    def source(self) -> str:
-        return self.filename
 
     @property
     def content_hash(self) -> str:
@@ -274,11 +280,9 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
         raise _reject("content", f"has {len(raw)} sections; the limit is {limits.max_sections}")
 
     sop_id = meta.sop_id or str(front.get("id") or "")
-    if not sop_id:
-        raise _reject("metadata.document_id", "is required (or an 'id' in the Markdown front matter)")
-    if not DOCUMENT_ID.match(sop_id):
-        raise _reject("metadata.document_id",
-                      f"'{sop_id[:80]}' must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")
+    if violations := document_id_violations("metadata.document_id", sop_id,
+                                             "is required (or an 'id' in the Markdown front matter)"):
+        raise DocumentRejected(violations)
     title = (meta.title or str(front.get("title") or "") or title_guess
              or Path(meta.filename).stem or sop_id).strip()[:200]
     sections = tuple(Section(h[:200], b, i) for i, (h, b) in enumerate(raw))

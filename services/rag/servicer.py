@@ -16,7 +16,7 @@ from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
-from services.rag.corpus import DOCUMENT_ID, DocumentFormat, DocumentMeta, DocumentRejected
+from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected, document_id_violations
 from services.rag.store import StoredDocument
 
 tracer = trace.get_tracer(__name__)
@@ -54,14 +54,6 @@ def _check_top_k(top_k: int) -> list[FieldViolation]:
 def _check_scope(**values: str) -> list[FieldViolation]:
     return [FieldViolation(name, f"must be at most {MAX_SCOPE_CHARS} characters")
             for name, value in values.items() if len(value) > MAX_SCOPE_CHARS]
-
-
-def _check_document_id(field: str, value: str) -> list[FieldViolation]:
-    if not value:
-        return [FieldViolation(field, "is required")]
-    if not DOCUMENT_ID.match(value):
-        return [FieldViolation(field, "must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")]
-    return []
 
 
 def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
@@ -174,8 +166,8 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         if metadata is None:
             await abort_invalid(context, [FieldViolation("metadata", "is required (the stream was empty)")])
         violations = []
-        if metadata.document_id:
-            violations += _check_document_id("metadata.document_id", metadata.document_id)
+        if metadata.document_id:  # early, before parsing; an id from a front matter is checked by the parser
+            violations += document_id_violations("metadata.document_id", metadata.document_id)
         if metadata.format not in _FORMATS and metadata.format != knowledge_pb2.DOCUMENT_FORMAT_UNSPECIFIED:
             violations.append(FieldViolation("metadata.format", f"unknown value {metadata.format}"))
         if len(metadata.title) > 200:
@@ -219,19 +211,19 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             next_page_token=_page_token(page[-1].sop_id) if more else "")
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
-        violations = _check_document_id("document_id", request.document_id)
+        violations = document_id_violations("document_id", request.document_id)
         if violations:
             await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
         if doc is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
-        chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id)
+        chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id, doc.version)
         return knowledge_pb2.GetDocumentResponse(document=document_to_pb(doc),
                                                  chunks=[convert.chunk_to_pb(c) for c in chunks])
 
     async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context):
-        violations = _check_document_id("document_id", request.document_id)
+        violations = document_id_violations("document_id", request.document_id)
         if violations:
             await abort_invalid(context, violations)
         knowledge = await self._ready(context)

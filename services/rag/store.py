@@ -132,11 +132,14 @@ class DocumentStore:
     def chunk_count(self) -> int:
         return self.chunks.count()
 
-    def document_chunks(self, sop_id: str) -> list[SopChunk]:
-        doc = self.get(sop_id)
-        if doc is None:
-            return []
-        found = self.chunks.get(where={"$and": [{"sop_id": sop_id}, {"version": doc.version}]},
+    def document_chunks(self, sop_id: str, version: str | None = None) -> list[SopChunk]:
+        """A document's chunks in order; `version` defaults to the live one (read from the catalog)."""
+        if version is None:
+            doc = self.get(sop_id)
+            if doc is None:
+                return []
+            version = doc.version
+        found = self.chunks.get(where={"$and": [{"sop_id": sop_id}, {"version": version}]},
                                 include=["documents", "metadatas"])
         chunks = [_chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"])]
         return sorted(chunks, key=lambda c: c.position)
