@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/copilot/v1/*.proto)
+PROTOS := $(wildcard protos/copilot/v1/*.proto protos/buf/validate/*.proto)
 GENERATED := src/copilot/v1/__init__.py
 # pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
@@ -46,4 +46,4 @@ bench: install
 	$(BIN)/copilot bench
 
 clean:
-	rm -rf .copilot-data src/copilot/v1 .pytest_cache
+	rm -rf .copilot-data src/copilot/v1 src/buf/validate/*_pb2*.py src/buf/validate/*.pyi .pytest_cache

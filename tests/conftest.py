@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every server the tests start (in-process or as a process) authenticates with these: dev mode (the seed's
+# technician-<id> tokens) plus HS256 JWTs signed with TEST_SECRET.
+TEST_SECRET = "test-secret-for-the-copilot-suite-0123456789"
+os.environ["AUTH_MODE"] = "dev"
+os.environ["AUTH_JWT_SECRET"] = TEST_SECRET
+for _name in ("AUTH_JWT_SECRET_FILE", "AUTH_JWT_PUBLIC_KEY_FILE"):
+    os.environ.pop(_name, None)
+
+
+def token(role: str = "technician", subject: str = "") -> str:
+    """A JWT every test server accepts."""
+    from copilot.runtime.auth import Role, mint_token
+
+    return mint_token(subject or f"{role}-test", Role.parse(role), secret=TEST_SECRET)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

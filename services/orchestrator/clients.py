@@ -7,6 +7,7 @@ from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
 from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
 from copilot.runtime import convert
 from copilot.runtime.channels import agent_channel
+from copilot.runtime.config import TlsSettings
 from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
 
 
@@ -19,15 +20,18 @@ class AgentClients(Protocol):
 
     async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport: ...
 
+    async def close(self) -> None: ...
+
 
 class GrpcAgentClients:
     """Typed async stubs over one channel per agent (round_robin + retry policy in the service config)."""
 
-    def __init__(self, vision_addr: str, knowledge_addr: str, report_addr: str, *, max_message_bytes: int) -> None:
+    def __init__(self, vision_addr: str, knowledge_addr: str, report_addr: str, *, max_message_bytes: int,
+                 tls: TlsSettings | None = None) -> None:
         self._channels = [
-            agent_channel(vision_addr, [VISION_SERVICE], max_message_bytes=max_message_bytes),
-            agent_channel(knowledge_addr, [KNOWLEDGE_SERVICE], max_message_bytes=max_message_bytes),
-            agent_channel(report_addr, [REPORT_SERVICE], max_message_bytes=max_message_bytes),
+            agent_channel(vision_addr, [VISION_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
+            agent_channel(knowledge_addr, [KNOWLEDGE_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
+            agent_channel(report_addr, [REPORT_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
         ]
         self.vision = vision_pb2_grpc.VisionServiceStub(self._channels[0])
         self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])

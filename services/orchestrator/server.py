@@ -1,19 +1,25 @@
 """Orchestrator process: settings and wiring."""
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
+from copilot.images import ImageLimits
+from copilot.runtime.admission import AdmissionInterceptor
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
-from copilot.runtime.interceptors import BearerAuthInterceptor
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
-from services.orchestrator.clients import GrpcAgentClients
+from services.orchestrator.clients import AgentClients, GrpcAgentClients
+from services.orchestrator.history import IncidentStore
 from services.orchestrator.servicer import CopilotServicer
+from services.orchestrator.validation import image_violations
 from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
 
 SERVICE_NAME = COPILOT_SERVICE
+DIAGNOSIS_METHODS = {f"/{SERVICE_NAME}/{name}" for name in ("Diagnose", "StreamDiagnose", "DiagnoseBatch")}
 
 
 class OrchestratorSettings(ServerSettings):
@@ -29,27 +35,71 @@ class OrchestratorSettings(ServerSettings):
     vision_timeout_s: float = 10.0
     knowledge_timeout_s: float = 15.0
     report_timeout_s: float = 5.0
-    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard, from the image header")
+    # Vision and knowledge at once (knowledge then does not see the defects); see `copilot bench --suite mesh`.
+    parallel_stages: bool = False
+    # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
+    database_url: str = "sqlite:///.copilot-data/incidents.db"
+    related_incidents: int = Field(3, ge=0, le=10, description="past incidents cited in a report's follow-up")
+    # Backpressure: diagnoses in flight (a batch counts once) and a per-principal rate (a batch of n costs n).
+    max_in_flight: int = Field(64, ge=1)
+    rate_limit: str = Field("600/minute", description="`limits` syntax, e.g. 10/second; empty disables")
+    retry_after_s: float = Field(1.0, gt=0)
+    batch_max_items: int = Field(32, ge=1, le=256)
+    batch_concurrency: int = Field(4, ge=1, le=64)
 
 
-def build(settings: OrchestratorSettings | None = None) -> tuple[ServiceSpec, OrchestratorSettings]:
+def _cost(method: str, request) -> int:
+    """A batch of n diagnoses costs n of the caller's rate (undecodable bytes cost 1 and are refused later)."""
+    return len(getattr(request, "requests", ())) or 1 if method.endswith("/DiagnoseBatch") else 1
+
+
+def build(settings: OrchestratorSettings | None = None, *, clients: AgentClients | None = None
+          ) -> tuple[ServiceSpec, OrchestratorSettings]:
+    """`clients` defaults to gRPC channels to the three agents (tests may pass in-process ones)."""
     settings = settings or OrchestratorSettings()
-    clients = GrpcAgentClients(settings.vision_addr, settings.knowledge_addr, settings.report_addr,
-                               max_message_bytes=settings.max_message_bytes)
+    if settings.max_image_bytes > settings.max_message_bytes - 64 * 1024:
+        raise ValueError("ORCHESTRATOR_MAX_IMAGE_BYTES must leave room for the rest of the message below "
+                         "ORCHESTRATOR_MAX_MESSAGE_BYTES")
+    clients = clients or GrpcAgentClients(settings.vision_addr, settings.knowledge_addr, settings.report_addr,
+                                          max_message_bytes=settings.max_message_bytes, tls=settings.tls)
+    history = IncidentStore(settings.database_url)
+
+    async def related(request, request_id):
+        if not settings.related_incidents:
+            return []
+        return await asyncio.to_thread(history.similar, request.plant_id, request.equipment_id,
+                                       request.problem_description, exclude=request_id,
+                                       limit=settings.related_incidents)
+
     workflow = DiagnosisWorkflow(clients, StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s,
-                                                        settings.report_timeout_s))
-    servicer = CopilotServicer(workflow, max_image_bytes=settings.max_image_bytes)
+                                                        settings.report_timeout_s),
+                                 parallel=settings.parallel_stages, related_incidents=related)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    servicer = CopilotServicer(workflow, history, image_limits=limits,
+                               batch_max_items=settings.batch_max_items, batch_concurrency=settings.batch_concurrency)
 
     async def warm_up() -> None:
         return None  # agents are dialled lazily; a missing agent degrades its stage, it does not block start-up
+
+    async def close() -> None:
+        await clients.close()
+        history.close()
 
     spec = ServiceSpec(
         name="orchestrator",
         service_names=[SERVICE_NAME],
         register=lambda server: copilot_pb2_grpc.add_CopilotServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
-        close=clients.close,
-        interceptors=[BearerAuthInterceptor([SERVICE_NAME])],
+        close=close,
+        # the image checks join the proto rules' violations in one INVALID_ARGUMENT (batch items: per item)
+        request_checks={f"/{SERVICE_NAME}/Diagnose": lambda r: image_violations(r, limits),
+                        f"/{SERVICE_NAME}/StreamDiagnose": lambda r: image_violations(r.diagnosis, limits,
+                                                                                      "diagnosis.")},
+        interceptors=[AdmissionInterceptor(DIAGNOSIS_METHODS, max_in_flight=settings.max_in_flight,
+                                           rate=settings.rate_limit, retry_after_s=settings.retry_after_s,
+                                           cost=_cost)],
     )
     return spec, settings
 

@@ -1,6 +1,11 @@
 """The diagnosis workflow: a LangGraph StateGraph vision -> knowledge -> report (vision skipped without
-an image). Each node calls an agent through `AgentClients` with a deadline; a failed or late agent marks
-its stage degraded and the workflow goes on with the seed's fallback result."""
+an image), or vision || knowledge -> report with `parallel=True` (knowledge then does not see the defects).
+Each node calls an agent through `AgentClients` with a deadline (the caller's, when shorter than the stage's);
+a failed or late agent marks its stage degraded and the workflow goes on with the seed's fallback result.
+
+`events()` streams StageStarted / StageFinished (with the stage's partial result) through LangGraph's custom
+stream, then the Diagnosis; `run()` is the same stream consumed to its end. Cancelling the consumer cancels
+the agent calls in flight."""
 from __future__ import annotations
 
 import asyncio
@@ -10,18 +15,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, TypedDict
+from typing import Annotated, AsyncIterator, Awaitable, Callable, Sequence, TypedDict
 
 import grpc
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from opentelemetry import trace
 
 from copilot.domain import (
     Diagnosis,
     DiagnosisInput,
+    EscalationReason,
     Guidance,
     GuidanceStep,
     IncidentReport,
+    PastIncident,
     RecommendedAction,
     ReportInputs,
     Stage,
@@ -45,6 +53,26 @@ FALLBACK_GUIDANCE = Guidance(
     steps=(GuidanceStep("Isolate the equipment under lockout/tagout and escalate to the maintenance supervisor."),),
     citations=(), safety_notes=(), confidence=0.0, fallback=True, query="",
 )
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    request_id: str
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    """`result` is the stage's partial result: VisionFindings, Guidance or IncidentReport (None if degraded)."""
+
+    request_id: str
+    status: StageStatus
+    result: VisionFindings | Guidance | IncidentReport | None
+
+
+WorkflowEvent = StageStarted | StageFinished | Diagnosis
+#: Looks up earlier incidents similar to this one (the incident history); None = no history.
+RelatedIncidents = Callable[[DiagnosisInput, str], Awaitable[Sequence[PastIncident]]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,25 @@ def merge_confidence(stages: list[StageStatus]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
+def escalation_reasons(stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
+                       ) -> tuple[EscalationReason, ...]:
+    """Every reason that applies, most serious first. Only LOW_CONFIDENCE decides manual review (the seed's
+    rule: mean < 0.5); the others tell the reviewer where to look."""
+    reasons = []
+    if any(s.state is StageState.DEGRADED for s in stages):
+        reasons.append(EscalationReason.STAGE_DEGRADED)
+    if confidence < MANUAL_REVIEW_THRESHOLD:
+        reasons.append(EscalationReason.LOW_CONFIDENCE)
+    if guidance is None or guidance.fallback or not guidance.citations:
+        reasons.append(EscalationReason.NO_SUPPORTING_SOP)
+    vision = next((s for s in stages if s.stage is Stage.VISION and s.state is StageState.OK), None)
+    if vision is not None and (vision.confidence or 0.0) < MANUAL_REVIEW_THRESHOLD:
+        reasons.append(EscalationReason.LOW_VISION_CONFIDENCE)
+    if guidance is not None and not guidance.fallback and any(step.unsupported for step in guidance.steps):
+        reasons.append(EscalationReason.UNSUPPORTED_GUIDANCE)
+    return tuple(reasons)
+
+
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -86,16 +133,24 @@ def _describe_error(exc: BaseException) -> str:
 
 
 class DiagnosisWorkflow:
-    def __init__(self, clients: AgentClients, timeouts: StageTimeouts | None = None) -> None:
+    def __init__(self, clients: AgentClients, timeouts: StageTimeouts | None = None, *, parallel: bool = False,
+                 related_incidents: RelatedIncidents | None = None) -> None:
         self.clients = clients
         self.timeouts = timeouts or StageTimeouts()
+        self.parallel = parallel
+        self.related_incidents = related_incidents
         graph = StateGraph(DiagnosisState)
         graph.add_node("vision", self._vision)
         graph.add_node("knowledge", self._knowledge)
         graph.add_node("report", self._report)
-        graph.add_conditional_edges(START, self._route, {"vision": "vision", "knowledge": "knowledge"})
-        graph.add_edge("vision", "knowledge")
-        graph.add_edge("knowledge", "report")
+        if parallel:  # fan-out from START; both run in one superstep, so report (fan-in) runs once after both
+            graph.add_conditional_edges(START, self._route_parallel, ["vision", "knowledge"])
+            graph.add_edge("vision", "report")
+            graph.add_edge("knowledge", "report")
+        else:
+            graph.add_conditional_edges(START, self._route, {"vision": "vision", "knowledge": "knowledge"})
+            graph.add_edge("vision", "knowledge")
+            graph.add_edge("knowledge", "report")
         graph.add_edge("report", END)
         self.graph = graph.compile()
 
@@ -104,6 +159,10 @@ class DiagnosisWorkflow:
     @staticmethod
     def _route(state: DiagnosisState) -> str:
         return "vision" if state["input"].image_data else "knowledge"
+
+    @staticmethod
+    def _route_parallel(state: DiagnosisState) -> list[str]:
+        return ["vision", "knowledge"] if state["input"].image_data else ["knowledge"]
 
     @staticmethod
     def _budget(state: DiagnosisState, stage_timeout: float) -> float:
@@ -117,6 +176,8 @@ class DiagnosisWorkflow:
         the business attributes of a successful result. Any failure degrades the stage; none escapes."""
         started = time.perf_counter()
         timeout = self._budget(state, stage_timeout)
+        emit = get_stream_writer()
+        emit(StageStarted(state["request_id"], stage))
         with tracer.start_as_current_span(f"workflow.{stage.value}") as span:
             span.set_attributes({"app.stage": stage.value, "app.request_id": state["request_id"],
                                  "app.timeout_s": round(timeout, 3)})
@@ -140,7 +201,9 @@ class DiagnosisWorkflow:
             meters.stage_duration.record(elapsed, {"stage": stage.value, "state": outcome.value})
             if outcome is StageState.DEGRADED:
                 meters.stage_degraded.add(1, {"stage": stage.value})
-            return result, StageStatus(stage, outcome, error, confidence, round(elapsed * 1000, 2))
+            status = StageStatus(stage, outcome, error, confidence, round(elapsed * 1000, 2))
+            emit(StageFinished(state["request_id"], status, result))
+            return result, status
 
     # --- nodes ----------------------------------------------------------------------------------
 
@@ -166,20 +229,32 @@ class DiagnosisWorkflow:
         )
         return {"guidance": guidance or FALLBACK_GUIDANCE, "stages": [status]}
 
+    async def _related(self, state: DiagnosisState) -> tuple[PastIncident, ...]:
+        """Earlier incidents on the same equipment; a history failure never fails the diagnosis."""
+        if self.related_incidents is None:
+            return ()
+        try:
+            with tracer.start_as_current_span("workflow.history"):
+                return tuple(await asyncio.wait_for(self.related_incidents(state["input"], state["request_id"]),
+                                                    timeout=max(0.05, min(1.0, self._budget(state, 1.0)))))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("incident history lookup failed: %s", _describe_error(exc))
+            return ()
+
     async def _report(self, state: DiagnosisState) -> dict:
         req = state["input"]
         stages = state["stages"]
         confidence = merge_confidence(stages)
         manual = confidence < MANUAL_REVIEW_THRESHOLD
         vision = state.get("vision")
-        guidance = state["guidance"]
+        guidance = state.get("guidance") or FALLBACK_GUIDANCE
         notes = tuple(f"{s.stage.value} stage degraded ({s.error})" for s in stages if s.state is StageState.DEGRADED)
         inputs = ReportInputs(
             request_id=state["request_id"], plant_id=req.plant_id, equipment_id=req.equipment_id,
             problem_description=req.problem_description, defects=vision.defects if vision else (),
             guidance=guidance.steps, citations=guidance.citations, safety_notes=guidance.safety_notes,
             confidence_score=confidence, requires_manual_review=manual, stage_notes=notes,
-            image_analyzed=vision is not None,
+            image_analyzed=vision is not None, related_incidents=await self._related(state),
         )
         report, status = await self._call(
             Stage.REPORT, state, self.timeouts.report,
@@ -192,36 +267,57 @@ class DiagnosisWorkflow:
 
     # --- entry ----------------------------------------------------------------------------------
 
-    async def run(self, request: DiagnosisInput, *, deadline: float | None = None,
-                  request_id: str | None = None) -> Diagnosis:
+    async def events(self, request: DiagnosisInput, *, deadline: float | None = None,
+                     request_id: str | None = None) -> AsyncIterator[WorkflowEvent]:
+        """StageStarted / StageFinished events as the stages run, then the Diagnosis (always last)."""
         request_id = request_id or str(uuid.uuid4())
         with tracer.start_as_current_span("workflow.diagnose") as span:
             span.set_attributes({"app.request_id": request_id, "app.plant_id": request.plant_id,
-                                 "app.equipment_id": request.equipment_id, "app.has_image": bool(request.image_data)})
-            final = await self.graph.ainvoke(
-                {"request_id": request_id, "input": request, "deadline": deadline, "vision": None, "stages": []}
-            )
-            stages = {s.stage: s for s in final["stages"]}
-            if Stage.VISION not in stages:
-                stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")
-            ordered = [stages[s] for s in (Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT)]
-            meters = copilot_metrics()
-            meters.diagnoses.add(1, {"requires_manual_review": final["requires_manual_review"]})
-            meters.diagnosis_confidence.record(final["confidence"])
-            if final["requires_manual_review"]:
-                meters.escalations.add(1)
-            span.set_attributes({
-                "app.confidence": final["confidence"],
-                "app.requires_manual_review": final["requires_manual_review"],
-                "app.sop_ids": list(final["report"].referenced_sop_ids),
-                "app.defect_count": len(final["report"].defects),
-                "app.degraded_stages": [s.stage.value for s in ordered if s.state is StageState.DEGRADED],
-            })
-            return Diagnosis(
-                request_id=request_id, report=final["report"], confidence_score=final["confidence"],
-                requires_manual_review=final["requires_manual_review"], stages=ordered,
-                safety_disclaimer=SAFETY_DISCLAIMER,
-            )
+                                 "app.equipment_id": request.equipment_id, "app.has_image": bool(request.image_data),
+                                 "app.parallel": self.parallel})
+            initial = {"request_id": request_id, "input": request, "deadline": deadline, "vision": None, "stages": []}
+            final: DiagnosisState = initial
+            async for mode, chunk in self.graph.astream(initial, stream_mode=["custom", "values"]):
+                if mode == "custom":
+                    yield chunk
+                else:
+                    final = chunk
+            yield self._finish(final, request_id, span)
+
+    async def run(self, request: DiagnosisInput, *, deadline: float | None = None,
+                  request_id: str | None = None) -> Diagnosis:
+        diagnosis = None
+        async for event in self.events(request, deadline=deadline, request_id=request_id):
+            diagnosis = event
+        assert isinstance(diagnosis, Diagnosis)
+        return diagnosis
+
+    @staticmethod
+    def _finish(final: DiagnosisState, request_id: str, span) -> Diagnosis:
+        stages = {s.stage: s for s in final["stages"]}
+        if Stage.VISION not in stages:
+            stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")
+        ordered = [stages[s] for s in (Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT)]
+        reasons = escalation_reasons(ordered, final["confidence"], final.get("guidance"))
+        meters = copilot_metrics()
+        meters.diagnoses.add(1, {"requires_manual_review": final["requires_manual_review"]})
+        meters.diagnosis_confidence.record(final["confidence"])
+        if final["requires_manual_review"]:
+            meters.escalations.add(1)
+        span.set_attributes({
+            "app.confidence": final["confidence"],
+            "app.requires_manual_review": final["requires_manual_review"],
+            "app.escalation_reasons": [r.value for r in reasons],
+            "app.sop_ids": list(final["report"].referenced_sop_ids),
+            "app.defect_count": len(final["report"].defects),
+            "app.degraded_stages": [s.stage.value for s in ordered if s.state is StageState.DEGRADED],
+        })
+        return Diagnosis(
+            request_id=request_id, report=final["report"], confidence_score=final["confidence"],
+            requires_manual_review=final["requires_manual_review"], stages=ordered,
+            safety_disclaimer=SAFETY_DISCLAIMER, escalation_reasons=reasons,
+            trace_id=format(span.get_span_context().trace_id, "032x"),
+        )
 
 
 def fallback_report(i: ReportInputs) -> IncidentReport:

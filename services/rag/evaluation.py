@@ -57,6 +57,23 @@ def load_questions(path: Path) -> list[Question]:
             for q in data["questions"]]
 
 
+def questions_from_feedback(records: list[dict]) -> list[dict]:
+    """Technician feedback (the incident history's `feedback_export`) as labelled questions in the eval file's
+    format. The label is what the technician said helped: the SOP ids they named; else, for a helpful answer,
+    the SOPs it cited; an unhelpful answer that names none becomes a question no SOP answers (escalate).
+    The last feedback on an incident wins."""
+    latest = {r["request_id"]: r for r in records}
+    questions = []
+    for record in latest.values():
+        expect = list(record["expected_sop_ids"]) or (list(record["cited_sop_ids"]) if record["helpful"] else [])
+        question = {"q": record["question"], "expect": expect, "escalate": not expect,
+                    "source": f"feedback {record['request_id']} by {record['principal']}"}
+        if record.get("equipment_type"):
+            question["equipment_type"] = record["equipment_type"]
+        questions.append(question)
+    return questions
+
+
 def evaluate(knowledge: KnowledgeBase, questions: list[Question], k: int = 3) -> EvalReport:
     results: list[QuestionResult] = []
     for question in questions:

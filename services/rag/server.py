@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import KNOWLEDGE_SERVICE
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
+from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import knowledge_pb2_grpc
 from services.rag.corpus import load_folder, starter_corpus
@@ -107,6 +108,9 @@ def build(settings: KnowledgeSettings | None = None,
         service_names=[SERVICE_NAME],
         register=lambda server: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
+        # only admins change the library; the knowledge service checks it itself (reachable inside the cluster)
+        policy=AccessPolicy(methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN,
+                                     f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN}),
     )
     return spec, settings
 

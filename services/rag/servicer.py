@@ -16,16 +16,12 @@ from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
-from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected, document_id_violations
+from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected
 from services.rag.store import StoredDocument
 
 tracer = trace.get_tracer(__name__)
 
-MAX_QUERY_CHARS = 4000
-MAX_TOP_K = 20
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-MAX_SCOPE_CHARS = 64
+DEFAULT_PAGE_SIZE = 50  # page_size limits, query lengths and id formats are protovalidate rules in knowledge.proto
 
 _FORMATS = {
     knowledge_pb2.DOCUMENT_FORMAT_MARKDOWN: DocumentFormat.MARKDOWN,
@@ -35,25 +31,6 @@ _FORMATS = {
 _FORMATS_PB = {v: k for k, v in _FORMATS.items()}
 _OUTCOMES = {"created": knowledge_pb2.INGEST_OUTCOME_CREATED, "replaced": knowledge_pb2.INGEST_OUTCOME_REPLACED,
              "unchanged": knowledge_pb2.INGEST_OUTCOME_UNCHANGED}
-
-
-def _check_text(field: str, value: str) -> list[FieldViolation]:
-    if not value.strip():
-        return [FieldViolation(field, "must not be empty")]
-    if len(value) > MAX_QUERY_CHARS:
-        return [FieldViolation(field, f"must be at most {MAX_QUERY_CHARS} characters (got {len(value)})")]
-    return []
-
-
-def _check_top_k(top_k: int) -> list[FieldViolation]:
-    if not 0 <= top_k <= MAX_TOP_K:
-        return [FieldViolation("top_k", f"must be between 0 (server default) and {MAX_TOP_K} (got {top_k})")]
-    return []
-
-
-def _check_scope(**values: str) -> list[FieldViolation]:
-    return [FieldViolation(name, f"must be at most {MAX_SCOPE_CHARS} characters")
-            for name, value in values.items() if len(value) > MAX_SCOPE_CHARS]
 
 
 def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
@@ -98,10 +75,6 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         return self.knowledge
 
     async def Retrieve(self, request: knowledge_pb2.RetrieveRequest, context) -> knowledge_pb2.RetrieveResponse:
-        violations = (_check_text("query", request.query) + _check_top_k(request.top_k)
-                      + _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id))
-        if violations:
-            await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         with tracer.start_as_current_span("knowledge.retrieve") as span:
             chunks = await asyncio.to_thread(knowledge.retrieve, request.query, request.top_k or None,
@@ -112,10 +85,6 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             return knowledge_pb2.RetrieveResponse(chunks=[convert.chunk_to_pb(c) for c in chunks])
 
     async def Advise(self, request: knowledge_pb2.AdviseRequest, context) -> knowledge_pb2.AdviseResponse:
-        violations = (_check_text("problem_description", request.problem_description) + _check_top_k(request.top_k)
-                      + _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id))
-        if violations:
-            await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         defects = [convert.defect_from_pb(d) for d in request.defects]
         with tracer.start_as_current_span("knowledge.advise") as span:
@@ -165,15 +134,6 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             parts.append(message.content)
         if metadata is None:
             await abort_invalid(context, [FieldViolation("metadata", "is required (the stream was empty)")])
-        violations = []
-        if metadata.document_id:  # early, before parsing; an id from a front matter is checked by the parser
-            violations += document_id_violations("metadata.document_id", metadata.document_id)
-        if metadata.format not in _FORMATS and metadata.format != knowledge_pb2.DOCUMENT_FORMAT_UNSPECIFIED:
-            violations.append(FieldViolation("metadata.format", f"unknown value {metadata.format}"))
-        if len(metadata.title) > 200:
-            violations.append(FieldViolation("metadata.title", "must be at most 200 characters"))
-        if violations:
-            await abort_invalid(context, violations)
         meta = DocumentMeta(sop_id=metadata.document_id, title=metadata.title, version=metadata.version,
                             equipment_types=tuple(metadata.equipment_types), plant_ids=tuple(metadata.plant_ids),
                             format=_FORMATS.get(metadata.format), filename=metadata.filename[:255])
@@ -192,10 +152,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             chunks_written=result.chunks_written, chunks_removed=result.chunks_removed)
 
     async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
-        violations = _check_scope(equipment_type=request.equipment_type, plant_id=request.plant_id)
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            violations.append(FieldViolation("page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) "
-                                                          f"and {MAX_PAGE_SIZE}"))
+        violations = []
         after = _after_id(request.page_token) if request.page_token else ""
         if after is None:
             violations.append(FieldViolation("page_token", "is not a token from a previous ListDocuments response"))
@@ -211,9 +168,6 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             next_page_token=_page_token(page[-1].sop_id) if more else "")
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
-        violations = document_id_violations("document_id", request.document_id)
-        if violations:
-            await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
         if doc is None:
@@ -223,9 +177,6 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                                                  chunks=[convert.chunk_to_pb(c) for c in chunks])
 
     async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context):
-        violations = document_id_violations("document_id", request.document_id)
-        if violations:
-            await abort_invalid(context, violations)
         knowledge = await self._ready(context)
         removed = await asyncio.to_thread(knowledge.delete_document, request.document_id)
         if removed is None:

@@ -59,6 +59,14 @@ def follow_up(i: ReportInputs) -> tuple[str, ...]:
     if i.defects:
         items.append(f"Re-inspect {i.equipment_id} after repair and photograph the repaired area.")
     items += [f"Re-run the diagnosis when the agent is back: {note}" for note in i.stage_notes]
+    for past in i.related_incidents:
+        line = (f"Similar past incident on {i.equipment_id}: {past.request_id} "
+                f"({past.created_at:%Y-%m-%d}) \"{past.problem_description.rstrip('.')[:120]}\"")
+        if past.referenced_sop_ids:
+            line += f", which cited {', '.join(past.referenced_sop_ids)}"
+        if past.resolution_notes:
+            line += f"; resolution noted: {past.resolution_notes.rstrip('.')[:200]}"
+        items.append(line + ". Check whether the fault is recurring.")
     items.append(f"Record the work in the CMMS maintenance log with request id {i.request_id}.")
     return tuple(items)
 

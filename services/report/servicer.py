@@ -1,11 +1,9 @@
-"""ReportService: a thin gRPC adapter over the report core."""
+"""ReportService: a thin gRPC adapter over the report core (request rules: protovalidate, in report.proto)."""
 from __future__ import annotations
 
 from opentelemetry import trace
 
-from copilot.domain import FieldViolation
 from copilot.runtime import convert
-from copilot.runtime.errors import abort_invalid
 from copilot.v1 import report_pb2, report_pb2_grpc
 from services.report.core import compose_report
 
@@ -14,12 +12,6 @@ tracer = trace.get_tracer(__name__)
 
 class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     async def ComposeReport(self, request: report_pb2.ComposeReportRequest, context) -> report_pb2.ComposeReportResponse:
-        violations = [FieldViolation(name, "must not be empty")
-                      for name in ("plant_id", "equipment_id", "problem_description") if not getattr(request, name).strip()]
-        if not 0.0 <= request.confidence_score <= 1.0:
-            violations.append(FieldViolation("confidence_score", "must be between 0 and 1"))
-        if violations:
-            await abort_invalid(context, violations)
         with tracer.start_as_current_span("report.compose") as span:
             report = compose_report(convert.report_inputs_from_pb(request))
             span.set_attributes({"app.stage": "report", "app.request_id": request.request_id,

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
-from copilot.images import sniff_mime_type
+from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 from services.vision.references import EQUIPMENT_TYPE, LABEL
 
 if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
@@ -24,39 +24,13 @@ if TYPE_CHECKING:  # torch is imported when the engine loads, not when the modul
 
 MODEL_NAME = "texture-statistics/1"
 
-class ImageRejected(ValueError):
-    """The image cannot be analysed; carries the field violation to report to the caller."""
-
-    def __init__(self, violation: FieldViolation) -> None:
-        super().__init__(f"{violation.field}: {violation.description}")
-        self.violation = violation
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-
 
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
-    if not data:
-        raise ImageRejected(FieldViolation(field, "image is empty"))
-    if len(data) > limits.max_bytes:
-        raise ImageRejected(FieldViolation(field, f"image is {len(data)} bytes; the limit is {limits.max_bytes}"))
+    image = open_checked(data, limits, field)
     mime = sniff_mime_type(data)
-    if mime is None:
-        raise ImageRejected(FieldViolation(field, "not a JPEG, PNG or WebP image"))
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size  # read from the header, before any pixel is decoded
-        if width * height > limits.max_pixels:
-            raise ImageRejected(
-                FieldViolation(field, f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
-            )
         image.draft("RGB", (768, 768))  # JPEG: decode at reduced scale when possible
         return image.convert("RGB")
-    except ImageRejected:
-        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageRejected(FieldViolation(field, f"cannot decode {mime} image: {exc}")) from exc
 

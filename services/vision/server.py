@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
+from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import vision_pb2_grpc
 from services.vision.core import EngineTuning, ImageLimits
@@ -99,6 +100,8 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
         register=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
         close=close,
+        policy=AccessPolicy(methods={f"/{SERVICE_NAME}/RegisterReference": Role.ENGINEER,
+                                     f"/{SERVICE_NAME}/DeleteReference": Role.ENGINEER}),
     )
     return spec, settings
 

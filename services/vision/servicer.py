@@ -19,7 +19,6 @@ from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
 
 tracer = trace.get_tracer(__name__)
-MAX_PAGE = 500
 DEFAULT_PAGE = 50
 
 
@@ -103,8 +102,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         violations = []
         if offset is None or offset < 0:
             violations.append(FieldViolation("page_token", "not a token from a previous ListReferences reply"))
-        if not 0 <= request.page_size <= MAX_PAGE:
-            violations.append(FieldViolation("page_size", f"must be between 0 (default {DEFAULT_PAGE}) and {MAX_PAGE}"))
         if violations:
             await abort_invalid(context, violations)
         refs = [r for r in engine.store.all() if not request.equipment_type or r.equipment_type == request.equipment_type]
@@ -116,8 +113,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def DeleteReference(self, request, context) -> vision_pb2.DeleteReferenceResponse:
         engine = await self._engine(context)
-        if not request.reference_id:
-            await abort_invalid(context, [FieldViolation("reference_id", "must not be empty")])
         ref = await asyncio.to_thread(engine.delete, request.reference_id)
         if ref is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reference {request.reference_id!r}")

@@ -15,7 +15,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from copilot.client import auth_metadata, diagnose_request
+from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.domain import DiagnosisInput
 from copilot.launcher import Mesh
 from copilot.v1 import copilot_pb2_grpc
@@ -96,13 +96,58 @@ def _time_in_process(agents: InProcessAgents, n: int, image: bytes | None) -> li
     return asyncio.run(go())
 
 
+def _throughput(address: str, clients: int, total: int, image: bytes | None = None) -> dict:
+    """`total` text diagnoses spread over `clients` concurrent callers on one asyncio channel: diagnoses/s,
+    latency percentiles and every non-OK status (there should be none)."""
+    from collections import Counter
+
+    async def go() -> dict:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = copilot_pb2_grpc.CopilotServiceStub(channel)
+            metadata = auth_metadata("technician-bench")
+            for i in range(3):
+                await stub.Diagnose(diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i], image), metadata=metadata,
+                                    timeout=60)
+            times: list[float] = []
+            errors: Counter = Counter()
+            remaining = [total]
+
+            async def caller(k: int) -> None:
+                while remaining[0] > 0:
+                    remaining[0] -= 1
+                    request = diagnose_request("PUNE-IN", f"CNC-A-{k:03d}", PROBLEMS[remaining[0] % len(PROBLEMS)],
+                                               image)
+                    started = time.perf_counter()
+                    try:
+                        await stub.Diagnose(request, metadata=metadata, timeout=60)
+                        times.append((time.perf_counter() - started) * 1000)
+                    except grpc.aio.AioRpcError as exc:
+                        errors[exc.code().name] += 1
+
+            began = time.perf_counter()
+            await asyncio.gather(*(caller(k) for k in range(clients)))
+            elapsed = time.perf_counter() - began
+            return {"clients": clients, "diagnoses": total, "per_s": round(len(times) / elapsed, 1),
+                    "errors": dict(errors), **percentiles(times)}
+
+    return asyncio.run(go())
+
+
+def _restart_orchestrator(mesh: Mesh, **env: str) -> None:
+    proc = mesh.services["orchestrator"]
+    proc.env.update(env)
+    mesh.restart("orchestrator")
+    mesh.wait_ready(names=["orchestrator"])
+
+
 def run(n: int, output: Path, console: Console) -> dict:
     photo = SAMPLE.read_bytes()
     results: dict = {"when": datetime.now(timezone.utc).isoformat(), "machine": platform.machine(),
                      "python": platform.python_version(), "n": n}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        mesh = Mesh.on_free_ports(data_dir=data / "mesh")
+        # one principal sends every call: lift the per-principal rate limit (default 600/minute) for the run
+        mesh = Mesh.on_free_ports(data_dir=data / "mesh", extra_env={"ORCHESTRATOR_RATE_LIMIT": "1000000/minute"})
         started = time.monotonic()
         mesh.start()
         try:
@@ -114,6 +159,20 @@ def run(n: int, output: Path, console: Console) -> dict:
                 results["mesh_text"] = percentiles(_time_mesh(mesh.address("orchestrator"), n, None))
             with console.status(f"{max(10, n // 5)} photo diagnoses through the mesh…"):
                 results["mesh_photo"] = percentiles(_time_mesh(mesh.address("orchestrator"), max(10, n // 5), photo))
+            results["throughput_text"] = []
+            for clients in (1, 8, 32):
+                with console.status(f"throughput: {clients} concurrent clients…"):
+                    results["throughput_text"].append(_throughput(mesh.address("orchestrator"), clients,
+                                                                  max(4 * n, 8 * clients)))
+            with console.status("photo diagnoses with vision and knowledge in parallel…"):
+                _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="true")
+                results["mesh_photo_parallel"] = percentiles(_time_mesh(mesh.address("orchestrator"),
+                                                                        max(10, n // 5), photo))
+                results["throughput_photo_parallel"] = _throughput(mesh.address("orchestrator"), 4, max(20, n // 2),
+                                                                   photo)
+                _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="false")
+                results["throughput_photo_sequential"] = _throughput(mesh.address("orchestrator"), 4,
+                                                                     max(20, n // 2), photo)
         finally:
             mesh.stop()
         restarted = time.monotonic()
@@ -148,6 +207,22 @@ def run(n: int, output: Path, console: Console) -> dict:
         o = results[f"{kind}_overhead"]
         console.print(f"{kind}: mesh adds {o['p50_added_ms']:.1f} ms at p50 (p50 ratio {o['p50_ratio']:.2f}×, "
                       f"p99 ratio {o['p99_ratio']:.2f}×)")
+    throughput = Table(title="text-only Diagnose throughput through the mesh (one asyncio channel)")
+    for column in ("clients", "diagnoses", "per s", "p50 ms", "p99 ms", "errors"):
+        throughput.add_column(column)
+    for r in results["throughput_text"]:
+        throughput.add_row(str(r["clients"]), str(r["diagnoses"]), f"{r['per_s']:.1f}", f"{r['p50_ms']:.1f}",
+                           f"{r['p99_ms']:.1f}", str(sum(r["errors"].values())))
+    console.print(throughput)
+    sequential, parallel = results["throughput_photo_sequential"], results["throughput_photo_parallel"]
+    results["parallel_stages"] = {
+        "photo_p50_sequential_ms": results["mesh_photo"]["p50_ms"],
+        "photo_p50_parallel_ms": results["mesh_photo_parallel"]["p50_ms"],
+        "photo_per_s_4_clients_sequential": sequential["per_s"], "photo_per_s_4_clients_parallel": parallel["per_s"],
+    }
+    console.print(f"photo diagnoses, vision and knowledge sequential vs parallel: p50 "
+                  f"{results['mesh_photo']['p50_ms']:.0f} vs {results['mesh_photo_parallel']['p50_ms']:.0f} ms (1 client); "
+                  f"{sequential['per_s']:.1f} vs {parallel['per_s']:.1f} diagnoses/s (4 clients)")
     console.print(f"cold start of the mesh (empty store): {results['cold_start_s']:.1f}s "
                   f"{results['cold_start_per_service_s']}; restart with the store in place: {results['warm_start_s']:.1f}s")
     output.parent.mkdir(parents=True, exist_ok=True)

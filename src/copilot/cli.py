@@ -1,10 +1,12 @@
-"""`copilot up | diagnose | ingest | docs | eval | bench` — the command line of the Manufacturing Copilot."""
+"""`copilot up | diagnose | token | incidents | incident | feedback | ingest | docs | eval | bench` — the command line of the Manufacturing Copilot."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -14,9 +16,10 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from copilot.client import DEV_TOKEN, diagnose, diagnose_request
+from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request, resolve_token
 from copilot.runtime.config import DEFAULT_PORTS
 from copilot.runtime.errors import field_violations
+from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manufacturing Copilot mesh")
 console = Console(stderr=True)
@@ -25,24 +28,105 @@ out = Console()
 SAMPLE_PHOTO = Path(__file__).resolve().parents[2] / "samples" / "pump-housing-crack.jpg"
 
 
+STAGES = ("vision", "knowledge", "report")
+
+
+def _enum_label(message, field: str, prefix: str) -> str:
+    value = getattr(message, field)
+    return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[value].name.removeprefix(prefix).lower()
+
+
+def _stage_summary(finished) -> str:
+    if finished.defects:
+        return ", ".join(f"{d.type} {d.confidence:.2f}" for d in finished.defects)
+    if finished.citations:
+        return f"{len(finished.guidance)} steps citing " + ", ".join(dict.fromkeys(c.sop_id for c in finished.citations))
+    if finished.HasField("report"):
+        return f"{len(finished.report.recommended_actions)} actions, SOPs " + (
+            ", ".join(finished.report.referenced_sop_ids) or "none")
+    return finished.status.error
+
+
+def run_streamed(address: str, request, *, token: str, timeout: float, show: bool = True):
+    """StreamDiagnose with a live stage table; returns the final DiagnoseResponse. Ctrl-C cancels the call,
+    which cancels the agent calls downstream."""
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    from copilot.client import CHANNEL_OPTIONS, stream_diagnose
+
+    rows: dict[str, list] = {}
+    started: dict[str, float] = {}
+
+    def render() -> Table:
+        table = Table("stage", "state", "confidence", "ms", "partial result", title="diagnosis")
+        for name in STAGES:
+            if name in rows:
+                table.add_row(*rows[name])
+            elif name in started:
+                table.add_row(name, Spinner("dots", text="running"), "", f"{(time.monotonic() - started[name]) * 1000:.0f}", "")
+            else:
+                table.add_row(name, "[dim]waiting[/]", "", "", "")
+        return table
+
+    result = None
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        call = stream_diagnose(channel, request, token=token, timeout=timeout)
+        try:
+            display = Live(render(), console=console, refresh_per_second=8) if show else contextlib.nullcontext()
+            with display as live:
+                for event in call:
+                    kind = event.WhichOneof("event")
+                    if kind == "stage_started":
+                        started[_enum_label(event.stage_started, "stage", "STAGE_")] = time.monotonic()
+                    elif kind == "stage_finished":
+                        status = event.stage_finished.status
+                        name = _enum_label(status, "stage", "STAGE_")
+                        state = _enum_label(status, "state", "STAGE_STATE_")
+                        colour = "green" if state == "ok" else "yellow"
+                        rows[name] = [name, f"[{colour}]{state}[/]",
+                                      f"{status.confidence:.2f}" if status.HasField("confidence") else "-",
+                                      f"{status.duration_ms:.0f}", _stage_summary(event.stage_finished)]
+                    elif kind == "result":
+                        result = event.result
+                        for s in result.stages:  # a replayed answer (or a skipped stage) has no live events
+                            name = _enum_label(s, "stage", "STAGE_")
+                            rows.setdefault(name, [name, _enum_label(s, "state", "STAGE_STATE_"),
+                                                   f"{s.confidence:.2f}" if s.HasField("confidence") else "-",
+                                                   f"{s.duration_ms:.0f}", s.error])
+                    if live is not None:
+                        live.update(render())
+        except KeyboardInterrupt:
+            call.cancel()
+            console.print("[yellow]cancelled[/]")
+            raise typer.Exit(130)
+    return result
+
+
 def print_diagnosis(response, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
         return
     out.print(response.report.rendered_text, markup=False, highlight=False)
-    table = Table(title=f"request {response.request_id}")
-    for column in ("stage", "state", "confidence", "ms", "error"):
-        table.add_column(column)
-    for s in response.stages:
-        table.add_row(
-            s.DESCRIPTOR.fields_by_name["stage"].enum_type.values_by_number[s.stage].name.removeprefix("STAGE_").lower(),
-            s.DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[s.state].name.removeprefix("STAGE_STATE_").lower(),
-            f"{s.confidence:.2f}" if s.HasField("confidence") else "-", f"{s.duration_ms:.1f}", s.error,
-        )
-    out.print(table)
     review = "[bold red]yes[/]" if response.requires_manual_review else "no"
-    out.print(f"confidence {response.confidence_score:.2f} · manual review: {review}")
+    reasons = ", ".join(copilot_pb2.EscalationReason.Name(r).removeprefix("ESCALATION_REASON_").lower()
+                        for r in response.escalation_reasons)
+    out.print(f"request {response.request_id}{' (replayed)' if response.replayed else ''} · confidence "
+              f"{response.confidence_score:.2f} · manual review: {review}" + (f" · reasons: {reasons}" if reasons else ""))
+    if response.trace_id:
+        out.print(f"[dim]trace {response.trace_id}[/]")
     out.print(f"[dim]{response.safety_disclaimer}[/]")
+
+
+def _rpc_failed(exc: grpc.RpcError) -> typer.Exit:
+    console.print(f"[bold red]{exc.code().name}[/]: {exc.details()}")
+    for v in field_violations(exc):
+        console.print(f"  • [bold]{v.field}[/]: {v.description}")
+    return typer.Exit(2)
+
+
+ORCHESTRATOR_ADDR = f"localhost:{DEFAULT_PORTS['orchestrator']}"
+TOKEN_HELP = "bearer token (default: a JWT minted with the local dev mesh's secret; see `copilot token`)"
 
 
 @app.command("diagnose")
@@ -53,21 +137,150 @@ def diagnose_cmd(
     image: Optional[Path] = typer.Option(None, "--image", exists=True, dir_okay=False, help="photo (JPEG/PNG/WebP)"),
     image_id: Optional[str] = typer.Option(None, "--image-id"),
     equipment_type: str = typer.Option("", "--equipment-type", help="vision reference set, e.g. brushed-steel"),
-    as_json: bool = typer.Option(False, "--json", help="print the whole response as JSON"),
-    addr: str = typer.Option(f"localhost:{DEFAULT_PORTS['orchestrator']}", "--addr", envvar="COPILOT_ADDR"),
-    token: str = typer.Option(DEV_TOKEN, "--token", envvar="COPILOT_TOKEN", help="technician-<id>"),
+    request_id: str = typer.Option("", "--request-id", help="makes the call idempotent: a retry replays the answer"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole response as JSON (no live display)"),
+    addr: str = typer.Option(ORCHESTRATOR_ADDR, "--addr", envvar="COPILOT_ADDR"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
     timeout: float = typer.Option(60.0, "--timeout"),
 ) -> None:
-    """Send one diagnosis to the orchestrator and print the report."""
-    request = diagnose_request(plant, equipment, problem, image, image_id, equipment_type)
+    """Diagnose through StreamDiagnose, showing each stage live, then print the report."""
+    request = diagnose_request(plant, equipment, problem, image, image_id, equipment_type, request_id=request_id)
     try:
-        response = diagnose(addr, request, token=token, timeout=timeout)
+        response = run_streamed(addr, request, token=resolve_token(token), timeout=timeout, show=not as_json)
     except grpc.RpcError as exc:
-        console.print(f"[bold red]{exc.code().name}[/]: {exc.details()}")
-        for v in field_violations(exc):
-            console.print(f"  • [bold]{v.field}[/]: {v.description}")
-        raise typer.Exit(2)
+        raise _rpc_failed(exc) from None
     print_diagnosis(response, as_json)
+
+
+@app.command()
+def token(
+    role: str = typer.Option("technician", "--role", help="technician, engineer or admin"),
+    subject: str = typer.Option("", "--subject", help="the `sub` claim (default: <role>-cli)"),
+    ttl: float = typer.Option(3600, "--ttl", min=1, help="seconds until it expires"),
+    secret_file: Optional[Path] = typer.Option(None, "--secret-file", exists=True, dir_okay=False,
+                                               help="HS256 secret (default: AUTH_JWT_SECRET(_FILE), else the dev "
+                                                    "mesh's .copilot-data/auth/dev-jwt-secret)"),
+    private_key: Optional[Path] = typer.Option(None, "--private-key", exists=True, dir_okay=False,
+                                               help="PEM private key: an RS256 token"),
+) -> None:
+    """Mint a signed JWT for a dev or test mesh and print it (use it as COPILOT_TOKEN or --token)."""
+    from copilot.runtime.auth import AuthSettings, Role, dev_secret, mint_token
+
+    parsed = Role.parse(role)
+    if parsed is None:
+        raise typer.BadParameter("--role is technician, engineer or admin")
+    settings = AuthSettings()
+    try:
+        if private_key is not None:
+            value = mint_token(subject or f"{role}-cli", parsed, private_key=private_key.read_text(), ttl_s=ttl,
+                               issuer=settings.issuer, audience=settings.audience)
+        else:
+            secret = secret_file.read_text().strip() if secret_file else settings.secret() or dev_secret()
+            value = mint_token(subject or f"{role}-cli", parsed, secret=secret, ttl_s=ttl,
+                               issuer=settings.issuer, audience=settings.audience)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    print(value)
+
+
+@app.command()
+def incidents(
+    plant: str = typer.Option("", "--plant"),
+    equipment: str = typer.Option("", "--equipment"),
+    since: Optional[datetime] = typer.Option(None, "--since", help="ISO time, UTC unless it says otherwise"),
+    until: Optional[datetime] = typer.Option(None, "--until"),
+    limit: int = typer.Option(20, "--limit", min=1, max=1000, help="incidents to show (pages of 100 are fetched)"),
+    as_json: bool = typer.Option(False, "--json"),
+    addr: str = typer.Option(ORCHESTRATOR_ADDR, "--addr", envvar="COPILOT_ADDR"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
+) -> None:
+    """List past diagnoses, newest first (ListIncidents)."""
+    from google.protobuf import timestamp_pb2
+
+    def stamp(value: datetime | None):
+        if value is None:
+            return None
+        result = timestamp_pb2.Timestamp()
+        result.FromDatetime(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+        return result
+
+    found = []
+    metadata = auth_metadata(resolve_token(token))
+    try:
+        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+            stub = copilot_pb2_grpc.CopilotServiceStub(channel)
+            page_token = ""
+            while len(found) < limit:
+                page = stub.ListIncidents(copilot_pb2.ListIncidentsRequest(
+                    plant_id=plant, equipment_id=equipment, start_time=stamp(since), end_time=stamp(until),
+                    page_size=min(100, limit - len(found)), page_token=page_token), metadata=metadata, timeout=30)
+                found.extend(page.incidents)
+                page_token = page.next_page_token
+                if not page_token:
+                    break
+    except grpc.RpcError as exc:
+        raise _rpc_failed(exc) from None
+    if as_json:
+        out.print_json(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in found]))
+        return
+    table = Table("when (UTC)", "request", "plant", "equipment", "problem", "confidence", "review", "SOPs", "feedback",
+                  title=f"{len(found)} incidents")
+    for i in found:
+        table.add_row(i.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), i.request_id, i.plant_id,
+                      i.equipment_id, i.problem_description[:60], f"{i.diagnosis.confidence_score:.2f}",
+                      "[red]yes[/]" if i.diagnosis.requires_manual_review else "no",
+                      ", ".join(i.diagnosis.report.referenced_sop_ids),
+                      " ".join("+" if f.helpful else "-" for f in i.feedback))
+    out.print(table)
+
+
+@app.command()
+def incident(
+    request_id: str = typer.Argument(..., help="the diagnosis' request id"),
+    as_json: bool = typer.Option(False, "--json"),
+    addr: str = typer.Option(ORCHESTRATOR_ADDR, "--addr", envvar="COPILOT_ADDR"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
+) -> None:
+    """Show one stored diagnosis (GetIncident) with its feedback."""
+    try:
+        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+            found = copilot_pb2_grpc.CopilotServiceStub(channel).GetIncident(
+                copilot_pb2.GetIncidentRequest(request_id=request_id), metadata=auth_metadata(resolve_token(token)),
+                timeout=30).incident
+    except grpc.RpcError as exc:
+        raise _rpc_failed(exc) from None
+    if as_json:
+        out.print_json(json.dumps(MessageToDict(found, preserving_proto_field_name=True)))
+        return
+    out.print(f"[bold]{found.request_id}[/] · {found.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC · by "
+              f"{found.principal} · trace {found.trace_id}" + (f" · image sha256 {found.image_sha256[:12]}…"
+                                                               if found.image_sha256 else ""))
+    print_diagnosis(found.diagnosis, as_json=False)
+    for f in found.feedback:
+        out.print(f"feedback by {f.principal}: {'helpful' if f.helpful else 'not helpful'}"
+                  + (f" · SOPs {', '.join(f.helpful_sop_ids)}" if f.helpful_sop_ids else "")
+                  + (f" · {f.resolution_notes}" if f.resolution_notes else ""))
+
+
+@app.command()
+def feedback(
+    request_id: str = typer.Argument(..., help="the diagnosis' request id"),
+    helpful: bool = typer.Option(..., "--helpful/--not-helpful"),
+    notes: str = typer.Option("", "--notes", help="how it was resolved"),
+    sop_ids: list[str] = typer.Option([], "--sop", help="an SOP id that really helped; repeat for several"),
+    addr: str = typer.Option(ORCHESTRATOR_ADDR, "--addr", envvar="COPILOT_ADDR"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
+) -> None:
+    """Record whether a diagnosis helped (SubmitFeedback); `copilot eval --export-feedback` exports it."""
+    try:
+        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+            copilot_pb2_grpc.CopilotServiceStub(channel).SubmitFeedback(
+                copilot_pb2.SubmitFeedbackRequest(request_id=request_id, helpful=helpful, resolution_notes=notes,
+                                                  helpful_sop_ids=sop_ids),
+                metadata=auth_metadata(resolve_token(token)), timeout=30)
+    except grpc.RpcError as exc:
+        raise _rpc_failed(exc) from None
+    out.print(f"feedback stored for {request_id}")
 
 
 @app.command()
@@ -108,7 +321,8 @@ def up(
             request = diagnose_request("PUNE-IN", "PUMP-A-7", "Pump housing overheating during operation and a "
                                        "visible crack near the outlet flange", SAMPLE_PHOTO,
                                        equipment_type="brushed-steel")
-            print_diagnosis(diagnose(mesh.address("orchestrator"), request), as_json=False)
+            print_diagnosis(run_streamed(mesh.address("orchestrator"), request, token=mesh.token(), timeout=120),
+                            as_json=False)
         if demo and exit_after_demo:
             return
         console.print(f"[green]serving[/] — try: copilot diagnose --addr {mesh.address('orchestrator')} --plant PUNE-IN "
@@ -152,6 +366,8 @@ def ingest(
     version: str = typer.Option("", "--version", help="default: the Markdown front matter, else a content hash"),
     equipment_types: list[str] = typer.Option([], "--equipment-type", help="scope; repeat for several"),
     plants: list[str] = typer.Option([], "--plant", help="scope; repeat for several"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with "
+                                                                         "the local dev mesh's secret)"),
 ) -> None:
     """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
@@ -164,6 +380,7 @@ def ingest(
         raise typer.BadParameter("--id and --title apply to a single file")
     table = Table("file", "document", "version", "outcome", "chunks", title="ingest")
     failed = 0
+    bearer = resolve_token(token, role="admin")
     with grpc.insecure_channel(addr) as channel, Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console) as progress:
         overall = progress.add_task("documents", total=sum(f.stat().st_size for f in files))
@@ -171,7 +388,7 @@ def ingest(
             try:
                 reply = ingest_file(channel, path, document_id=document_id, title=title, version=version,
                                     equipment_types=equipment_types, plant_ids=plants,
-                                    on_bytes=lambda n: progress.advance(overall, n))
+                                    on_bytes=lambda n: progress.advance(overall, n), token=bearer)
                 doc = reply.document
                 outcome = knowledge_outcome(reply.outcome)
                 table.add_row(str(path), doc.document_id, doc.version, outcome,
@@ -196,6 +413,7 @@ def docs(
     equipment_type: str = typer.Option("", "--equipment-type"),
     plant: str = typer.Option("", "--plant"),
     as_json: bool = typer.Option(False, "--json"),
+    token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
 ) -> None:
     """List the documents loaded in the knowledge service."""
     from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
@@ -203,13 +421,15 @@ def docs(
     documents = []
     with grpc.insecure_channel(addr) as channel:
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
-        token = ""
+        metadata = auth_metadata(resolve_token(token))
+        page_token = ""
         while True:
             page = stub.ListDocuments(knowledge_pb2.ListDocumentsRequest(
-                page_size=200, page_token=token, equipment_type=equipment_type, plant_id=plant), timeout=30)
+                page_size=200, page_token=page_token, equipment_type=equipment_type, plant_id=plant), timeout=30,
+                metadata=metadata)
             documents.extend(page.documents)
-            token = page.next_page_token
-            if not token:
+            page_token = page.next_page_token
+            if not page_token:
                 break
     if as_json:
         out.print_json(json.dumps([MessageToDict(d, preserving_proto_field_name=True) for d in documents]))
@@ -227,11 +447,34 @@ def eval_cmd(
     data: Path = typer.Option(Path("tests/data/knowledge_eval.yaml"), "--data", exists=True,
                               help="labelled questions (q, expect, escalate)"),
     output: Path = typer.Option(Path("benchmarks/results/knowledge-eval.json"), "--output"),
+    export_feedback: Optional[Path] = typer.Option(
+        None, "--export-feedback", help="write the technicians' feedback from the incident history as labelled "
+                                        "questions (YAML, the --data format) and stop"),
+    database_url: str = typer.Option("sqlite:///.copilot-data/incidents.db", "--database-url",
+                                     envvar="ORCHESTRATOR_DATABASE_URL", help="the incident history"),
 ) -> None:
     """Knowledge quality on a labelled set, hybrid scoring on and off, in-process on a fresh store with the
-    shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON."""
+    shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON.
+    With --export-feedback it exports the feedback as extra labelled data instead (evaluate it with --data)."""
     import tempfile
     from dataclasses import asdict
+
+    if export_feedback is not None:
+        import yaml
+
+        from services.orchestrator.history import IncidentStore
+        from services.rag.evaluation import questions_from_feedback
+
+        store = IncidentStore(database_url)
+        try:
+            labelled = questions_from_feedback(store.feedback_export())
+        finally:
+            store.close()
+        export_feedback.parent.mkdir(parents=True, exist_ok=True)
+        export_feedback.write_text("# Labelled questions from technician feedback (copilot eval --export-feedback)\n"
+                                   + yaml.safe_dump({"questions": labelled}, sort_keys=False, allow_unicode=True))
+        console.print(f"wrote {len(labelled)} labelled questions from feedback to {export_feedback}")
+        return
 
     from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
     from services.rag.corpus import starter_corpus

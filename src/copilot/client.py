@@ -2,19 +2,38 @@
 from __future__ import annotations
 
 import mimetypes
+import os
 from pathlib import Path
 
 import grpc
 
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 
-DEV_TOKEN = "technician-cli"
+DEV_TOKEN = "technician-cli"  # the seed's form: accepted only by a mesh in dev mode
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the servers' default limit (ServerSettings.max_message_bytes)
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+def resolve_token(token: str | None = None, role: str = "technician", data_dir: Path = Path(".copilot-data")) -> str:
+    """The token a CLI call sends: an explicit one (--token / COPILOT_TOKEN) wins; else a JWT minted with the
+    local dev mesh's secret (data_dir/auth/dev-jwt-secret, written by `copilot up`); else the seed's dev form."""
+    if token:
+        return token
+    secret_file = data_dir / "auth" / "dev-jwt-secret"
+    secret = os.environ.get("AUTH_JWT_SECRET", "") or (secret_file.read_text().strip() if secret_file.exists() else "")
+    if secret:
+        from copilot.runtime.auth import Role, mint_token
+
+        return mint_token(f"{role}-cli", Role.parse(role), secret=secret, ttl_s=900)
+    return DEV_TOKEN
 
 
 def diagnose_request(plant_id: str, equipment_id: str, problem: str, image: Path | bytes | None = None,
-                     image_id: str | None = None, equipment_type: str = "") -> copilot_pb2.DiagnoseRequest:
+                     image_id: str | None = None, equipment_type: str = "",
+                     request_id: str = "") -> copilot_pb2.DiagnoseRequest:
     request = copilot_pb2.DiagnoseRequest(plant_id=plant_id, equipment_id=equipment_id, problem_description=problem,
-                                          equipment_type=equipment_type)
+                                          equipment_type=equipment_type, request_id=request_id)
     if image is not None:
         if isinstance(image, Path):
             data, mime = image.read_bytes(), mimetypes.guess_type(image.name)[0] or ""
@@ -33,16 +52,23 @@ def auth_metadata(token: str = DEV_TOKEN) -> tuple[tuple[str, str], ...]:
 
 def diagnose(address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
              timeout: float = 60.0) -> copilot_pb2.DiagnoseResponse:
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata(token),
                                                                      timeout=timeout)
+
+
+def stream_diagnose(channel: grpc.Channel, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
+                    timeout: float = 60.0):
+    """StreamDiagnose: the call (an iterator of StreamDiagnoseResponse events; `.cancel()` stops the diagnosis)."""
+    return copilot_pb2_grpc.CopilotServiceStub(channel).StreamDiagnose(
+        copilot_pb2.StreamDiagnoseRequest(diagnosis=request), metadata=auth_metadata(token), timeout=timeout)
 
 
 UPLOAD_PIECE = 256 * 1024
 
 
 def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", title: str = "", version: str = "",
-                equipment_types=(), plant_ids=(), on_bytes=None, timeout: float = 300.0
+                equipment_types=(), plant_ids=(), on_bytes=None, timeout: float = 300.0, token: str = DEV_TOKEN
                 ) -> knowledge_pb2.IngestDocumentResponse:
     """Stream one file to KnowledgeService.IngestDocument: metadata first, then 256 KiB pieces."""
     metadata = knowledge_pb2.DocumentMetadata(document_id=document_id, title=title, version=version,
@@ -57,4 +83,51 @@ def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", tit
                     on_bytes(len(piece))
                 yield knowledge_pb2.IngestDocumentRequest(content=piece)
 
-    return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(messages(), timeout=timeout)
+    return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(messages(), timeout=timeout,
+                                                                           metadata=auth_metadata(token))
+
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata, self.header),
+                                          details.credentials, details.wait_for_ready)
+
+
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+def bearer_interceptors(token: str) -> list:
+    """asyncio channel interceptors sending `authorization: Bearer <token>` on calls of every kind (a channel
+    files each interceptor under one kind only, hence four)."""
+    return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)]
+
+
+def aio_channel(address: str, token: str | None = None, *, credentials: grpc.ChannelCredentials | None = None,
+                options=()) -> grpc.aio.Channel:
+    """An asyncio channel whose calls carry `token` (none: no authorization header)."""
+    interceptors = bearer_interceptors(token) if token else []
+    opts = [*CHANNEL_OPTIONS, *options]
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)

@@ -124,6 +124,28 @@ class ReportInputs:
     requires_manual_review: bool = False
     stage_notes: tuple[str, ...] = ()
     image_analyzed: bool = False
+    related_incidents: tuple["PastIncident", ...] = ()
+
+
+@dataclass(frozen=True)
+class PastIncident:
+    """An earlier diagnosis of the same equipment, cited in the report's follow-up."""
+
+    request_id: str
+    created_at: datetime
+    problem_description: str
+    referenced_sop_ids: tuple[str, ...] = ()
+    resolution_notes: str = ""  # from the technician's feedback, when there is some
+
+
+class EscalationReason(enum.Enum):
+    """Why a diagnosis needs (or deserves) a human look; most serious first."""
+
+    STAGE_DEGRADED = "stage_degraded"
+    LOW_CONFIDENCE = "low_confidence"
+    NO_SUPPORTING_SOP = "no_supporting_sop"
+    LOW_VISION_CONFIDENCE = "low_vision_confidence"
+    UNSUPPORTED_GUIDANCE = "unsupported_guidance"
 
 
 class Stage(enum.Enum):
@@ -174,3 +196,5 @@ class Diagnosis:
     requires_manual_review: bool
     stages: list[StageStatus] = field(default_factory=list)
     safety_disclaimer: str = ""
+    escalation_reasons: tuple[EscalationReason, ...] = ()
+    trace_id: str = ""

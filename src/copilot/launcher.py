@@ -79,6 +79,9 @@ class Mesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     vision_replicas: int = 1
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    # "dev": the seed's technician-<id> tokens are accepted, plus JWTs signed with the mesh's dev secret
+    # (data_dir/auth/dev-jwt-secret, which `copilot token` reads). "jwt": AUTH_* must come from the environment.
+    auth_mode: str = "dev"
 
     def __post_init__(self) -> None:
         # extra vision replicas listen 100 ports above the first (unless ports were given for them)
@@ -116,6 +119,10 @@ class Mesh:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env,
                f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name]),
                f"{prefix}_METRICS_HOST": self.host, f"{prefix}_METRICS_PORT": str(self.metrics_ports[name])}
+        if self.auth_mode == "dev":
+            env["AUTH_MODE"] = "dev"
+            if not (env.get("AUTH_JWT_SECRET") or env.get("AUTH_JWT_PUBLIC_KEY_FILE")):
+                env.setdefault("AUTH_JWT_SECRET_FILE", str(self.dev_secret_file))
         if name == "knowledge":
             env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
         if kind == "vision":  # one store per replica: processes do not share an index file
@@ -123,9 +130,26 @@ class Mesh:
         if name == "orchestrator":
             env.update(VISION_ADDR=self.vision_target(), KNOWLEDGE_ADDR=self.address("knowledge"),
                        REPORT_ADDR=self.address("report"))
+            env.setdefault("ORCHESTRATOR_DATABASE_URL", f"sqlite:///{self.data_dir / 'incidents.db'}")
         return env
 
+    @property
+    def dev_secret_file(self) -> Path:
+        return self.data_dir / "auth" / "dev-jwt-secret"
+
+    def token(self, role: str = "technician", subject: str = "") -> str:
+        """A JWT this (dev-mode) mesh accepts."""
+        from copilot.runtime.auth import Role, dev_secret, mint_token
+
+        secret = self.extra_env.get("AUTH_JWT_SECRET") or os.environ.get("AUTH_JWT_SECRET") or dev_secret(
+            self.dev_secret_file)
+        return mint_token(subject or f"{role}-local", Role.parse(role), secret=secret)
+
     def start(self) -> None:
+        if self.auth_mode == "dev":
+            from copilot.runtime.auth import dev_secret
+
+            dev_secret(self.dev_secret_file)
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for name in self.names:

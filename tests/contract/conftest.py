@@ -61,5 +61,9 @@ async def copilot_server(vision_server, knowledge_server, report_server):
         yield server
 
 
-def channel_to(server: AgentServer) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+def channel_to(server: AgentServer, role: str | None = "admin") -> grpc.aio.Channel:
+    """A channel to `server` whose calls carry a JWT with `role` (None: no token at all)."""
+    from copilot.client import aio_channel
+    from tests.conftest import token
+
+    return aio_channel(f"127.0.0.1:{server.port}", token(role) if role else None)

@@ -7,7 +7,7 @@ import pytest
 
 from copilot.runtime.errors import field_violations
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
-from tests.contract.conftest import serving
+from tests.contract.conftest import channel_to, serving
 
 HYD = b"""---
 id: HYD-900
@@ -29,8 +29,9 @@ async def library(tmp_path, embedder):
 
     knowledge = KnowledgeBase(open_store(tmp_path / "store"), embedder)
     async with serving(*build(KnowledgeSettings(port=0), knowledge=knowledge)) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with channel_to(server, "admin") as channel:
             yield knowledge_pb2_grpc.KnowledgeServiceStub(channel), knowledge
+
 
 
 def upload(metadata: knowledge_pb2.DocumentMetadata | None, data: bytes, piece: int = 64):
@@ -148,3 +149,26 @@ async def test_list_validation(library, request_, field):
         await stub.ListDocuments(request_)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in field_violations(refused.value)] == [field]
+
+
+@pytest.mark.parametrize("role", [None, "technician", "engineer"])
+async def test_only_admins_change_the_library(tmp_path, embedder, role):
+    """The knowledge service checks roles itself: it is reachable inside the cluster without the orchestrator."""
+    from services.rag.core import KnowledgeBase, open_store
+    from services.rag.server import KnowledgeSettings, build
+
+    knowledge = KnowledgeBase(open_store(tmp_path / "store"), embedder)
+    async with serving(*build(KnowledgeSettings(port=0), knowledge=knowledge)) as server:
+        async with channel_to(server, role) as channel:
+            stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+            expected = grpc.StatusCode.UNAUTHENTICATED if role is None else grpc.StatusCode.PERMISSION_DENIED
+            for call in (stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD)),
+                         stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900"))):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == expected
+                if role:
+                    assert "admin" in refused.value.details()
+            if role:  # reading stays open to every role
+                assert (await stub.ListDocuments(knowledge_pb2.ListDocumentsRequest())).total_size == 0
+    assert knowledge.list_documents() == []

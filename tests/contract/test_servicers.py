@@ -73,8 +73,11 @@ async def test_vision_references_register_list_page_and_delete(vision_server, cr
             await stub.DeleteReference(vision_pb2.DeleteReferenceRequest(reference_id=added.reference.reference_id))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=10_000, page_token="%%%"))
-        assert {v.field for v in field_violations(err.value)} == {"page_size", "page_token"}
+            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=10_000))
+        assert {v.field for v in field_violations(err.value)} == {"page_size"}  # protovalidate rule
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_token="%%%"))
+        assert {v.field for v in field_violations(err.value)} == {"page_token"}  # semantic check in the servicer
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(equipment_type="Pump", label="good",
                                                                              image=image))
@@ -139,8 +142,8 @@ async def test_report_rejects_missing_fields(report_server):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(
                 report_pb2.ComposeReportRequest(confidence_score=2))
-    assert {v.field for v in field_violations(err.value)} == {"plant_id", "equipment_id", "problem_description",
-                                                              "confidence_score"}
+    assert {v.field for v in field_violations(err.value)} == {"request_id", "plant_id", "equipment_id",
+                                                              "problem_description", "confidence_score"}
 
 
 # --- orchestrator -----------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ async def test_diagnose_through_all_agents(copilot_server, crack_photo):
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer admin-1"),), (("authorization", "technician-1"),),
                                       (("authorization", "Bearer technician-"),)])
 async def test_diagnose_needs_a_technician_token(copilot_server, metadata):
-    async with channel_to(copilot_server) as channel:
+    async with channel_to(copilot_server, role=None) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
                 diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), metadata=metadata)
@@ -229,7 +232,8 @@ async def test_unexpected_errors_become_internal_without_leaking_details(monkeyp
         raise RuntimeError("secret database password in a stack trace")
 
     monkeypatch.setattr(report_servicer, "compose_report", explode)
-    request = report_pb2.ComposeReportRequest(plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="x" * 12)
+    request = report_pb2.ComposeReportRequest(request_id="r-1", plant_id="PUNE-IN", equipment_id="CNC-A-102",
+                                              problem_description="x" * 12)
     async with serving(*build(ReportSettings(port=0))) as server, channel_to(server) as channel:
         stub = report_pb2_grpc.ReportServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -42,7 +42,10 @@ def known_env() -> set[str]:
     Hugging Face offline switches and Python's own."""
     import opentelemetry.sdk.environment_variables as otel_env
 
-    names = set().union(*(env_names(cls) for cls in settings_classes().values()))
+    from copilot.runtime.auth import AuthSettings
+    from copilot.runtime.config import TlsSettings
+
+    names = set().union(*(env_names(cls) for cls in [*settings_classes().values(), AuthSettings, TlsSettings]))
     names |= {getattr(otel_env, n) for n in dir(otel_env) if n.startswith("OTEL_")}
     names |= {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HOME", "PATH", "PYTHONUNBUFFERED",
               "PYTHONDONTWRITEBYTECODE"}

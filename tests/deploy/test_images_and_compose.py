@@ -121,7 +121,7 @@ BLOCKED = {
     "vision": ["chromadb", "sentence_transformers", "langchain_huggingface", "langgraph"],
     "knowledge": ["langgraph"],
     "report": ["numpy", "scipy", "PIL", "chromadb", "torch", "sentence_transformers", "langgraph"],
-    "orchestrator": ["numpy", "scipy", "PIL", "chromadb", "torch", "sentence_transformers", "langchain_huggingface"],
+    "orchestrator": ["numpy", "scipy", "chromadb", "torch", "sentence_transformers", "langchain_huggingface"],
 }
 
 

@@ -114,8 +114,18 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
     assert named["knowledge.advise"]["app.stage"] == "knowledge"
     assert named["vision.analyze"]["app.defect_count"] == len(reply.report.defects)
 
-    # the orchestrator's JSON log line for this call carries the same trace id
+    # the orchestrator's JSON log line for this call carries the same trace id and the principal
     trace_hex = spans[0][1].trace_id.hex()
+    assert reply.trace_id == trace_hex
     lines = [json.loads(line) for line in traced_mesh.services["orchestrator"].log_path.read_text().splitlines()
              if line.startswith("{")]
-    assert any(line.get("trace_id") == trace_hex and line.get("rpc.method", "").endswith("/Diagnose") for line in lines)
+    assert any(line.get("trace_id") == trace_hex and line.get("rpc.method", "").endswith("/Diagnose")
+               and line.get("principal") == "technician-7" for line in lines)
+
+    # the principal (never the token) is on the server span of every hop: the orchestrator forwards the caller's
+    # authorization to the agents, which authenticate it themselves
+    server_spans = [(svc, attributes(s)) for svc, s in spans if s.kind == s.SPAN_KIND_SERVER]
+    assert {svc for svc, _ in server_spans} == set(by_service)
+    assert all(attrs.get("enduser.id") == "technician-7" and attrs.get("enduser.role") == "technician"
+               for _, attrs in server_spans), server_spans
+    assert not any("Bearer" in str(value) for _, s in spans for value in attributes(s).values())

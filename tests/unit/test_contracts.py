@@ -33,7 +33,7 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path):
         shutil.copytree(ROOT / "protos", target / "protos")
         shutil.copy(ROOT / "buf.yaml", target / "buf.yaml")
     proto = after / "protos" / "copilot" / "v1" / "copilot.proto"
-    proto.write_text(proto.read_text().replace("string plant_id = 1;", "string plant_id = 9;"))
+    proto.write_text(proto.read_text().replace("string plant_id = 1 [", "string plant_id = 9 ["))
     same = subprocess.run([str(BUF), "breaking", str(before), "--against", str(before)], capture_output=True, text=True)
     assert same.returncode == 0, same.stdout + same.stderr
     broken = subprocess.run([str(BUF), "breaking", str(after), "--against", str(before)], capture_output=True, text=True)

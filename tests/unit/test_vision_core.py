@@ -94,7 +94,7 @@ def test_register_rejects_bad_names(vision_engine, clean_photo, equipment_type, 
     [
         (b"", "empty"),
         (b"GIF89a" + b"\0" * 100, "not a JPEG, PNG or WebP"),
-        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "cannot decode"),
+        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "cannot read"),
     ],
 )
 def test_bad_images_are_rejected_with_the_field(vision_engine, data, fragment):

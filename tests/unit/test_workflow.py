@@ -13,41 +13,7 @@ from copilot.domain import (
     VisionFindings,
 )
 from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts, merge_confidence
-from services.report.core import compose_report
-
-
-class FakeAgents:
-    """Records calls; each agent can be made to fail or hang."""
-
-    def __init__(self, vision_conf=0.9, knowledge_conf=0.8, fail=(), hang=()):
-        self.vision_conf, self.knowledge_conf = vision_conf, knowledge_conf
-        self.fail, self.hang = set(fail), set(hang)
-        self.calls: list[tuple[str, float]] = []
-        self.seen_defects = None
-        self.seen_inputs = None
-
-    async def _maybe(self, name, timeout):
-        self.calls.append((name, timeout))
-        if name in self.fail:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details=f"{name} is down")
-        if name in self.hang:
-            await asyncio.wait_for(asyncio.sleep(3600), timeout)
-
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
-        await self._maybe("vision", timeout)
-        return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
-
-    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
-        await self._maybe("knowledge", timeout)
-        self.seen_defects = tuple(defects)
-        return Guidance((GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
-                        (SopCitation("SOP-123", "CNC", "Cooling", 0.7),), ("Lock out.",), self.knowledge_conf, False, "q")
-
-    async def compose_report(self, inputs, timeout) -> IncidentReport:
-        await self._maybe("report", timeout)
-        self.seen_inputs = inputs
-        return compose_report(inputs, datetime.now(timezone.utc))
+from tests.fakes import FakeAgents
 
 
 TEXT = DiagnosisInput("PUNE-IN", "CNC-A-102", "Machine overheating during operation")
@@ -127,3 +93,84 @@ def test_merge_confidence_rules():
     assert merge_confidence([StageStatus(Stage.VISION, StageState.SKIPPED), ok(Stage.KNOWLEDGE, 0.6)]) == pytest.approx(0.6)
     assert merge_confidence([StageStatus(Stage.VISION, StageState.DEGRADED, "x"), ok(Stage.KNOWLEDGE, 0.8)]) == pytest.approx(0.4)
     assert merge_confidence([StageStatus(Stage.REPORT, StageState.OK)]) == 0.0
+
+
+async def test_events_come_in_stage_order_with_partial_results_and_the_diagnosis_last():
+    from services.orchestrator.workflow import StageFinished, StageStarted
+
+    events = [e async for e in DiagnosisWorkflow(FakeAgents()).events(PHOTO, request_id="req-1")]
+    kinds = [(type(e).__name__, getattr(e, "stage", None) or getattr(getattr(e, "status", None), "stage", None))
+             for e in events]
+    assert kinds == [("StageStarted", Stage.VISION), ("StageFinished", Stage.VISION),
+                     ("StageStarted", Stage.KNOWLEDGE), ("StageFinished", Stage.KNOWLEDGE),
+                     ("StageStarted", Stage.REPORT), ("StageFinished", Stage.REPORT), ("Diagnosis", None)]
+    assert all(e.request_id == "req-1" for e in events)
+    finished = [e for e in events if isinstance(e, StageFinished)]
+    assert isinstance(finished[0].result, VisionFindings) and finished[0].result.defects[0].type == "crack"
+    assert isinstance(finished[1].result, Guidance) and finished[1].result.citations[0].sop_id == "SOP-123"
+    assert isinstance(finished[2].result, IncidentReport)
+    assert not any(isinstance(e, StageStarted) and e.stage is Stage.VISION for e in
+                   [x async for x in DiagnosisWorkflow(FakeAgents()).events(TEXT)])
+
+
+async def test_parallel_mode_runs_vision_and_knowledge_together_and_reports_once():
+    agents = FakeAgents(delay_s=0.3)
+    started = time.monotonic()
+    diagnosis = await DiagnosisWorkflow(agents, parallel=True).run(PHOTO)
+    elapsed = time.monotonic() - started
+    assert [name for name, _ in agents.calls].count("report") == 1
+    assert {name for name, _ in agents.calls[:2]} == {"vision", "knowledge"}
+    assert agents.seen_defects == ()  # knowledge did not wait for vision
+    assert elapsed < 0.3 * 3  # two stages overlapped (sequential would be >= 0.9 s)
+    assert diagnosis.confidence_score == pytest.approx((0.9 + 0.8) / 2)
+    assert [s.stage for s in diagnosis.stages] == [Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT]
+
+
+def test_escalation_reasons_name_every_cause():
+    from copilot.domain import EscalationReason as R
+    from services.orchestrator.workflow import FALLBACK_GUIDANCE, escalation_reasons
+
+    good = Guidance((GuidanceStep("Check coolant.", ("SOP-123",)),), (SopCitation("SOP-123", "t", "s", 0.7),), (),
+                    0.8, False, "q")
+    ok = lambda stage, c: StageStatus(stage, StageState.OK, confidence=c)  # noqa: E731
+    assert escalation_reasons([ok(Stage.VISION, 0.9), ok(Stage.KNOWLEDGE, 0.8)], 0.85, good) == ()
+    assert escalation_reasons([ok(Stage.VISION, 0.3), ok(Stage.KNOWLEDGE, 0.8)], 0.55, good) == (R.LOW_VISION_CONFIDENCE,)
+    degraded = [StageStatus(Stage.VISION, StageState.DEGRADED, "down"), ok(Stage.KNOWLEDGE, 0.8)]
+    assert escalation_reasons(degraded, 0.4, good) == (R.STAGE_DEGRADED, R.LOW_CONFIDENCE)
+    assert escalation_reasons([ok(Stage.KNOWLEDGE, 0.2)], 0.2, FALLBACK_GUIDANCE) == (R.LOW_CONFIDENCE,
+                                                                                      R.NO_SUPPORTING_SOP)
+    unsupported = Guidance((GuidanceStep("Guess.", (), (), unsupported=True),), good.citations, (), 0.8, False, "q")
+    assert escalation_reasons([ok(Stage.KNOWLEDGE, 0.8)], 0.8, unsupported) == (R.UNSUPPORTED_GUIDANCE,)
+
+
+async def test_diagnosis_carries_reasons_and_a_trace_id():
+    from copilot.domain import EscalationReason
+
+    diagnosis = await DiagnosisWorkflow(FakeAgents(fail={"vision"})).run(PHOTO)
+    assert EscalationReason.STAGE_DEGRADED in diagnosis.escalation_reasons
+    assert EscalationReason.LOW_CONFIDENCE in diagnosis.escalation_reasons
+    assert len(diagnosis.trace_id) == 32
+
+
+async def test_related_incidents_reach_the_report_and_a_failing_history_does_not_fail_the_diagnosis():
+    from copilot.domain import PastIncident
+
+    past = PastIncident("old-1", datetime(2026, 1, 5, tzinfo=timezone.utc), "Spindle overheating again",
+                        ("SOP-123",), "Replaced the coolant pump")
+    seen = {}
+
+    async def related(request, request_id):
+        seen["args"] = (request.equipment_id, request_id)
+        return [past]
+
+    agents = FakeAgents()
+    diagnosis = await DiagnosisWorkflow(agents, related_incidents=related).run(TEXT, request_id="new-1")
+    assert seen["args"] == ("CNC-A-102", "new-1")
+    assert agents.seen_inputs.related_incidents == (past,)
+    assert any("old-1" in line for line in diagnosis.report.follow_up)
+
+    async def broken(request, request_id):
+        raise RuntimeError("database is down")
+
+    diagnosis = await DiagnosisWorkflow(FakeAgents(), related_incidents=broken).run(TEXT)
+    assert diagnosis.report.summary and all(s.state is not StageState.DEGRADED for s in diagnosis.stages)

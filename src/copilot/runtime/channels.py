@@ -6,8 +6,10 @@ import json
 
 import grpc
 
-from copilot.runtime.config import message_size_options
+from copilot.runtime.config import TlsSettings, message_size_options
+from copilot.runtime.interceptors import ForwardAuthorization
 from copilot.runtime.telemetry import client_interceptors
+from copilot.runtime.tls import channel_credentials, channel_options
 
 
 def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
@@ -30,8 +32,11 @@ def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
     )
 
 
-def agent_channel(target: str, service_names: list[str], *, max_message_bytes: int) -> grpc.aio.Channel:
-    """A channel to one agent service. `target` may be `host:port` or `dns:///svc:port` (headless Service)."""
+def agent_channel(target: str, service_names: list[str], *, max_message_bytes: int,
+                  tls: TlsSettings | None = None) -> grpc.aio.Channel:
+    """A channel to one agent service. `target` may be `host:port` or `dns:///svc:port` (headless Service).
+    Calls carry the current caller's token (ForwardAuthorization) and, with TLS settings, run over (m)TLS."""
+    tls = tls or TlsSettings()
     options = [
         ("grpc.service_config", service_config(service_names)),
         ("grpc.enable_retries", 1),
@@ -39,5 +44,10 @@ def agent_channel(target: str, service_names: list[str], *, max_message_bytes: i
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1_000),
         *message_size_options(max_message_bytes),
+        *channel_options(tls),
     ]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
+    interceptors = [*client_interceptors(), ForwardAuthorization()]
+    credentials = channel_credentials(tls)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -1,12 +1,35 @@
 """Configuration base classes (pydantic-settings): every service reads its settings from the environment."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Documented default ports of the mesh; `copilot up` and the Kubernetes manifests use the same numbers.
 DEFAULT_PORTS = {"orchestrator": 50051, "vision": 50052, "knowledge": 50053, "report": 50054}
 DEFAULT_METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466, "report": 9467}
+
+
+class TlsSettings(BaseSettings):
+    """`TLS_*`: one set of files per process, used by its server and by its channels to the agents.
+    No cert/key: plaintext. With client_ca_file the server requires client certificates (mTLS)."""
+
+    model_config = SettingsConfigDict(env_prefix="TLS_", extra="ignore")
+
+    cert_file: Path | None = Field(None, description="PEM certificate chain this process presents")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signs the servers this process calls")
+    client_ca_file: Path | None = Field(None, description="PEM CA that signs client certificates; set = require mTLS")
+    server_name_override: str = Field("", description="expected server name when it differs from the host dialled")
+
+    @property
+    def server_enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+    @property
+    def client_enabled(self) -> bool:
+        return self.ca_file is not None
 
 
 class ServerSettings(BaseSettings):
@@ -21,6 +44,7 @@ class ServerSettings(BaseSettings):
     log_level: str = "INFO"
     metrics_host: str = Field("0.0.0.0", description="interface of the Prometheus /metrics endpoint")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @property
     def address(self) -> str:

@@ -175,6 +175,7 @@ def report_inputs_to_pb(i: d.ReportInputs) -> report_pb2.ComposeReportRequest:
         confidence_score=i.confidence_score,
         requires_manual_review=i.requires_manual_review,
         stage_notes=list(i.stage_notes),
+        related_incidents=[past_incident_to_pb(x) for x in i.related_incidents],
         image_analyzed=i.image_analyzed,
     )
 
@@ -192,6 +193,7 @@ def report_inputs_from_pb(m: report_pb2.ComposeReportRequest) -> d.ReportInputs:
         confidence_score=m.confidence_score,
         requires_manual_review=m.requires_manual_review,
         stage_notes=tuple(m.stage_notes),
+        related_incidents=tuple(past_incident_from_pb(x) for x in m.related_incidents),
         image_analyzed=m.image_analyzed,
     )
 
@@ -202,6 +204,13 @@ _STAGE = {
     d.Stage.VISION: copilot_pb2.STAGE_VISION,
     d.Stage.KNOWLEDGE: copilot_pb2.STAGE_KNOWLEDGE,
     d.Stage.REPORT: copilot_pb2.STAGE_REPORT,
+}
+_REASON = {
+    d.EscalationReason.STAGE_DEGRADED: copilot_pb2.ESCALATION_REASON_STAGE_DEGRADED,
+    d.EscalationReason.LOW_CONFIDENCE: copilot_pb2.ESCALATION_REASON_LOW_CONFIDENCE,
+    d.EscalationReason.NO_SUPPORTING_SOP: copilot_pb2.ESCALATION_REASON_NO_SUPPORTING_SOP,
+    d.EscalationReason.LOW_VISION_CONFIDENCE: copilot_pb2.ESCALATION_REASON_LOW_VISION_CONFIDENCE,
+    d.EscalationReason.UNSUPPORTED_GUIDANCE: copilot_pb2.ESCALATION_REASON_UNSUPPORTED_GUIDANCE,
 }
 _STATE = {
     d.StageState.OK: copilot_pb2.STAGE_STATE_OK,
@@ -222,21 +231,37 @@ def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
     )
 
 
+def stage_to_pb(stage: d.Stage) -> int:
+    return _STAGE[stage]
+
+
+def stage_status_to_pb(s: d.StageStatus) -> copilot_pb2.StageStatus:
+    return copilot_pb2.StageStatus(stage=_STAGE[s.stage], state=_STATE[s.state], error=s.error,
+                                   confidence=s.confidence, duration_ms=s.duration_ms)
+
+
 def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
     return copilot_pb2.DiagnoseResponse(
         request_id=x.request_id,
         report=report_to_pb(x.report),
         confidence_score=x.confidence_score,
         requires_manual_review=x.requires_manual_review,
-        stages=[
-            copilot_pb2.StageStatus(
-                stage=_STAGE[s.stage],
-                state=_STATE[s.state],
-                error=s.error,
-                confidence=s.confidence,
-                duration_ms=s.duration_ms,
-            )
-            for s in x.stages
-        ],
+        stages=[stage_status_to_pb(s) for s in x.stages],
         safety_disclaimer=x.safety_disclaimer,
+        escalation_reasons=[_REASON[r] for r in x.escalation_reasons],
+        trace_id=x.trace_id,
     )
+
+
+def past_incident_to_pb(x: d.PastIncident) -> report_pb2.PastIncident:
+    created = timestamp_pb2.Timestamp()
+    created.FromDatetime(x.created_at)
+    return report_pb2.PastIncident(request_id=x.request_id, created_at=created,
+                                   problem_description=x.problem_description,
+                                   referenced_sop_ids=list(x.referenced_sop_ids), resolution_notes=x.resolution_notes)
+
+
+def past_incident_from_pb(m: report_pb2.PastIncident) -> d.PastIncident:
+    return d.PastIncident(request_id=m.request_id, created_at=m.created_at.ToDatetime(timezone.utc),
+                          problem_description=m.problem_description,
+                          referenced_sop_ids=tuple(m.referenced_sop_ids), resolution_notes=m.resolution_notes)

@@ -24,6 +24,26 @@ def bad_request_status(violations: Iterable[FieldViolation], message: str | None
     return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=text, details=[packed]))
 
 
+def resource_exhausted_status(message: str, retry_after_s: float) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when a retry may succeed."""
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(max(1, int(retry_after_s * 1000)))
+    packed = any_pb2.Any()
+    packed.Pack(retry)
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[packed]))
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """Client side: the RetryInfo delay carried by an error, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToMilliseconds() / 1000
+    return None
+
+
 async def abort_invalid(context: grpc.aio.ServicerContext, violations: Iterable[FieldViolation]) -> NoReturn:
     status = bad_request_status(violations)
     await context.abort(status.code, status.details, status.trailing_metadata)

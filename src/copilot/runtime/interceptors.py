@@ -1,117 +1,287 @@
-"""Server interceptors shared by every service: access log + error shielding, and bearer-token auth."""
+"""Server interceptors shared by every service, in the order the server applies them:
+
+1. `RpcObservabilityInterceptor`: access log + metrics for every RPC, unexpected exceptions → INTERNAL with a
+   trace id (the stack trace goes to the log, never to the caller);
+2. `AuthInterceptor`: bearer token → Principal (UNAUTHENTICATED), role check against the service's
+   AccessPolicy (PERMISSION_DENIED); the principal goes into logs and span attributes, never the token;
+3. `AdmissionInterceptor` (where a service has one): in-flight cap and per-principal rate limit;
+4. `ValidationInterceptor`: the protovalidate rules of the request messages → INVALID_ARGUMENT with a
+   google.rpc.BadRequest listing every violated field.
+
+All four RPC kinds are wrapped (unary and streaming requests and responses)."""
 from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import time
-from typing import Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 from opentelemetry import trace
 
+from copilot.runtime.auth import AccessPolicy, AuthError, Authenticator, Principal
 from copilot.runtime.metrics import copilot_metrics
 
 log = logging.getLogger("copilot.rpc")
 
-#: The authenticated caller of the current RPC ("technician-42"), for logs and span attributes.
-current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
+#: The authenticated caller of the current RPC, for logs and span attributes.
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
+#: The caller's `authorization` header, forwarded on the agent calls the RPC makes (see ForwardAuthorization).
+current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_authorization", default=None)
 
-UnaryBehaviour = Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                           "grpc.reflection.v1.ServerReflection"})
+
+# `around(behaviour, request, context)` runs a unary-response behaviour; for streaming responses the same
+# function receives an async iterator factory and must return an async iterator.
+Around = Callable[[Callable[[], Any], Any, grpc.aio.ServicerContext], Any]
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[UnaryBehaviour], UnaryBehaviour]):
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _service_of(method: str) -> str:
+def service_of(method: str) -> str:
     return method.rsplit("/", 1)[0].lstrip("/")
 
 
+def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+                 after: Callable[[Any, grpc.aio.ServicerContext, BaseException | None], Awaitable[None]] | None = None,
+                 filter_requests: Callable[[AsyncIterator, grpc.aio.ServicerContext], AsyncIterator] | None = None,
+                 request_deserializer: Callable[[bytes], Any] | None = None):
+    """Rebuild `handler` so that `before(request_or_None, context)` runs first (it may abort; what it returns is
+    passed to `after`), `after(state, context, error)` runs last, and a streamed request goes through
+    `filter_requests` (and `request_deserializer`, when given). Works for the four RPC kinds."""
+
+    async def run_unary(behaviour, request, context):
+        state = await before(request, context)
+        error = None
+        try:
+            return await behaviour(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if after is not None:
+                await after(state, context, error)
+
+    async def run_stream(behaviour, request, context):
+        state = await before(request, context)
+        error = None
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if after is not None:
+                await after(state, context, error)
+
+    def requests(iterator, context):
+        return filter_requests(iterator, context) if filter_requests is not None else iterator
+
+    kw = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None:
+        b = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(lambda r, c: run_unary(b, r, c), **kw)
+    if handler.unary_stream is not None:
+        b = handler.unary_stream
+        return grpc.unary_stream_rpc_method_handler(lambda r, c: run_stream(b, r, c), **kw)
+    if handler.stream_unary is not None:
+        b = handler.stream_unary
+
+        async def stream_unary(iterator, context):
+            state = await before(None, context)
+            error = None
+            try:
+                return await b(requests(iterator, context), context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if after is not None:
+                    await after(state, context, error)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    b = handler.stream_stream
+
+    async def stream_stream(iterator, context):
+        state = await before(None, context)
+        error = None
+        try:
+            async for item in b(requests(iterator, context), context):
+                yield item
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if after is not None:
+                await after(state, context, error)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _trace_id() -> str:
+    return format(trace.get_current_span().get_span_context().trace_id, "032x")
+
+
 class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Logs and meters every unary RPC (requests by status code, duration, in flight); an unexpected
-    exception becomes INTERNAL with a trace id instead of a stack trace sent to the caller (the stack
-    trace goes to the log)."""
+    """Logs and meters every RPC (requests by status code, duration, in flight); an unexpected exception
+    becomes INTERNAL with a trace id."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
+        meters = copilot_metrics()
 
-        def wrap(behaviour: UnaryBehaviour) -> UnaryBehaviour:
-            async def logged(request, context):
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                meters = copilot_metrics()
-                meters.rpc_in_flight.add(1, {"rpc.method": method})
-                try:
-                    return await behaviour(request, context)
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except Exception:
+        async def before(_request, _context):
+            meters.rpc_in_flight.add(1, {"rpc.method": method})
+            return time.perf_counter()
+
+        async def after(started, context, error):
+            code = grpc.StatusCode.OK
+            if isinstance(error, grpc.aio.AbortError):
+                code = context.code() or grpc.StatusCode.UNKNOWN
+            elif isinstance(error, BaseException) and not isinstance(error, GeneratorExit):
+                import asyncio
+
+                if isinstance(error, asyncio.CancelledError):
+                    code = grpc.StatusCode.CANCELLED
+                else:
                     code = grpc.StatusCode.INTERNAL
-                    trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
-                    log.exception("unhandled error in %s", method, extra={"rpc.method": method})
-                    await context.abort(code, f"internal error; trace id {trace_id}")
-                finally:
-                    elapsed = time.perf_counter() - started
-                    name = getattr(code, "name", str(code))
-                    meters.rpc_in_flight.add(-1, {"rpc.method": method})
-                    meters.rpc_requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": name})
-                    meters.rpc_duration.record(elapsed, {"rpc.method": method})
-                    log.info("rpc %s %s", method, name, extra={
-                        "rpc.method": method, "rpc.code": name, "duration_ms": round(elapsed * 1000, 2),
-                        "principal": current_principal.get(),
-                    })
+                    log.error("unhandled error in %s", method, exc_info=error, extra={"rpc.method": method})
+            elif context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code()
+            elapsed = time.perf_counter() - started
+            meters.rpc_in_flight.add(-1, {"rpc.method": method})
+            meters.rpc_requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.name})
+            meters.rpc_duration.record(elapsed, {"rpc.method": method})
+            principal = current_principal.get()
+            log.info("rpc %s %s", method, code.name, extra={
+                "rpc.method": method, "rpc.code": code.name, "duration_ms": round(elapsed * 1000, 2),
+                "principal": principal.subject if principal else None,
+            })
+            if code is grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AbortError):
+                # shield the caller from the stack trace: replace the error by a clean status
+                await context.abort(code, f"internal error; trace id {_trace_id()}")
 
-            return logged
-
-        return _wrap_unary(handler, wrap)
+        return wrap_handler(handler, before=before, after=after)
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer technician-<id>` on the protected services (the seed's token form).
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call to a non-open service and checks the role the AccessPolicy asks for."""
 
-    Missing or malformed → UNAUTHENTICATED. Health and reflection stay open for probes and tools.
-    Stronger auth (JWT, roles) replaces `pattern` later without changing the callers of this class.
-    """
-
-    TOKEN = re.compile(r"^Bearer (technician-[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
-
-    def __init__(self, protected_services: Iterable[str]) -> None:
-        self.protected = frozenset(protected_services)
+    def __init__(self, authenticator: Authenticator, policy: AccessPolicy | None = None) -> None:
+        self.authenticator = authenticator
+        self.policy = policy or AccessPolicy()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or _service_of(handler_call_details.method) not in self.protected:
+        method = handler_call_details.method
+        if handler is None or service_of(method) in OPEN_SERVICES:
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        match = self.TOKEN.match(str(metadata.get("authorization", "")))
+        header = next((str(v) for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
+        try:
+            principal: Principal | None = self.authenticator.authenticate(header)
+            failure = None
+            needed = self.policy.required(method)
+            if principal.role < needed:
+                failure = AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{method} needs the {needed.label} role; {principal.subject} is a "
+                                    f"{principal.role.label}")
+        except AuthError as exc:
+            principal, failure = None, exc
 
-        def wrap(behaviour: UnaryBehaviour) -> UnaryBehaviour:
-            async def authenticated(request, context):
-                if match is None:
-                    reason = "missing" if "authorization" not in metadata else "malformed"
-                    await context.abort(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        f"{reason} bearer token: send metadata 'authorization: Bearer technician-<id>'",
-                    )
-                principal = match.group(1)
-                token = current_principal.set(principal)
-                trace.get_current_span().set_attribute("enduser.id", principal)
-                try:
-                    return await behaviour(request, context)
-                finally:
-                    current_principal.reset(token)
+        async def before(_request, context):
+            span = trace.get_current_span()
+            if principal is not None:
+                span.set_attributes({"enduser.id": principal.subject, "enduser.role": principal.role.label})
+            if failure is not None:
+                log.warning("auth refused %s: %s", method, failure.message,
+                            extra={"rpc.method": method, "principal": principal.subject if principal else None})
+                await context.abort(failure.code, failure.message)
+            # Each RPC runs in its own task, so these stay this call's; they are not reset, so that the access
+            # log written by RpcObservabilityInterceptor after the call still names the principal.
+            current_principal.set(principal)
+            current_authorization.set(header)
 
-            return authenticated
+        return wrap_handler(handler, before=before)
 
-        if handler.unary_unary is None:  # streaming RPCs are not part of the protected surface yet
+
+class Undecodable:
+    """A request whose bytes are not the method's message (left for ValidationInterceptor to refuse)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns Undecodable instead of raising: gRPC would answer a raising deserializer with
+    INTERNAL, but bytes that do not parse are the caller's mistake (INVALID_ARGUMENT)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            return Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+class ValidationInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes, the protovalidate rules of every request message (each message of a request
+    stream) and a service's own `checks` (full method path -> function giving the FieldViolations of a
+    message, for what a proto rule cannot say, such as an image's real format) → one INVALID_ARGUMENT listing
+    every violation."""
+
+    def __init__(self, checks: Mapping[str, Callable[[Any], list]] | None = None) -> None:
+        self.checks = dict(checks or {})
+
+    async def intercept_service(self, continuation, handler_call_details):
+        from copilot.domain import FieldViolation
+        from copilot.runtime.errors import abort_invalid
+        from copilot.runtime.validation import rule_violations
+
+        handler = await continuation(handler_call_details)
+        if handler is None or service_of(handler_call_details.method) in OPEN_SERVICES:
             return handler
-        return _wrap_unary(handler, wrap)
+        check = self.checks.get(handler_call_details.method)
+
+        async def refuse(message, context):
+            if isinstance(message, Undecodable):
+                await abort_invalid(context, [FieldViolation("", f"request is not a valid protobuf message of this "
+                                                                 f"method ({message.error})")])
+            violations = rule_violations(message)
+            if check is not None:
+                violations += check(message)
+            if violations:
+                await abort_invalid(context, violations)
+
+        async def before(request, context):
+            if request is not None:
+                await refuse(request, context)
+
+        async def checked(iterator, context):
+            async for message in iterator:
+                await refuse(message, context)
+                yield message
+
+        return wrap_handler(handler, before=before, filter_requests=checked,
+                            request_deserializer=tolerant(handler.request_deserializer))
+
+
+class ForwardAuthorization(grpc.aio.UnaryUnaryClientInterceptor):
+    """Client side: agent calls made while serving an RPC carry that RPC's caller's token, so the agents
+    authenticate and authorise the same principal."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        header = current_authorization.get()
+        if header:
+            metadata = [m for m in (client_call_details.metadata or ()) if m[0] != "authorization"]
+            metadata.append(("authorization", header))
+            client_call_details = grpc.aio.ClientCallDetails(
+                client_call_details.method, client_call_details.timeout, grpc.aio.Metadata(*metadata),
+                client_call_details.credentials, client_call_details.wait_for_ready)
+        return await continuation(client_call_details, request)

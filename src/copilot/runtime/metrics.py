@@ -31,6 +31,8 @@ class CopilotMetrics:
     citations_removed: metrics.Counter
     unsupported_steps: metrics.Counter
     documents_ingested: metrics.Counter
+    admission_rejected: metrics.Counter
+    incidents_replayed: metrics.Counter
 
 
 @lru_cache(maxsize=1)
@@ -71,4 +73,8 @@ def copilot_metrics() -> CopilotMetrics:
                                            description="guidance steps no retrieved document supports"),
         documents_ingested=m.create_counter("copilot.documents.ingested",
                                             description="document uploads, by outcome (created/replaced/unchanged/rejected)"),
+        admission_rejected=m.create_counter("copilot.admission.rejected",
+                                            description="calls refused with RESOURCE_EXHAUSTED, by reason"),
+        incidents_replayed=m.create_counter("copilot.incidents.replayed",
+                                            description="Diagnose retries answered from the incident history"),
     )

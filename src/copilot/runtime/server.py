@@ -13,8 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
-from copilot.runtime.interceptors import RpcObservabilityInterceptor
+from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
+from copilot.runtime.tls import server_credentials
 from copilot.runtime.logging import configure_logging
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
 
@@ -30,19 +32,27 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     warm_up: Callable[[], Awaitable[None]]  # loads models/stores; SERVING once it returns
     close: Callable[[], Awaitable[None]] | None = None
+    # Which role each method needs (authentication is always required outside health and reflection).
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
+    # Run after authentication and before validation (e.g. the orchestrator's admission control).
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    # Checks the validation interceptor adds to the proto rules, per full method path (see ValidationInterceptor).
+    request_checks: dict[str, Callable] = field(default_factory=dict)
 
 
 class AgentServer:
     """One gRPC server. `start()` binds and serves health at once; warm-up runs in the background and
     flips health to SERVING when it finishes (or stops the process when it fails)."""
 
-    def __init__(self, spec: ServiceSpec, settings: ServerSettings) -> None:
+    def __init__(self, spec: ServiceSpec, settings: ServerSettings, authenticator: Authenticator | None = None) -> None:
         self.spec = spec
         self.settings = settings
         self.health = health_aio.HealthServicer()
+        self.authenticator = authenticator or Authenticator()
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), RpcObservabilityInterceptor(), *spec.interceptors],
+            interceptors=[*server_interceptors(), RpcObservabilityInterceptor(),
+                          AuthInterceptor(self.authenticator, spec.policy), *spec.interceptors,
+                          ValidationInterceptor(spec.request_checks)],
             options=message_size_options(settings.max_message_bytes),
         )
         self.port = 0
@@ -64,11 +74,15 @@ class AgentServer:
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings.tls)
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self.server.start()
-        log.info("%s listening on %s:%d (NOT_SERVING until warm)", self.spec.name, self.settings.host, self.port)
+        log.info("%s listening on %s:%d (%s, NOT_SERVING until warm)", self.spec.name, self.settings.host, self.port,
+                 "mTLS" if self.settings.tls.client_ca_file else "TLS" if credentials else "plaintext")
         self._warm_task = asyncio.create_task(self._warm())
         return self.port
 

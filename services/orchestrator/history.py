@@ -1,0 +1,316 @@
+"""Incident history: every diagnosis is persisted with its inputs, outputs, stage statuses, principal and trace
+id (SQLAlchemy; SQLite file by default, a Postgres URL works the same). Images are stored once per SHA-256 in
+their own table, never inline in the incident. Blocking calls: the servicer runs them in a thread."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from copilot.domain import DiagnosisInput, PastIncident
+
+_WORD = re.compile(r"[a-z0-9]{3,}")
+_STOP = frozenset("the and with from that this was are for has have not but when its into after".split())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mime_type: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class IncidentRow(Base):
+    __tablename__ = "incidents"
+    __table_args__ = (
+        Index("ix_incidents_equipment_created", "plant_id", "equipment_id", "created_at"),
+        Index("ix_incidents_created", "created_at", "request_id"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    plant_id: Mapped[str] = mapped_column(String(16))
+    equipment_id: Mapped[str] = mapped_column(String(64))
+    equipment_type: Mapped[str] = mapped_column(String(40), default="")
+    problem_description: Mapped[str] = mapped_column(Text)
+    image_sha256: Mapped[str | None] = mapped_column(ForeignKey("images.sha256"), nullable=True)
+    image_mime_type: Mapped[str] = mapped_column(String(32), default="")
+    # Fingerprint of the request: a retry with the same request_id must carry the same request.
+    input_fingerprint: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str] = mapped_column(String(128))
+    trace_id: Mapped[str] = mapped_column(String(32), default="")
+    confidence: Mapped[float] = mapped_column(Float)
+    requires_manual_review: Mapped[bool] = mapped_column(Boolean)
+    referenced_sop_ids: Mapped[list] = mapped_column(JSON, default=list)
+    stages: Mapped[list] = mapped_column(JSON, default=list)  # [{"stage", "state", "error"}] for queries/dashboards
+    # The DiagnoseResponse exactly as answered (serialized protobuf), replayed for idempotent retries.
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("incidents.request_id"), index=True)
+    helpful: Mapped[bool] = mapped_column(Boolean)
+    resolution_notes: Mapped[str] = mapped_column(Text, default="")
+    helpful_sop_ids: Mapped[list] = mapped_column(JSON, default=list)
+    principal: Mapped[str] = mapped_column(String(128))
+    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class StoredFeedback:
+    helpful: bool
+    resolution_notes: str
+    helpful_sop_ids: tuple[str, ...]
+    principal: str
+    submitted_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredIncident:
+    request_id: str
+    created_at: datetime
+    plant_id: str
+    equipment_id: str
+    equipment_type: str
+    problem_description: str
+    image_sha256: str
+    image_mime_type: str
+    principal: str
+    trace_id: str
+    confidence: float
+    requires_manual_review: bool
+    referenced_sop_ids: tuple[str, ...]
+    response: bytes
+    input_fingerprint: str = ""
+    stages: tuple[dict, ...] = ()  # {"stage", "state", "error"}: queryable without decoding the response
+    feedback: tuple[StoredFeedback, ...] = field(default=())
+
+
+class RequestIdConflict(Exception):
+    """The request id is already used by a different request."""
+
+
+def fingerprint(request: DiagnosisInput) -> str:
+    digest = hashlib.sha256()
+    for part in (request.plant_id, request.equipment_id, request.problem_description, request.equipment_type,
+                 request.image_id, hashlib.sha256(request.image_data).hexdigest() if request.image_data else ""):
+        digest.update(part.encode() + b"\x00")
+    return digest.hexdigest()
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def encode_page_token(created_at: datetime, request_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([_aware(created_at).isoformat(), request_id]).encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[datetime, str] | None:
+    try:
+        created, request_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return _aware(datetime.fromisoformat(created)), str(request_id)
+    except (ValueError, TypeError):
+        return None
+
+
+class IncidentStore:
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(connection, _record):  # concurrent readers while one writer commits
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash of the process loses nothing committed
+                cursor.execute("PRAGMA busy_timeout=5000")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def save(self, incident: StoredIncident, image: bytes = b"") -> StoredIncident:
+        """Insert the incident (and its image once per hash). A second save under the same request id returns
+        the stored incident when the request is the same, else raises RequestIdConflict."""
+        with self._session() as session:
+            if image and session.get(ImageRow, incident.image_sha256) is None:
+                session.add(ImageRow(sha256=incident.image_sha256, mime_type=incident.image_mime_type,
+                                     size_bytes=len(image), data=image))
+                try:
+                    session.flush()
+                except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
+                    session.rollback()
+            session.add(IncidentRow(
+                request_id=incident.request_id, created_at=incident.created_at, plant_id=incident.plant_id,
+                equipment_id=incident.equipment_id, equipment_type=incident.equipment_type,
+                problem_description=incident.problem_description, image_sha256=incident.image_sha256 or None,
+                image_mime_type=incident.image_mime_type, input_fingerprint=incident.input_fingerprint,
+                principal=incident.principal, trace_id=incident.trace_id, confidence=incident.confidence,
+                requires_manual_review=incident.requires_manual_review,
+                referenced_sop_ids=list(incident.referenced_sop_ids), stages=list(incident.stages),
+                response=incident.response))
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                existing = self.get(incident.request_id)
+                if existing is None:
+                    raise
+                if existing.input_fingerprint != incident.input_fingerprint:
+                    raise RequestIdConflict(incident.request_id) from None
+                return existing
+        return incident
+
+    def add_feedback(self, request_id: str, feedback: StoredFeedback) -> bool:
+        with self._session() as session:
+            if session.get(IncidentRow, request_id) is None:
+                return False
+            session.add(FeedbackRow(request_id=request_id, helpful=feedback.helpful,
+                                    resolution_notes=feedback.resolution_notes,
+                                    helpful_sop_ids=list(feedback.helpful_sop_ids), principal=feedback.principal,
+                                    submitted_at=feedback.submitted_at))
+            session.commit()
+            return True
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _feedback(row: FeedbackRow) -> StoredFeedback:
+        return StoredFeedback(row.helpful, row.resolution_notes, tuple(row.helpful_sop_ids), row.principal,
+                              _aware(row.submitted_at))
+
+    def _incident(self, row: IncidentRow, feedback: list[FeedbackRow]) -> StoredIncident:
+        return StoredIncident(
+            request_id=row.request_id, created_at=_aware(row.created_at), plant_id=row.plant_id,
+            equipment_id=row.equipment_id, equipment_type=row.equipment_type,
+            problem_description=row.problem_description, image_sha256=row.image_sha256 or "",
+            image_mime_type=row.image_mime_type, principal=row.principal, trace_id=row.trace_id,
+            confidence=row.confidence, requires_manual_review=row.requires_manual_review,
+            referenced_sop_ids=tuple(row.referenced_sop_ids), response=row.response,
+            input_fingerprint=row.input_fingerprint, stages=tuple(row.stages or ()),
+            feedback=tuple(self._feedback(f) for f in feedback))
+
+    def _feedback_of(self, session: Session, request_ids: list[str]) -> dict[str, list[FeedbackRow]]:
+        found: dict[str, list[FeedbackRow]] = {r: [] for r in request_ids}
+        if request_ids:
+            rows = session.scalars(select(FeedbackRow).where(FeedbackRow.request_id.in_(request_ids))
+                                   .order_by(FeedbackRow.submitted_at, FeedbackRow.id))
+            for row in rows:
+                found[row.request_id].append(row)
+        return found
+
+    def get(self, request_id: str) -> StoredIncident | None:
+        with self._session() as session:
+            row = session.get(IncidentRow, request_id)
+            if row is None:
+                return None
+            return self._incident(row, self._feedback_of(session, [request_id])[request_id])
+
+    def image(self, sha256: str) -> bytes | None:
+        with self._session() as session:
+            row = session.get(ImageRow, sha256)
+            return row.data if row is not None else None
+
+    def list(self, *, plant_id: str = "", equipment_id: str = "", start: datetime | None = None,
+             end: datetime | None = None, limit: int = 20, after: tuple[datetime, str] | None = None
+             ) -> tuple[list[StoredIncident], tuple[datetime, str] | None]:
+        """Newest first; keyset pagination on (created_at, request_id). Returns the page and the key of the
+        next page (None on the last page)."""
+        query = select(IncidentRow)
+        if plant_id:
+            query = query.where(IncidentRow.plant_id == plant_id)
+        if equipment_id:
+            query = query.where(IncidentRow.equipment_id == equipment_id)
+        if start is not None:
+            query = query.where(IncidentRow.created_at >= start)
+        if end is not None:
+            query = query.where(IncidentRow.created_at < end)
+        if after is not None:
+            created, request_id = after
+            query = query.where((IncidentRow.created_at < created)
+                                | ((IncidentRow.created_at == created) & (IncidentRow.request_id < request_id)))
+        query = query.order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc()).limit(limit + 1)
+        with self._session() as session:
+            rows = list(session.scalars(query))
+            more = len(rows) > limit
+            rows = rows[:limit]
+            feedback = self._feedback_of(session, [r.request_id for r in rows])
+            page = [self._incident(r, feedback[r.request_id]) for r in rows]
+        following = (page[-1].created_at, page[-1].request_id) if more and page else None
+        return page, following
+
+    def similar(self, plant_id: str, equipment_id: str, problem_description: str, *, exclude: str = "",
+                limit: int = 3, scan: int = 200) -> list[PastIncident]:
+        """Earlier incidents on the same equipment whose problem shares words with this one, most overlap first
+        (ties: newest first)."""
+        words = _words(problem_description)
+        if not words or limit <= 0:
+            return []
+        incidents, _ = self.list(plant_id=plant_id, equipment_id=equipment_id, limit=scan)
+        scored = []
+        for incident in incidents:
+            if incident.request_id == exclude:
+                continue
+            other = _words(incident.problem_description)
+            overlap = len(words & other) / len(words | other) if other else 0.0
+            if overlap >= 0.2:
+                scored.append((overlap, incident))
+        scored.sort(key=lambda pair: (-pair[0], -pair[1].created_at.timestamp()))
+        return [PastIncident(i.request_id, i.created_at, i.problem_description, i.referenced_sop_ids,
+                             next((f.resolution_notes for f in reversed(i.feedback) if f.resolution_notes), ""))
+                for _, i in scored[:limit]]
+
+    def feedback_export(self) -> list[dict]:
+        """Every feedback with its incident's question: labelled data for `copilot eval`."""
+        with self._session() as session:
+            rows = session.execute(select(FeedbackRow, IncidentRow).join(IncidentRow)
+                                   .order_by(FeedbackRow.submitted_at, FeedbackRow.id)).all()
+            return [{
+                "request_id": inc.request_id, "question": inc.problem_description, "plant_id": inc.plant_id,
+                "equipment_id": inc.equipment_id, "equipment_type": inc.equipment_type,
+                "cited_sop_ids": list(inc.referenced_sop_ids), "helpful": fb.helpful,
+                "expected_sop_ids": list(fb.helpful_sop_ids), "resolution_notes": fb.resolution_notes,
+                "principal": fb.principal, "submitted_at": _aware(fb.submitted_at).isoformat(),
+            } for fb, inc in rows]

@@ -1,0 +1,177 @@
+"""Who is calling, and may they: JWT bearer tokens (HS256 shared secret or RS256 public key) with `sub`,
+`role` and `exp`, checked by PyJWT. The seed's `Bearer technician-<id>` form is accepted only in dev mode.
+
+Every service reads the same `AUTH_*` settings, so a token the orchestrator accepts is accepted by the agents
+it forwards it to (the knowledge service checks the admin role for ingest/delete itself: callers inside the
+cluster can reach it directly)."""
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import grpc
+import jwt
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("copilot.auth")
+
+DEV_TOKEN = re.compile(r"^(technician-[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
+DEFAULT_ISSUER = "manufacturing-copilot"
+DEFAULT_AUDIENCE = "manufacturing-copilot"
+#: Where `copilot up` keeps the HS256 secret of a dev mesh, so `copilot token` can mint tokens it accepts.
+DEV_SECRET_FILE = Path(".copilot-data") / "auth" / "dev-jwt-secret"
+
+
+class Role(enum.IntEnum):
+    """Ordered: a role may do everything the roles below it may."""
+
+    TECHNICIAN = 1
+    ENGINEER = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: object) -> "Role | None":
+        return cls.__members__.get(str(value).upper()) if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    role: Role
+    dev: bool = False  # authenticated by the dev-mode `technician-<id>` form
+
+    def __str__(self) -> str:
+        return f"{self.subject} ({self.role.label})"
+
+
+class AuthError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AuthSettings(BaseSettings):
+    """`AUTH_*` environment, read by every service and by `copilot token`."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
+
+    mode: Literal["jwt", "dev"] = Field("jwt", description="dev also accepts `Bearer technician-<id>`")
+    jwt_secret: SecretStr = Field(SecretStr(""), description="HS256 shared secret")
+    jwt_secret_file: Path | None = Field(None, description="file holding the HS256 secret (a mounted Secret)")
+    jwt_public_key_file: Path | None = Field(None, description="PEM public key: RS256 tokens")
+    issuer: str = DEFAULT_ISSUER
+    audience: str = DEFAULT_AUDIENCE
+    leeway_s: float = Field(30.0, ge=0, description="clock skew tolerated on exp/nbf/iat")
+
+    def secret(self) -> str:
+        if self.jwt_secret.get_secret_value():
+            return self.jwt_secret.get_secret_value()
+        if self.jwt_secret_file is not None:
+            return self.jwt_secret_file.read_text().strip()
+        return ""
+
+
+class Authenticator:
+    """Turns an `authorization` header into a Principal, or raises AuthError (UNAUTHENTICATED)."""
+
+    def __init__(self, settings: AuthSettings | None = None) -> None:
+        self.settings = settings or AuthSettings()
+        self._keys: dict[str, object] = {}
+        secret = self.settings.secret()
+        if secret:
+            if len(secret) < 32:
+                raise ValueError("AUTH_JWT_SECRET must be at least 32 characters")
+            self._keys["HS256"] = secret
+        if self.settings.jwt_public_key_file is not None:
+            self._keys["RS256"] = self.settings.jwt_public_key_file.read_text()
+        if not self._keys and self.settings.mode != "dev":
+            raise ValueError("AUTH_MODE=jwt needs AUTH_JWT_SECRET(_FILE) (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256); "
+                             "AUTH_MODE=dev accepts the seed's technician-<id> tokens instead")
+        if self.settings.mode == "dev":
+            log.warning("AUTH_MODE=dev: unsigned 'Bearer technician-<id>' tokens are accepted; never use in production")
+
+    @property
+    def algorithms(self) -> list[str]:
+        return sorted(self._keys)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization: expected 'Bearer <token>'")
+        token = token.strip()
+        if self.settings.mode == "dev" and (match := DEV_TOKEN.match(token)):
+            return Principal(match.group(1), Role.TECHNICIAN, dev=True)
+        if not self._keys:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token is not a dev token (technician-<id>) and no JWT key is "
+                                                             "configured")
+        try:
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
+            if algorithm not in self._keys:  # refuses alg=none and algorithm-confusion (HS256 signed with a public key)
+                raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"token algorithm {algorithm!r} is not accepted")
+            claims = jwt.decode(token, self._keys[algorithm], algorithms=[algorithm], audience=self.settings.audience,
+                                issuer=self.settings.issuer, leeway=self.settings.leeway_s,
+                                options={"require": ["sub", "exp", "role"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {exc}") from None
+        role = Role.parse(claims.get("role"))
+        if role is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token role must be technician, engineer or admin")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not SUBJECT.match(subject):
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token subject is not a valid id")
+        return Principal(subject, role)
+
+
+def mint_token(subject: str, role: Role, *, secret: str = "", private_key: str = "", ttl_s: float = 3600,
+               issuer: str = DEFAULT_ISSUER, audience: str = DEFAULT_AUDIENCE, now: float | None = None) -> str:
+    """A signed token: HS256 with `secret`, or RS256 with a PEM `private_key`."""
+    if not SUBJECT.match(subject):
+        raise ValueError(f"subject {subject!r} must be letters, digits and . _ @ : - (up to 128)")
+    issued = int(now if now is not None else time.time())
+    claims = {"sub": subject, "role": role.label, "iat": issued, "nbf": issued, "exp": issued + int(ttl_s),
+              "iss": issuer, "aud": audience}
+    if private_key:
+        return jwt.encode(claims, private_key, algorithm="RS256")
+    if not secret:
+        raise ValueError("a secret (HS256) or a private key (RS256) is needed to sign")
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def dev_secret(path: Path = DEV_SECRET_FILE) -> str:
+    """The local dev mesh's HS256 secret, created on first use (mode 0600)."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """The lowest role each method needs; methods not listed need `default`. Health and reflection are open."""
+
+    default: Role = Role.TECHNICIAN
+    methods: Mapping[str, Role] = None  # full method path "/copilot.v1.KnowledgeService/DeleteDocument" -> role
+
+    def required(self, method: str) -> Role:
+        return (self.methods or {}).get(method, self.default)

@@ -1,0 +1,67 @@
+"""In-process stand-ins for the three agents, for unit tests of the orchestrator's own code (the workflow, the
+public edge). The real agents run in the contract, integration and e2e tests."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import grpc
+
+from copilot.domain import Defect, Guidance, GuidanceStep, IncidentReport, SopCitation, VisionFindings
+from services.report.core import compose_report
+
+
+class FakeAgents:
+    """Records each call and the timeout it was given; an agent can be made to fail, hang or be slow. A hung
+    or slow call that gets cancelled is recorded in `cancelled`."""
+
+    def __init__(self, vision_conf=0.9, knowledge_conf=0.8, fail=(), hang=(), delay_s: float = 0.0):
+        self.vision_conf, self.knowledge_conf = vision_conf, knowledge_conf
+        self.fail, self.hang = set(fail), set(hang)
+        self.delay_s = delay_s
+        self.calls: list[tuple[str, float]] = []
+        self.cancelled: list[str] = []
+        self.seen_defects = None
+        self.seen_inputs = None
+        self.in_flight = 0
+        self.peak_in_flight = 0  # most agent calls running at once
+
+    async def _maybe(self, name, timeout):
+        self.calls.append((name, timeout))
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await self._behave(name, timeout)
+        finally:
+            self.in_flight -= 1
+
+    async def _behave(self, name, timeout):
+        if name in self.fail:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details=f"{name} is down")
+        try:
+            if name in self.hang:
+                await asyncio.wait_for(asyncio.sleep(3600), timeout)
+            elif self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(name)
+            raise
+
+    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
+        await self._maybe("vision", timeout)
+        return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
+
+    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
+        await self._maybe("knowledge", timeout)
+        self.seen_defects = tuple(defects)
+        return Guidance((GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
+                        (SopCitation("SOP-123", "CNC", "Cooling", 0.7),), ("Lock out.",), self.knowledge_conf, False, "q")
+
+    async def compose_report(self, inputs, timeout) -> IncidentReport:
+        await self._maybe("report", timeout)
+        self.seen_inputs = inputs
+        return compose_report(inputs, datetime.now(timezone.utc))
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,136 @@
+"""Authentication: HS256 and RS256 JWTs, the dev-mode token form, and every way a token can be wrong."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from copilot.runtime.auth import AccessPolicy, AuthError, AuthSettings, Authenticator, Role, mint_token
+
+SECRET = "unit-test-secret-0123456789-abcdefghij"
+
+
+@pytest.fixture(scope="module")
+def rsa_keys(tmp_path_factory):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    path = tmp_path_factory.mktemp("keys") / "jwt.pub"
+    path.write_text(public)
+    return private, public, path
+
+
+def authenticator(**kw) -> Authenticator:
+    return Authenticator(AuthSettings(**{"mode": "jwt", "jwt_secret": SECRET, **kw}))
+
+
+def refused(auth: Authenticator, header: str | None) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        auth.authenticate(header)
+    assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
+    return caught.value
+
+
+def test_hs256_token_gives_subject_and_role():
+    principal = authenticator().authenticate(f"Bearer {mint_token('anna', Role.ENGINEER, secret=SECRET)}")
+    assert (principal.subject, principal.role, principal.dev) == ("anna", Role.ENGINEER, False)
+
+
+def test_rs256_token_is_checked_with_the_public_key(rsa_keys):
+    private, _, public_path = rsa_keys
+    auth = Authenticator(AuthSettings(mode="jwt", jwt_secret="", jwt_public_key_file=public_path))
+    principal = auth.authenticate(f"Bearer {mint_token('mes-line-4', Role.TECHNICIAN, private_key=private)}")
+    assert principal.subject == "mes-line-4"
+    assert "not accepted" in refused(auth, f"Bearer {mint_token('x', Role.ADMIN, secret=SECRET)}").message
+
+
+def test_algorithm_confusion_and_alg_none_are_refused(rsa_keys):
+    private, public, public_path = rsa_keys
+    auth = Authenticator(AuthSettings(mode="jwt", jwt_secret="", jwt_public_key_file=public_path))
+    claims = {"sub": "eve", "role": "admin", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
+              "aud": "manufacturing-copilot"}
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    assert "not accepted" in refused(auth, f"Bearer {unsigned}").message
+    # HS256 "signed" with the public key text (the classic confusion attack), built by hand: PyJWT refuses
+    # to sign with a PEM key as an HMAC secret
+    header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}').decode()
+    body = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    signature = jwt.utils.base64url_encode(hmac.new(public.encode(), f"{header}.{body}".encode(),
+                                                    hashlib.sha256).digest()).decode()
+    assert "not accepted" in refused(auth, f"Bearer {header}.{body}.{signature}").message
+
+
+@pytest.mark.parametrize("header, fragment", [
+    (None, "missing"),
+    ("", "missing"),
+    ("Basic dXNlcjpwdw==", "malformed"),
+    ("Bearer", "malformed"),
+    ("Bearer not.a.jwt", "invalid token"),
+    ("Bearer technician-7", "invalid token"),  # the dev form is refused outside dev mode
+])
+def test_malformed_headers(header, fragment):
+    assert fragment in refused(authenticator(), header).message
+
+
+def test_expired_forged_and_foreign_tokens_are_refused():
+    auth = authenticator()
+    assert "expired" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, now=time.time() - 7200)}").message
+    other = "some-other-secret-that-is-long-enough-0123"
+    assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=other)}").message
+    assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, issuer='x')}").message
+    assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, audience='x')}").message
+    no_role = jwt.encode({"sub": "a", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
+                          "aud": "manufacturing-copilot"}, SECRET, algorithm="HS256")
+    assert "invalid token" in refused(auth, f"Bearer {no_role}").message
+    bad_role = jwt.encode({"sub": "a", "role": "root", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
+                           "aud": "manufacturing-copilot"}, SECRET, algorithm="HS256")
+    assert "role" in refused(auth, f"Bearer {bad_role}").message
+
+
+def test_clock_skew_within_leeway_is_tolerated():
+    token = mint_token("a", Role.TECHNICIAN, secret=SECRET, ttl_s=60, now=time.time() - 75)  # expired 15 s ago
+    assert authenticator(leeway_s=30).authenticate(f"Bearer {token}").subject == "a"
+    refused(authenticator(leeway_s=0), f"Bearer {token}")
+
+
+def test_dev_mode_accepts_the_seed_form_as_technician_only():
+    auth = Authenticator(AuthSettings(mode="dev", jwt_secret=SECRET))
+    principal = auth.authenticate("Bearer technician-42")
+    assert (principal.subject, principal.role, principal.dev) == ("technician-42", Role.TECHNICIAN, True)
+    assert auth.authenticate(f"Bearer {mint_token('boss', Role.ADMIN, secret=SECRET)}").role is Role.ADMIN
+    refused(auth, "Bearer admin-1")  # the dev form never grants more than technician
+
+
+def test_misconfiguration_fails_at_start_not_at_first_call():
+    with pytest.raises(ValueError, match="AUTH_MODE=jwt needs"):
+        Authenticator(AuthSettings(mode="jwt", jwt_secret=""))
+    with pytest.raises(ValueError, match="at least 32"):
+        Authenticator(AuthSettings(mode="jwt", jwt_secret="short"))
+
+
+def test_secret_from_a_mounted_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    auth = Authenticator(AuthSettings(mode="jwt", jwt_secret="", jwt_secret_file=path))
+    assert auth.authenticate(f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET)}").role is Role.ADMIN
+
+
+def test_roles_are_ordered_and_the_policy_names_the_lowest_role_a_method_needs():
+    policy = AccessPolicy(methods={"/copilot.v1.KnowledgeService/DeleteDocument": Role.ADMIN})
+    assert policy.required("/copilot.v1.KnowledgeService/DeleteDocument") is Role.ADMIN
+    assert policy.required("/copilot.v1.KnowledgeService/Advise") is Role.TECHNICIAN
+    assert Role.ADMIN > Role.ENGINEER > Role.TECHNICIAN
+
+
+def test_mint_refuses_subjects_that_would_not_authenticate():
+    with pytest.raises(ValueError):
+        mint_token("has spaces", Role.TECHNICIAN, secret=SECRET)
