@@ -95,7 +95,7 @@ def test_copilot_services_probe_grpc_health_on_the_port_the_code_listens_on(mani
         assert ports == {"grpc": grpc_port, "metrics": metrics_port}, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, (name, probe)
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         prefix = "ORCHESTRATOR" if name == "orchestrator" else name.upper()
         assert env[f"{prefix}_PORT"] == str(grpc_port) and env[f"{prefix}_HOST"] == "0.0.0.0"
         assert {p["port"] for p in services[name]["spec"]["ports"]} == {grpc_port, metrics_port}
@@ -111,6 +111,26 @@ def test_environment_names_are_ones_the_code_reads(manifests, known_env):
             if ours(c):
                 names = {e["name"] for e in c.get("env", [])}
                 assert names <= known_env, (workload["metadata"]["name"], names - known_env)
+
+
+def test_every_hop_verifies_jwts_with_the_mounted_secret(manifests):
+    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+    assert config["AUTH_MODE"] == "jwt"  # the dev-only token form is never on in a cluster
+    secret_dir = config["AUTH_JWT_SECRET_FILE"].rsplit("/", 1)[0]
+    secret = by_kind(manifests, "Secret")["copilot-secrets"]
+    assert "jwt-secret" in secret["stringData"] and "database-url" in secret["stringData"]
+    deployments = by_kind(manifests, "Deployment")
+    for name in SERVICES:
+        pod = deployments[name]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == secret_dir)
+        assert mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "copilot-secrets", name
+        assert [i["key"] for i in volume["secret"]["items"]] == ["jwt-secret"], name
+    orchestrator = deployments["orchestrator"]["spec"]["template"]["spec"]["containers"][0]
+    database = next(e for e in orchestrator["env"] if e["name"] == "ORCHESTRATOR_DATABASE_URL")
+    assert database["valueFrom"]["secretKeyRef"] == {"name": "copilot-secrets", "key": "database-url"}
 
 
 def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifests, default_ports):

@@ -12,10 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from copilot.client import auth_metadata
 from copilot.launcher import free_port
 from services.rag.core import KnowledgeBase, open_store
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.corpus import starter_corpus
+from tests.conftest import token
 
 pytestmark = pytest.mark.integration
 CHROMA = Path(sys.executable).with_name("chroma")
@@ -97,6 +99,8 @@ def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(
         assert "CH-150" in ingested.stdout and "created" in ingested.stdout
         refused = copilot("ingest", str(manual), "--addr", addr)  # no id for a text file
         assert refused.returncode == 1 and "metadata.document_id" in refused.stdout
+        technician = copilot("ingest", str(manual), "--id", "CH-151", "--addr", addr, "--token", token("technician"))
+        assert technician.returncode == 1 and "PERMISSION_DENIED" in technician.stdout
 
         service.terminate()
         service.wait(timeout=30)
@@ -110,7 +114,7 @@ def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(
         with grpc.insecure_channel(addr) as channel:
             stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
             found = stub.Retrieve(knowledge_pb2.RetrieveRequest(query="low flow alarm F-21 on the chiller", top_k=1),
-                                  timeout=30)
+                                  timeout=30, metadata=auth_metadata(token("technician")))
         assert found.chunks[0].sop_id == "CH-150" and "strainer" in found.chunks[0].text
     finally:
         for proc in (service, chroma):

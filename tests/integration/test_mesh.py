@@ -57,7 +57,7 @@ def test_text_only_diagnosis_cites_what_knowledge_retrieves(mesh, stub):
     assert [s.state for s in reply.stages] == [SKIPPED, OK, OK]
     with grpc.insecure_channel(mesh.address("knowledge")) as channel:
         advice = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
-            knowledge_pb2.AdviseRequest(problem_description=PROBLEM), timeout=30)
+            knowledge_pb2.AdviseRequest(problem_description=PROBLEM), timeout=30, metadata=auth_metadata("technician-42"))
     assert list(reply.report.referenced_sop_ids) == list(dict.fromkeys(
         [s for step in advice.steps for s in step.sop_ids] + [c.sop_id for c in advice.citations]))
     assert reply.report.referenced_sop_ids[0] == "SOP-123"
@@ -144,3 +144,43 @@ def test_every_service_exposes_prometheus_metrics(mesh, stub):
     knowledge = scrape(mesh.metrics_url("knowledge"))
     assert "copilot_retrieval_top_score_bucket" in knowledge and "copilot_retrieval_results_count" in knowledge
     assert "CopilotService" not in scrape(mesh.metrics_url("report"))
+
+
+def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
+    """`copilot diagnose` (StreamDiagnose), `incidents`, `incident`, `feedback` and `eval --export-feedback`
+    as a technician runs them, against the real mesh (tokens minted from the mesh's secret)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    def copilot(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(Path(sys.executable).with_name("copilot")), *args], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    addr = ["--addr", mesh.address("orchestrator")]
+    shown = copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM,
+                    "--request-id", "cli-stream-1", *addr)
+    assert "SUMMARY" in shown.stdout and "request cli-stream-1" in shown.stdout
+    assert "knowledge" in shown.stderr and "report" in shown.stderr  # the live stage table
+    again = json.loads(copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM,
+                               "--request-id", "cli-stream-1", "--json", *addr).stdout)
+    assert again["replayed"] is True and again["request_id"] == "cli-stream-1"
+
+    listed = json.loads(copilot("incidents", "--equipment", "CNC-CLI-9", "--json", *addr).stdout)
+    assert [i["request_id"] for i in listed] == ["cli-stream-1"]
+    assert listed[0]["principal"] == "technician-cli"
+    copilot("feedback", "cli-stream-1", "--helpful", "--sop", "SOP-123", "--notes", "Cleaned the coolant filter",
+            *addr)
+    shown = copilot("incident", "cli-stream-1", *addr)
+    assert "helpful" in shown.stdout and "Cleaned the coolant filter" in shown.stdout
+
+    export = mesh.data_dir / "feedback.yaml"
+    copilot("eval", "--export-feedback", str(export), "--database-url", f"sqlite:///{mesh.data_dir / 'incidents.db'}")
+    questions = yaml.safe_load(export.read_text())["questions"]
+    assert {"q": PROBLEM, "expect": ["SOP-123"], "escalate": False}.items() <= questions[0].items()
