@@ -283,24 +283,30 @@ class IncidentStore:
 
     def similar(self, plant_id: str, equipment_id: str, problem_description: str, *, exclude: str = "",
                 limit: int = 3, scan: int = 200) -> list[PastIncident]:
-        """Earlier incidents on the same equipment whose problem shares words with this one, most overlap first
-        (ties: newest first)."""
+        """Earlier incidents on the same equipment whose problem shares words with this one (Jaccard >= 0.2),
+        most overlap first (ties: newest first), among the newest `scan`. Reads only the columns it needs."""
         words = _words(problem_description)
         if not words or limit <= 0:
             return []
-        incidents, _ = self.list(plant_id=plant_id, equipment_id=equipment_id, limit=scan)
-        scored = []
-        for incident in incidents:
-            if incident.request_id == exclude:
-                continue
-            other = _words(incident.problem_description)
-            overlap = len(words & other) / len(words | other) if other else 0.0
-            if overlap >= 0.2:
-                scored.append((overlap, incident))
-        scored.sort(key=lambda pair: (-pair[0], -pair[1].created_at.timestamp()))
-        return [PastIncident(i.request_id, i.created_at, i.problem_description, i.referenced_sop_ids,
-                             next((f.resolution_notes for f in reversed(i.feedback) if f.resolution_notes), ""))
-                for _, i in scored[:limit]]
+        query = (select(IncidentRow.request_id, IncidentRow.created_at, IncidentRow.problem_description,
+                        IncidentRow.referenced_sop_ids)
+                 .where(IncidentRow.plant_id == plant_id, IncidentRow.equipment_id == equipment_id)
+                 .order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc()).limit(scan))
+        with self._session() as session:
+            scored = []
+            for request_id, created_at, problem, sop_ids in session.execute(query):
+                if request_id == exclude:
+                    continue
+                other = _words(problem)
+                overlap = len(words & other) / len(words | other) if other else 0.0
+                if overlap >= 0.2:
+                    scored.append((overlap, _aware(created_at), request_id, problem, tuple(sop_ids or ())))
+            scored.sort(key=lambda row: (-row[0], -row[1].timestamp()))
+            best = scored[:limit]
+            notes = self._feedback_of(session, [row[2] for row in best])
+        return [PastIncident(request_id, created_at, problem, sop_ids,
+                             next((f.resolution_notes for f in reversed(notes[request_id]) if f.resolution_notes), ""))
+                for _, created_at, request_id, problem, sop_ids in best]
 
     def feedback_export(self) -> list[dict]:
         """Every feedback with its incident's question: labelled data for `copilot eval`."""

@@ -92,6 +92,7 @@ class DiagnosisState(TypedDict, total=False):
     requires_manual_review: bool
     report: IncidentReport
     stages: Annotated[list[StageStatus], operator.add]
+    related: "asyncio.Future | None"  # the incident-history lookup, started with the workflow (off the critical path)
 
 
 def merge_confidence(stages: list[StageStatus]) -> float:
@@ -229,14 +230,16 @@ class DiagnosisWorkflow:
         )
         return {"guidance": guidance or FALLBACK_GUIDANCE, "stages": [status]}
 
-    async def _related(self, state: DiagnosisState) -> tuple[PastIncident, ...]:
-        """Earlier incidents on the same equipment; a history failure never fails the diagnosis."""
+    async def _related(self, request: DiagnosisInput, request_id: str, deadline: float | None
+                       ) -> tuple[PastIncident, ...]:
+        """Earlier incidents on the same equipment (at most 1 s); a history failure never fails the diagnosis."""
         if self.related_incidents is None:
             return ()
+        budget = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         try:
             with tracer.start_as_current_span("workflow.history"):
-                return tuple(await asyncio.wait_for(self.related_incidents(state["input"], state["request_id"]),
-                                                    timeout=max(0.05, min(1.0, self._budget(state, 1.0)))))
+                return tuple(await asyncio.wait_for(self.related_incidents(request, request_id),
+                                                    timeout=max(0.05, budget)))
         except Exception as exc:  # noqa: BLE001
             log.warning("incident history lookup failed: %s", _describe_error(exc))
             return ()
@@ -254,7 +257,8 @@ class DiagnosisWorkflow:
             problem_description=req.problem_description, defects=vision.defects if vision else (),
             guidance=guidance.steps, citations=guidance.citations, safety_notes=guidance.safety_notes,
             confidence_score=confidence, requires_manual_review=manual, stage_notes=notes,
-            image_analyzed=vision is not None, related_incidents=await self._related(state),
+            image_analyzed=vision is not None,
+            related_incidents=await state["related"] if state.get("related") is not None else (),
         )
         report, status = await self._call(
             Stage.REPORT, state, self.timeouts.report,
@@ -275,13 +279,21 @@ class DiagnosisWorkflow:
             span.set_attributes({"app.request_id": request_id, "app.plant_id": request.plant_id,
                                  "app.equipment_id": request.equipment_id, "app.has_image": bool(request.image_data),
                                  "app.parallel": self.parallel})
-            initial = {"request_id": request_id, "input": request, "deadline": deadline, "vision": None, "stages": []}
+            # the history lookup runs while the agents work; the report node awaits it
+            related = (asyncio.ensure_future(self._related(request, request_id, deadline))
+                       if self.related_incidents is not None else None)
+            initial = {"request_id": request_id, "input": request, "deadline": deadline, "vision": None, "stages": [],
+                       "related": related}
             final: DiagnosisState = initial
-            async for mode, chunk in self.graph.astream(initial, stream_mode=["custom", "values"]):
-                if mode == "custom":
-                    yield chunk
-                else:
-                    final = chunk
+            try:
+                async for mode, chunk in self.graph.astream(initial, stream_mode=["custom", "values"]):
+                    if mode == "custom":
+                        yield chunk
+                    else:
+                        final = chunk
+            finally:
+                if related is not None and not related.done():
+                    related.cancel()
             yield self._finish(final, request_id, span)
 
     async def run(self, request: DiagnosisInput, *, deadline: float | None = None,

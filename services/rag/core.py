@@ -8,6 +8,8 @@ against what was retrieved before anyone sees it.
 """
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -46,6 +48,39 @@ def minilm_embedder(batch_size: int = 64) -> Embedder:
         model_kwargs={"device": "cpu"},
         encode_kwargs={"normalize_embeddings": True, "batch_size": batch_size},
     )
+
+
+class BatchedQueryEmbedder:
+    """An Embedder whose `embed_query` calls, made at once from the service's worker threads, run as one batch
+    (the shared DynamicBatcher on the service's event loop): MiniLM embeds 8 queries in one pass for about a
+    third of the CPU of 8 single passes on this machine, so concurrent Advise/Retrieve calls stop competing for
+    the cores. Documents are embedded on the batcher's thread too: every forward pass runs on one thread."""
+
+    def __init__(self, inner: Embedder, loop: asyncio.AbstractEventLoop, *, max_batch: int = 16,
+                 max_wait_s: float = 0.0) -> None:
+        from copilot.runtime.batching import DynamicBatcher
+        from copilot.runtime.metrics import copilot_metrics
+
+        self.inner = inner
+        self.loop = loop
+        self.batcher: DynamicBatcher[str, list[float]] = DynamicBatcher(
+            inner.embed_documents, max_batch=max_batch, max_wait_s=max_wait_s,
+            on_batch=lambda size, _elapsed: copilot_metrics().query_batch_size.record(size))
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.batcher.call_in_worker(self.inner.embed_documents, texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:  # called on the loop itself (never from the servicer): do not block it
+            return self.inner.embed_query(text)
+        return asyncio.run_coroutine_threadsafe(self.batcher.submit(text), self.loop).result()
+
+    async def close(self) -> None:
+        await self.batcher.close()
 
 
 def open_store(persist_path: Path | None = None, host: str | None = None, port: int = 8000) -> DocumentStore:

@@ -49,6 +49,11 @@ class KnowledgeSettings(ServerSettings):
     llm_timeout_s: float = Field(60.0, gt=0)
     llm_attempts: int = Field(3, ge=1, le=10)
     cache_entries: int = Field(1024, ge=0)  # response cache of hosted/local generators; 0 disables it
+    # Concurrent queries embedded as one batch (see BatchedQueryEmbedder); `copilot bench --suite mesh` measures it.
+    # No wait by default: a batch is what queued while the previous one ran, so a lone query is not delayed.
+    query_batching: bool = True
+    query_batch_max_size: int = Field(16, ge=1, le=256)
+    query_batch_max_wait_ms: float = Field(0.0, ge=0, le=100)
 
 
 def make_generator(settings: KnowledgeSettings):
@@ -81,15 +86,22 @@ def build(settings: KnowledgeSettings | None = None,
     settings = settings or KnowledgeSettings()
     servicer = KnowledgeServicer()  # the knowledge base is attached by warm_up
 
-    def load() -> None:
+    batched: list = []  # the BatchedQueryEmbedder, once loaded (closed with the service)
+
+    def load(loop: asyncio.AbstractEventLoop) -> None:
         if knowledge is not None:
             servicer.knowledge = knowledge
             return
-        from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+        from services.rag.core import AdvisorTuning, BatchedQueryEmbedder, KnowledgeBase, minilm_embedder, open_store
         from services.rag.corpus import ChunkingPolicy, DocumentLimits
 
         store = open_store(settings.chroma_path, settings.chroma_host, settings.chroma_port)
-        loaded = KnowledgeBase(store, minilm_embedder(),
+        embedder = minilm_embedder()
+        if settings.query_batching:
+            embedder = BatchedQueryEmbedder(embedder, loop, max_batch=settings.query_batch_max_size,
+                                            max_wait_s=settings.query_batch_max_wait_ms / 1000)
+            batched.append(embedder)
+        loaded = KnowledgeBase(store, embedder,
                                AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score, hybrid=settings.hybrid),
                                generator=make_generator(settings),
                                chunking=ChunkingPolicy(max_chars=settings.chunk_max_chars),
@@ -101,13 +113,18 @@ def build(settings: KnowledgeSettings | None = None,
         servicer.knowledge = loaded
 
     async def warm_up() -> None:
-        await asyncio.to_thread(load)
+        await asyncio.to_thread(load, asyncio.get_running_loop())
+
+    async def close() -> None:
+        for embedder in batched:
+            await embedder.close()
 
     spec = ServiceSpec(
         name="knowledge",
         service_names=[SERVICE_NAME],
         register=lambda server: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
+        close=close,
         # only admins change the library; the knowledge service checks it itself (reachable inside the cluster)
         policy=AccessPolicy(methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN,
                                      f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN}),

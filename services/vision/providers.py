@@ -20,7 +20,7 @@ import re
 from typing import Protocol
 
 from copilot.domain import BoundingBox, Defect, VisionFindings
-from services.vision.batching import DynamicBatcher
+from copilot.runtime.batching import DynamicBatcher
 from services.vision.core import ImageLimits, VisionEngine, decode_image
 
 CAPTION_PROMPT = ("Question: Describe any visible defects, damage or quality issues on this manufacturing "

@@ -52,7 +52,7 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     if settings.provider == "patchcore":
         from copilot.runtime.metrics import copilot_metrics
-        from services.vision.batching import DynamicBatcher
+        from copilot.runtime.batching import DynamicBatcher
         from services.vision.core import VisionEngine
         from services.vision.patchcore import FeatureExtractor
         from services.vision.references import ReferenceStore

@@ -16,7 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request, resolve_token
+from copilot.client import auth_metadata, diagnose_request, open_channel, resolve_token
 from copilot.runtime.config import DEFAULT_PORTS
 from copilot.runtime.errors import field_violations
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
@@ -53,7 +53,7 @@ def run_streamed(address: str, request, *, token: str, timeout: float, show: boo
     from rich.live import Live
     from rich.spinner import Spinner
 
-    from copilot.client import CHANNEL_OPTIONS, stream_diagnose
+    from copilot.client import stream_diagnose
 
     rows: dict[str, list] = {}
     started: dict[str, float] = {}
@@ -70,7 +70,7 @@ def run_streamed(address: str, request, *, token: str, timeout: float, show: boo
         return table
 
     result = None
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with open_channel(address) as channel:
         call = stream_diagnose(channel, request, token=token, timeout=timeout)
         try:
             display = Live(render(), console=console, refresh_per_second=8) if show else contextlib.nullcontext()
@@ -207,7 +207,7 @@ def incidents(
     found = []
     metadata = auth_metadata(resolve_token(token))
     try:
-        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+        with open_channel(addr) as channel:
             stub = copilot_pb2_grpc.CopilotServiceStub(channel)
             page_token = ""
             while len(found) < limit:
@@ -243,7 +243,7 @@ def incident(
 ) -> None:
     """Show one stored diagnosis (GetIncident) with its feedback."""
     try:
-        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+        with open_channel(addr) as channel:
             found = copilot_pb2_grpc.CopilotServiceStub(channel).GetIncident(
                 copilot_pb2.GetIncidentRequest(request_id=request_id), metadata=auth_metadata(resolve_token(token)),
                 timeout=30).incident
@@ -273,7 +273,7 @@ def feedback(
 ) -> None:
     """Record whether a diagnosis helped (SubmitFeedback); `copilot eval --export-feedback` exports it."""
     try:
-        with grpc.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+        with open_channel(addr) as channel:
             copilot_pb2_grpc.CopilotServiceStub(channel).SubmitFeedback(
                 copilot_pb2.SubmitFeedbackRequest(request_id=request_id, helpful=helpful, resolution_notes=notes,
                                                   helpful_sop_ids=sop_ids),
@@ -381,7 +381,7 @@ def ingest(
     table = Table("file", "document", "version", "outcome", "chunks", title="ingest")
     failed = 0
     bearer = resolve_token(token, role="admin")
-    with grpc.insecure_channel(addr) as channel, Progress(
+    with open_channel(addr) as channel, Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console) as progress:
         overall = progress.add_task("documents", total=sum(f.stat().st_size for f in files))
         for path in files:
@@ -419,7 +419,7 @@ def docs(
     from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 
     documents = []
-    with grpc.insecure_channel(addr) as channel:
+    with open_channel(addr) as channel:
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
         metadata = auth_metadata(resolve_token(token))
         page_token = ""

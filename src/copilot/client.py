@@ -6,13 +6,33 @@ import os
 from pathlib import Path
 
 import grpc
+from pydantic_settings import SettingsConfigDict
 
+from copilot.runtime.config import TlsSettings
+from copilot.runtime.tls import channel_credentials, channel_options
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 
 DEV_TOKEN = "technician-cli"  # the seed's form: accepted only by a mesh in dev mode
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the servers' default limit (ServerSettings.max_message_bytes)
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class ClientTlsSettings(TlsSettings):
+    """`COPILOT_TLS_*`: how the CLI reaches a TLS-serving mesh (COPILOT_TLS_CA_FILE; with COPILOT_TLS_CERT_FILE
+    and COPILOT_TLS_KEY_FILE it presents a client certificate, for mTLS)."""
+
+    model_config = SettingsConfigDict(env_prefix="COPILOT_TLS_", extra="ignore")
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """A blocking channel for the CLI: TLS when COPILOT_TLS_CA_FILE is set, else plaintext."""
+    tls = ClientTlsSettings()
+    credentials = channel_credentials(tls)
+    options = [*CHANNEL_OPTIONS, *channel_options(tls)]
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def resolve_token(token: str | None = None, role: str = "technician", data_dir: Path = Path(".copilot-data")) -> str:
@@ -52,7 +72,7 @@ def auth_metadata(token: str = DEV_TOKEN) -> tuple[tuple[str, str], ...]:
 
 def diagnose(address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
              timeout: float = 60.0) -> copilot_pb2.DiagnoseResponse:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with open_channel(address) as channel:
         return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata(token),
                                                                      timeout=timeout)
 

@@ -132,3 +132,33 @@ async def test_orchestrator_without_a_client_certificate_cannot_reach_an_mtls_ag
                 diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), timeout=20)
     states = {s.stage: s.state for s in reply.stages}
     assert states[copilot_pb2.STAGE_REPORT] == copilot_pb2.STAGE_STATE_DEGRADED
+
+
+async def test_the_cli_reaches_a_tls_orchestrator_with_its_ca(pki, tmp_path):
+    import asyncio
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from services.orchestrator.server import OrchestratorSettings, build
+    from tests.fakes import FakeAgents
+
+    async def copilot(*args: str, **env: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("copilot")), *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "250", **env})
+        output, _ = await proc.communicate()
+        return proc.returncode, output.decode()
+
+    settings = OrchestratorSettings(port=0, host="127.0.0.1", database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
+                                    tls=TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"]))
+    async with serving(*build(settings, clients=FakeAgents())) as edge:
+        addr = f"localhost:{edge.port}"
+        code, output = await copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-A-102", "--problem",
+                                     "Machine overheating during operation", "--json", "--addr", addr,
+                                     COPILOT_TLS_CA_FILE=str(pki["ca"]))
+        assert code == 0, output
+        assert json.loads(output[output.index("{"):])["report"]["summary"]
+        code, output = await copilot("incidents", "--addr", addr, "--json")  # plaintext against TLS
+        assert code == 2 and "UNAVAILABLE" in output

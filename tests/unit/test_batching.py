@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from services.vision.batching import DynamicBatcher
+from copilot.runtime.batching import DynamicBatcher
 
 
 async def test_concurrent_requests_run_as_one_batch_and_keep_their_order():

@@ -27,6 +27,7 @@ class CopilotMetrics:
     retrieval_top_score: metrics.Histogram
     guidance_fallbacks: metrics.Counter
     batch_size: metrics.Histogram
+    query_batch_size: metrics.Histogram
     generator_cache: metrics.Counter
     citations_removed: metrics.Counter
     unsupported_steps: metrics.Counter
@@ -64,6 +65,9 @@ def copilot_metrics() -> CopilotMetrics:
                                             description="guidance answered with the no-evidence fallback"),
         batch_size=m.create_histogram("copilot.vision.batch_size", description="images per forward pass",
                                       explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64)),
+        query_batch_size=m.create_histogram("copilot.knowledge.query_batch_size",
+                                            description="query embeddings per forward pass",
+                                            explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64)),
         generator_cache=m.create_counter(
             "copilot.generator.cache", description="guidance generator response cache lookups, by result (hit/miss); "
             "hit ratio = hit / (hit + miss)"),

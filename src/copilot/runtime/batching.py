@@ -1,6 +1,7 @@
 """Dynamic batching (the idea of Triton's dynamic batcher): requests that arrive within `max_wait` of each
 other, up to `max_batch`, run as one call of `fn` in one worker thread. While a batch runs, the next one
-gathers, so under load batches grow by themselves and the model sees one forward pass per batch."""
+gathers, so under load batches grow by themselves and the model sees one forward pass per batch. Used by the
+vision service (images) and the knowledge service (query embeddings)."""
 from __future__ import annotations
 
 import asyncio
@@ -65,6 +66,12 @@ class DynamicBatcher(Generic[T, R]):
             for (_, fut), result in zip(live, results):
                 if not fut.done():
                     fut.set_result(result)
+
+    def call_in_worker(self, fn: Callable[..., R], *args) -> R:
+        """Run `fn(*args)` on the batcher's worker thread, blocking the calling thread (never call it from the
+        event loop). For other work on the same model: torch keeps one OpenMP thread team per calling thread,
+        and on a small machine two teams spinning at once slow both (measured: 11.6 → 20 ms per MiniLM query)."""
+        return self._executor.submit(fn, *args).result()
 
     async def close(self) -> None:
         if self._worker is not None:
