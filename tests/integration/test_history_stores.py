@@ -1,0 +1,172 @@
+"""The incident history on every database it supports, the same tests each: SQLite (the default) and a real
+PostgreSQL server started by the test (initdb + pg_ctl from the machine's PostgreSQL; skipped where none is
+installed). Two stores on one database stand for two orchestrator replicas."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from copilot.domain import DiagnosisInput
+from copilot.launcher import free_port
+from services.orchestrator.history import IncidentStore, RequestIdConflict, StoredFeedback, StoredIncident, fingerprint
+
+pytestmark = pytest.mark.integration
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL cluster on a free port (run as the `postgres` user when the tests run as root)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries on this machine (initdb/pg_ctl)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="copilot-pg-"))
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "copilot", "--auth=trust", "-E", "UTF8")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    try:
+        yield f"postgresql+psycopg://copilot@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'incidents.db'}"
+    url = request.getfixturevalue("postgres_url")
+    store = IncidentStore(url)  # a clean schema per test
+    from services.orchestrator.history import Base
+
+    Base.metadata.drop_all(store.engine)
+    store.close()
+    return url
+
+
+def incident(request_id: str, *, equipment="CNC-A-102", problem="Spindle overheating during the shift",
+             minutes_ago: float = 0, image: bytes = b"") -> tuple[StoredIncident, bytes]:
+    import hashlib
+
+    source = DiagnosisInput("PUNE-IN", equipment, problem, image_data=image)
+    return StoredIncident(
+        request_id=request_id, created_at=datetime.now(timezone.utc) - timedelta(minutes=minutes_ago),
+        plant_id="PUNE-IN", equipment_id=equipment, equipment_type="", problem_description=problem,
+        image_sha256=hashlib.sha256(image).hexdigest() if image else "", image_mime_type="image/png" if image else "",
+        principal="anna", trace_id="ab" * 16, confidence=0.7, requires_manual_review=False,
+        referenced_sop_ids=("SOP-123",), response=b"\x08\x01", input_fingerprint=fingerprint(source),
+        stages=({"stage": "knowledge", "state": "ok", "error": ""},)), image
+
+
+def test_save_get_and_idempotent_retries(database_url):
+    store = IncidentStore(database_url)
+    try:
+        first, image = incident("r-1", image=b"\x89PNG fake bytes")
+        assert store.save(first, image) is first
+        again = store.save(*incident("r-1", image=b"\x89PNG fake bytes"))
+        assert again.request_id == "r-1" and again.created_at == first.created_at  # the stored one came back
+        with pytest.raises(RequestIdConflict):
+            store.save(*incident("r-1", problem="Something else entirely"))
+        got = store.get("r-1")
+        assert got.stages == first.stages and got.referenced_sop_ids == ("SOP-123",)
+        assert got.created_at.tzinfo is not None
+        assert store.image(first.image_sha256) == b"\x89PNG fake bytes"
+        store.save(*incident("r-2", image=b"\x89PNG fake bytes"))  # the same image is stored once
+        assert store.get("missing") is None
+    finally:
+        store.close()
+
+
+def test_two_replicas_racing_on_one_request_id_store_it_once(database_url):
+    replicas = [IncidentStore(database_url), IncidentStore(database_url)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda n: replicas[n % 2].save(incident("race-1")[0]), range(8)))
+        assert len({r.created_at for r in results}) == 1
+        page, _ = replicas[0].list()
+        assert [i.request_id for i in page] == ["race-1"]
+    finally:
+        for store in replicas:
+            store.close()
+
+
+def test_list_pages_filters_and_similar_incidents(database_url):
+    store = IncidentStore(database_url)
+    try:
+        for n in range(5):
+            store.save(incident(f"i-{n}", equipment="PUMP-B-3" if n == 2 else "CNC-A-102", minutes_ago=10 - n)[0])
+        seen, after = [], None
+        while True:
+            page, after = store.list(limit=2, after=after)
+            seen += [i.request_id for i in page]
+            if after is None:
+                break
+        assert seen == ["i-4", "i-3", "i-2", "i-1", "i-0"]
+        pumps, _ = store.list(equipment_id="PUMP-B-3")
+        assert [i.request_id for i in pumps] == ["i-2"]
+        recent, _ = store.list(start=datetime.now(timezone.utc) - timedelta(minutes=7.5))
+        assert [i.request_id for i in recent] == ["i-4", "i-3"]
+        store.add_feedback("i-1", StoredFeedback(True, "Cleaned the coolant filter", ("SOP-123",), "ben",
+                                                 datetime.now(timezone.utc)))
+        similar = store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating again", exclude="i-4", limit=2)
+        assert [p.request_id for p in similar] == ["i-3", "i-1"]
+        notes = {p.request_id: p.resolution_notes for p in store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating",
+                                                                          limit=5)}
+        assert notes == {"i-4": "", "i-3": "", "i-1": "Cleaned the coolant filter", "i-0": ""}
+        assert not store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(timezone.utc)))
+        (exported,) = store.feedback_export()
+        assert exported["request_id"] == "i-1" and exported["expected_sop_ids"] == ["SOP-123"]
+    finally:
+        store.close()
+
+
+async def test_the_orchestrator_runs_on_postgres(postgres_url):
+    """The whole edge on a Postgres URL: a diagnosis is stored, replayed on retry, listed and given feedback."""
+    from copilot.client import aio_channel, diagnose_request
+    from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+    from services.orchestrator.server import OrchestratorSettings, build
+    from tests.conftest import token
+    from tests.contract.conftest import serving
+    from tests.fakes import FakeAgents
+
+    settings = OrchestratorSettings(port=0, database_url=postgres_url)
+    async with serving(*build(settings, clients=FakeAgents())) as edge:
+        async with aio_channel(f"127.0.0.1:{edge.port}", token()) as channel:
+            copilot = copilot_pb2_grpc.CopilotServiceStub(channel)
+            request = diagnose_request("PUNE-IN", "CNC-PG-1", "Spindle overheating during the shift",
+                                       request_id="pg-1")
+            first = await copilot.Diagnose(request, timeout=10)
+            again = await copilot.Diagnose(request, timeout=10)
+            assert again.replayed and again.report == first.report
+            await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(request_id="pg-1", helpful=True), timeout=5)
+            listed = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(equipment_id="CNC-PG-1"), timeout=5)
+            assert [(i.request_id, len(i.feedback)) for i in listed.incidents] == [("pg-1", 1)]
