@@ -12,6 +12,7 @@ import asyncio
 
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -115,6 +116,7 @@ class KnowledgeBase:
         self.extractive = ExtractiveGenerator()
         self.chunking = chunking or ChunkingPolicy()
         self.limits = limits or DocumentLimits()
+        self._scopes: tuple[float, frozenset[str]] | None = None  # (when read, equipment types documents declare)
 
     # --- documents ------------------------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class KnowledgeBase:
         chunks = chunk_document(doc, self.chunking)
         embeddings = self.embedder.embed_documents([c.embedding_text for c in chunks])
         try:
+            self._scopes = None
             return self.store.ingest(doc, chunks, embeddings)
         except VersionConflict as exc:
             raise DocumentRejected([FieldViolation("metadata.version", str(exc))]) from None
@@ -147,7 +150,21 @@ class KnowledgeBase:
         return self.store.document_chunks(sop_id, version)
 
     def delete_document(self, sop_id: str) -> int | None:
+        self._scopes = None
         return self.store.delete(sop_id)
+
+    SCOPE_TTL_S = 30.0  # other replicas may change the library (Chroma server mode)
+
+    def scope_type(self, equipment_type: str) -> str:
+        """The equipment type to filter on: "" (no filter) when no document declares it, so that a type the
+        library does not know (e.g. a vision reference set such as `brushed-steel`) does not hide every
+        equipment-specific document."""
+        if not equipment_type:
+            return ""
+        now = time.monotonic()
+        if self._scopes is None or now - self._scopes[0] > self.SCOPE_TTL_S:
+            self._scopes = (now, frozenset(t for d in self.store.list() for t in d.equipment_types))
+        return equipment_type if equipment_type in self._scopes[1] else ""
 
     def count(self) -> int:
         return self.store.chunk_count()
@@ -159,6 +176,7 @@ class KnowledgeBase:
         """Top chunks of live document versions, best first, score in [0, 1]."""
         t = self.tuning
         k = top_k or t.top_k
+        equipment_type = self.scope_type(equipment_type)
         embedding = self.embedder.embed_query(query)
         candidates = {c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3), equipment_type,
                                                                plant_id)}

@@ -96,6 +96,8 @@ def run_streamed(address: str, request, *, token: str, timeout: float, show: boo
                                                    f"{s.duration_ms:.0f}", s.error])
                     if live is not None:
                         live.update(render())
+            if show and not console.is_terminal:
+                console.print()  # a non-terminal gets the final table without its line end
         except KeyboardInterrupt:
             call.cancel()
             console.print("[yellow]cancelled[/]")

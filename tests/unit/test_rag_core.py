@@ -186,3 +186,13 @@ def test_instructions_inside_documents_and_descriptions_are_data(tmp_path, embed
     cited = {i for step in guidance.steps for i in step.sop_ids} | {c.sop_id for c in guidance.citations}
     assert cited <= {"SOP-900", "EVIL-1"}
     assert all(not step.text.startswith("{") for step in guidance.steps)
+
+
+def test_an_equipment_type_no_document_declares_does_not_narrow_the_search(knowledge_base):
+    """`brushed-steel` names a vision reference set, not an SOP scope: the pump manual must still be found."""
+    problem = "Pump housing overheating during operation and a visible crack near the outlet flange"
+    unknown = [c.sop_id for c in knowledge_base.retrieve(problem, 3, equipment_type="brushed-steel")]
+    unscoped = [c.sop_id for c in knowledge_base.retrieve(problem, 3)]
+    assert unknown == unscoped and "PUMP-330" in unknown
+    assert knowledge_base.scope_type("industrial-robot") == "industrial-robot"
+    assert knowledge_base.scope_type("brushed-steel") == ""
