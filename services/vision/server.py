@@ -32,6 +32,8 @@ class VisionSettings(ServerSettings):
     image_size: int = Field(256, ge=64, le=1024)
     coreset_ratio: float = Field(0.1, gt=0, le=1)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = the CPUs this process may use")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+                        description="where the backbone runs: cpu (default, tested), cuda, cuda:N, auto")
     batching: bool = False  # measured on this 2-core CPU: 0.77-0.84x throughput (copilot bench --suite vision)
     batch_max_size: int = Field(8, ge=1, le=128)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
@@ -57,7 +59,7 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
         from services.vision.patchcore import FeatureExtractor
         from services.vision.references import ReferenceStore
 
-        engine = VisionEngine(FeatureExtractor(settings.image_size, settings.threads or None),
+        engine = VisionEngine(FeatureExtractor(settings.image_size, settings.threads or None, settings.device),
                               ReferenceStore(settings.reference_dir), limits,
                               EngineTuning(image_size=settings.image_size, coreset_ratio=settings.coreset_ratio))
         engine.seed_starter_set()

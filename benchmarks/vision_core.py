@@ -1,0 +1,100 @@
+"""Vision model path in-process (no gRPC): the PatchCore provider exactly as the vision service runs it —
+decode, backbone forward (one per image, or one per batch through the shared DynamicBatcher), memory-bank
+scoring — at 1, 4 and 16 concurrent callers, batching off and on, on a chosen device. Needs only torch, numpy,
+scipy, pillow and the two EfficientNet packages, so it also runs on the GPU machine:
+
+    python benchmarks/vision_core.py --device cuda --images 96 --output vision-core-cuda.json
+
+`copilot bench --suite vision` is the same measurement through a real vision process over gRPC (CPU)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from copilot.runtime.batching import DynamicBatcher  # noqa: E402
+from services.vision.core import VisionEngine  # noqa: E402
+from services.vision.patchcore import FeatureExtractor  # noqa: E402
+from services.vision.providers import PatchCoreProvider  # noqa: E402
+from services.vision.references import ReferenceStore  # noqa: E402
+
+
+def percentile(values: list[float], q: int) -> float:
+    return round(statistics.quantiles(sorted(values), n=100, method="inclusive")[q - 1], 2)
+
+
+async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: int) -> dict:
+    for _ in range(3):
+        await provider.analyze(photo, "brushed-steel", False)
+    times: list[float] = []
+    remaining = [total]
+
+    async def caller() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            started = time.perf_counter()
+            await provider.analyze(photo, "brushed-steel", False)
+            times.append((time.perf_counter() - started) * 1000)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(clients)))
+    elapsed = time.perf_counter() - began
+    return {"clients": clients, "images_per_s": round(total / elapsed, 2), "p50_ms": percentile(times, 50),
+            "p99_ms": percentile(times, 99)}
+
+
+async def main(args) -> dict:
+    import torch
+
+    photo = (ROOT / "samples" / "pump-housing-crack.jpg").read_bytes()
+    with tempfile.TemporaryDirectory() as folder:
+        engine = VisionEngine(FeatureExtractor(threads=args.threads or None, device=args.device),
+                              ReferenceStore(Path(folder)))
+        engine.seed_starter_set()
+        engine.load()
+        result = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                  else platform.processor() or platform.machine(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "images_per_run": args.images, "runs": []}
+        for batching in (False, True):
+            batcher = DynamicBatcher(engine.features, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000
+                                     ) if batching else None
+            provider = PatchCoreProvider(engine, batcher)
+            for clients in (1, 4, 16):
+                row = await load(provider, photo, clients, args.images)
+                result["runs"].append({"batching": batching, **row})
+                print(f"{args.device} batching={'on ' if batching else 'off'} clients={clients:2d} "
+                      f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms",
+                      flush=True)
+            await provider.close()
+    by = {(r["batching"], r["clients"]): r for r in result["runs"]}
+    for clients in (1, 4, 16):
+        on, off = by[(True, clients)], by[(False, clients)]
+        result[f"clients_{clients}"] = {"throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
+                                        "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2)}
+        print(f"{clients:2d} clients: batching {result[f'clients_{clients}']['throughput_ratio']:.2f}x throughput, "
+              f"p99 {result[f'clients_{clients}']['p99_ratio']:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "vision-core.json")
+    arguments = parser.parse_args()
+    outcome = asyncio.run(main(arguments))
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text(json.dumps(outcome, indent=2))
+    print(f"wrote {arguments.output}")
