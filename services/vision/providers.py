@@ -53,16 +53,40 @@ class VisionProvider(Protocol):
 
 
 class PatchCoreProvider:
+    """Decode and score run in the default thread pool (in parallel); the backbone forward runs per request in
+    that pool too on a CPU, on one dedicated model thread on a GPU (CUDA keeps per-thread handles: many threads
+    cost seconds of set-up and queue behind each other), or batched through the DynamicBatcher."""
+
     name = "patchcore"
 
     def __init__(self, engine: VisionEngine, batcher: DynamicBatcher | None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.engine = engine
         self.batcher = batcher
+        on_gpu = getattr(getattr(engine.extractor, "device", None), "type", "cpu") != "cpu"
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="vision-model") if on_gpu else None
+
+    def warm_up(self, sample, max_batch: int = 1) -> None:
+        """Run the forward pass once per batch size it will see (a GPU picks kernels per input shape), on the
+        thread(s) that will run it. Blocking: call it from warm-up, not from the event loop."""
+        sizes = range(1, (max_batch if self.batcher is not None else 1) + 1)
+        for size in sizes:
+            images = [sample] * size
+            if self.batcher is not None:
+                self.batcher.call_in_worker(self.engine.features, images)
+            elif self._model_thread is not None:
+                self._model_thread.submit(self.engine.features, images).result()
+            else:
+                self.engine.features(images)
 
     async def analyze(self, data, equipment_type, include_heatmap):
         image = await asyncio.to_thread(self.engine.decode, data)
         if self.batcher is not None:
             feature_map = await self.batcher.submit(image)
+        elif self._model_thread is not None:
+            loop = asyncio.get_running_loop()
+            feature_map = (await loop.run_in_executor(self._model_thread, self.engine.features, [image]))[0]
         else:
             feature_map = (await asyncio.to_thread(self.engine.features, [image]))[0]
         return await asyncio.to_thread(self.engine.score, image, feature_map, equipment_type, include_heatmap)
@@ -70,6 +94,8 @@ class PatchCoreProvider:
     async def close(self):
         if self.batcher is not None:
             await self.batcher.close()
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def defects_from_caption(caption: str) -> tuple[Defect, ...]:

@@ -1,6 +1,7 @@
 """Hosted vision providers against a local HTTP server started by the test (no network)."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -70,3 +71,54 @@ def test_caption_keywords():
 def test_local_blip2_needs_a_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="VISION_BLIP2_MODEL_PATH"):
         Blip2LocalProvider(str(tmp_path / "missing"), ImageLimits())
+
+
+class _Device:
+    def __init__(self, kind):
+        self.type = kind
+
+
+class _RecordingEngine:
+    """Stands in for VisionEngine around the provider: records the batch sizes and threads of each forward."""
+
+    def __init__(self, device):
+        import threading
+
+        self.extractor = type("Extractor", (), {"device": _Device(device)})()
+        self.forwards: list[tuple[int, str]] = []
+        self._threading = threading
+
+    def decode(self, data):
+        return data
+
+    def features(self, images):
+        self.forwards.append((len(images), self._threading.current_thread().name))
+        return [f"map-{i}" for i in range(len(images))]
+
+    def score(self, image, feature_map, equipment_type, include_heatmap):
+        return feature_map
+
+
+async def test_on_a_gpu_every_forward_runs_on_one_model_thread_and_warm_up_covers_batch_shapes():
+    from copilot.runtime.batching import DynamicBatcher
+    from services.vision.providers import PatchCoreProvider
+
+    engine = _RecordingEngine("cuda")
+    provider = PatchCoreProvider(engine, None)
+    provider.warm_up("img")
+    await asyncio.gather(*(provider.analyze(b"x", "", False) for _ in range(6)))
+    assert {thread for _, thread in engine.forwards} == {next(iter(engine.forwards))[1]}
+    assert engine.forwards[0][1].startswith("vision-model")
+    await provider.close()
+
+    batched = _RecordingEngine("cuda")
+    provider = PatchCoreProvider(batched, DynamicBatcher(batched.features, max_batch=4, max_wait_s=0))
+    provider.warm_up("img", max_batch=4)
+    assert [size for size, _ in batched.forwards] == [1, 2, 3, 4]
+    await provider.close()
+
+    cpu = _RecordingEngine("cpu")
+    provider = PatchCoreProvider(cpu, None)
+    await asyncio.gather(*(provider.analyze(b"x", "", False) for _ in range(6)))
+    assert not any(thread.startswith("vision-model") for _, thread in cpu.forwards)  # the shared pool on a CPU
+    await provider.close()
