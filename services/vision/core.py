@@ -163,6 +163,14 @@ class VisionEngine:
             self.load({ref.equipment_type})
         return ref
 
+    def sync(self) -> set[str]:
+        """Rebuild the models of the equipment types whose references another process (a replica sharing the
+        store) changed; returns those types."""
+        changed = self.store.refresh()
+        if changed:
+            self.load(changed)
+        return changed
+
     def reference_sets(self) -> dict[str, TypeModel]:
         return dict(self._models)
 

@@ -2,9 +2,15 @@
 
 Layout: <root>/index.json (metadata) and <root>/images/<sha256>.<ext>. The index is rewritten atomically
 (temporary file + rename), so a crash never leaves half an index. An empty store is seeded from the
-shipped starter set."""
+shipped starter set.
+
+Several vision processes may share one root (replicas on one host, or pods on a ReadWriteMany volume): writes
+take an exclusive `flock` on <root>/.lock and merge the index as it is on disk, and `refresh()` picks up what
+other processes wrote (the vision service calls it every VISION_REFERENCE_SYNC_S)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -43,13 +49,48 @@ class ReferenceStore:
         self.root = root
         self.images = root / "images"
         self.index_path = root / "index.json"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.images.mkdir(parents=True, exist_ok=True)
+        self._lock_path = root / ".lock"
         self._refs: dict[str, Reference] = {}
-        if self.index_path.exists():
-            for item in json.loads(self.index_path.read_text()):
+        self._stamp: tuple | None = None  # the index file as last read: (inode, size, mtime_ns)
+        self.refresh()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """This process's threads and every other process on the root, one writer at a time."""
+        with self._lock, open(self._lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _index_stamp(self) -> tuple | None:
+        try:
+            st = self.index_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def refresh(self) -> set[str]:
+        """Re-read the index if another process changed it; returns the equipment types whose references
+        changed (empty when nothing did)."""
+        with self._lock:
+            return self._reread()
+
+    def _reread(self) -> set[str]:
+        stamp = self._index_stamp()
+        if stamp == self._stamp:
+            return set()
+        refs: dict[str, Reference] = {}
+        if stamp is not None:
+            for item in json.loads(self.index_path.read_text()):  # replaced atomically: always a whole index
                 ref = Reference(**item)
-                self._refs[ref.reference_id] = ref
+                refs[ref.reference_id] = ref
+        before, after = set(self._refs.values()), set(refs.values())
+        self._refs, self._stamp = refs, stamp
+        return {r.equipment_type for r in before ^ after}
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -67,14 +108,16 @@ class ReferenceStore:
         return self.path(ref).read_bytes()
 
     def _write_index(self) -> None:
-        tmp = self.index_path.with_suffix(".tmp")
+        tmp = self.index_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps([asdict(r) for r in self.all()], indent=1))
         os.replace(tmp, self.index_path)
+        self._stamp = self._index_stamp()
 
     def add(self, equipment_type: str, label: str, data: bytes, width: int, height: int) -> tuple[Reference, bool]:
         """Store an image; the same bytes with the same type and label return the existing reference."""
         digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
+        with self._exclusive():
+            self.refresh()  # what other processes added meanwhile
             for ref in self._refs.values():
                 if (ref.sha256, ref.equipment_type, ref.label) == (digest, equipment_type, label):
                     return ref, False
@@ -92,7 +135,8 @@ class ReferenceStore:
             return ref, True
 
     def delete(self, reference_id: str) -> Reference | None:
-        with self._lock:
+        with self._exclusive():
+            self.refresh()
             ref = self._refs.pop(reference_id, None)
             if ref is None:
                 return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from services.vision.core import EngineTuning, ImageLimits
 from services.vision.servicer import VisionServicer
 
 SERVICE_NAME = VISION_SERVICE
+log = logging.getLogger(__name__)
 
 
 class VisionSettings(ServerSettings):
@@ -34,6 +36,9 @@ class VisionSettings(ServerSettings):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = 1 without batching (concurrent requests "
                                                "use the cores; measured +40 % images/s at 16 clients on 2 cores), "
                                                "the CPUs this process may use with batching")
+    # A store shared by several replicas (one host, or a ReadWriteMany volume): how often to pick up what the
+    # others registered or deleted; 0 = never (a store of its own).
+    reference_sync_s: float = Field(2.0, ge=0)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="where the backbone runs: cpu (default, tested), cuda, cuda:N, auto")
     batching: bool = False  # measured on this 2-core CPU: 0.77-0.84x throughput (copilot bench --suite vision)
@@ -96,10 +101,26 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
     settings = settings or VisionSettings()
     servicer = VisionServicer()
 
+    tasks: list[asyncio.Task] = []
+
+    async def sync_references() -> None:
+        while True:
+            await asyncio.sleep(settings.reference_sync_s)
+            try:
+                changed = await asyncio.to_thread(servicer.engine.sync)
+                if changed:
+                    log.info("reference sets changed by another replica: %s", sorted(changed))
+            except Exception:  # noqa: BLE001 - the next round tries again; analyses go on with the current models
+                log.exception("reference sync failed")
+
     async def warm_up() -> None:
         await asyncio.to_thread(build_provider, settings, servicer)
+        if servicer.engine is not None and settings.reference_sync_s > 0:
+            tasks.append(asyncio.create_task(sync_references()))
 
     async def close() -> None:
+        for task in tasks:
+            task.cancel()
         if servicer.provider is not None:
             await servicer.provider.close()
 

@@ -238,8 +238,9 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
         async with grpc.aio.insecure_channel(address) as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
             request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=image), equipment_type="brushed-steel")
+            metadata = auth_metadata("technician-bench")
             for _ in range(3):
-                await stub.AnalyzeImage(request, timeout=60)
+                await stub.AnalyzeImage(request, timeout=60, metadata=metadata)
             times: list[float] = []
             remaining = [total]
 
@@ -247,7 +248,7 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
                 while remaining[0] > 0:
                     remaining[0] -= 1
                     started = time.perf_counter()
-                    await stub.AnalyzeImage(request, timeout=120)
+                    await stub.AnalyzeImage(request, timeout=120, metadata=metadata)
                     times.append((time.perf_counter() - started) * 1000)
 
             began = time.perf_counter()
@@ -268,7 +269,7 @@ def run_vision(total: int, output: Path, console: Console) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for batching in (False, True):
             port = free_port()
-            env = {**__import__("os").environ, "VISION_PORT": str(port), "VISION_METRICS_PORT": "0",
+            env = {**__import__("os").environ, "VISION_PORT": str(port), "VISION_METRICS_PORT": "0", "AUTH_MODE": "dev",
                    "VISION_BATCHING": str(batching).lower(), "VISION_REFERENCE_DIR": f"{tmp}/refs-{batching}"}
             proc = ServiceProcess("vision", port, env, Path(tmp) / f"vision-{batching}.log")
             proc.spawn()

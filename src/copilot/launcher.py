@@ -125,8 +125,8 @@ class Mesh:
                 env.setdefault("AUTH_JWT_SECRET_FILE", str(self.dev_secret_file))
         if name == "knowledge":
             env.setdefault("KNOWLEDGE_CHROMA_PATH", str(self.data_dir / "chroma"))
-        if kind == "vision":  # one store per replica: processes do not share an index file
-            env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / f"{name}-references"))
+        if kind == "vision":  # the replicas share one reference store (flock'd index, synced every 2 s)
+            env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / "vision-references"))
         if name == "orchestrator":
             env.update(VISION_ADDR=self.vision_target(), KNOWLEDGE_ADDR=self.address("knowledge"),
                        REPORT_ADDR=self.address("report"))

@@ -58,5 +58,37 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
             while analyzed(mesh, "vision-2") == 0 and time.monotonic() < deadline:
                 diagnose_many(3)
             assert analyzed(mesh, "vision-2") > 0  # back in rotation
+
+        # the replicas share one reference store: what an engineer registers on one, the others use
+        from copilot.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+        from tests.conftest import token
+
+        engineer = auth_metadata(token("engineer"))
+        with grpc.insecure_channel(mesh.address("vision-3")) as channel:
+            registered = vision_pb2_grpc.VisionServiceStub(channel).RegisterReference(
+                vision_pb2.RegisterReferenceRequest(equipment_type="pump-housing", label="good",
+                                                    image=common_pb2.Image(data=crack_photo)),
+                metadata=engineer, timeout=60)
+        for replica in ("vision", "vision-2"):
+            with grpc.insecure_channel(mesh.address(replica)) as channel:
+                vision = vision_pb2_grpc.VisionServiceStub(channel)
+                deadline, seen = time.monotonic() + 20, []
+                while time.monotonic() < deadline:
+                    listed = vision.ListReferences(vision_pb2.ListReferencesRequest(equipment_type="pump-housing"),
+                                                   metadata=engineer, timeout=10)
+                    seen = [r.reference_id for r in listed.references]
+                    if seen:
+                        break
+                    time.sleep(0.5)
+                assert seen == [registered.reference.reference_id], replica
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:  # its model is rebuilt right after the index changes
+                    findings = vision.AnalyzeImage(vision_pb2.AnalyzeImageRequest(
+                        image=common_pb2.Image(data=crack_photo), equipment_type="pump-housing"),
+                        metadata=engineer, timeout=30)
+                    if findings.reference_set == "pump-housing":
+                        break
+                    time.sleep(0.5)
+                assert findings.reference_set == "pump-housing", replica
     finally:
         mesh.stop()

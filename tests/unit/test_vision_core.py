@@ -118,3 +118,44 @@ def test_size_and_pixel_limits(clean_photo):
 def test_every_allowed_format_is_analysed(vision_engine, fmt):
     image = samples.make_defect("painted-panel", "coating-defect", 4242)
     assert "coating-defect" in _types(vision_engine.analyze(samples.to_bytes(image, fmt), "painted-panel"))
+
+
+def test_replicas_sharing_a_reference_store_lose_no_write_and_see_each_other(tmp_path, crack_photo, clean_photo):
+    """Two stores on one root stand for two vision processes (flock excludes across open files)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.vision.references import ReferenceStore
+
+    first, second = ReferenceStore(tmp_path), ReferenceStore(tmp_path)
+    ref, created = first.add("pump-housing", "good", clean_photo, 64, 64)
+    assert created and second.refresh() == {"pump-housing"} and second.get(ref.reference_id) == ref
+    assert second.refresh() == set()  # nothing new
+    # concurrent writers on both: every add lands in the one index
+    labels = [f"crack-{n}" for n in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda n: (first if n % 2 else second).add("pump-housing", labels[n],
+                                                                   crack_photo + bytes([n]), 64, 64), range(12)))
+    assert {r.label for r in ReferenceStore(tmp_path).all()} == {"good", *labels}
+    assert first.refresh() | second.refresh() <= {"pump-housing"}
+    assert len(first.all()) == len(second.all()) == 13
+    # the same image twice, once on each replica: one reference
+    again, created_again = second.add("pump-housing", "good", clean_photo, 64, 64)
+    assert not created_again and again.reference_id == ref.reference_id
+    first.delete(ref.reference_id)
+    assert second.refresh() == {"pump-housing"} and second.get(ref.reference_id) is None
+
+
+def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature_extractor, clean_photo):
+    from services.vision.core import VisionEngine
+    from services.vision.references import ReferenceStore
+
+    mine = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    mine.seed_starter_set()
+    mine.load()
+    other = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    other.load()
+    assert "pump-housing" not in mine.reference_sets()
+    other.register("pump-housing", "good", clean_photo)
+    assert mine.sync() == {"pump-housing"}
+    assert "pump-housing" in mine.reference_sets()
+    assert mine.sync() == set()
