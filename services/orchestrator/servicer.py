@@ -33,7 +33,7 @@ from services.orchestrator.history import (
     fingerprint,
 )
 from services.orchestrator.validation import diagnosis_violations
-from services.orchestrator.workflow import DiagnosisWorkflow, StageFinished, StageStarted
+from services.orchestrator.workflow import DiagnosisWorkflow, StageStarted
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)

@@ -7,7 +7,6 @@ generic set (all types' references) with lower confidence.
 """
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING

@@ -107,40 +107,12 @@ def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", tit
                                                                            metadata=auth_metadata(token))
 
 
-class _Bearer:
-    def __init__(self, token: str) -> None:
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata, self.header),
-                                          details.credentials, details.wait_for_ready)
-
-
-class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
-
-
-class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
-
-
-class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
-class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
 def bearer_interceptors(token: str) -> list:
-    """asyncio channel interceptors sending `authorization: Bearer <token>` on calls of every kind (a channel
-    files each interceptor under one kind only, hence four)."""
-    return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)]
+    """asyncio channel interceptors sending `authorization: Bearer <token>` on calls of every kind."""
+    from copilot.runtime.interceptors import authorization_interceptors
+
+    header = f"Bearer {token}"
+    return authorization_interceptors(lambda: header)
 
 
 def aio_channel(address: str, token: str | None = None, *, credentials: grpc.ChannelCredentials | None = None,

@@ -19,7 +19,7 @@ from PIL import Image
 from copilot.client import diagnose_request
 from copilot.runtime.errors import field_violations, retry_delay_s
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
-from tests.contract.conftest import channel_to, serving
+from tests.contract.conftest import serving
 from tests.fakes import FakeAgents
 
 PROBLEM = "Spindle overheating during the second shift"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -162,6 +163,9 @@ def test_queries_during_a_replacement_never_mix_versions(tmp_path, embedder):
     for version in range(1, 6):
         kb.ingest_document(f"---\nid: SOP-901\ntitle: Boiler parts\nversion: 'v{version}'\n---\n{body}".encode(),
                            DocumentMeta(filename="b.md"))
+        done, deadline = len(seen), time.monotonic() + 10
+        while len(seen) == done and time.monotonic() < deadline:  # a loaded machine: let the reader query too
+            time.sleep(0.01)
     stop.set()
     reader.join()
     assert len(seen) > 3

@@ -1,11 +1,9 @@
 """The LangGraph workflow around fake agents (the gRPC agents are exercised in contract/integration tests)."""
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import datetime, timezone
 
-import grpc
 import pytest
 
 from copilot.domain import (

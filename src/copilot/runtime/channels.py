@@ -7,7 +7,7 @@ import json
 import grpc
 
 from copilot.runtime.config import TlsSettings, message_size_options
-from copilot.runtime.interceptors import ForwardAuthorization
+from copilot.runtime.interceptors import forward_authorization
 from copilot.runtime.telemetry import client_interceptors
 from copilot.runtime.tls import channel_credentials, channel_options
 
@@ -35,7 +35,7 @@ def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
 def agent_channel(target: str, service_names: list[str], *, max_message_bytes: int,
                   tls: TlsSettings | None = None) -> grpc.aio.Channel:
     """A channel to one agent service. `target` may be `host:port` or `dns:///svc:port` (headless Service).
-    Calls carry the current caller's token (ForwardAuthorization) and, with TLS settings, run over (m)TLS."""
+    Calls carry the current caller's token (forward_authorization) and, with TLS settings, run over (m)TLS."""
     tls = tls or TlsSettings()
     options = [
         ("grpc.service_config", service_config(service_names)),
@@ -46,7 +46,7 @@ def agent_channel(target: str, service_names: list[str], *, max_message_bytes: i
         *message_size_options(max_message_bytes),
         *channel_options(tls),
     ]
-    interceptors = [*client_interceptors(), ForwardAuthorization()]
+    interceptors = [*client_interceptors(), *forward_authorization()]
     credentials = channel_credentials(tls)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)

@@ -26,7 +26,7 @@ log = logging.getLogger("copilot.rpc")
 
 #: The authenticated caller of the current RPC, for logs and span attributes.
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
-#: The caller's `authorization` header, forwarded on the agent calls the RPC makes (see ForwardAuthorization).
+#: The caller's `authorization` header, forwarded on the agent calls the RPC makes (see forward_authorization).
 current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_authorization", default=None)
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
@@ -49,8 +49,9 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.
     passed to `after`), `after(state, context, error)` runs last, and a streamed request goes through
     `filter_requests` (and `request_deserializer`, when given). Works for the four RPC kinds."""
 
-    async def run_unary(behaviour, request, context):
-        state = await before(request, context)
+    # `seen` is what `before` gets: the request, or None for a request stream (which `behaviour` gets filtered)
+    async def run_unary(behaviour, seen, request, context):
+        state = await before(seen, context)
         error = None
         try:
             return await behaviour(request, context)
@@ -61,8 +62,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.
             if after is not None:
                 await after(state, context, error)
 
-    async def run_stream(behaviour, request, context):
-        state = await before(request, context)
+    async def run_stream(behaviour, seen, request, context):
+        state = await before(seen, context)
         error = None
         try:
             async for item in behaviour(request, context):
@@ -79,44 +80,14 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.
 
     kw = dict(request_deserializer=request_deserializer or handler.request_deserializer,
               response_serializer=handler.response_serializer)
-    if handler.unary_unary is not None:
-        b = handler.unary_unary
-        return grpc.unary_unary_rpc_method_handler(lambda r, c: run_unary(b, r, c), **kw)
-    if handler.unary_stream is not None:
-        b = handler.unary_stream
-        return grpc.unary_stream_rpc_method_handler(lambda r, c: run_stream(b, r, c), **kw)
-    if handler.stream_unary is not None:
-        b = handler.stream_unary
-
-        async def stream_unary(iterator, context):
-            state = await before(None, context)
-            error = None
-            try:
-                return await b(requests(iterator, context), context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if after is not None:
-                    await after(state, context, error)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    if (b := handler.unary_unary) is not None:
+        return grpc.unary_unary_rpc_method_handler(lambda r, c: run_unary(b, r, r, c), **kw)
+    if (b := handler.unary_stream) is not None:
+        return grpc.unary_stream_rpc_method_handler(lambda r, c: run_stream(b, r, r, c), **kw)
+    if (b := handler.stream_unary) is not None:
+        return grpc.stream_unary_rpc_method_handler(lambda it, c: run_unary(b, None, requests(it, c), c), **kw)
     b = handler.stream_stream
-
-    async def stream_stream(iterator, context):
-        state = await before(None, context)
-        error = None
-        try:
-            async for item in b(requests(iterator, context), context):
-                yield item
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if after is not None:
-                await after(state, context, error)
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+    return grpc.stream_stream_rpc_method_handler(lambda it, c: run_stream(b, None, requests(it, c), c), **kw)
 
 
 def _trace_id() -> str:
@@ -272,16 +243,50 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
                             request_deserializer=tolerant(handler.request_deserializer))
 
 
-class ForwardAuthorization(grpc.aio.UnaryUnaryClientInterceptor):
-    """Client side: agent calls made while serving an RPC carry that RPC's caller's token, so the agents
-    authenticate and authorise the same principal."""
+class _SetAuthorization:
+    """Client side: `authorization: header()` on every call (left as it is when header() gives nothing)."""
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        header = current_authorization.get()
-        if header:
-            metadata = [m for m in (client_call_details.metadata or ()) if m[0] != "authorization"]
-            metadata.append(("authorization", header))
-            client_call_details = grpc.aio.ClientCallDetails(
-                client_call_details.method, client_call_details.timeout, grpc.aio.Metadata(*metadata),
-                client_call_details.credentials, client_call_details.wait_for_ready)
-        return await continuation(client_call_details, request)
+    def __init__(self, header: Callable[[], str | None]) -> None:
+        self.header = header
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        value = self.header()
+        if not value:
+            return details
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        return grpc.aio.ClientCallDetails(details.method, details.timeout,
+                                          grpc.aio.Metadata(*metadata, ("authorization", value)),
+                                          details.credentials, details.wait_for_ready)
+
+
+class _AuthorizationUnaryUnary(_SetAuthorization, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AuthorizationUnaryStream(_SetAuthorization, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AuthorizationStreamUnary(_SetAuthorization, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+class _AuthorizationStreamStream(_SetAuthorization, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+def authorization_interceptors(header: Callable[[], str | None]) -> list:
+    """asyncio channel interceptors setting `authorization: header()` on calls of every kind (a channel files
+    each interceptor under one kind only, hence four)."""
+    return [kind(header) for kind in (_AuthorizationUnaryUnary, _AuthorizationUnaryStream,
+                                      _AuthorizationStreamUnary, _AuthorizationStreamStream)]
+
+
+def forward_authorization() -> list:
+    """Agent calls made while serving an RPC carry that RPC's caller's token, so the agents authenticate and
+    authorise the same principal."""
+    return authorization_interceptors(current_authorization.get)
