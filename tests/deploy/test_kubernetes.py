@@ -206,3 +206,19 @@ def test_overlays_differ_where_they_should():
     assert "ServiceMonitor" in {d["kind"] for d in prod} and "ServiceMonitor" not in {d["kind"] for d in dev}
     tags = {c["image"] for d in workloads(prod) for c in d["spec"]["template"]["spec"]["containers"] if ours(c)}
     assert tags == {f"{image}:0.1.0" for image in OUR_IMAGES}
+
+
+def test_prod_vision_pods_share_one_reference_store():
+    """Prod mounts one ReadWriteMany claim at the vision pods' reference dir; dev keeps a store per pod."""
+    for overlay, shared in (("dev", False), ("prod", True)):
+        docs = render(overlay)
+        pod = by_kind(docs, "Deployment")["vision"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        reference_dir = next(e["value"] for e in container["env"] if e["name"] == "VISION_REFERENCE_DIR")
+        mount = next(m for m in container["volumeMounts"] if reference_dir.startswith(m["mountPath"]))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        if shared:
+            claim = by_kind(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and "emptyDir" not in volume
+        else:
+            assert "emptyDir" in volume and "PersistentVolumeClaim" not in {d["kind"] for d in docs}
