@@ -350,7 +350,7 @@ def health(
 
     from copilot.launcher import health_status
 
-    status = health_status(addr, timeout=timeout, service=service)
+    status = health_status(addr, timeout=timeout, service=service, channel=open_channel(addr))  # TLS: COPILOT_TLS_*
     name = "UNREACHABLE" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     out.print(f"{addr} {service or '(server)'}: {name}")
     raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)

@@ -36,9 +36,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> int | None:
-    """grpc.health.v1 status of a server, or None when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, timeout: float = 1.0, service: str = "", channel: grpc.Channel | None = None
+                  ) -> int | None:
+    """grpc.health.v1 status of a server, or None when it does not answer (plaintext unless `channel` is given)."""
+    with channel or grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                               timeout=timeout)
