@@ -67,15 +67,14 @@ def build(settings: OrchestratorSettings | None = None, *, clients: AgentClients
     history = IncidentStore(settings.database_url)
 
     async def related(request, request_id):
-        if not settings.related_incidents:
-            return []
         return await asyncio.to_thread(history.similar, request.plant_id, request.equipment_id,
                                        request.problem_description, exclude=request_id,
                                        limit=settings.related_incidents)
 
     workflow = DiagnosisWorkflow(clients, StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s,
                                                         settings.report_timeout_s),
-                                 parallel=settings.parallel_stages, related_incidents=related)
+                                 parallel=settings.parallel_stages,
+                                 related_incidents=related if settings.related_incidents else None)
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     servicer = CopilotServicer(workflow, history, image_limits=limits,
                                batch_max_items=settings.batch_max_items, batch_concurrency=settings.batch_concurrency)

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from typing import AsyncIterator
 
 import grpc
-from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
 from opentelemetry import trace
 
@@ -42,23 +41,17 @@ DEFAULT_PAGE_SIZE = 20
 
 
 class DiagnosisRefused(Exception):
-    """A batch item that cannot run: its gRPC code, message and field violations."""
+    """A diagnosis that cannot run (its request_id belongs to another request): its gRPC code and message."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations=()) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
-        self.code, self.message, self.violations = code, message, list(violations)
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+        self.code, self.message = code, message
 
 
 def _feedback_pb(f: StoredFeedback) -> copilot_pb2.Feedback:
     return copilot_pb2.Feedback(helpful=f.helpful, resolution_notes=f.resolution_notes,
                                 helpful_sop_ids=list(f.helpful_sop_ids), principal=f.principal,
-                                submitted_at=_timestamp(f.submitted_at))
+                                submitted_at=convert.timestamp_to_pb(f.submitted_at))
 
 
 def incident_to_pb(i: StoredIncident, *, full: bool = True) -> copilot_pb2.Incident:
@@ -68,7 +61,7 @@ def incident_to_pb(i: StoredIncident, *, full: bool = True) -> copilot_pb2.Incid
     return copilot_pb2.Incident(
         request_id=i.request_id, plant_id=i.plant_id, equipment_id=i.equipment_id, equipment_type=i.equipment_type,
         problem_description=i.problem_description, image_sha256=i.image_sha256, image_mime_type=i.image_mime_type,
-        principal=i.principal, trace_id=i.trace_id, created_at=_timestamp(i.created_at), diagnosis=diagnosis,
+        principal=i.principal, trace_id=i.trace_id, created_at=convert.timestamp_to_pb(i.created_at), diagnosis=diagnosis,
         feedback=[_feedback_pb(f) for f in i.feedback])
 
 
@@ -152,7 +145,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
                                                      "app.principal": principal.subject if principal else ""})
             async for event in self.workflow.events(diagnosis_input, deadline=deadline, request_id=request_id):
                 if isinstance(event, Diagnosis):
-                    response = await self._store(request, diagnosis_input, event, convert.diagnosis_to_pb(event),
+                    response = await self._store(request, diagnosis_input, own_fingerprint, event,
                                                  principal.subject if principal else "anonymous")
                     outcome.set_result(response)
                     yield copilot_pb2.StreamDiagnoseResponse(request_id=request_id, result=response)
@@ -164,7 +157,8 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             if self._running.get(request_id, (None, None))[1] is outcome:
                 del self._running[request_id]
 
-    async def _store(self, request, diagnosis_input, diagnosis: Diagnosis, response, principal: str):
+    async def _store(self, request, diagnosis_input, input_fingerprint: str, diagnosis: Diagnosis, principal: str):
+        response = convert.diagnosis_to_pb(diagnosis)
         image = diagnosis_input.image_data
         incident = StoredIncident(
             request_id=diagnosis.request_id, created_at=datetime.now(timezone.utc), plant_id=request.plant_id,
@@ -175,7 +169,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             trace_id=diagnosis.trace_id, confidence=diagnosis.confidence_score,
             requires_manual_review=diagnosis.requires_manual_review,
             referenced_sop_ids=tuple(diagnosis.report.referenced_sop_ids), response=response.SerializeToString(),
-            input_fingerprint=fingerprint(diagnosis_input),
+            input_fingerprint=input_fingerprint,
             stages=tuple({"stage": st.stage.value, "state": st.state.value, "error": st.error}
                          for st in diagnosis.stages))
         try:
@@ -202,11 +196,6 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         assert result is not None
         return result
 
-    async def _abort(self, context, refused: DiagnosisRefused):
-        if refused.violations:
-            await abort_invalid(context, refused.violations)
-        await context.abort(refused.code, refused.message)
-
     # --- RPCs -----------------------------------------------------------------------------------
 
     # The request rules, image checks included, ran in the ValidationInterceptor before these methods.
@@ -215,14 +204,14 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         try:
             return await self._diagnose_once(request, self._deadline(context))
         except DiagnosisRefused as refused:
-            await self._abort(context, refused)
+            await context.abort(refused.code, refused.message)
 
     async def StreamDiagnose(self, request: copilot_pb2.StreamDiagnoseRequest, context):
         try:
             async for event in self._events(request.diagnosis, self._deadline(context)):
                 yield event
         except DiagnosisRefused as refused:
-            await self._abort(context, refused)
+            await context.abort(refused.code, refused.message)
 
     async def DiagnoseBatch(self, request: copilot_pb2.DiagnoseBatchRequest, context):
         if len(request.requests) > self.batch_max_items:

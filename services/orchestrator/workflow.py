@@ -233,8 +233,6 @@ class DiagnosisWorkflow:
     async def _related(self, request: DiagnosisInput, request_id: str, deadline: float | None
                        ) -> tuple[PastIncident, ...]:
         """Earlier incidents on the same equipment (at most 1 s); a history failure never fails the diagnosis."""
-        if self.related_incidents is None:
-            return ()
         budget = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         try:
             with tracer.start_as_current_span("workflow.history"):

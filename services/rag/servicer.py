@@ -152,12 +152,10 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             chunks_written=result.chunks_written, chunks_removed=result.chunks_removed)
 
     async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
-        violations = []
         after = _after_id(request.page_token) if request.page_token else ""
         if after is None:
-            violations.append(FieldViolation("page_token", "is not a token from a previous ListDocuments response"))
-        if violations:
-            await abort_invalid(context, violations)
+            await abort_invalid(context, [FieldViolation("page_token",
+                                                         "is not a token from a previous ListDocuments response")])
         knowledge = await self._ready(context)
         documents = await asyncio.to_thread(knowledge.list_documents, request.equipment_type, request.plant_id)
         remaining = [d for d in documents if d.sop_id > after] if after else documents

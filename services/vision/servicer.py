@@ -99,11 +99,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def ListReferences(self, request, context) -> vision_pb2.ListReferencesResponse:
         engine = await self._engine(context)
         offset = _page_offset(request.page_token)
-        violations = []
         if offset is None or offset < 0:
-            violations.append(FieldViolation("page_token", "not a token from a previous ListReferences reply"))
-        if violations:
-            await abort_invalid(context, violations)
+            await abort_invalid(context, [FieldViolation("page_token", "not a token from a previous ListReferences reply")])
         refs = [r for r in engine.store.all() if not request.equipment_type or r.equipment_type == request.equipment_type]
         size = request.page_size or DEFAULT_PAGE
         page = refs[offset:offset + size]

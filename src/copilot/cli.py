@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +47,13 @@ def _stage_summary(finished) -> str:
     return finished.status.error
 
 
+def _stage_row(status, detail: str) -> list[str]:
+    name, state = _enum_label(status, "stage", "STAGE_"), _enum_label(status, "state", "STAGE_STATE_")
+    colour = "green" if state == "ok" else "yellow"
+    return [name, f"[{colour}]{state}[/]", f"{status.confidence:.2f}" if status.HasField("confidence") else "-",
+            f"{status.duration_ms:.0f}", detail]
+
+
 def run_streamed(address: str, request, *, token: str, timeout: float, show: bool = True):
     """StreamDiagnose with a live stage table; returns the final DiagnoseResponse. Ctrl-C cancels the call,
     which cancels the agent calls downstream."""
@@ -80,20 +87,12 @@ def run_streamed(address: str, request, *, token: str, timeout: float, show: boo
                     if kind == "stage_started":
                         started[_enum_label(event.stage_started, "stage", "STAGE_")] = time.monotonic()
                     elif kind == "stage_finished":
-                        status = event.stage_finished.status
-                        name = _enum_label(status, "stage", "STAGE_")
-                        state = _enum_label(status, "state", "STAGE_STATE_")
-                        colour = "green" if state == "ok" else "yellow"
-                        rows[name] = [name, f"[{colour}]{state}[/]",
-                                      f"{status.confidence:.2f}" if status.HasField("confidence") else "-",
-                                      f"{status.duration_ms:.0f}", _stage_summary(event.stage_finished)]
+                        row = _stage_row(event.stage_finished.status, _stage_summary(event.stage_finished))
+                        rows[row[0]] = row
                     elif kind == "result":
                         result = event.result
                         for s in result.stages:  # a replayed answer (or a skipped stage) has no live events
-                            name = _enum_label(s, "stage", "STAGE_")
-                            rows.setdefault(name, [name, _enum_label(s, "state", "STAGE_STATE_"),
-                                                   f"{s.confidence:.2f}" if s.HasField("confidence") else "-",
-                                                   f"{s.duration_ms:.0f}", s.error])
+                            rows.setdefault(_enum_label(s, "stage", "STAGE_"), _stage_row(s, s.error))
                     if live is not None:
                         live.update(render())
             if show and not console.is_terminal:
@@ -166,7 +165,7 @@ def token(
                                                help="PEM private key: an RS256 token"),
 ) -> None:
     """Mint a signed JWT for a dev or test mesh and print it (use it as COPILOT_TOKEN or --token)."""
-    from copilot.runtime.auth import AuthSettings, Role, dev_secret, mint_token
+    from copilot.runtime.auth import AuthSettings, Role, mint_token, signing_secret
 
     parsed = Role.parse(role)
     if parsed is None:
@@ -177,7 +176,7 @@ def token(
             value = mint_token(subject or f"{role}-cli", parsed, private_key=private_key.read_text(), ttl_s=ttl,
                                issuer=settings.issuer, audience=settings.audience)
         else:
-            secret = secret_file.read_text().strip() if secret_file else settings.secret() or dev_secret()
+            secret = secret_file.read_text().strip() if secret_file else signing_secret(create=True)
             value = mint_token(subject or f"{role}-cli", parsed, secret=secret, ttl_s=ttl,
                                issuer=settings.issuer, audience=settings.audience)
     except ValueError as exc:
@@ -197,14 +196,10 @@ def incidents(
     token: str = typer.Option("", "--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP),
 ) -> None:
     """List past diagnoses, newest first (ListIncidents)."""
-    from google.protobuf import timestamp_pb2
+    from copilot.runtime.convert import timestamp_to_pb
 
     def stamp(value: datetime | None):
-        if value is None:
-            return None
-        result = timestamp_pb2.Timestamp()
-        result.FromDatetime(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
-        return result
+        return timestamp_to_pb(value) if value is not None else None  # naive: UTC
 
     found = []
     metadata = auth_metadata(resolve_token(token))

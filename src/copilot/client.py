@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import mimetypes
-import os
 from pathlib import Path
 
 import grpc
@@ -37,14 +36,14 @@ def open_channel(address: str) -> grpc.Channel:
 
 def resolve_token(token: str | None = None, role: str = "technician", data_dir: Path = Path(".copilot-data")) -> str:
     """The token a CLI call sends: an explicit one (--token / COPILOT_TOKEN) wins; else a JWT minted with the
-    local dev mesh's secret (data_dir/auth/dev-jwt-secret, written by `copilot up`); else the seed's dev form."""
+    local secret (AUTH_JWT_SECRET(_FILE), else data_dir/auth/dev-jwt-secret written by `copilot up`); else the
+    seed's dev form."""
+    from copilot.runtime.auth import Role, mint_token, signing_secret
+
     if token:
         return token
-    secret_file = data_dir / "auth" / "dev-jwt-secret"
-    secret = os.environ.get("AUTH_JWT_SECRET", "") or (secret_file.read_text().strip() if secret_file.exists() else "")
+    secret = signing_secret(data_dir / "auth" / "dev-jwt-secret")
     if secret:
-        from copilot.runtime.auth import Role, mint_token
-
         return mint_token(f"{role}-cli", Role.parse(role), secret=secret, ttl_s=900)
     return DEV_TOKEN
 

@@ -140,10 +140,9 @@ class Mesh:
 
     def token(self, role: str = "technician", subject: str = "") -> str:
         """A JWT this (dev-mode) mesh accepts."""
-        from copilot.runtime.auth import Role, dev_secret, mint_token
+        from copilot.runtime.auth import Role, mint_token, signing_secret
 
-        secret = self.extra_env.get("AUTH_JWT_SECRET") or os.environ.get("AUTH_JWT_SECRET") or dev_secret(
-            self.dev_secret_file)
+        secret = self.extra_env.get("AUTH_JWT_SECRET") or signing_secret(self.dev_secret_file, create=True)
         return mint_token(subject or f"{role}-local", Role.parse(role), secret=secret)
 
     def start(self) -> None:

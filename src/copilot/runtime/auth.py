@@ -166,6 +166,15 @@ def dev_secret(path: Path = DEV_SECRET_FILE) -> str:
     return value
 
 
+def signing_secret(dev_file: Path = DEV_SECRET_FILE, *, create: bool = False) -> str:
+    """The HS256 secret local tokens are signed with: AUTH_JWT_SECRET(_FILE) when set, else the dev mesh's secret
+    file (created when `create`); "" when there is none."""
+    secret = AuthSettings().secret()
+    if secret:
+        return secret
+    return dev_secret(dev_file) if create or dev_file.exists() else ""
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     """The lowest role each method needs; methods not listed need `default`. Health and reflection are open."""

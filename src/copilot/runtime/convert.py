@@ -1,7 +1,7 @@
 """Domain dataclasses <-> generated protobuf messages, in one place."""
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import datetime, timezone
 
 from google.protobuf import timestamp_pb2
 
@@ -49,9 +49,15 @@ def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
                           unsupported=m.unsupported)
 
 
+def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp (an aware datetime is converted to UTC; a naive one is taken as UTC)."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
 def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
-    generated = timestamp_pb2.Timestamp()
-    generated.FromDatetime(r.generated_at.astimezone(timezone.utc))
+    generated = timestamp_to_pb(r.generated_at.astimezone(timezone.utc))
     return common_pb2.IncidentReport(
         summary=r.summary,
         defects=[defect_to_pb(x) for x in r.defects],
@@ -254,9 +260,7 @@ def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
 
 
 def past_incident_to_pb(x: d.PastIncident) -> report_pb2.PastIncident:
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(x.created_at)
-    return report_pb2.PastIncident(request_id=x.request_id, created_at=created,
+    return report_pb2.PastIncident(request_id=x.request_id, created_at=timestamp_to_pb(x.created_at),
                                    problem_description=x.problem_description,
                                    referenced_sop_ids=list(x.referenced_sop_ids), resolution_notes=x.resolution_notes)
 

@@ -11,6 +11,7 @@
 All four RPC kinds are wrapped (unary and streaming requests and responses)."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -32,9 +33,6 @@ current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextV
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                            "grpc.reflection.v1.ServerReflection"})
 
-# `around(behaviour, request, context)` runs a unary-response behaviour; for streaming responses the same
-# function receives an async iterator factory and must return an async iterator.
-Around = Callable[[Callable[[], Any], Any, grpc.aio.ServicerContext], Any]
 
 
 def service_of(method: str) -> str:
@@ -114,8 +112,6 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(error, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.UNKNOWN
             elif isinstance(error, BaseException) and not isinstance(error, GeneratorExit):
-                import asyncio
-
                 if isinstance(error, asyncio.CancelledError):
                     code = grpc.StatusCode.CANCELLED
                 else:
