@@ -9,7 +9,7 @@ GENERATED := src/copilot/v1/__init__.py
 # pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install protos run up test lint breaking bench clean
+.PHONY: install protos run up test lint breaking bench images clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -44,6 +44,10 @@ test: install lint
 
 bench: install
 	$(BIN)/copilot bench
+
+# The four service images with Podman (base from debootstrap where nothing can be pulled; see README).
+images:
+	scripts/images.sh
 
 clean:
 	rm -rf .copilot-data src/copilot/v1 src/buf/validate/*_pb2*.py src/buf/validate/*.pyi .pytest_cache

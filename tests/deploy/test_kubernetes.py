@@ -113,7 +113,7 @@ def test_environment_names_are_ones_the_code_reads(manifests, known_env):
                 assert names <= known_env, (workload["metadata"]["name"], names - known_env)
 
 
-def test_every_hop_verifies_jwts_with_the_mounted_secret(manifests):
+def test_every_hop_verifies_jwts_with_the_mounted_secret(manifests, request):
     config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
     assert config["AUTH_MODE"] == "jwt"  # the dev-only token form is never on in a cluster
     secret_dir = config["AUTH_JWT_SECRET_FILE"].rsplit("/", 1)[0]
@@ -130,7 +130,13 @@ def test_every_hop_verifies_jwts_with_the_mounted_secret(manifests):
         assert [i["key"] for i in volume["secret"]["items"]] == ["jwt-secret"], name
     orchestrator = deployments["orchestrator"]["spec"]["template"]["spec"]["containers"][0]
     database = next(e for e in orchestrator["env"] if e["name"] == "ORCHESTRATOR_DATABASE_URL")
-    assert database["valueFrom"]["secretKeyRef"] == {"name": "copilot-secrets", "key": "database-url"}
+    if request.node.callspec.params["manifests"] == "dev":  # SQLite on the pod's own /data volume
+        assert database["value"] == "sqlite:////data/incidents.db"
+        data = next(m for m in orchestrator["volumeMounts"] if m["mountPath"] == "/data")
+        pod = deployments["orchestrator"]["spec"]["template"]["spec"]
+        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == data["name"])
+    else:
+        assert database["valueFrom"]["secretKeyRef"] == {"name": "copilot-secrets", "key": "database-url"}
 
 
 def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifests, default_ports):

@@ -2,59 +2,24 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import defaultdict
-from concurrent import futures
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from copilot.client import auth_metadata, diagnose_request
 from copilot.launcher import Mesh, free_port
 from copilot.v1 import copilot_pb2_grpc
+from tests.otlp_receiver import attributes, serve
 
 pytestmark = pytest.mark.e2e
-
-
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """A minimal OTLP/gRPC trace receiver: keeps every span with its service.name."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            for resource_spans in request.resource_spans:
-                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((attrs.get("service.name", "?"), span) for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace(self, trace_id: bytes) -> list[tuple[str, object]]:
-        with self.lock:
-            return [(svc, s) for svc, s in self.spans if s.trace_id == trace_id]
-
-
-def attributes(span) -> dict:
-    out = {}
-    for a in span.attributes:
-        v = a.value
-        kind = v.WhichOneof("value")
-        out[a.key] = [getattr(x, x.WhichOneof("value")) for x in v.array_value.values] if kind == "array_value" else getattr(v, kind)
-    return out
 
 
 @pytest.fixture(scope="module")
 def receiver():
     port = free_port()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = OtlpReceiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
+    server, servicer = serve(f"127.0.0.1:{port}")
     yield servicer, port
     server.stop(0)
 

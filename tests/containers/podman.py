@@ -1,0 +1,237 @@
+"""The dev overlay run as Podman pods: what the container test starts, stops and measures.
+
+`podman kube play` runs each Deployment as a pod from our images, with the manifest's env, ConfigMap,
+security context (uid, read-only root filesystem, dropped capabilities), emptyDir volumes, memory limits and
+restartPolicy. Where Podman 4.3 (Debian bookworm's) cannot honour the overlay, `for_podman` adapts it, and
+the README lists each difference:
+
+* headless Services: none in Podman. Each pod joins one network with its Service name as a DNS alias, so
+  `dns:///vision:50052` resolves to every vision pod, as the headless Service does in a cluster;
+* Deployment replicas: Podman plays one pod per Deployment, so a second vision replica is the same
+  Deployment played again under the name `vision-2` (same alias);
+* StatefulSet (chroma): not played by Podman; the same pod template as a Deployment, its claim an emptyDir;
+* Secret volumes: `kube play` of 4.3 crashes on them; the JWT key is a hostPath folder holding the same file;
+* the OTel collector and Jaeger images cannot be pulled here: the test's own OTLP receiver (a container
+  from our report image) takes the `otel-collector` alias;
+* the orchestrator's gRPC port is published on 127.0.0.1 (hostPort) where a cluster has its Ingress;
+* gRPC probes are ignored by Podman 4.3: the test polls each container's own health command instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PODMAN = shutil.which("podman")
+SERVICE_PORTS = {"orchestrator": 50051, "vision": 50052, "knowledge": 50053, "report": 50054}
+METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466, "report": 9467}
+# the order pods are played in: what others dial first (start times overlap; none waits for another)
+PLAY_ORDER = ("chroma", "report", "vision", "vision-2", "knowledge", "orchestrator")
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([PODMAN or "podman", *args], check=check, timeout=timeout, text=True,
+                          capture_output=capture)
+
+
+def kubectl() -> str:
+    venv = Path(sys.executable).with_name("kubectl")
+    return str(venv) if venv.exists() else (shutil.which("kubectl") or "kubectl")
+
+
+def render(overlay: str = "dev") -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def service_of(name: str) -> str:
+    """Pod name -> the Service (DNS alias) it stands behind: vision-2 is a vision replica."""
+    return name.split("-")[0] if name.startswith("vision") else name
+
+
+def for_podman(docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_port: int,
+               extra_config: dict[str, str]) -> dict[str, list[dict]]:
+    """The rendered overlay as one `kube play` document list per pod (see the module's doc for each change)."""
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "copilot-config")
+    config = copy.deepcopy(config)
+    config["data"].update(extra_config)
+    workloads = {d["metadata"]["name"]: copy.deepcopy(d) for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+    plays: dict[str, list[dict]] = {}
+    for name in ("chroma", "report", "vision", "knowledge", "orchestrator"):
+        workload = workloads[name]
+        if workload["kind"] == "StatefulSet":
+            claims = workload["spec"].pop("volumeClaimTemplates", [])
+            workload["spec"].pop("serviceName", None)
+            workload["kind"], workload["apiVersion"] = "Deployment", "apps/v1"
+            workload["spec"]["template"]["spec"].setdefault("volumes", []).extend(
+                {"name": claim["metadata"]["name"], "emptyDir": {}} for claim in claims)
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            image, _, _ = container["image"].partition(":")
+            container["image"] = f"{image}:{tag}"
+            # kube play publishes every containerPort on the host; pods reach each other on the network
+            container.pop("ports", None)
+        if name == "orchestrator":
+            workload["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+                {"name": "grpc", "containerPort": SERVICE_PORTS["orchestrator"], "hostPort": orchestrator_port,
+                 "hostIP": "127.0.0.1"}]
+        workload["spec"]["replicas"] = 1
+        plays[name] = [config, workload]
+    second = copy.deepcopy(plays["vision"][1])
+    second["metadata"]["name"] = "vision-2"
+    plays["vision-2"] = [config, second]
+    for pod, (_, workload) in plays.items():
+        own_volumes(pod, workload["spec"]["template"]["spec"], secret_dir)
+    return plays
+
+
+def own_volumes(pod: str, spec: dict, secret_dir: Path) -> None:
+    """kube play makes an emptyDir a named volume called after the manifest's volume name, which every pod
+    with a `tmp` or `data` volume would share: name each after its pod. The Secret volume becomes a hostPath."""
+    renamed = {}
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            volume.pop("secret")
+            volume["hostPath"] = {"path": str(secret_dir), "type": "Directory"}
+        else:
+            renamed[volume["name"]] = volume["name"] = f"{pod}-{volume['name']}"
+    for container in spec["containers"]:
+        for mount in container.get("volumeMounts", []):
+            mount["name"] = renamed.get(mount["name"], mount["name"])
+
+
+@dataclass
+class PodmanMesh:
+    """The dev overlay's pods on one Podman network, plus the test's OTLP receiver."""
+
+    workdir: Path
+    tag: str = "dev"
+    orchestrator_port: int = 0
+    secret: str = ""
+    network: str = field(default_factory=lambda: f"copilot-ct-{uuid.uuid4().hex[:8]}")
+    started_at: dict[str, float] = field(default_factory=dict)
+    ready_after: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def spans_file(self) -> Path:
+        return self.workdir / "spans" / "spans.jsonl"
+
+    @property
+    def receiver(self) -> str:
+        return f"{self.network}-otel"
+
+    def container(self, pod: str) -> str:
+        return f"{pod}-pod-0-{service_of(pod) if pod != 'chroma' else 'chroma'}"
+
+    def start(self) -> None:
+        secret_dir = self.workdir / "secret"
+        secret_dir.mkdir(parents=True, exist_ok=True)
+        (secret_dir / "jwt-secret").write_text(self.secret)
+        (secret_dir / "jwt-secret").chmod(0o644)
+        secret_dir.chmod(0o755)
+        self.spans_file.parent.mkdir(parents=True, exist_ok=True)
+        self.spans_file.parent.chmod(0o777)
+        podman("network", "create", self.network)
+        podman("run", "-d", "--name", self.receiver, "--network", f"{self.network}:alias=otel-collector",
+               "--read-only", "-v", f"{ROOT / 'tests' / 'otlp_receiver.py'}:/receiver/otlp_receiver.py:ro",
+               "-v", f"{self.spans_file.parent}:/spans", "--entrypoint", "python",
+               f"manufacturing-copilot/report:{self.tag}", "/receiver/otlp_receiver.py", "4317",
+               "/spans/spans.jsonl")
+        plays = for_podman(render("dev"), tag=self.tag, secret_dir=secret_dir,
+                           orchestrator_port=self.orchestrator_port,
+                           extra_config={"OTEL_BSP_SCHEDULE_DELAY": "200", "ORCHESTRATOR_RATE_LIMIT": ""})
+        for pod in PLAY_ORDER:
+            path = self.workdir / f"{pod}.yaml"
+            path.write_text(yaml.safe_dump_all(plays[pod]))
+            self.started_at[pod] = time.monotonic()
+            podman("kube", "play", "--network", f"{self.network}:alias={service_of(pod)}", str(path))
+
+    def health(self, pod: str, timeout: float = 5.0) -> bool:
+        service = service_of(pod)
+        if service == "chroma":
+            probe = ["python", "-c", "import urllib.request; urllib.request.urlopen("
+                     "'http://localhost:8000/api/v2/heartbeat', timeout=2)"]
+        else:
+            probe = ["copilot", "health", "--addr", f"localhost:{SERVICE_PORTS[service]}"]
+        result = podman("exec", self.container(pod), *probe, check=False, timeout=timeout + 10)
+        return result.returncode == 0
+
+    def wait_ready(self, pods=PLAY_ORDER, timeout: float = 600) -> dict[str, float]:
+        """Poll each container's own health command until it reports SERVING; seconds from play to SERVING."""
+        pending = list(pods)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for pod in list(pending):
+                if self.health(pod):
+                    self.ready_after[pod] = time.monotonic() - self.started_at[pod]
+                    pending.remove(pod)
+            if pending:
+                time.sleep(0.5)
+        if pending:
+            raise TimeoutError(f"not SERVING after {timeout:.0f} s: {pending}\n" +
+                               "\n".join(f"--- {p}\n{self.logs(p)}" for p in pending))
+        return {pod: self.ready_after[pod] for pod in pods}
+
+    def logs(self, pod: str, lines: int = 30) -> str:
+        result = podman("logs", "--tail", str(lines), self.container(pod), check=False)
+        return result.stdout + result.stderr
+
+    def inspect(self, pod: str) -> dict:
+        return json.loads(podman("inspect", self.container(pod)).stdout)[0]
+
+    def signal(self, pod: str, sig: int) -> None:
+        """Signal the container's main process from the host, as a crash or the kubelet would. (`podman kill`
+        counts as stopped by the user, which restartPolicy Always then leaves stopped.)"""
+        os.kill(self.inspect(pod)["State"]["Pid"], sig)
+
+    def exec(self, pod: str, *command: str, check: bool = False) -> subprocess.CompletedProcess:
+        return podman("exec", self.container(pod), *command, check=check)
+
+    def metrics(self, pod: str) -> str:
+        """The pod's Prometheus page, read inside the container (its metrics port is not published)."""
+        port = METRICS_PORTS[service_of(pod)]
+        return self.exec(pod, "python", "-c", "import urllib.request; print(urllib.request.urlopen("
+                         f"'http://localhost:{port}/metrics', timeout=5).read().decode())", check=True).stdout
+
+    def memory_mib(self) -> dict[str, float]:
+        """Each pod's container memory (cgroup usage, as `podman stats` and a kubelet's metrics see it)."""
+        names = {self.container(pod): pod for pod in PLAY_ORDER}
+        stats = json.loads(podman("stats", "--no-stream", "--format", "json", *names).stdout or "[]")
+        found = {}
+        for row in stats:
+            usage = row.get("mem_usage") or row.get("MemUsage") or ""
+            found[names.get(row.get("name") or row.get("Name"), "?")] = parse_bytes(usage.split("/")[0]) / 2**20
+        return found
+
+    def stop(self) -> None:
+        for pod in reversed(PLAY_ORDER):
+            path = self.workdir / f"{pod}.yaml"
+            if path.exists():
+                podman("kube", "down", str(path), check=False, timeout=120)
+                podman("volume", "rm", "-f", *(v["name"] for v in volumes_of(path)), check=False)
+        podman("rm", "-f", "-t", "0", self.receiver, check=False)
+        podman("network", "rm", "-f", self.network, check=False)
+
+
+def parse_bytes(text: str) -> float:
+    text = text.strip()
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.lower().endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    return float(text or 0)
+
+
+def volumes_of(path: Path) -> list[dict]:
+    workload = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Deployment"][0]
+    return [v for v in workload["spec"]["template"]["spec"].get("volumes", []) if "hostPath" not in v]
