@@ -41,7 +41,8 @@ DEFAULT_PAGE_SIZE = 20
 
 
 class DiagnosisRefused(Exception):
-    """A diagnosis that cannot run (its request_id belongs to another request): its gRPC code and message."""
+    """A diagnosis that cannot run (its request_id belongs to another request) or cannot be acknowledged (its
+    incident could not be stored): its gRPC code and message."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -176,9 +177,13 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             stored = await asyncio.to_thread(self.history.save, incident, image)
         except RequestIdConflict:  # another orchestrator replica stored a different request under this id
             raise self._conflict(request.request_id) from None
-        except Exception:  # noqa: BLE001 - the caller still gets the diagnosis; the loss is logged and visible
-            log.exception("could not store incident %s", diagnosis.request_id)
-            return response
+        except Exception as exc:  # noqa: BLE001 - any storage failure: nothing is acknowledged unstored
+            # Policy: an answer is only sent once its incident is stored, so no acknowledged diagnosis is ever
+            # missing from the history. UNAVAILABLE tells the caller to retry (with the same request_id).
+            log.exception("could not store incident %s: refusing the answer", diagnosis.request_id)
+            raise DiagnosisRefused(grpc.StatusCode.UNAVAILABLE,
+                                   f"the incident history could not store this diagnosis ({type(exc).__name__}); "
+                                   "nothing was recorded: retry, with the same request_id") from None
         if stored is not incident:  # a twin on another replica was stored first: answer what is stored
             return self._replayed(copilot_pb2.DiagnoseResponse.FromString(stored.response))
         return response

@@ -71,7 +71,16 @@ def open_client(persist_path: Path | None = None, host: str | None = None, port:
         return chromadb.HttpClient(host=host, port=port, settings=settings)
     assert persist_path is not None, "persist_path or host is required"
     persist_path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(persist_path), settings=settings)
+    try:
+        return chromadb.PersistentClient(path=str(persist_path), settings=settings)
+    except Exception as exc:  # chromadb raises its own InternalError for a damaged file
+        raise StoreUnreadable(
+            f"the Chroma store at {persist_path} cannot be opened ({type(exc).__name__}: {exc}); refusing to serve "
+            "from it: restore it from a backup, or move it away to start again from the shipped library") from exc
+
+
+class StoreUnreadable(RuntimeError):
+    """The embedded Chroma directory is damaged: the knowledge service will not serve from it."""
 
 
 def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:

@@ -28,6 +28,10 @@ EQUIPMENT_TYPE = re.compile(r"[a-z][a-z0-9-]{1,39}")
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 
+class ReferenceIndexCorrupt(RuntimeError):
+    """The index on disk cannot be read: the store will not guess which references exist."""
+
+
 @dataclass(frozen=True)
 class Reference:
     reference_id: str
@@ -85,9 +89,15 @@ class ReferenceStore:
             return set()
         refs: dict[str, Reference] = {}
         if stamp is not None:
-            for item in json.loads(self.index_path.read_text()):  # replaced atomically: always a whole index
-                ref = Reference(**item)
-                refs[ref.reference_id] = ref
+            try:  # replaced atomically by writers: anything unreadable was damaged from outside
+                for item in json.loads(self.index_path.read_text()):
+                    ref = Reference(**item)
+                    refs[ref.reference_id] = ref
+            except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                raise ReferenceIndexCorrupt(
+                    f"{self.index_path} is not a readable reference index ({type(exc).__name__}: {exc}); refusing to "
+                    "serve without it: restore it from a backup, or move the folder away to start again from the "
+                    "starter set") from exc
         before, after = set(self._refs.values()), set(refs.values())
         self._refs, self._stamp = refs, stamp
         return {r.equipment_type for r in before ^ after}

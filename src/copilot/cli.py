@@ -1,4 +1,4 @@
-"""`copilot up | diagnose | token | incidents | incident | feedback | ingest | docs | eval | bench` — the command line of the Manufacturing Copilot."""
+"""`copilot up | status | diagnose | token | incidents | incident | feedback | ingest | docs | eval | bench` — the command line of the Manufacturing Copilot."""
 from __future__ import annotations
 
 import contextlib
@@ -293,8 +293,10 @@ def up(
     demo: bool = typer.Option(False, "--demo", help="run one diagnosis with the shipped sample photo once SERVING"),
     exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop the mesh after the demo"),
 ) -> None:
-    """Start the four services as separate processes, wait for SERVING, serve until Ctrl-C/SIGTERM."""
-    from copilot.launcher import Mesh
+    """Start the four services as separate processes, wait for SERVING, serve until Ctrl-C/SIGTERM. A process
+    that crashes or hangs is restarted with back-off (like a kubelet); one that keeps crashing is reported and
+    left down while the rest serves (`copilot status` lists them)."""
+    from copilot.launcher import Mesh, State
 
     ports = {"orchestrator": orchestrator_port, "vision": vision_port, "knowledge": knowledge_port,
              "report": report_port}
@@ -304,16 +306,19 @@ def up(
         signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
     mesh.start()
+    supervisor = mesh.supervise(on_event=print_supervisor_event)
     try:
         with console.status("starting vision, knowledge, report and orchestrator…"):
-            ready = mesh.wait_ready()
-        table = Table(title=f"mesh SERVING in {time.monotonic() - started:.1f}s")
-        for column in ("service", "address", "SERVING after", "pid", "log"):
+            states = supervisor.wait_settled(timeout=600)
+        table = Table(title=f"mesh up in {time.monotonic() - started:.1f}s")
+        for column in ("service", "address", "state", "pid", "log"):
             table.add_column(column)
-        for name, proc in mesh.services.items():
-            table.add_row(name, mesh.address(name), f"{ready[name]:.1f}s", str(proc.process.pid), str(proc.log_path))
+        for name, status in supervisor.snapshot().items():
+            colour = "green" if status["state"] == "serving" else "red"
+            table.add_row(name, status["address"], f"[{colour}]{status['state']}[/]", str(status["pid"] or "-"),
+                          str(mesh.services[name].log_path))
         console.print(table)
-        if demo:
+        if demo and states["orchestrator"] is State.SERVING:
             console.rule("demo diagnosis with the shipped sample photo")
             request = diagnose_request("PUNE-IN", "PUMP-A-7", "Pump housing overheating during operation and a "
                                        "visible crack near the outlet flange", SAMPLE_PHOTO,
@@ -323,15 +328,59 @@ def up(
         if demo and exit_after_demo:
             return
         console.print(f"[green]serving[/] — try: copilot diagnose --addr {mesh.address('orchestrator')} --plant PUNE-IN "
-                      "--equipment CNC-A-102 --problem 'Machine overheating during operation'   (Ctrl-C stops)")
-        while not stop.wait(0.5):
-            for name, proc in mesh.services.items():
-                if not proc.alive:
-                    console.print(f"[red]{name} exited ({proc.process.returncode}); see {proc.log_path}[/]")
-                    stop.set()
+                      "--equipment CNC-A-102 --problem 'Machine overheating during operation'   (Ctrl-C stops; "
+                      "`copilot status` lists the services)")
+        stop.wait()
     finally:
         codes = mesh.stop()
         console.print("stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
+
+
+def print_supervisor_event(event) -> None:
+    """One line per restart as it happens (service, reason, restart count)."""
+    if event.kind == "crashed":
+        console.print(f"[yellow]{event.service} exited ({event.reason}); restarting in {event.delay_s:.0f}s "
+                      f"(restarts so far: {event.restarts})[/]")
+    elif event.kind == "hung":
+        console.print(f"[yellow]{event.service} is alive but not answering ({event.reason}): killing it[/]")
+    elif event.kind == "restarted":
+        console.print(f"[cyan]{event.service} restarted ({event.reason}, restart {event.restarts})[/]")
+    elif event.kind == "serving" and event.restarts:
+        console.print(f"[green]{event.service} SERVING again {event.reason}[/]")
+    elif event.kind == "gave-up":
+        console.print(f"[red]{event.service} keeps crashing ({event.reason}): left down while the rest serves. "
+                      f"Last log lines:[/]\n{event.log_tail}")
+
+
+@app.command()
+def status(
+    data_dir: Path = typer.Option(Path(".copilot-data"), "--data-dir", help="the data folder `copilot up` uses"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Each service of the local mesh (`copilot up`): state, pid, restarts, last exit, address, live health."""
+    from grpc_health.v1 import health_pb2
+
+    from copilot.launcher import health_status, read_state
+
+    state = read_state(data_dir)
+    if state is None:
+        console.print(f"no local mesh is running from {data_dir} (start one with `copilot up`)")
+        raise typer.Exit(1)
+    services = state["services"]
+    for name, service in services.items():
+        code = health_status(service["address"], timeout=1.0)
+        service["health"] = "UNREACHABLE" if code is None else health_pb2.HealthCheckResponse.ServingStatus.Name(code)
+    if as_json:
+        out.print_json(json.dumps(services))
+        return
+    table = Table("service", "state", "health", "pid", "restarts", "last exit", "address",
+                  title=f"local mesh (supervisor pid {state['supervisor_pid']})")
+    for name, service in services.items():
+        colour = {"serving": "green", "failed": "red"}.get(service["state"], "yellow")
+        table.add_row(name, f"[{colour}]{service['state']}[/]", service["health"], str(service["pid"] or "-"),
+                      str(service["restarts"]), service["last_exit"] or "-", service["address"])
+    out.print(table)
+    raise typer.Exit(0 if all(s["state"] == "serving" for s in services.values()) else 2)
 
 
 @app.command()

@@ -1,14 +1,19 @@
-"""Starts the mesh as separate OS processes (one per agent) and waits for each to report SERVING.
+"""Starts the mesh as separate OS processes (one per agent) and waits for each to report SERVING; the
+`Supervisor` keeps it running the way a kubelet does (restart with back-off, liveness, give up on a crash loop).
 Used by `copilot up`, the integration/e2e tests and the benchmarks."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import grpc
@@ -83,6 +88,7 @@ class Mesh:
     # "dev": the seed's technician-<id> tokens are accepted, plus JWTs signed with the mesh's dev secret
     # (data_dir/auth/dev-jwt-secret, which `copilot token` reads). "jwt": AUTH_* must come from the environment.
     auth_mode: str = "dev"
+    supervisor: "Supervisor | None" = None
 
     def __post_init__(self) -> None:
         # extra vision replicas listen 100 ports above the first (unless ports were given for them)
@@ -193,6 +199,8 @@ class Mesh:
 
     def stop(self, timeout: float = 20.0) -> dict[str, int | None]:
         """SIGTERM every process (graceful drain), SIGKILL what is still there after `timeout`."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for proc in self.services.values():
             if proc.alive:
                 proc.process.send_signal(signal.SIGTERM)
@@ -208,9 +216,225 @@ class Mesh:
                 codes[name] = proc.process.wait()
         return codes
 
+    def supervise(self, policy: "RestartPolicy | None" = None,
+                  on_event: "Callable[[SupervisorEvent], None] | None" = None) -> "Supervisor":
+        """Restart what crashes or hangs from now on (`copilot up` does; tests that kill by hand do not)."""
+        self.supervisor = Supervisor(self, policy or RestartPolicy(), on_event)
+        self.supervisor.start()
+        return self.supervisor
+
     def __enter__(self) -> "Mesh":
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def exit_reason(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """A kubelet's behaviour for one box: CrashLoopBackOff (1 s doubling to 30 s, reset once a process has
+    been SERVING for `stable_after_s`), a liveness check (`liveness_failures` failed health checks
+    `liveness_period_s` apart restart a process that is alive but does not answer), and a crash loop left
+    down after `give_up_after` crashes in a row that were never stable in between."""
+
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+    give_up_after: int = 6
+    liveness_period_s: float = 5.0
+    liveness_timeout_s: float = 2.0
+    liveness_failures: int = 6
+    poll_s: float = 0.2
+
+    def backoff(self, crashes_in_a_row: int) -> float:
+        return min(self.initial_backoff_s * 2 ** max(crashes_in_a_row - 1, 0), self.max_backoff_s)
+
+
+class State(str, Enum):
+    STARTING = "starting"  # spawned, not SERVING yet
+    SERVING = "serving"
+    BACKOFF = "backoff"  # exited; restarts when its back-off ends
+    FAILED = "failed"  # kept crashing: left down while the rest serves
+    STOPPED = "stopped"  # the mesh is stopping
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    address: str
+    state: State = State.STARTING
+    pid: int | None = None
+    restarts: int = 0
+    crashes_in_a_row: int = 0
+    last_exit: str = ""
+    restart_at: float = 0.0  # monotonic
+    serving_since: float | None = None  # monotonic
+    started_at: float = field(default_factory=time.monotonic)
+    missed_checks: int = 0
+    next_check: float = 0.0
+
+
+@dataclass(frozen=True)
+class SupervisorEvent:
+    service: str
+    kind: str  # crashed | restarted | serving | hung | gave-up
+    restarts: int
+    reason: str = ""
+    delay_s: float = 0.0
+    log_tail: str = ""
+
+
+class Supervisor:
+    """Watches every process of a Mesh on a thread: a process that exits is restarted after its back-off, one
+    that stops answering health checks is killed and restarted, one that keeps crashing is left down and
+    reported. The state of every service is written to `<data_dir>/mesh-state.json` for `copilot status`."""
+
+    def __init__(self, mesh: Mesh, policy: RestartPolicy,
+                 on_event: Callable[[SupervisorEvent], None] | None = None) -> None:
+        self.mesh, self.policy, self.on_event = mesh, policy, on_event
+        self.status = {name: ServiceStatus(name, mesh.address(name), pid=proc.process.pid if proc.process else None)
+                       for name, proc in mesh.services.items()}
+        self.events: list[SupervisorEvent] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
+        self._lock = threading.Lock()
+
+    @property
+    def state_file(self) -> Path:
+        return self.mesh.data_dir / "mesh-state.json"
+
+    def start(self) -> None:
+        self._write_state()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with self._lock:
+            for status in self.status.values():
+                status.state = State.STOPPED
+        self._write_state()
+
+    def wait_settled(self, timeout: float = 300.0) -> dict[str, State]:
+        """Until every service is SERVING or given up on; returns the states."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                states = {name: s.state for name, s in self.status.items()}
+            if all(state in (State.SERVING, State.FAILED) for state in states.values()):
+                return states
+            time.sleep(0.1)
+        raise TimeoutError(f"not settled after {timeout:.0f}s: {states}")
+
+    def _emit(self, status: ServiceStatus, kind: str, reason: str = "", delay_s: float = 0.0,
+              log_tail: str = "") -> None:
+        event = SupervisorEvent(status.name, kind, status.restarts, reason, delay_s, log_tail)
+        self.events.append(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a printing callback must not stop supervision
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.poll_s):
+            changed = False
+            for name, status in self.status.items():
+                with self._lock:
+                    changed |= self._step(self.mesh.services[name], status, time.monotonic())
+            if changed:
+                self._write_state()
+
+    def _step(self, proc: ServiceProcess, status: ServiceStatus, now: float) -> bool:
+        """One look at one process; True when its status changed."""
+        policy = self.policy
+        if status.state in (State.FAILED, State.STOPPED):
+            return False
+        if status.state is State.BACKOFF:
+            if now < status.restart_at:
+                return False
+            proc.spawn()
+            status.restarts += 1
+            status.state, status.pid, status.started_at = State.STARTING, proc.process.pid, now
+            status.serving_since, status.missed_checks, status.next_check = None, 0, now
+            self._emit(status, "restarted", f"pid {status.pid}")
+            return True
+        if not proc.alive:
+            code = proc.process.returncode if proc.process is not None else None
+            return self._crashed(proc, status, now, exit_reason(code))
+        if now < status.next_check:
+            return False
+        status.next_check = now + (policy.liveness_period_s if status.state is State.SERVING else 0.5)
+        serving = health_status(status.address, timeout=policy.liveness_timeout_s) == \
+            health_pb2.HealthCheckResponse.SERVING
+        if serving:
+            status.missed_checks = 0
+            if status.state is State.STARTING:
+                status.state, status.serving_since = State.SERVING, now
+                self._emit(status, "serving", f"after {now - status.started_at:.1f}s")
+                return True
+            if status.crashes_in_a_row and now - (status.serving_since or now) >= policy.stable_after_s:
+                status.crashes_in_a_row = 0  # stable again: the next crash starts the back-off over
+            return False
+        if status.state is State.SERVING:  # alive, but not answering: a liveness failure
+            status.missed_checks += 1
+            if status.missed_checks >= policy.liveness_failures:
+                self._emit(status, "hung", f"{status.missed_checks} health checks failed")
+                proc.process.kill()
+                proc.process.wait(timeout=30)
+                return self._crashed(proc, status, now, "liveness")
+        return False
+
+    def _crashed(self, proc: ServiceProcess, status: ServiceStatus, now: float, reason: str) -> bool:
+        status.crashes_in_a_row += 1
+        status.last_exit, status.pid, status.serving_since = reason, None, None
+        tail = self.mesh.log_tail(proc.name, lines=15)
+        if status.crashes_in_a_row > self.policy.give_up_after:
+            status.state = State.FAILED
+            self._emit(status, "gave-up", f"{reason}; crashed {status.crashes_in_a_row} times in a row",
+                       log_tail=tail)
+            return True
+        delay = self.policy.backoff(status.crashes_in_a_row)
+        status.state, status.restart_at = State.BACKOFF, now + delay
+        self._emit(status, "crashed", reason, delay, log_tail=tail)
+        return True
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {name: {"state": s.state.value, "pid": s.pid, "restarts": s.restarts, "address": s.address,
+                           "last_exit": s.last_exit, "crashes_in_a_row": s.crashes_in_a_row}
+                    for name, s in self.status.items()}
+
+    def _write_state(self) -> None:
+        state = {"supervisor_pid": os.getpid(), "updated": time.time(), "services": self.snapshot()}
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2))
+        temporary.replace(self.state_file)
+
+
+def read_state(data_dir: Path) -> dict | None:
+    """What the supervisor of a local mesh last wrote, or None when no mesh runs from data_dir."""
+    path = data_dir / "mesh-state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    try:
+        os.kill(state["supervisor_pid"], 0)
+    except (ProcessLookupError, KeyError):
+        return None
+    return state
