@@ -8,6 +8,11 @@ PROTOS := $(wildcard protos/copilot/v1/*.proto protos/buf/validate/*.proto)
 GENERATED := src/copilot/v1/__init__.py
 # pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# llama-cpp-python (the `local` generator) compiles from source. Not for the build machine's own CPU
+# (-march=native): built that way on one of these VMs, it died there with "Illegal instruction" (the virtual
+# CPU advertises more than it runs). For any x86-64 CPU with AVX2 instead, and never from pip's wheel cache
+# (which keys the wheel by version, not by these flags).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: install protos run up test lint breaking bench images clean
 
@@ -17,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(PIP_LOCAL) -c constraints.txt torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir -c constraints.txt llama-cpp-python
 	$(BIN)/pip install --quiet $(PIP_LOCAL) -c constraints.txt -e '.[dev]'
 	touch $@
 

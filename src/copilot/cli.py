@@ -548,19 +548,28 @@ def eval_cmd(
 def bench(
     suite: str = typer.Option("mesh", "--suite", help="mesh: cold start + Diagnose latency, mesh vs in-process; "
                                                       "vision: AnalyzeImage at 1/4/16 clients, batching off vs on; "
-                                                      "retrieval: p50/p99 at 1k/10k/100k chunks, ingest, embedding"),
+                                                      "retrieval: p50/p99 at 1k/10k/100k chunks, ingest, embedding; "
+                                                      "soak: fixed rate while an agent is killed every minute"),
     n: int = typer.Option(50, "--n", help="diagnoses (mesh) or images per run (vision) to time"),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file (default benchmarks/results/<suite>.json)"),
     sizes: str = typer.Option("1000,10000,100000", "--sizes", help="retrieval: store sizes in chunks"),
+    duration: float = typer.Option(600, "--duration", help="soak: seconds of load"),
+    rate: float = typer.Option(20, "--rate", help="soak: diagnoses per second (open loop)"),
+    photo_share: float = typer.Option(0.1, "--photo-share", help="soak: share of diagnoses with a photo"),
+    kill_every: float = typer.Option(60, "--kill-every", help="soak: seconds between agent kills (0: none)"),
 ) -> None:
     """Benchmarks: print a table and write JSON (never asserted in tests)."""
     from copilot.bench import run, run_vision
     from copilot.bench_retrieval import run_retrieval
+    from copilot.bench_soak import run_soak
 
-    if suite not in ("mesh", "vision", "retrieval"):
-        raise typer.BadParameter("--suite is mesh, vision or retrieval")
+    if suite not in ("mesh", "vision", "retrieval", "soak"):
+        raise typer.BadParameter("--suite is mesh, vision, retrieval or soak")
     target = output or Path("benchmarks/results") / f"{suite}.json"
-    if suite == "mesh":
+    if suite == "soak":
+        run_soak(output=target, console=out, duration_s=duration, rate=rate, photo_share=photo_share,
+                 kill_every_s=kill_every)
+    elif suite == "mesh":
         run(n=n, output=target, console=out)
     elif suite == "vision":
         run_vision(total=n, output=target, console=out)

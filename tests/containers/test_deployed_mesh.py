@@ -6,13 +6,14 @@ memory idle and under load. Figures go to .copilot-data/containers.json (printed
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -38,19 +39,12 @@ figures: dict = {}
 def images() -> dict:
     """Build (or reuse: layers are cached) the four images with `scripts/images.sh`."""
     report = ROOT / ".copilot-data" / "images.json"
-    result = podman_build(report)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=3000, env={**os.environ, "IMAGES_REPORT": str(report)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     built = json.loads(report.read_text())
     figures["images"] = built
     return built
-
-
-def podman_build(report: Path):
-    import os
-    import subprocess
-
-    return subprocess.run(["bash", str(ROOT / "scripts" / "images.sh")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=3000, env={**os.environ, "IMAGES_REPORT": str(report)})
 
 
 @pytest.fixture(scope="module")

@@ -276,3 +276,65 @@ def test_a_damaged_store_on_disk_is_reported_and_left_down_while_the_rest_serves
         assert (references / "index.json").read_text() == "{not json"  # nothing overwritten
     finally:
         mesh.stop()
+
+
+def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_without_a_restart(tmp_path):
+    """Knowledge on a `chroma run` server (the cluster's shape): SIGKILL the server under load, start it again
+    on the same directory. Diagnoses degrade meanwhile, knowledge heals without being restarted, no document
+    is lost."""
+    from copilot.launcher import free_port
+    from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+    from tests.conftest import token
+    from tests.integration.test_chroma_server import start_chroma
+
+    chroma_port = free_port()
+    chroma = start_chroma(tmp_path / "chroma-server", chroma_port)
+    mesh = Mesh.on_free_ports(data_dir=tmp_path / "mesh", extra_env={
+        "KNOWLEDGE_CHROMA_HOST": "127.0.0.1", "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
+        "ORCHESTRATOR_KNOWLEDGE_TIMEOUT_S": "3", "ORCHESTRATOR_RATE_LIMIT": ""})
+    mesh.start()
+    try:
+        mesh.wait_ready(timeout=300)
+        mesh.supervise(RestartPolicy())
+        admin = auth_metadata(token("admin"))
+
+        def documents() -> list[tuple[str, str]]:
+            with grpc.insecure_channel(mesh.address("knowledge")) as channel:
+                listed = knowledge_pb2_grpc.KnowledgeServiceStub(channel).ListDocuments(
+                    knowledge_pb2.ListDocumentsRequest(page_size=100), metadata=admin, timeout=30)
+            return sorted((d.document_id, d.version) for d in listed.documents)
+
+        before = documents()
+        assert before
+        with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
+            stub = copilot_pb2_grpc.CopilotServiceStub(channel)
+            holder = {"chroma": chroma}
+
+            def kill_and_restart():
+                holder["chroma"].send_signal(signal.SIGKILL)
+                holder["chroma"].wait(timeout=30)
+                time.sleep(4)  # down for a while: diagnoses degrade
+                holder["chroma"] = start_chroma(tmp_path / "chroma-server", chroma_port)
+
+            outcomes = closed_loop(stub, kill_and_restart, clients=2, photos=False,
+                                   until=lambda: full_text_health(stub), max_s=60)
+            chroma = holder["chroma"]
+            errors = [o.code for o in outcomes if o.code != grpc.StatusCode.OK]
+            assert errors == [], errors[:5]
+            assert any(o.stages[1] != OK for o in outcomes)  # knowledge degraded while Chroma was down
+            assert full_text_health(stub)
+            assert_every_answer_is_stored(stub, outcomes)
+        assert mesh.supervisor.status["knowledge"].restarts == 0  # healed without a restart of its own
+        assert documents() == before  # nothing lost
+    finally:
+        mesh.stop()
+        chroma.terminate()
+        chroma.wait(timeout=30)
+
+
+def full_text_health(stub) -> bool:
+    try:
+        reply = stub.Diagnose(text_request(), metadata=TECHNICIAN, timeout=DEADLINE_S)
+    except grpc.RpcError:
+        return False
+    return all(s.state in (OK, copilot_pb2.STAGE_STATE_SKIPPED) for s in reply.stages)
