@@ -171,6 +171,8 @@ class KnowledgeBase:
 
     # --- retrieval ------------------------------------------------------------------------------
 
+    TORN_READ_RETRIES = 3
+
     def retrieve(self, query: str, top_k: int | None = None, equipment_type: str = "",
                  plant_id: str = "") -> list[SopChunk]:
         """Top chunks of live document versions, best first, score in [0, 1]."""
@@ -178,15 +180,21 @@ class KnowledgeBase:
         k = top_k or t.top_k
         equipment_type = self.scope_type(equipment_type)
         embedding = self.embedder.embed_query(query)
-        candidates = {c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3), equipment_type,
-                                                               plant_id)}
         terms = identifiers(query) if t.hybrid else []
-        if terms:
-            for chunk, vector in self.store.lexical(terms, 20, equipment_type, plant_id):
-                if chunk.chunk_id not in candidates:
-                    similarity = sum(a * b for a, b in zip(embedding, vector))  # both normalised: cosine
-                    candidates[chunk.chunk_id] = replace(chunk, score=round(max(0.0, similarity), 4))
-        live = self.store.live_versions([c.sop_id for c in candidates.values()])
+        for _ in range(self.TORN_READ_RETRIES):
+            candidates = {c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3),
+                                                                   equipment_type, plant_id)}
+            if terms:
+                for chunk, vector in self.store.lexical(terms, 20, equipment_type, plant_id):
+                    if chunk.chunk_id not in candidates:
+                        similarity = sum(a * b for a, b in zip(embedding, vector))  # both normalised: cosine
+                        candidates[chunk.chunk_id] = replace(chunk, score=round(max(0.0, similarity), 4))
+            live = self.store.live_versions([c.sop_id for c in candidates.values()])
+            # A replacement that flipped the catalog between the two reads leaves a document whose candidates
+            # are all of the old version (the new chunks were not there yet): read again rather than lose it.
+            found = {(c.sop_id, c.version) for c in candidates.values()}
+            if all((sop_id, version) in found for sop_id, version in live.items()):
+                break
         ranked = []
         lowered = [term.lower() for term in terms]
         for chunk in candidates.values():

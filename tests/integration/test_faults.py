@@ -7,13 +7,17 @@ slower than its deadline, every answered diagnosis retrievable with GetIncident 
 (every stage OK) back within a stated time."""
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -274,6 +278,14 @@ def test_a_damaged_store_on_disk_is_reported_and_left_down_while_the_rest_serves
                 photo_request(), metadata=TECHNICIAN, timeout=DEADLINE_S)
         assert [s.state for s in reply.stages] != [OK, OK, OK] and reply.requires_manual_review
         assert (references / "index.json").read_text() == "{not json"  # nothing overwritten
+        status = subprocess.run([str(Path(sys.executable).with_name("copilot")), "status", "--json", "--data-dir",
+                                 str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 2, status.stderr  # not everything is serving
+        listed = json.loads(status.stdout)
+        assert {name: (s["state"], s["health"]) for name, s in listed.items()} == {
+            "vision": ("failed", "UNREACHABLE"), "knowledge": ("failed", "UNREACHABLE"),
+            "report": ("serving", "SERVING"), "orchestrator": ("serving", "SERVING")}
+        assert listed["vision"]["restarts"] == 2 and listed["vision"]["last_exit"] == "exit code 1"
     finally:
         mesh.stop()
 
