@@ -76,8 +76,8 @@ def run(program: str, steps: list[int]) -> list[tuple[int, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory-growth.json"))
-    parser.add_argument("--references", type=int, nargs="+", default=[24, 48, 96])
-    parser.add_argument("--documents", type=int, nargs="+", default=[50, 100, 200])
+    parser.add_argument("--references", type=int, nargs="+", default=[12, 24])
+    parser.add_argument("--documents", type=int, nargs="+", default=[50, 100])
     args = parser.parse_args()
     results = {"vision": {"unit": "reference", "rows": run(VISION, args.references)},
                "knowledge": {"unit": "document (10 sections)", "rows": run(KNOWLEDGE, args.documents)}}

@@ -246,8 +246,8 @@ def exit_reason(code: int | None) -> str:
 class RestartPolicy:
     """A kubelet's behaviour for one box: CrashLoopBackOff (1 s doubling to 30 s, reset once a process has
     been SERVING for `stable_after_s`), a liveness check (`liveness_failures` failed health checks
-    `liveness_period_s` apart restart a process that is alive but does not answer), and a crash loop left
-    down after `give_up_after` crashes in a row that were never stable in between."""
+    `liveness_period_s` apart restart a process that is alive but does not answer), a startup limit, and a
+    crash loop left down after `give_up_after` crashes in a row that were never stable in between."""
 
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 30.0
@@ -256,6 +256,7 @@ class RestartPolicy:
     liveness_period_s: float = 5.0
     liveness_timeout_s: float = 2.0
     liveness_failures: int = 6
+    startup_timeout_s: float = 600.0  # a start that never reaches SERVING counts as hung (a startup probe)
     poll_s: float = 0.2
 
     def backoff(self, crashes_in_a_row: int) -> float:
@@ -392,11 +393,16 @@ class Supervisor:
         if status.state is State.SERVING:  # alive, but not answering: a liveness failure
             status.missed_checks += 1
             if status.missed_checks >= policy.liveness_failures:
-                self._emit(status, "hung", f"{status.missed_checks} health checks failed")
-                proc.process.kill()
-                proc.process.wait(timeout=30)
-                return self._crashed(proc, status, now, "liveness")
+                return self._hung(proc, status, now, f"{status.missed_checks} health checks failed")
+        elif now - status.started_at > policy.startup_timeout_s:
+            return self._hung(proc, status, now, f"not SERVING {policy.startup_timeout_s:.0f}s after its start")
         return False
+
+    def _hung(self, proc: ServiceProcess, status: ServiceStatus, now: float, reason: str) -> bool:
+        self._emit(status, "hung", reason)
+        proc.process.kill()
+        proc.process.wait(timeout=30)
+        return self._crashed(proc, status, now, f"killed: {reason}")
 
     def _crashed(self, proc: ServiceProcess, status: ServiceStatus, now: float, reason: str) -> bool:
         status.crashes_in_a_row += 1
