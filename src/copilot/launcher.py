@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -307,7 +308,7 @@ class Supervisor:
         self.mesh, self.policy, self.on_event = mesh, policy, on_event
         self.status = {name: ServiceStatus(name, mesh.address(name), pid=proc.process.pid if proc.process else None)
                        for name, proc in mesh.services.items()}
-        self.events: list[SupervisorEvent] = []
+        self.events: deque[SupervisorEvent] = deque(maxlen=500)  # the latest, for callers and tests
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
         self._lock = threading.Lock()
