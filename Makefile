@@ -14,7 +14,7 @@ PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # (which keys the wheel by version, not by these flags).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install protos run up test lint breaking bench images clean
+.PHONY: install protos run up test lint breaking bench images pods pods-down clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -54,6 +54,13 @@ bench: install
 # The four service images with Podman (base from debootstrap where nothing can be pulled; see README).
 images:
 	scripts/images.sh
+
+# The dev overlay as Podman pods from those images, left running (orchestrator on 127.0.0.1:50051).
+pods: install images
+	$(BIN)/python -m tests.containers.podman up
+
+pods-down: install
+	$(BIN)/python -m tests.containers.podman down
 
 clean:
 	rm -rf .copilot-data src/copilot/v1 src/buf/validate/*_pb2*.py src/buf/validate/*.pyi .pytest_cache

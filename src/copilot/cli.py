@@ -372,14 +372,14 @@ def status(
         service["health"] = "UNREACHABLE" if code is None else health_pb2.HealthCheckResponse.ServingStatus.Name(code)
     if as_json:
         out.print_json(json.dumps(services))
-        return
-    table = Table("service", "state", "health", "pid", "restarts", "last exit", "address",
-                  title=f"local mesh (supervisor pid {state['supervisor_pid']})")
-    for name, service in services.items():
-        colour = {"serving": "green", "failed": "red"}.get(service["state"], "yellow")
-        table.add_row(name, f"[{colour}]{service['state']}[/]", service["health"], str(service["pid"] or "-"),
-                      str(service["restarts"]), service["last_exit"] or "-", service["address"])
-    out.print(table)
+    else:
+        table = Table("service", "state", "health", "pid", "restarts", "last exit", "address",
+                      title=f"local mesh (supervisor pid {state['supervisor_pid']})")
+        for name, service in services.items():
+            colour = {"serving": "green", "failed": "red"}.get(service["state"], "yellow")
+            table.add_row(name, f"[{colour}]{service['state']}[/]", service["health"], str(service["pid"] or "-"),
+                          str(service["restarts"]), service["last_exit"] or "-", service["address"])
+        out.print(table)
     raise typer.Exit(0 if all(s["state"] == "serving" for s in services.values()) else 2)
 
 

@@ -235,3 +235,32 @@ def parse_bytes(text: str) -> float:
 def volumes_of(path: Path) -> list[dict]:
     workload = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Deployment"][0]
     return [v for v in workload["spec"]["template"]["spec"].get("volumes", []) if "hostPath" not in v]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.containers.podman up|down` (`make pods` / `make pods-down`): the same pods as the
+    container test, left running: the orchestrator on 127.0.0.1:50051, JWTs signed with the local dev secret
+    (so `copilot diagnose` and `copilot token` work against it), spans in .copilot-data/pods/spans/."""
+    from copilot.runtime.auth import dev_secret
+
+    data = ROOT / ".copilot-data"
+    mesh = PodmanMesh(data / "pods", orchestrator_port=int(argv[1]) if len(argv) > 1 else SERVICE_PORTS["orchestrator"],
+                      secret=dev_secret(data / "auth" / "dev-jwt-secret"), network="copilot-pods")
+    if argv[:1] == ["down"]:
+        mesh.stop()
+        print("pods removed")
+        return 0
+    if argv[:1] != ["up"]:
+        print("usage: python -m tests.containers.podman up [ORCHESTRATOR_PORT] | down")
+        return 2
+    mesh.start()
+    for pod, seconds in mesh.wait_ready().items():
+        print(f"{mesh.container(pod):<34} SERVING after {seconds:5.1f} s")
+    print(f"orchestrator on 127.0.0.1:{mesh.orchestrator_port}; try: .venv/bin/copilot diagnose --addr "
+          f"127.0.0.1:{mesh.orchestrator_port} --plant PUNE-IN --equipment CNC-A-102 --problem 'Machine overheating "
+          "during operation'; stop with `make pods-down`")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
