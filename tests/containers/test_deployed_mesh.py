@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ from copilot.launcher import Mesh, free_port
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from tests.conftest import TEST_SECRET, token
 
-from .podman import PLAY_ORDER, PODMAN, ROOT, PodmanMesh, podman
+from .podman import PLAY_ORDER, PODMAN, ROOT, PodmanMesh, podman, service_of
 
 pytestmark = [pytest.mark.containers, pytest.mark.skipif(
     PODMAN is None, reason="Podman is not installed: the container test needs it (scripts/install-podman.sh, "
@@ -291,7 +290,7 @@ def write_report() -> None:
     REPORT_FILE.write_text(json.dumps(figures, indent=2, default=str) + "\n")
     rows = [f"{'container':<14}{'cold start s':>14}{'idle MiB':>10}{'load MiB':>10}{'image MB':>10}"]
     for pod in PLAY_ORDER:
-        service = re.sub(r"-2$", "", pod)
+        service = service_of(pod)
         image = figures.get("images", {}).get(service if service != "chroma" else "knowledge", {})
         rows.append(f"{pod:<14}{figures.get('cold_start_s', {}).get(pod, float('nan')):>14.1f}"
                     f"{figures.get('memory_idle_mib', {}).get(pod, float('nan')):>10.0f}"
