@@ -3,7 +3,6 @@
 # --torch: also look for torch's CPU build in $TORCH_FIND_LINKS (a folder) or $TORCH_INDEX_URL (an index).
 set -eu
 venv=${VENV:-/opt/venv}
-set --  "$@"
 extra=""
 if [ "${1:-}" = "--torch" ]; then
     shift

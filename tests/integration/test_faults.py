@@ -215,7 +215,7 @@ def test_orchestrator_killed_mid_request_answers_a_retry_exactly_once(mesh, stub
             time.sleep(0.5)
     assert answer is not None and answer.request_id == request_id
     if first is not None:  # the first call was answered before the kill: the retry is its replay
-        assert answer.replayed and answer.SerializeToString() != b""
+        assert answer.replayed
     listed = stub.ListIncidents(copilot_pb2.ListIncidentsRequest(equipment_id=equipment), metadata=TECHNICIAN,
                                 timeout=10)
     assert [i.request_id for i in listed.incidents] == [request_id]  # one incident, one answer
