@@ -1,6 +1,6 @@
 """How a vision or knowledge process's memory grows with what it holds (sizing the pods' memory requests).
 
-    python benchmarks/memory_growth.py [--out benchmarks/results/memory-growth.json]
+    python -m benchmarks.memory_growth [--out .copilot-data/bench/memory-growth.json]
 
 Each service runs in a fresh subprocess: its core loaded as the server loads it (vision: the starter set,
 62 references; knowledge: the shipped SOP library in an embedded Chroma store), then more of what grows it:
@@ -15,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from copilot.runtime.config import data_dir
+
 VISION = """
 import json, resource, sys, tempfile
 from pathlib import Path
-from copilot.samples import make_surface, to_bytes
+from services.vision.samples import make_surface, to_bytes
 from services.vision.core import VisionEngine
 from services.vision.patchcore import FeatureExtractor
 from services.vision.references import ReferenceStore
@@ -75,7 +77,7 @@ def run(program: str, steps: list[int]) -> list[tuple[int, float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory-growth.json"))
+    parser.add_argument("--out", type=Path, default=data_dir() / "bench" / "memory-growth.json")
     parser.add_argument("--references", type=int, nargs="+", default=[12, 24])
     parser.add_argument("--documents", type=int, nargs="+", default=[50, 100])
     args = parser.parse_args()

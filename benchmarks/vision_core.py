@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 from PIL import Image  # noqa: E402
 
 from copilot.runtime.batching import DynamicBatcher  # noqa: E402
+from copilot.runtime.config import data_dir  # noqa: E402
 from services.vision.core import VisionEngine  # noqa: E402
 from services.vision.patchcore import FeatureExtractor  # noqa: E402
 from services.vision.providers import PatchCoreProvider  # noqa: E402
@@ -100,7 +101,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "vision-core.json")
+    parser.add_argument("--output", type=Path, default=data_dir() / "bench" / "vision-core.json")
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))
     arguments.output.parent.mkdir(parents=True, exist_ok=True)

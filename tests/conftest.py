@@ -23,7 +23,7 @@ def token(role: str = "technician", subject: str = "") -> str:
     return mint_token(subject or f"{role}-test", Role.parse(role), secret=TEST_SECRET)
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "samples"
+SAMPLES = ROOT / "src" / "copilot_cli" / "samples"
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
 from copilot.images import ImageLimits
-from copilot.runtime.admission import AdmissionInterceptor
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
+from services.orchestrator.admission import AdmissionInterceptor
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
@@ -40,7 +40,7 @@ class OrchestratorSettings(ServerSettings):
     # Vision and knowledge at once (knowledge then does not see the defects); see `copilot bench --suite mesh`.
     parallel_stages: bool = False
     # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
-    database_url: str = "sqlite:///.copilot-data/incidents.db"
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{data_dir() / 'incidents.db'}")
     related_incidents: int = Field(3, ge=0, le=10, description="past incidents cited in a report's follow-up")
     # Backpressure: diagnoses in flight (a batch counts once) and a per-principal rate (a batch of n costs n).
     max_in_flight: int = Field(64, ge=1)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from copilot.domain import MANUAL_REVIEW_THRESHOLD
 from services.rag.core import KnowledgeBase
 
-ESCALATION_THRESHOLD = 0.5  # the orchestrator's manual-review rule
+#: The shipped labelled set: technician questions with the documents that answer them (or none: escalate).
+LABELLED_QUESTIONS = Path(__file__).parent / "eval" / "knowledge_eval.yaml"
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def evaluate(knowledge: KnowledgeBase, questions: list[Question], k: int = 3) ->
         cited = sorted({i for step in guidance.steps for i in step.sop_ids})
         rank = next((n for n, sop in enumerate(retrieved, 1) if sop in question.expect), None)
         results.append(QuestionResult(question.text, list(question.expect), retrieved, sources, cited, rank,
-                                      guidance.confidence, guidance.confidence < ESCALATION_THRESHOLD, question.escalate))
+                                      guidance.confidence, guidance.confidence < MANUAL_REVIEW_THRESHOLD, question.escalate))
     answerable = [r for r in results if r.expect]
     cited_total = sum(len(r.cited) for r in results)
     cited_right = sum(len(set(r.cited) & set(r.expect)) for r in answerable)

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import KNOWLEDGE_SERVICE
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import knowledge_pb2_grpc
@@ -27,7 +27,7 @@ class KnowledgeSettings(ServerSettings):
 
     port: int = DEFAULT_PORTS["knowledge"]
     metrics_port: int = DEFAULT_METRICS_PORTS["knowledge"]
-    chroma_path: Path = Path(".copilot-data/chroma")  # embedded persistent store (default)
+    chroma_path: Path = Field(default_factory=lambda: data_dir() / "chroma")  # embedded persistent store (default)
     chroma_host: str | None = None  # set to use a `chroma run` server instead
     chroma_port: int = 8000
     corpus_dir: Path | None = None  # extra documents (.md/.txt/.pdf) loaded at start

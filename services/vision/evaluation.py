@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from copilot import samples
+from services.vision import samples
 
 HELD_OUT_SEED = 1000
 

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import vision_pb2_grpc
@@ -30,7 +30,7 @@ class VisionSettings(ServerSettings):
     max_image_pixels: int = 40_000_000
     provider: Literal["patchcore", "hf-endpoint", "blip2-local", "openai-compatible"] = "patchcore"
     # patchcore
-    reference_dir: Path = Path(".copilot-data/vision-references")
+    reference_dir: Path = Field(default_factory=lambda: data_dir() / "vision-references")
     image_size: int = Field(256, ge=64, le=1024)
     coreset_ratio: float = Field(0.1, gt=0, le=1)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = 1 without batching (concurrent requests "

@@ -8,7 +8,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from copilot import samples
+from services.vision import samples
 
 GOOD_PER_SURFACE = 10
 EXAMPLES_PER_DEFECT = 3

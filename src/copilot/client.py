@@ -7,14 +7,12 @@ from pathlib import Path
 import grpc
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import TlsSettings
+from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, data_dir, message_size_options
 from copilot.runtime.tls import channel_credentials, channel_options
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 
 DEV_TOKEN = "technician-cli"  # the seed's form: accepted only by a mesh in dev mode
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the servers' default limit (ServerSettings.max_message_bytes)
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+CHANNEL_OPTIONS = message_size_options(DEFAULT_MAX_MESSAGE_BYTES)
 
 
 class ClientTlsSettings(TlsSettings):
@@ -34,15 +32,15 @@ def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
-def resolve_token(token: str | None = None, role: str = "technician", data_dir: Path = Path(".copilot-data")) -> str:
+def resolve_token(token: str | None = None, role: str = "technician", folder: Path | None = None) -> str:
     """The token a CLI call sends: an explicit one (--token / COPILOT_TOKEN) wins; else a JWT minted with the
-    local secret (AUTH_JWT_SECRET(_FILE), else data_dir/auth/dev-jwt-secret written by `copilot up`); else the
+    local secret (AUTH_JWT_SECRET(_FILE), else <data dir>/auth/dev-jwt-secret written by `copilot up`); else the
     seed's dev form."""
-    from copilot.runtime.auth import Role, mint_token, signing_secret
+    from copilot.runtime.auth import Role, dev_secret_file, mint_token, signing_secret
 
     if token:
         return token
-    secret = signing_secret(data_dir / "auth" / "dev-jwt-secret")
+    secret = signing_secret(dev_secret_file(folder))
     if secret:
         return mint_token(f"{role}-cli", Role.parse(role), secret=secret, ttl_s=900)
     return DEV_TOKEN
@@ -87,15 +85,15 @@ UPLOAD_PIECE = 256 * 1024
 
 
 def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", title: str = "", version: str = "",
-                equipment_types=(), plant_ids=(), on_bytes=None, timeout: float = 300.0, token: str = DEV_TOKEN
-                ) -> knowledge_pb2.IngestDocumentResponse:
+                equipment_types=(), plant_ids=(), on_bytes=None, timeout: float = 300.0, token: str = DEV_TOKEN,
+                metadata: tuple[tuple[str, str], ...] | None = None) -> knowledge_pb2.IngestDocumentResponse:
     """Stream one file to KnowledgeService.IngestDocument: metadata first, then 256 KiB pieces."""
-    metadata = knowledge_pb2.DocumentMetadata(document_id=document_id, title=title, version=version,
+    document = knowledge_pb2.DocumentMetadata(document_id=document_id, title=title, version=version,
                                               equipment_types=list(equipment_types), plant_ids=list(plant_ids),
                                               filename=path.name)
 
     def messages():
-        yield knowledge_pb2.IngestDocumentRequest(metadata=metadata)
+        yield knowledge_pb2.IngestDocumentRequest(metadata=document)
         with path.open("rb") as handle:
             while piece := handle.read(UPLOAD_PIECE):
                 if on_bytes:
@@ -103,7 +101,7 @@ def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", tit
                 yield knowledge_pb2.IngestDocumentRequest(content=piece)
 
     return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(messages(), timeout=timeout,
-                                                                           metadata=auth_metadata(token))
+                                                                           metadata=metadata or auth_metadata(token))
 
 
 def bearer_interceptors(token: str) -> list:

@@ -7,7 +7,37 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+
+#: The seed's rule: a diagnosis whose merged confidence is below this goes to manual review.
+MANUAL_REVIEW_THRESHOLD = 0.5
+
+
+def utc_now() -> datetime:
+    """Every stored or reported time is an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """An aware datetime converted to UTC; a naive one is taken as UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class DefectType(enum.StrEnum):
+    """The defect types the shipped models, prompts and report rules know (kebab-case on the wire). A plant
+    can register reference images under a label of its own; that label is then a defect type too."""
+
+    CRACK = "crack"
+    SCRATCH = "scratch"
+    CORROSION = "corrosion"
+    DENT = "dent"
+    CONTAMINATION = "contamination"
+    COATING_DEFECT = "coating-defect"
+    WELD_POROSITY = "weld-porosity"
+    #: Off the good references but like no labelled defect (PatchCore).
+    ANOMALY = "anomaly"
+    #: A hosted model's answer that names no known type.
+    OTHER = "other"
 
 
 @dataclass(frozen=True)

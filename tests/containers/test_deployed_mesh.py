@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot.launcher import Mesh, free_port
+from copilot_cli.launcher import Mesh, free_port
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from tests.conftest import TEST_SECRET, token
 

@@ -80,7 +80,7 @@ async def test_mtls_server_refuses_clients_without_a_certificate_from_its_ca(pki
 async def test_every_hop_runs_over_mtls_from_settings(pki, tmp_path):
     """Caller → orchestrator (TLS) → report agent (mTLS, the orchestrator presents its certificate). The other
     agents are not running: their stages degrade, the report stage proves the mTLS hop."""
-    from copilot.launcher import free_port
+    from copilot_cli.launcher import free_port
     from services.orchestrator.server import OrchestratorSettings
     from services.orchestrator.server import build as build_orchestrator
     from services.report.server import ReportSettings
@@ -113,7 +113,7 @@ async def test_orchestrator_without_a_client_certificate_cannot_reach_an_mtls_ag
     from services.orchestrator.server import build as build_orchestrator
     from services.report.server import ReportSettings
     from services.report.server import build as build_report
-    from copilot.launcher import free_port
+    from copilot_cli.launcher import free_port
     from copilot.v1 import copilot_pb2
 
     agent_tls = TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"], client_ca_file=pki["ca"])

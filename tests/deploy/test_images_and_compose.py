@@ -11,7 +11,7 @@ import tomllib
 import pytest
 import yaml
 
-from copilot.launcher import SERVICES
+from copilot_cli.launcher import SERVICES
 
 from .conftest import DEPLOY, ROOT
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata
-from copilot.launcher import free_port
+from copilot_cli.launcher import free_port
 from services.rag.core import KnowledgeBase, open_store
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.corpus import starter_corpus
@@ -63,7 +63,7 @@ def test_knowledge_over_a_chroma_server_survives_a_server_restart(tmp_path, embe
 def start_knowledge(chroma_port: int, port: int, data: Path) -> subprocess.Popen:
     from grpc_health.v1 import health_pb2
 
-    from copilot.launcher import health_status
+    from copilot_cli.launcher import health_status
 
     env = {**os.environ, "KNOWLEDGE_CHROMA_HOST": "127.0.0.1", "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
            "KNOWLEDGE_PORT": str(port), "KNOWLEDGE_METRICS_PORT": "0", "KNOWLEDGE_LOAD_STARTER_CORPUS": "false"}

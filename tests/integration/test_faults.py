@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot.launcher import Mesh, RestartPolicy, State, health_status
+from copilot_cli.launcher import Mesh, RestartPolicy, State, health_status
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -294,7 +294,7 @@ def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_wit
     """Knowledge on a `chroma run` server (the cluster's shape): SIGKILL the server under load, start it again
     on the same directory. Diagnoses degrade meanwhile, knowledge heals without being restarted, no document
     is lost."""
-    from copilot.launcher import free_port
+    from copilot_cli.launcher import free_port
     from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
     from tests.conftest import token
     from tests.integration.test_chroma_server import start_chroma

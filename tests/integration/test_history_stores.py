@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from copilot.domain import DiagnosisInput
-from copilot.launcher import free_port
+from copilot_cli.launcher import free_port
 from services.orchestrator.history import IncidentStore, RequestIdConflict, StoredFeedback, StoredIncident, fingerprint
 
 pytestmark = pytest.mark.integration

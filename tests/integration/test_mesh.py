@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot.launcher import Mesh
+from copilot_cli.launcher import Mesh
 from copilot.runtime.errors import field_violations
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 

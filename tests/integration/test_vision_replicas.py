@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot.launcher import Mesh
+from copilot_cli.launcher import Mesh
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 
 pytestmark = pytest.mark.integration

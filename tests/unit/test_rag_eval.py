@@ -1,12 +1,10 @@
 """The labelled eval set against the shipped library: the quality targets of the knowledge service."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from services.rag.core import AdvisorTuning, KnowledgeBase
-from services.rag.evaluation import evaluate, load_questions
+from services.rag.evaluation import LABELLED_QUESTIONS, evaluate, load_questions
 
-QUESTIONS = Path(__file__).resolve().parents[1] / "data" / "knowledge_eval.yaml"
+QUESTIONS = LABELLED_QUESTIONS
 
 
 def test_the_labelled_set_is_big_and_mixed():

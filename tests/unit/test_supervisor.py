@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 
-from copilot.launcher import RestartPolicy, exit_reason, read_state
+from copilot_cli.launcher import RestartPolicy, exit_reason, read_state
 
 
 def test_back_off_doubles_from_one_second_to_thirty():
@@ -39,7 +39,7 @@ def supervised_sleeper(tmp_path, monkeypatch, answers, policy):
     """A Supervisor over one real process (`sleep`) whose health answers are scripted."""
     import subprocess
 
-    from copilot import launcher
+    from copilot_cli import launcher
 
     mesh = launcher.Mesh.on_free_ports(data_dir=tmp_path)
     proc = launcher.ServiceProcess("report", mesh.ports["report"], {}, tmp_path / "report.log")
@@ -59,7 +59,7 @@ def supervised_sleeper(tmp_path, monkeypatch, answers, policy):
 
 
 def test_a_serving_process_that_stops_answering_is_killed_and_restarted(tmp_path, monkeypatch):
-    from copilot.launcher import State
+    from copilot_cli.launcher import State
 
     serving = 1
     supervisor, proc, started, events = supervised_sleeper(

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from copilot import samples
+from services.vision import samples
 from services.vision.core import GENERIC, ImageLimits, ImageRejected, VisionEngine, decode_image
 from services.vision.evaluation import evaluate
 from services.vision.references import ReferenceStore

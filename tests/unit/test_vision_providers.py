@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from copilot import samples
+from services.vision import samples
 from tests.model_server import FakeModelServer
 from services.vision.core import ImageLimits
 from services.vision.providers import (

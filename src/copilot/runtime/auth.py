@@ -20,14 +20,20 @@ import jwt
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from copilot.runtime.config import data_dir
+
 log = logging.getLogger("copilot.auth")
 
 DEV_TOKEN = re.compile(r"^(technician-[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 DEFAULT_ISSUER = "manufacturing-copilot"
 DEFAULT_AUDIENCE = "manufacturing-copilot"
-#: Where `copilot up` keeps the HS256 secret of a dev mesh, so `copilot token` can mint tokens it accepts.
-DEV_SECRET_FILE = Path(".copilot-data") / "auth" / "dev-jwt-secret"
+
+
+def dev_secret_file(folder: Path | None = None) -> Path:
+    """Where `copilot up` keeps the HS256 secret of a dev mesh (below the data dir), so `copilot token` can mint
+    tokens it accepts."""
+    return (folder or data_dir()) / "auth" / "dev-jwt-secret"
 
 
 class Role(enum.IntEnum):
@@ -155,8 +161,9 @@ def mint_token(subject: str, role: Role, *, secret: str = "", private_key: str =
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def dev_secret(path: Path = DEV_SECRET_FILE) -> str:
+def dev_secret(path: Path | None = None) -> str:
     """The local dev mesh's HS256 secret, created on first use (mode 0600)."""
+    path = path or dev_secret_file()
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,12 +173,13 @@ def dev_secret(path: Path = DEV_SECRET_FILE) -> str:
     return value
 
 
-def signing_secret(dev_file: Path = DEV_SECRET_FILE, *, create: bool = False) -> str:
+def signing_secret(dev_file: Path | None = None, *, create: bool = False) -> str:
     """The HS256 secret local tokens are signed with: AUTH_JWT_SECRET(_FILE) when set, else the dev mesh's secret
     file (created when `create`); "" when there is none."""
     secret = AuthSettings().secret()
     if secret:
         return secret
+    dev_file = dev_file or dev_secret_file()
     return dev_secret(dev_file) if create or dev_file.exists() else ""
 
 

@@ -1,6 +1,7 @@
 """Configuration base classes (pydantic-settings): every service reads its settings from the environment."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -9,6 +10,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Documented default ports of the mesh; `copilot up` and the Kubernetes manifests use the same numbers.
 DEFAULT_PORTS = {"orchestrator": 50051, "vision": 50052, "knowledge": 50053, "report": 50054}
 DEFAULT_METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466, "report": 9467}
+#: The largest gRPC message a server accepts and a channel sends (a 10 MiB photo plus its request).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def data_dir() -> Path:
+    """Where a process keeps its local state (reference images, the embedded Chroma store, the incident
+    history, logs, the dev signing secret): COPILOT_DATA_DIR, else `.copilot-data` in the working directory.
+    Each setting that names a file below it can still be set on its own."""
+    return Path(os.environ.get("COPILOT_DATA_DIR") or ".copilot-data")
 
 
 class TlsSettings(BaseSettings):
@@ -40,7 +50,7 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in containers")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     grace_seconds: float = Field(10.0, gt=0, description="drain time after SIGTERM")
-    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     log_level: str = "INFO"
     metrics_host: str = Field("0.0.0.0", description="interface of the Prometheus /metrics endpoint")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.domain import DiagnosisInput
-from copilot.launcher import Mesh
+from copilot_cli.diagnose import sample_photo
+from copilot_cli.launcher import Mesh
 from copilot.v1 import copilot_pb2_grpc
 
 PROBLEMS = [
@@ -27,7 +28,7 @@ PROBLEMS = [
     "Bolts on the assembly station keep coming loose",
     "Spindle vibration and chatter marks on parts",
 ]
-SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "pump-housing-crack.jpg"
+SAMPLE = sample_photo()
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -261,7 +262,7 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
 def run_vision(total: int, output: Path, console: Console) -> dict:
     """Images/s and latency of AnalyzeImage at 1, 4 and 16 concurrent clients, dynamic batching off and on,
     against a real vision process each time."""
-    from copilot.launcher import ServiceProcess, free_port, health_status
+    from copilot_cli.launcher import ServiceProcess, free_port, health_status
     from grpc_health.v1 import health_pb2
 
     photo = SAMPLE.read_bytes()

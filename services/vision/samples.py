@@ -1,6 +1,7 @@
 """Synthetic equipment photos: brushed-metal surfaces with drawn cracks, scratches, rust and spatter.
 
-`python -m copilot.samples` regenerates the shipped sample photos in samples/ (deterministic seeds).
+`python -m services.vision.samples` regenerates the CLI's sample photos in src/copilot_cli/samples/ (deterministic
+seeds).
 Tests use the same functions to make held-out images in memory.
 """
 from __future__ import annotations
@@ -170,7 +171,7 @@ SAMPLES = {
 }
 
 
-def main(out_dir: str = "samples") -> int:
+def main(out_dir: str = "src/copilot_cli/samples") -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, make in SAMPLES.items():

@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from copilot.bench import percentiles
+from benchmarks.mesh import percentiles
 
 EQUIPMENT = ["press", "conveyor", "robot", "compressor", "boiler", "pump", "motor", "spindle", "welder", "chiller",
              "gearbox", "mixer", "oven", "lathe", "packer", "crane", "extruder", "dryer", "valve", "fan"]

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from copilot.runtime.config import data_dir as default_data_dir
 
 # name -> (python module, environment prefix)
 SERVICES: dict[str, tuple[str, str]] = {
@@ -82,7 +83,7 @@ class Mesh:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
-    data_dir: Path = Path(".copilot-data")
+    data_dir: Path = field(default_factory=default_data_dir)
     extra_env: dict[str, str] = field(default_factory=dict)
     vision_replicas: int = 1
     services: dict[str, ServiceProcess] = field(default_factory=dict)

@@ -18,9 +18,9 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from copilot.bench import PROBLEMS, SAMPLE, percentiles
+from benchmarks.mesh import PROBLEMS, SAMPLE, percentiles
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
-from copilot.launcher import Mesh, RestartPolicy
+from copilot_cli.launcher import Mesh, RestartPolicy
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 
 VICTIMS = ("knowledge", "vision", "report")

@@ -1,0 +1,83 @@
+"""What every command group shares: the consoles, the `--addr` / `--token` / `--data-dir` options (declared
+once), one way of reporting a failed RPC, and the enum labels shown in tables."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf.message import Message
+from rich.console import Console
+
+from copilot.client import open_channel, resolve_token
+from copilot.runtime.config import DEFAULT_PORTS, data_dir
+from copilot.runtime.errors import field_violations
+
+console = Console(stderr=True)  # progress, tables about the run, errors
+out = Console()  # the command's result
+
+ORCHESTRATOR_ADDR = f"localhost:{DEFAULT_PORTS['orchestrator']}"
+KNOWLEDGE_ADDR = f"localhost:{DEFAULT_PORTS['knowledge']}"
+TOKEN_HELP = (
+    "bearer token (default: a JWT minted with the local dev mesh's secret, <data dir>/auth/dev-jwt-secret; "
+    "see `copilot token`)"
+)
+
+#: The public API (CopilotService) of a mesh.
+OrchestratorAddr = Annotated[
+    str, typer.Option("--addr", envvar="COPILOT_ADDR", help="the orchestrator (CopilotService)")
+]
+#: The knowledge agent's own API (KnowledgeService: documents).
+KnowledgeAddr = Annotated[str, typer.Option("--addr", envvar="COPILOT_KNOWLEDGE_ADDR", help="the knowledge service")]
+Token = Annotated[str, typer.Option("--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP)]
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="COPILOT_DATA_DIR", help="the local mesh's data folder (default .copilot-data)"),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
+
+def default_data_dir() -> Path:
+    return data_dir()
+
+
+def report_rpc_error(exc: grpc.RpcError) -> None:
+    """The status code, its message and each field violation, the same way for every command."""
+    code = exc.code()
+    console.print(f"[bold red]{code.name if code else 'UNKNOWN'}[/]: {exc.details()}")
+    for violation in field_violations(exc):
+        console.print(f"  • [bold]{violation.field}[/]: {violation.description}")
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    """One line for a table row: the field violations, else the status message."""
+    return "; ".join(f"{v.field}: {v.description}" for v in field_violations(exc)) or str(exc.details())
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """A failed RPC ends the command with exit code 2 after `report_rpc_error`."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        report_rpc_error(exc)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def connected(addr: str, token: str, *, role: str = "technician") -> Iterator[tuple[grpc.Channel, tuple]]:
+    """An open channel and the authorization metadata for it; RPC failures inside end the command (exit 2)."""
+    from copilot.client import auth_metadata
+
+    with rpc_errors(), open_channel(addr) as channel:
+        yield channel, auth_metadata(resolve_token(token, role=role))
+
+
+def enum_label(message: Message, field: str, prefix: str) -> str:
+    """`STAGE_STATE_DEGRADED` -> `degraded`: the enum value of `field` for tables."""
+    value = getattr(message, field)
+    return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[value].name.removeprefix(prefix).lower()

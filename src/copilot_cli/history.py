@@ -1,0 +1,120 @@
+"""`copilot incidents | incident | feedback`: the incident history behind the public API."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.table import Table
+
+from copilot.runtime.convert import timestamp_to_pb
+from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out
+from copilot_cli.diagnose import print_diagnosis
+
+RequestId = Annotated[str, typer.Argument(help="the diagnosis' request id")]
+
+
+def incidents(
+    plant: Annotated[str, typer.Option("--plant")] = "",
+    equipment: Annotated[str, typer.Option("--equipment")] = "",
+    since: Annotated[datetime | None, typer.Option("--since", help="ISO time, UTC unless it says otherwise")] = None,
+    until: Annotated[datetime | None, typer.Option("--until")] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=1000, help="incidents to show (pages of 100 are fetched)")
+    ] = 20,
+    as_json: AsJson = False,
+    addr: OrchestratorAddr = ORCHESTRATOR_ADDR,
+    token: Token = "",
+) -> None:
+    """List past diagnoses, newest first (ListIncidents)."""
+    found: list[copilot_pb2.Incident] = []
+    with connected(addr, token) as (channel, metadata):
+        stub = copilot_pb2_grpc.CopilotServiceStub(channel)
+        page_token = ""
+        while len(found) < limit:
+            request = copilot_pb2.ListIncidentsRequest(
+                plant_id=plant,
+                equipment_id=equipment,
+                start_time=timestamp_to_pb(since) if since else None,  # naive: UTC
+                end_time=timestamp_to_pb(until) if until else None,
+                page_size=min(100, limit - len(found)),
+                page_token=page_token,
+            )
+            page = stub.ListIncidents(request, metadata=metadata, timeout=30)
+            found.extend(page.incidents)
+            page_token = page.next_page_token
+            if not page_token:
+                break
+    if as_json:
+        out.print_json(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in found]))
+        return
+    table = Table(
+        "when (UTC)", "request", "plant", "equipment", "problem", "confidence", "review", "SOPs", "feedback",
+        title=f"{len(found)} incidents",
+    )
+    for i in found:
+        table.add_row(
+            i.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            i.request_id,
+            i.plant_id,
+            i.equipment_id,
+            i.problem_description[:60],
+            f"{i.diagnosis.confidence_score:.2f}",
+            "[red]yes[/]" if i.diagnosis.requires_manual_review else "no",
+            ", ".join(i.diagnosis.report.referenced_sop_ids),
+            " ".join("+" if f.helpful else "-" for f in i.feedback),
+        )
+    out.print(table)
+
+
+def incident(
+    request_id: RequestId,
+    as_json: AsJson = False,
+    addr: OrchestratorAddr = ORCHESTRATOR_ADDR,
+    token: Token = "",
+) -> None:
+    """Show one stored diagnosis (GetIncident) with its feedback."""
+    with connected(addr, token) as (channel, metadata):
+        found = (
+            copilot_pb2_grpc.CopilotServiceStub(channel)
+            .GetIncident(copilot_pb2.GetIncidentRequest(request_id=request_id), metadata=metadata, timeout=30)
+            .incident
+        )
+    if as_json:
+        out.print_json(json.dumps(MessageToDict(found, preserving_proto_field_name=True)))
+        return
+    image = f" · image sha256 {found.image_sha256[:12]}…" if found.image_sha256 else ""
+    out.print(
+        f"[bold]{found.request_id}[/] · {found.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC · by "
+        f"{found.principal} · trace {found.trace_id}{image}"
+    )
+    print_diagnosis(found.diagnosis, as_json=False)
+    for f in found.feedback:
+        out.print(
+            f"feedback by {f.principal}: {'helpful' if f.helpful else 'not helpful'}"
+            + (f" · SOPs {', '.join(f.helpful_sop_ids)}" if f.helpful_sop_ids else "")
+            + (f" · {f.resolution_notes}" if f.resolution_notes else "")
+        )
+
+
+def feedback(
+    request_id: RequestId,
+    helpful: Annotated[bool, typer.Option("--helpful/--not-helpful")],
+    notes: Annotated[str, typer.Option("--notes", help="how it was resolved")] = "",
+    sop_ids: Annotated[
+        list[str] | None, typer.Option("--sop", help="an SOP id that really helped; repeat for several")
+    ] = None,
+    addr: OrchestratorAddr = ORCHESTRATOR_ADDR,
+    token: Token = "",
+) -> None:
+    """Record whether a diagnosis helped (SubmitFeedback); `copilot eval --export-feedback` exports it."""
+    request = copilot_pb2.SubmitFeedbackRequest(
+        request_id=request_id, helpful=helpful, resolution_notes=notes, helpful_sop_ids=sop_ids or []
+    )
+    with connected(addr, token) as (channel, metadata):
+        copilot_pb2_grpc.CopilotServiceStub(channel).SubmitFeedback(request, metadata=metadata, timeout=30)
+    out.print(f"feedback stored for {request_id}")

@@ -1,0 +1,190 @@
+"""`copilot ingest | docs | eval`: the knowledge library of a running knowledge service, and its quality
+measured in-process on the labelled set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.table import Table
+
+from copilot.runtime.config import data_dir
+from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+from copilot_cli.common import (
+    KNOWLEDGE_ADDR,
+    AsJson,
+    KnowledgeAddr,
+    Token,
+    connected,
+    console,
+    describe_rpc_error,
+    out,
+)
+
+
+def _outcome(value: int) -> str:
+    return knowledge_pb2.IngestOutcome.Name(value).removeprefix("INGEST_OUTCOME_").lower()
+
+
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(exists=True, help="files (.md .txt .pdf) or folders")],
+    addr: KnowledgeAddr = KNOWLEDGE_ADDR,
+    document_id: Annotated[str, typer.Option("--id", help="document id (one file only; Markdown may carry it)")] = "",
+    title: Annotated[str, typer.Option("--title", help="one file only")] = "",
+    version: Annotated[str, typer.Option("--version", help="default: the Markdown front matter, else a content hash")] = "",
+    equipment_types: Annotated[
+        list[str] | None, typer.Option("--equipment-type", help="scope; repeat for several")
+    ] = None,
+    plants: Annotated[list[str] | None, typer.Option("--plant", help="scope; repeat for several")] = None,
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with the local dev mesh's secret)"
+        ),
+    ] = "",
+) -> None:
+    """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from copilot.client import ingest_file
+    from services.rag.corpus import document_files  # light: no model or store behind it
+
+    files = document_files(paths)
+    if (document_id or title) and len(files) != 1:
+        raise typer.BadParameter("--id and --title apply to a single file")
+    table = Table("file", "document", "version", "outcome", "chunks", title="ingest")
+    failed = 0
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console)
+    with connected(addr, token, role="admin") as (channel, metadata), progress:
+        overall = progress.add_task("documents", total=sum(f.stat().st_size for f in files))
+        for path in files:
+            try:
+                reply = ingest_file(
+                    channel, path, document_id=document_id, title=title, version=version,
+                    equipment_types=equipment_types or (), plant_ids=plants or (),
+                    on_bytes=lambda n: progress.advance(overall, n), metadata=metadata,
+                )
+            except grpc.RpcError as exc:  # one file's failure is a row; the others still load
+                failed += 1
+                code = exc.code()
+                table.add_row(str(path), "", "", f"[red]{code.name if code else 'UNKNOWN'}[/red]",
+                              describe_rpc_error(exc))
+                continue
+            doc = reply.document
+            table.add_row(str(path), doc.document_id, doc.version, _outcome(reply.outcome),
+                          f"+{reply.chunks_written} -{reply.chunks_removed}")
+    out.print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+def docs(
+    addr: KnowledgeAddr = KNOWLEDGE_ADDR,
+    equipment_type: Annotated[str, typer.Option("--equipment-type")] = "",
+    plant: Annotated[str, typer.Option("--plant")] = "",
+    as_json: AsJson = False,
+    token: Token = "",
+) -> None:
+    """List the documents loaded in the knowledge service."""
+    documents: list[knowledge_pb2.Document] = []
+    with connected(addr, token) as (channel, metadata):
+        stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+        page_token = ""
+        while True:
+            request = knowledge_pb2.ListDocumentsRequest(
+                page_size=200, page_token=page_token, equipment_type=equipment_type, plant_id=plant
+            )
+            page = stub.ListDocuments(request, timeout=30, metadata=metadata)
+            documents.extend(page.documents)
+            page_token = page.next_page_token
+            if not page_token:
+                break
+    if as_json:
+        out.print_json(json.dumps([MessageToDict(d, preserving_proto_field_name=True) for d in documents]))
+        return
+    table = Table(
+        "id", "title", "version", "format", "chunks", "equipment types", "plants", title=f"{len(documents)} documents"
+    )
+    for d in documents:
+        file_format = knowledge_pb2.DocumentFormat.Name(d.format).removeprefix("DOCUMENT_FORMAT_").lower()
+        table.add_row(d.document_id, d.title, d.version, file_format, str(d.chunk_count),
+                      ", ".join(d.equipment_types) or "all", ", ".join(d.plant_ids) or "all")
+    out.print(table)
+
+
+def evaluate(
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", exists=True, help="labelled questions (q, expect, escalate); default: the shipped set"),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="JSON (default <data dir>/eval/knowledge.json)")] = None,
+    export_feedback: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-feedback",
+            help="write the technicians' feedback from the incident history as labelled questions "
+            "(YAML, the --data format) and stop",
+        ),
+    ] = None,
+    database_url: Annotated[
+        str,
+        typer.Option(
+            "--database-url", envvar="ORCHESTRATOR_DATABASE_URL", help="the incident history (default: the local mesh's)"
+        ),
+    ] = "",
+) -> None:
+    """Knowledge quality on a labelled set, hybrid scoring on and off, in-process on a fresh store with the
+    shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON.
+    With --export-feedback it exports the feedback as extra labelled data instead (evaluate it with --data)."""
+    if export_feedback is not None:
+        _export_feedback(export_feedback, database_url or f"sqlite:///{data_dir() / 'incidents.db'}")
+        return
+    import tempfile
+    from dataclasses import asdict
+
+    from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+    from services.rag.corpus import starter_corpus
+    from services.rag.evaluation import LABELLED_QUESTIONS, evaluate, load_questions
+
+    source = data or LABELLED_QUESTIONS
+    questions = load_questions(source)
+    embedder = minilm_embedder()
+    with tempfile.TemporaryDirectory() as folder:
+        store = open_store(Path(folder))
+        KnowledgeBase(store, embedder).ensure_documents(starter_corpus())
+        reports = {
+            name: evaluate(KnowledgeBase(store, embedder, AdvisorTuning(hybrid=hybrid)), questions)
+            for name, hybrid in (("hybrid", True), ("vector only", False))
+        }
+    metrics = ["recall_at_1", "recall_at_3", "mrr", "citation_precision", "citation_relevance", "escalation_accuracy"]
+    table = Table("metric", *reports, title=f"knowledge eval: {len(questions)} questions ({source})")
+    for metric in metrics:
+        table.add_row(metric, *(f"{getattr(r, metric):.3f}" for r in reports.values()))
+    out.print(table)
+    target = output or data_dir() / "eval" / "knowledge.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    summary = {name: {**r.summary(), "results": [asdict(x) for x in r.results]} for name, r in reports.items()}
+    target.write_text(json.dumps(summary, indent=2))
+    console.print(f"wrote {target}")
+
+
+def _export_feedback(target: Path, database_url: str) -> None:
+    import yaml
+
+    from services.orchestrator.history import IncidentStore
+    from services.rag.evaluation import questions_from_feedback
+
+    store = IncidentStore(database_url)
+    try:
+        labelled = questions_from_feedback(store.feedback_export())
+    finally:
+        store.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        "# Labelled questions from technician feedback (copilot eval --export-feedback)\n"
+        + yaml.safe_dump({"questions": labelled}, sort_keys=False, allow_unicode=True)
+    )
+    console.print(f"wrote {len(labelled)} labelled questions from feedback to {target}")
