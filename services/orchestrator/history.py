@@ -3,9 +3,7 @@ id (SQLAlchemy; SQLite file by default, a Postgres URL works the same). Images a
 their own table, never inline in the incident. Blocking calls: the servicer runs them in a thread."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,10 +27,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from copilot.domain import DiagnosisInput, PastIncident
+from copilot.domain import DiagnosisInput, PastIncident, as_utc
+from copilot.text import content_words
 
-_WORD = re.compile(r"[a-z0-9]{3,}")
-_STOP = frozenset("the and with from that this was are for has have not but when its into after".split())
 
 
 class Base(DeclarativeBase):
@@ -129,26 +126,6 @@ def fingerprint(request: DiagnosisInput) -> str:
     return digest.hexdigest()
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
-
-
-def _words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
-
-
-def encode_page_token(created_at: datetime, request_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([_aware(created_at).isoformat(), request_id]).encode()).decode()
-
-
-def decode_page_token(token: str) -> tuple[datetime, str] | None:
-    try:
-        created, request_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return _aware(datetime.fromisoformat(created)), str(request_id)
-    except (ValueError, TypeError):
-        return None
-
-
 class IncidentStore:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -219,11 +196,11 @@ class IncidentStore:
     @staticmethod
     def _feedback(row: FeedbackRow) -> StoredFeedback:
         return StoredFeedback(row.helpful, row.resolution_notes, tuple(row.helpful_sop_ids), row.principal,
-                              _aware(row.submitted_at))
+                              as_utc(row.submitted_at))
 
     def _incident(self, row: IncidentRow, feedback: list[FeedbackRow]) -> StoredIncident:
         return StoredIncident(
-            request_id=row.request_id, created_at=_aware(row.created_at), plant_id=row.plant_id,
+            request_id=row.request_id, created_at=as_utc(row.created_at), plant_id=row.plant_id,
             equipment_id=row.equipment_id, equipment_type=row.equipment_type,
             problem_description=row.problem_description, image_sha256=row.image_sha256 or "",
             image_mime_type=row.image_mime_type, principal=row.principal, trace_id=row.trace_id,
@@ -285,7 +262,7 @@ class IncidentStore:
                 limit: int = 3, scan: int = 200) -> list[PastIncident]:
         """Earlier incidents on the same equipment whose problem shares words with this one (Jaccard >= 0.2),
         most overlap first (ties: newest first), among the newest `scan`. Reads only the columns it needs."""
-        words = _words(problem_description)
+        words = content_words(problem_description)
         if not words or limit <= 0:
             return []
         query = (select(IncidentRow.request_id, IncidentRow.created_at, IncidentRow.problem_description,
@@ -297,10 +274,10 @@ class IncidentStore:
             for request_id, created_at, problem, sop_ids in session.execute(query):
                 if request_id == exclude:
                     continue
-                other = _words(problem)
+                other = content_words(problem)
                 overlap = len(words & other) / len(words | other) if other else 0.0
                 if overlap >= 0.2:
-                    scored.append((overlap, _aware(created_at), request_id, problem, tuple(sop_ids or ())))
+                    scored.append((overlap, as_utc(created_at), request_id, problem, tuple(sop_ids or ())))
             scored.sort(key=lambda row: (-row[0], -row[1].timestamp()))
             best = scored[:limit]
             notes = self._feedback_of(session, [row[2] for row in best])
@@ -318,5 +295,5 @@ class IncidentStore:
                 "equipment_id": inc.equipment_id, "equipment_type": inc.equipment_type,
                 "cited_sop_ids": list(inc.referenced_sop_ids), "helpful": fb.helpful,
                 "expected_sop_ids": list(fb.helpful_sop_ids), "resolution_notes": fb.resolution_notes,
-                "principal": fb.principal, "submitted_at": _aware(fb.submitted_at).isoformat(),
+                "principal": fb.principal, "submitted_at": as_utc(fb.submitted_at).isoformat(),
             } for fb, inc in rows]

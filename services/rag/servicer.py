@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -14,6 +12,7 @@ from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
 from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected
@@ -42,18 +41,6 @@ def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
         chunk_count=doc.chunk_count, sections=list(doc.sections), content_hash=doc.content_hash,
         size_bytes=doc.size_bytes, ingested_at=ingested,
     )
-
-
-def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(f"after:{last_id}".encode()).decode()
-
-
-def _after_id(token: str) -> str | None:
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return text[len("after:"):] if text.startswith("after:") else None
 
 
 def _record_retrieval(k: int, scores: list[float], fallback: bool | None) -> None:
@@ -152,10 +139,12 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             chunks_written=result.chunks_written, chunks_removed=result.chunks_removed)
 
     async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
-        after = _after_id(request.page_token) if request.page_token else ""
-        if after is None:
-            await abort_invalid(context, [FieldViolation("page_token",
-                                                         "is not a token from a previous ListDocuments response")])
+        after = ""
+        if request.page_token:
+            position = decode_page_token(request.page_token, "ListDocuments", 1)
+            if position is None or not isinstance(position[0], str):
+                await abort_invalid(context, [invalid_page_token("ListDocuments")])
+            after = position[0]
         knowledge = await self._ready(context)
         documents = await asyncio.to_thread(knowledge.list_documents, request.equipment_type, request.plant_id)
         remaining = [d for d in documents if d.sop_id > after] if after else documents
@@ -163,7 +152,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         more = len(remaining) > len(page)
         return knowledge_pb2.ListDocumentsResponse(
             documents=[document_to_pb(d) for d in page], total_size=len(documents),
-            next_page_token=_page_token(page[-1].sop_id) if more else "")
+            next_page_token=encode_page_token("ListDocuments", page[-1].sop_id) if more else "")
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
         knowledge = await self._ready(context)

@@ -4,7 +4,7 @@
 * `hf-endpoint`: BLIP-2 (`Salesforce/blip2-opt-2.7b`, the seed's model) through a Hugging Face inference
   endpoint (its image-to-text API: POST the image bytes, read `generated_text`). Plain httpx, because
   huggingface_hub refuses every request while HF_HUB_OFFLINE=1, which the images set for the local models.
-* `blip2-local`: BLIP-2 through local transformers, from `VISION_BLIP2_MODEL_PATH` (no hub access).
+* `blip2-local`: BLIP-2 through local transformers, from `VISION_MODEL_PATH` (no hub access).
 * `openai-compatible`: a vision chat model behind an OpenAI-compatible `/chat/completions` (vLLM, TGI,
   Ollama ...), asked for JSON defects.
 
@@ -21,6 +21,7 @@ from typing import Protocol
 
 from copilot.domain import BoundingBox, Defect, VisionFindings
 from copilot.runtime.batching import DynamicBatcher
+from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
 from services.vision.core import ImageLimits, VisionEngine, decode_image
 
 CAPTION_PROMPT = ("Question: Describe any visible defects, damage or quality issues on this manufacturing "
@@ -120,30 +121,25 @@ class HfEndpointProvider:
 
     name = "hf-endpoint"
 
-    def __init__(self, endpoint: str, token: str | None, timeout_s: float, limits: ImageLimits,
-                 model_id: str = "Salesforce/blip2-opt-2.7b") -> None:
-        import httpx
-
-        if not endpoint:
-            raise ValueError("VISION_HF_ENDPOINT (the URL of the BLIP-2 inference endpoint) is required")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
-        self.endpoint = endpoint
-        self.model_id = model_id
+    def __init__(self, model: HostedModel, limits: ImageLimits) -> None:
+        if not model.endpoint:
+            raise ValueError("VISION_MODEL_ENDPOINT (the URL of the BLIP-2 inference endpoint) is required")
+        self.client = AsyncHostedModelClient(model)
+        self.endpoint = model.endpoint
+        self.model_id = model.name or "Salesforce/blip2-opt-2.7b"
         self.limits = limits
 
     async def analyze(self, data, equipment_type, include_heatmap):
         image = await asyncio.to_thread(decode_image, data, self.limits)
         mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
         reply = await self.client.post(self.endpoint, content=data, headers={"content-type": mime})
-        reply.raise_for_status()
         output = reply.json()
         first = output[0] if isinstance(output, list) and output else output
         caption = first.get("generated_text", "") if isinstance(first, dict) else ""
         return caption_findings(caption, f"hf-endpoint/{self.model_id}", image.size)
 
     async def close(self):
-        await self.client.aclose()
+        await self.client.close()
 
 
 class Blip2LocalProvider:
@@ -157,7 +153,7 @@ class Blip2LocalProvider:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         if not model_path or not Path(model_path).is_dir():
-            raise FileNotFoundError(f"VISION_BLIP2_MODEL_PATH must name a local BLIP-2 folder (got {model_path!r})")
+            raise FileNotFoundError(f"VISION_MODEL_PATH must name a local BLIP-2 folder (got {model_path!r})")
         self.processor = Blip2Processor.from_pretrained(model_path, local_files_only=True)
         self.model = Blip2ForConditionalGeneration.from_pretrained(model_path, local_files_only=True).eval()
         self.model_path = model_path
@@ -186,12 +182,12 @@ class OpenAICompatibleProvider:
 
     name = "openai-compatible"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, limits: ImageLimits) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.model = model
+    def __init__(self, model: HostedModel, limits: ImageLimits) -> None:
+        if not model.endpoint or not model.name:
+            raise ValueError("VISION_MODEL_ENDPOINT and VISION_MODEL_NAME are required for openai-compatible")
+        self.client = AsyncHostedModelClient(model)
+        self.url = join(model.endpoint, "/chat/completions")
+        self.model = model.name
         self.limits = limits
 
     async def analyze(self, data, equipment_type, include_heatmap):
@@ -205,13 +201,12 @@ class OpenAICompatibleProvider:
                 {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
             ]}],
         }
-        reply = await self.client.post("/chat/completions", json=payload)
-        reply.raise_for_status()
+        reply = await self.client.post(self.url, json=payload)
         content = reply.json()["choices"][0]["message"]["content"]
         return parse_json_findings(content, f"openai-compatible/{self.model}", image.size)
 
     async def close(self):
-        await self.client.aclose()
+        await self.client.close()
 
 
 def parse_json_findings(content: str, model: str, size: tuple[int, int]) -> VisionFindings:

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
+from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.server import ServiceSpec, run_service
@@ -21,7 +22,7 @@ SERVICE_NAME = VISION_SERVICE
 log = logging.getLogger(__name__)
 
 
-class VisionSettings(ServerSettings):
+class VisionSettings(ServerSettings, HostedModelSettings):
     model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore")
 
     port: int = DEFAULT_PORTS["vision"]
@@ -44,14 +45,9 @@ class VisionSettings(ServerSettings):
     batching: bool = False  # measured on this 2-core CPU: 0.77-0.84x throughput (copilot bench --suite vision)
     batch_max_size: int = Field(8, ge=1, le=128)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
-    # hosted / local models
-    hf_endpoint: str = ""  # URL of a BLIP-2 (Salesforce/blip2-opt-2.7b) inference endpoint
-    hf_token: SecretStr = SecretStr("")
-    blip2_model_path: str = ""
-    openai_base_url: str = ""
-    openai_model: str = ""
-    openai_api_key: SecretStr = SecretStr("")
-    provider_timeout_s: float = Field(60.0, gt=0)
+    # the hosted model: model_endpoint (hf-endpoint: the URL of a BLIP-2 inference endpoint; openai-compatible:
+    # the API's base URL), model_name, model_api_key, model_timeout_s, model_attempts (HostedModelSettings)
+    model_path: str = ""  # blip2-local: the BLIP-2 weights folder
 
 
 def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
@@ -85,16 +81,11 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
                          settings.batch_max_size)
         servicer.provider = provider
     elif settings.provider == "hf-endpoint":
-        servicer.provider = providers.HfEndpointProvider(settings.hf_endpoint, settings.hf_token.get_secret_value(),
-                                                         settings.provider_timeout_s, limits)
+        servicer.provider = providers.HfEndpointProvider(settings.hosted_model(), limits)
     elif settings.provider == "blip2-local":
-        servicer.provider = providers.Blip2LocalProvider(settings.blip2_model_path, limits)
+        servicer.provider = providers.Blip2LocalProvider(settings.model_path, limits)
     else:
-        if not settings.openai_base_url or not settings.openai_model:
-            raise ValueError("VISION_OPENAI_BASE_URL and VISION_OPENAI_MODEL are required for openai-compatible")
-        servicer.provider = providers.OpenAICompatibleProvider(settings.openai_base_url, settings.openai_model,
-                                                               settings.openai_api_key.get_secret_value(),
-                                                               settings.provider_timeout_s, limits)
+        servicer.provider = providers.OpenAICompatibleProvider(settings.hosted_model(), limits)
 
 
 def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSettings]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from datetime import datetime
 
@@ -10,10 +9,10 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
 from copilot.runtime.metrics import copilot_metrics
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
@@ -28,15 +27,6 @@ def _reference_pb(ref) -> vision_pb2.ReferenceImage:
     return vision_pb2.ReferenceImage(reference_id=ref.reference_id, equipment_type=ref.equipment_type,
                                      label=ref.label, sha256=ref.sha256, width=ref.width, height=ref.height,
                                      created_at=created)
-
-
-def _page_offset(token: str) -> int | None:
-    if not token:
-        return 0
-    try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -98,14 +88,18 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def ListReferences(self, request, context) -> vision_pb2.ListReferencesResponse:
         engine = await self._engine(context)
-        offset = _page_offset(request.page_token)
-        if offset is None or offset < 0:
-            await abort_invalid(context, [FieldViolation("page_token", "not a token from a previous ListReferences reply")])
-        refs = [r for r in engine.store.all() if not request.equipment_type or r.equipment_type == request.equipment_type]
-        size = request.page_size or DEFAULT_PAGE
-        page = refs[offset:offset + size]
-        following = offset + size
-        token = base64.urlsafe_b64encode(str(following).encode()).decode() if following < len(refs) else ""
+        after = ""
+        if request.page_token:
+            position = decode_page_token(request.page_token, "ListReferences", 1)
+            if position is None or not isinstance(position[0], str):
+                await abort_invalid(context, [invalid_page_token("ListReferences")])
+            after = position[0]
+        refs = sorted((r for r in engine.store.all()
+                       if not request.equipment_type or r.equipment_type == request.equipment_type),
+                      key=lambda r: r.reference_id)
+        remaining = [r for r in refs if r.reference_id > after]
+        page = remaining[: request.page_size or DEFAULT_PAGE]
+        token = encode_page_token("ListReferences", page[-1].reference_id) if len(remaining) > len(page) else ""
         return vision_pb2.ListReferencesResponse(references=[_reference_pb(r) for r in page], next_page_token=token)
 
     async def DeleteReference(self, request, context) -> vision_pb2.DeleteReferenceResponse:

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 from pydantic_settings import SettingsConfigDict
 
-from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, data_dir, message_size_options
+from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, message_size_options
 from copilot.runtime.tls import channel_credentials, channel_options
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 

@@ -80,8 +80,8 @@ def chat_server():
 
 
 def test_openai_compatible_guidance_is_verified_retried_and_cached(chat_server, knowledge_base):
-    settings = KnowledgeSettings(generator="openai-compatible", llm_endpoint=chat_server.url + "/v1",
-                                 llm_model="qwen2.5-7b", llm_api_key="sk-test", llm_attempts=3)
+    settings = KnowledgeSettings(generator="openai-compatible", model_endpoint=chat_server.url + "/v1",
+                                 model_name="qwen2.5-7b", model_api_key="sk-test", model_attempts=3)
     kb = KnowledgeBase(knowledge_base.store, knowledge_base.embedder, generator=make_generator(settings))
     guidance = kb.advise("Hydraulic oil dripping from a hose fitting on the press")
     assert (guidance.generator, guidance.model, guidance.cached) == ("openai-compatible", "qwen2.5-7b", False)
@@ -103,8 +103,8 @@ def test_hf_endpoint_uses_the_seeds_settings_and_its_output_passes_verification(
     server = FakeModelServer(generated_text="1. Stop the press, lower the ram onto blocks and isolate the hydraulic "
                                             "power unit [HYD-210].\n2. Call SOP-777 support [SOP-777].", fail_first=1)
     try:
-        settings = KnowledgeSettings(generator="hf-endpoint", llm_endpoint=server.url + "/generate-endpoint",
-                                     llm_api_key="hf_secret")
+        settings = KnowledgeSettings(generator="hf-endpoint", model_endpoint=server.url + "/generate-endpoint",
+                                     model_api_key="hf_secret")
         kb = KnowledgeBase(knowledge_base.store, knowledge_base.embedder, generator=make_generator(settings))
         guidance = kb.advise("Hydraulic oil dripping from a hose fitting on the press")
     finally:
@@ -123,7 +123,7 @@ def test_hf_endpoint_uses_the_seeds_settings_and_its_output_passes_verification(
 def test_a_hosted_generator_that_is_down_falls_back_to_extractive_guidance(knowledge_base):
     server = FakeModelServer(chat_content="", fail_first=100, fail_status=500)
     try:
-        settings = KnowledgeSettings(generator="openai-compatible", llm_endpoint=server.url, llm_attempts=2)
+        settings = KnowledgeSettings(generator="openai-compatible", model_endpoint=server.url, model_attempts=2)
         kb = KnowledgeBase(knowledge_base.store, knowledge_base.embedder, generator=make_generator(settings))
         guidance = kb.advise("Hydraulic oil dripping from a hose fitting on the press")
     finally:
@@ -134,7 +134,7 @@ def test_a_hosted_generator_that_is_down_falls_back_to_extractive_guidance(knowl
 
 
 def test_missing_endpoint_is_a_configuration_error():
-    with pytest.raises(ValueError, match="KNOWLEDGE_LLM_ENDPOINT"):
+    with pytest.raises(ValueError, match="KNOWLEDGE_MODEL_ENDPOINT"):
         make_generator(KnowledgeSettings(generator="openai-compatible"))
 
 

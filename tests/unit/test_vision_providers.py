@@ -7,6 +7,7 @@ import json
 import pytest
 
 from services.vision import samples
+from copilot.runtime.hosted import HostedModel
 from tests.model_server import FakeModelServer
 from services.vision.core import ImageLimits
 from services.vision.providers import (
@@ -18,17 +19,22 @@ PHOTO = samples.to_bytes(samples.make_defect("brushed-steel", "corrosion", 5), "
 
 @pytest.fixture
 def model_server(request):
-    server = FakeModelServer(chat_content=getattr(request, "param", '{"defects": [], "description": "clean"}'),
-                             generated_text="a rusty steel plate with a long crack across it")
+    param = getattr(request, "param", '{"defects": [], "description": "clean"}')
+    options = param if isinstance(param, dict) else {"chat_content": param}
+    server = FakeModelServer(**{"chat_content": '{"defects": [], "description": "clean"}',
+                                "generated_text": "a rusty steel plate with a long crack across it", **options})
     yield server
     server.close()
 
 
-async def test_hf_endpoint_sends_the_image_and_reads_defects_from_the_caption(model_server):
-    provider = HfEndpointProvider(f"{model_server.url}/models/blip2", "hf_secret", 10, ImageLimits())
+@pytest.mark.parametrize("model_server", [{"fail_first": 1}], indirect=True)
+async def test_hf_endpoint_sends_the_image_retries_a_busy_server_and_reads_defects_from_the_caption(model_server):
+    model = HostedModel(endpoint=f"{model_server.url}/models/blip2", api_key="hf_secret", timeout_s=10)
+    provider = HfEndpointProvider(model, ImageLimits())
     findings = await provider.analyze(PHOTO, "brushed-steel", False)
     await provider.close()
-    path, headers, body = model_server.requests[0]
+    assert len(model_server.requests) == 2  # the 503 ("model is loading") was retried
+    path, headers, body = model_server.requests[1]
     assert path == "/models/blip2" and body == PHOTO
     assert headers.get("authorization") == "Bearer hf_secret"
     assert {d.type for d in findings.defects} == {"corrosion", "crack"}
@@ -44,7 +50,8 @@ CHAT = json.dumps({"defects": [
 
 @pytest.mark.parametrize("model_server", [f"Here you go:\n```json\n{CHAT}\n```"], indirect=True)
 async def test_openai_compatible_asks_for_json_and_validates_the_answer(model_server):
-    provider = OpenAICompatibleProvider(model_server.url + "/v1", "llava", "sk-test", 10, ImageLimits())
+    model = HostedModel(endpoint=model_server.url + "/v1", name="llava", api_key="sk-test", timeout_s=10)
+    provider = OpenAICompatibleProvider(model, ImageLimits())
     findings = await provider.analyze(PHOTO, "brushed-steel", False)
     await provider.close()
     path, headers, body = model_server.requests[0]
@@ -69,7 +76,7 @@ def test_caption_keywords():
 
 
 def test_local_blip2_needs_a_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="VISION_BLIP2_MODEL_PATH"):
+    with pytest.raises(FileNotFoundError, match="VISION_MODEL_PATH"):
         Blip2LocalProvider(str(tmp_path / "missing"), ImageLimits())
 
 
