@@ -61,7 +61,7 @@ class InProcessAgents:
         return self.knowledge.advise(problem_description, defects, None, equipment_type, plant_id)
 
     async def compose_report(self, inputs, timeout):
-        from services.report.core import compose_report
+        from copilot.reporting import compose_report
 
         return compose_report(inputs)
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import grpc
 
 from copilot.domain import Defect, Guidance, GuidanceStep, IncidentReport, SopCitation, VisionFindings
-from services.report.core import compose_report
+from copilot.reporting import compose_report
 
 
 class FakeAgents:

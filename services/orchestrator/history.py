@@ -4,9 +4,8 @@ their own table, never inline in the incident. Blocking calls: the servicer runs
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import (

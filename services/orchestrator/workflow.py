@@ -14,10 +14,10 @@ import operator
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Annotated, AsyncIterator, Awaitable, Callable, Sequence, TypedDict
 
 import grpc
+from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from opentelemetry import trace
@@ -25,35 +25,28 @@ from opentelemetry import trace
 from copilot.domain import (
     Diagnosis,
     DiagnosisInput,
-    EscalationReason,
     Guidance,
-    GuidanceStep,
     IncidentReport,
     PastIncident,
-    RecommendedAction,
     ReportInputs,
     Stage,
     StageState,
     StageStatus,
     VisionFindings,
 )
-from copilot.report_format import render_text
 from copilot.runtime.metrics import copilot_metrics
 from services.orchestrator.clients import AgentClients
+from services.orchestrator.decisions import (
+    FALLBACK_GUIDANCE,
+    SAFETY_DISCLAIMER,
+    escalation_reasons,
+    fallback_report,
+    merge_confidence,
+    requires_manual_review,
+)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-MANUAL_REVIEW_THRESHOLD = 0.5
-SAFETY_DISCLAIMER = (
-    "AI-generated guidance for a qualified technician. Follow your plant's safety procedures and "
-    "lockout/tagout (SAFETY-SOP-001) before any maintenance, and verify every step against the cited SOPs."
-)
-FALLBACK_GUIDANCE = Guidance(
-    steps=(GuidanceStep("Isolate the equipment under lockout/tagout and escalate to the maintenance supervisor."),),
-    citations=(), safety_notes=(), confidence=0.0, fallback=True, query="",
-)
-
 
 @dataclass(frozen=True)
 class StageStarted:
@@ -92,37 +85,11 @@ class DiagnosisState(TypedDict, total=False):
     requires_manual_review: bool
     report: IncidentReport
     stages: Annotated[list[StageStatus], operator.add]
-    related: "asyncio.Future | None"  # the incident-history lookup, started with the workflow (off the critical path)
 
 
-def merge_confidence(stages: list[StageStatus]) -> float:
-    """Mean of the stage confidences that exist: a skipped stage has none, a degraded one counts 0.0
-    (the seed's fallback value), the report stage has none."""
-    values = [
-        (s.confidence or 0.0) if s.state is StageState.OK else 0.0
-        for s in stages
-        if s.stage in (Stage.VISION, Stage.KNOWLEDGE) and s.state is not StageState.SKIPPED
-    ]
-    return round(sum(values) / len(values), 4) if values else 0.0
-
-
-def escalation_reasons(stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
-                       ) -> tuple[EscalationReason, ...]:
-    """Every reason that applies, most serious first. Only LOW_CONFIDENCE decides manual review (the seed's
-    rule: mean < 0.5); the others tell the reviewer where to look."""
-    reasons = []
-    if any(s.state is StageState.DEGRADED for s in stages):
-        reasons.append(EscalationReason.STAGE_DEGRADED)
-    if confidence < MANUAL_REVIEW_THRESHOLD:
-        reasons.append(EscalationReason.LOW_CONFIDENCE)
-    if guidance is None or guidance.fallback or not guidance.citations:
-        reasons.append(EscalationReason.NO_SUPPORTING_SOP)
-    vision = next((s for s in stages if s.stage is Stage.VISION and s.state is StageState.OK), None)
-    if vision is not None and (vision.confidence or 0.0) < MANUAL_REVIEW_THRESHOLD:
-        reasons.append(EscalationReason.LOW_VISION_CONFIDENCE)
-    if guidance is not None and not guidance.fallback and any(step.unsupported for step in guidance.steps):
-        reasons.append(EscalationReason.UNSUPPORTED_GUIDANCE)
-    return tuple(reasons)
+#: The incident-history lookup of one run, started with the workflow (off the critical path) and awaited by the
+#: report node; it travels in the run's config, not in the graph state, which holds only data.
+RELATED = "related_incidents"
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -242,11 +209,12 @@ class DiagnosisWorkflow:
             log.warning("incident history lookup failed: %s", _describe_error(exc))
             return ()
 
-    async def _report(self, state: DiagnosisState) -> dict:
+    async def _report(self, state: DiagnosisState, config: RunnableConfig) -> dict:
         req = state["input"]
         stages = state["stages"]
         confidence = merge_confidence(stages)
-        manual = confidence < MANUAL_REVIEW_THRESHOLD
+        manual = requires_manual_review(confidence)
+        related = config.get("configurable", {}).get(RELATED)
         vision = state.get("vision")
         guidance = state.get("guidance") or FALLBACK_GUIDANCE
         notes = tuple(f"{s.stage.value} stage degraded ({s.error})" for s in stages if s.state is StageState.DEGRADED)
@@ -256,7 +224,7 @@ class DiagnosisWorkflow:
             guidance=guidance.steps, citations=guidance.citations, safety_notes=guidance.safety_notes,
             confidence_score=confidence, requires_manual_review=manual, stage_notes=notes,
             image_analyzed=vision is not None,
-            related_incidents=await state["related"] if state.get("related") is not None else (),
+            related_incidents=await related if related is not None else (),
         )
         report, status = await self._call(
             Stage.REPORT, state, self.timeouts.report,
@@ -280,11 +248,12 @@ class DiagnosisWorkflow:
             # the history lookup runs while the agents work; the report node awaits it
             related = (asyncio.ensure_future(self._related(request, request_id, deadline))
                        if self.related_incidents is not None else None)
-            initial = {"request_id": request_id, "input": request, "deadline": deadline, "vision": None, "stages": [],
-                       "related": related}
+            initial: DiagnosisState = {"request_id": request_id, "input": request, "deadline": deadline,
+                                       "vision": None, "stages": []}
             final: DiagnosisState = initial
+            config: RunnableConfig = {"configurable": {RELATED: related}}
             try:
-                async for mode, chunk in self.graph.astream(initial, stream_mode=["custom", "values"]):
+                async for mode, chunk in self.graph.astream(initial, config, stream_mode=["custom", "values"]):
                     if mode == "custom":
                         yield chunk
                     else:
@@ -329,18 +298,3 @@ class DiagnosisWorkflow:
             trace_id=format(span.get_span_context().trace_id, "032x"),
         )
 
-
-def fallback_report(i: ReportInputs) -> IncidentReport:
-    """The minimal report the orchestrator writes itself when the report agent is unavailable: the raw
-    findings in the seed's layout, clearly marked for manual review."""
-    now = datetime.now(timezone.utc)
-    summary = (f"Equipment {i.equipment_id} at plant {i.plant_id}: {i.problem_description.rstrip('.')}. "
-               "The report agent was unavailable; this report lists the raw findings for manual review.")
-    actions = tuple(RecommendedAction(s.text, s.sop_ids) for s in i.guidance)
-    referenced = tuple(dict.fromkeys(s for step in i.guidance for s in step.sop_ids))
-    safety = (*i.safety_notes, "Lock out/tag out the equipment before maintenance (SAFETY-SOP-001).")
-    follow = ("Escalate to a maintenance engineer for manual review.", *i.stage_notes)
-    return IncidentReport(summary=summary, defects=i.defects, recommended_actions=actions, safety_notes=safety,
-                          follow_up=follow, referenced_sop_ids=referenced, generated_at=now,
-                          rendered_text=render_text(summary, i.defects, actions, safety, follow, referenced, now),
-                          citations=i.citations)

@@ -5,7 +5,7 @@ from opentelemetry import trace
 
 from copilot.runtime import convert
 from copilot.v1 import report_pb2, report_pb2_grpc
-from services.report.core import compose_report
+from copilot.reporting import compose_report
 
 tracer = trace.get_tracer(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from copilot.domain import BoundingBox, Defect, GuidanceStep, ReportInputs, SopCitation
-from services.report.core import compose_report
+from copilot.reporting import compose_report
 
 NOW = datetime(2026, 11, 25, 14, 32, tzinfo=timezone.utc)
 

@@ -10,7 +10,8 @@ from copilot.domain import (
     Defect, DiagnosisInput, Guidance, GuidanceStep, IncidentReport, SopCitation, Stage, StageState, StageStatus,
     VisionFindings,
 )
-from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts, merge_confidence
+from services.orchestrator.decisions import merge_confidence
+from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
 from tests.fakes import FakeAgents
 
 

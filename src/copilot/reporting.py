@@ -1,28 +1,41 @@
-"""Report agent core: a deterministic composition of the typed inputs into the seed's report sections.
-No gRPC here, and no language model: every sentence is built from the request, the defects, the
-guidance and the stage outcomes it is given."""
+"""The incident report: a deterministic composition of the typed inputs into the seed's sections (SUMMARY,
+DEFECTS IDENTIFIED, RECOMMENDED ACTIONS, SAFETY NOTES, FOLLOW-UP REQUIRED, referenced SOPs, timestamp) and
+their plain-text layout. No gRPC and no language model: every sentence is built from the request, the
+defects, the guidance and the stage outcomes it is given.
+
+The report agent serves it (services/report); the orchestrator calls it itself, with `written_by_orchestrator`,
+when the report agent cannot be reached, so a degraded diagnosis still gets the same report."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
-from copilot.domain import IncidentReport, RecommendedAction, ReportInputs
-from copilot.report_format import render_text
+from copilot.domain import (
+    MANUAL_REVIEW_THRESHOLD,
+    Defect,
+    DefectType,
+    IncidentReport,
+    RecommendedAction,
+    ReportInputs,
+    utc_now,
+)
 
 BASELINE_SAFETY = (
     "Lock out/tag out the equipment before maintenance (SAFETY-SOP-001).",
     "Wear the PPE required for the task: safety glasses, gloves and safety shoes.",
 )
 DEFECT_SAFETY = {
-    "crack": "Do not return the equipment to service until the crack has been assessed by an engineer.",
-    "corrosion": "Check load-bearing parts near the corrosion for loss of wall thickness before restart.",
-    "contamination": "Identify the contaminant before cleaning; consult its safety data sheet.",
-    "scratch": "Check that the scratched surface is not a sealing face before restart.",
-    "surface-roughness": "Quarantine parts produced since the roughness appeared.",
+    DefectType.CRACK: "Do not return the equipment to service until the crack has been assessed by an engineer.",
+    DefectType.CORROSION: "Check load-bearing parts near the corrosion for loss of wall thickness before restart.",
+    DefectType.CONTAMINATION: "Identify the contaminant before cleaning; consult its safety data sheet.",
+    DefectType.SCRATCH: "Check that the scratched surface is not a sealing face before restart.",
+    DefectType.WELD_POROSITY: "Quarantine the welds made since the porosity appeared until they are inspected.",
 }
-MANUAL_REVIEW_THRESHOLD = 0.5
+ORCHESTRATOR_NOTE = ("The report agent was unavailable; the orchestrator wrote this report from the same findings. "
+                     "Review it before closing the incident.")
 
 
-def _unique(items) -> tuple[str, ...]:
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for item in items:
         if item and item not in seen:
@@ -71,12 +84,13 @@ def follow_up(i: ReportInputs) -> tuple[str, ...]:
     return tuple(items)
 
 
-def compose_report(i: ReportInputs, now: datetime | None = None) -> IncidentReport:
-    now = now or datetime.now(timezone.utc)
+def compose_report(i: ReportInputs, now: datetime | None = None, *, written_by_orchestrator: bool = False
+                   ) -> IncidentReport:
+    now = now or utc_now()
     actions = tuple(RecommendedAction(step.text, step.sop_ids) for step in i.guidance)
     safety = _unique([*i.safety_notes, *BASELINE_SAFETY, *(DEFECT_SAFETY.get(d.type, "") for d in i.defects)])
     referenced = _unique([*(s for step in i.guidance for s in step.sop_ids), *(c.sop_id for c in i.citations)])
-    summary = summarize(i)
+    summary = summarize(i) + (f" {ORCHESTRATOR_NOTE}" if written_by_orchestrator else "")
     follow = follow_up(i)
     return IncidentReport(
         summary=summary,
@@ -89,3 +103,33 @@ def compose_report(i: ReportInputs, now: datetime | None = None) -> IncidentRepo
         rendered_text=render_text(summary, i.defects, actions, safety, follow, referenced, now),
         citations=i.citations,
     )
+
+
+def render_text(
+    summary: str,
+    defects: Sequence[Defect],
+    actions: Sequence[RecommendedAction],
+    safety_notes: Sequence[str],
+    follow_up: Sequence[str],
+    referenced_sop_ids: Sequence[str],
+    generated_at,
+) -> str:
+    lines = ["MANUFACTURING INCIDENT REPORT", "", "SUMMARY:", summary, "", "DEFECTS IDENTIFIED:"]
+    if defects:
+        lines += [f"• {d.label.capitalize()} ({d.confidence:.0%} confidence)" for d in defects]
+    else:
+        lines.append("• None identified")
+    lines += ["", "RECOMMENDED ACTIONS:"]
+    for number, action in enumerate(actions, start=1):
+        cite = f" [{', '.join(action.sop_ids)}]" if action.sop_ids else ""
+        lines.append(f"{number}. {action.description}{cite}")
+    if not actions:
+        lines.append("1. Escalate to a maintenance engineer.")
+    lines += ["", "SAFETY NOTES:", *[f"- {note}" for note in safety_notes]]
+    lines += ["", "FOLLOW-UP REQUIRED:", *[f"- {item}" for item in follow_up]]
+    lines += [
+        "",
+        f"Referenced SOPs: {', '.join(referenced_sop_ids) if referenced_sop_ids else 'none'}",
+        f"Report Generated: {generated_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
+    ]
+    return "\n".join(lines)
