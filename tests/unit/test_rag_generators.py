@@ -7,6 +7,7 @@ import json
 import pytest
 
 from copilot.domain import SopChunk
+from services.rag import citations
 from services.rag import generators as g
 from services.rag.core import KnowledgeBase
 from services.rag.server import KnowledgeSettings, make_generator
@@ -42,7 +43,7 @@ def test_verification_removes_unretrieved_and_unfounded_citations_and_flags_unsu
         g.DraftStep("Stop the press and isolate the hydraulic power unit.", ()),  # uncited, stated verbatim: attributed
         g.DraftStep("Recalibrate the flux capacitor weekly.", ("SOP-123",)),
     ), "openai-compatible", "m")
-    checked = g.verify(draft, CHUNKS)
+    checked = citations.verify(draft, CHUNKS)
     assert [s.sop_ids for s in checked.steps] == [("HYD-210",), ("SAFETY-SOP-001",), ("HYD-210",), ()]
     assert [s.unsupported for s in checked.steps] == [False, False, False, True]
     assert checked.citations_removed == 3 and checked.unsupported_steps == 1
@@ -146,7 +147,7 @@ def test_local_smollm2_from_the_package_writes_steps_that_are_verified(knowledge
                                   tuple(knowledge_base.retrieve("CNC machine overheating during operation")))
     draft = generator.generate(request)
     assert draft.generator == "local" and draft.steps  # the real model answered with numbered steps
-    checked = g.verify(draft, request.chunks)
+    checked = citations.verify(draft, request.chunks)
     retrieved = {c.sop_id for c in request.chunks}
     assert all(set(s.sop_ids) <= retrieved for s in checked.steps)
     assert all(s.unsupported == (not s.sop_ids) for s in checked.steps)
