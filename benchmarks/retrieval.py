@@ -71,7 +71,7 @@ def run_retrieval(queries: int, output: Path, console: Console,
         written = 0
         for copy in range(6):
             for doc in library:
-                written += kb.ingest(SopDocument(f"{doc.sop_id}-C{copy}", doc.title, doc.version, doc.sections,
+                written += kb.ingest(SopDocument(f"{doc.document_id}-C{copy}", doc.title, doc.version, doc.sections,
                                                  doc.equipment_types)).chunks_written
         results["ingest_chunks_per_s"] = round(written / (time.perf_counter() - started), 1)
         results["ingest_chunks"] = written

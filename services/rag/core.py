@@ -126,7 +126,7 @@ class KnowledgeBase:
         return self.ingest(parse_document(data, meta, self.limits))
 
     def ingest(self, doc: SopDocument) -> IngestResult:
-        current = self.store.get(doc.sop_id)
+        current = self.store.get(doc.document_id)
         if current is not None and current.version == doc.version and current.content_hash == doc.content_hash:
             return IngestResult(current, "unchanged", 0, 0)  # skip the embedding work
         chunks = chunk_document(doc, self.chunking)
@@ -144,15 +144,15 @@ class KnowledgeBase:
     def list_documents(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
         return self.store.list(equipment_type, plant_id)
 
-    def get_document(self, sop_id: str) -> StoredDocument | None:
-        return self.store.get(sop_id)
+    def get_document(self, document_id: str) -> StoredDocument | None:
+        return self.store.get(document_id)
 
-    def document_chunks(self, sop_id: str, version: str | None = None) -> list[SopChunk]:
-        return self.store.document_chunks(sop_id, version)
+    def document_chunks(self, document_id: str, version: str | None = None) -> list[SopChunk]:
+        return self.store.document_chunks(document_id, version)
 
-    def delete_document(self, sop_id: str) -> int | None:
+    def delete_document(self, document_id: str) -> int | None:
         self._scopes = None
-        return self.store.delete(sop_id)
+        return self.store.delete(document_id)
 
     SCOPE_TTL_S = 30.0  # other replicas may change the library (Chroma server mode)
 
@@ -194,7 +194,7 @@ class KnowledgeBase:
             # A replacement that flipped the catalog between the two reads leaves a document whose candidates
             # are all of the old version (the new chunks were not there yet): read again rather than lose it.
             found = {(c.sop_id, c.version) for c in candidates.values()}
-            if all((sop_id, version) in found for sop_id, version in live.items()):
+            if all((document_id, version) in found for document_id, version in live.items()):
                 break
         ranked = []
         lowered = [term.lower() for term in terms]

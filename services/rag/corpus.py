@@ -77,7 +77,7 @@ class Section:
 class DocumentMeta:
     """What the uploader says about a document; unset fields may be filled from a Markdown front matter."""
 
-    sop_id: str = ""
+    document_id: str = ""
     title: str = ""
     version: str = ""
     equipment_types: tuple[str, ...] = ()
@@ -88,7 +88,7 @@ class DocumentMeta:
 
 @dataclass(frozen=True)
 class SopDocument:
-    sop_id: str
+    document_id: str
     title: str
     version: str
     sections: tuple[Section, ...]
@@ -103,14 +103,14 @@ class SopDocument:
         """Hash of what retrieval sees: id, version, title, scope and section text."""
         text = "\n".join(f"{s.heading}\n{s.body}" for s in self.sections)
         scope = ",".join(self.equipment_types) + "|" + ",".join(self.plant_ids)
-        return hashlib.sha256(f"{self.sop_id}|{self.version}|{self.title}|{scope}|{text}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.document_id}|{self.version}|{self.title}|{scope}|{text}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class Chunk:
     """A retrievable passage: one section, or a window of a long section (windows overlap by whole steps)."""
 
-    sop_id: str
+    document_id: str
     version: str
     title: str
     section: str
@@ -119,7 +119,7 @@ class Chunk:
 
     @property
     def chunk_id(self) -> str:
-        return f"{self.sop_id}@{self.version}#{self.position}"
+        return f"{self.document_id}@{self.version}#{self.position}"
 
     @property
     def embedding_text(self) -> str:
@@ -279,15 +279,15 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
     if len(raw) > limits.max_sections:
         raise _reject("content", f"has {len(raw)} sections; the limit is {limits.max_sections}")
 
-    sop_id = meta.sop_id or str(front.get("id") or "")
-    if violations := document_id_violations("metadata.document_id", sop_id,
+    document_id = meta.document_id or str(front.get("id") or "")
+    if violations := document_id_violations("metadata.document_id", document_id,
                                              "is required (or an 'id' in the Markdown front matter)"):
         raise DocumentRejected(violations)
     title = (meta.title or str(front.get("title") or "") or title_guess
-             or Path(meta.filename).stem or sop_id).strip()[:200]
+             or Path(meta.filename).stem or document_id).strip()[:200]
     sections = tuple(Section(h[:200], b, i) for i, (h, b) in enumerate(raw))
     draft = SopDocument(
-        sop_id=sop_id,
+        document_id=document_id,
         title=title,
         version="",
         sections=sections,
@@ -354,7 +354,7 @@ def chunk_document(doc: SopDocument, policy: ChunkingPolicy | None = None) -> li
             while end < len(units) and (end == start or size + len(units[end]) + 1 <= policy.max_chars):
                 size += len(units[end]) + 1
                 end += 1
-            chunks.append(Chunk(doc.sop_id, doc.version, doc.title, section.heading,
+            chunks.append(Chunk(doc.document_id, doc.version, doc.title, section.heading,
                                 "\n".join(units[start:end]), len(chunks)))
             if end >= len(units):
                 break

@@ -36,7 +36,7 @@ def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
     ingested = timestamp_pb2.Timestamp()
     ingested.FromDatetime(doc.ingested_at)
     return knowledge_pb2.Document(
-        document_id=doc.sop_id, title=doc.title, version=doc.version, equipment_types=list(doc.equipment_types),
+        document_id=doc.document_id, title=doc.title, version=doc.version, equipment_types=list(doc.equipment_types),
         plant_ids=list(doc.plant_ids), format=_FORMATS_PB[doc.format], filename=doc.filename,
         chunk_count=doc.chunk_count, sections=list(doc.sections), content_hash=doc.content_hash,
         size_bytes=doc.size_bytes, ingested_at=ingested,
@@ -121,7 +121,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             parts.append(message.content)
         if metadata is None:
             await abort_invalid(context, [FieldViolation("metadata", "is required (the stream was empty)")])
-        meta = DocumentMeta(sop_id=metadata.document_id, title=metadata.title, version=metadata.version,
+        meta = DocumentMeta(document_id=metadata.document_id, title=metadata.title, version=metadata.version,
                             equipment_types=tuple(metadata.equipment_types), plant_ids=tuple(metadata.plant_ids),
                             format=_FORMATS.get(metadata.format), filename=metadata.filename[:255])
         with tracer.start_as_current_span("knowledge.ingest") as span:
@@ -132,7 +132,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                 copilot_metrics().documents_ingested.add(1, {"outcome": "rejected"})
                 await abort_invalid(context, exc.violations)
             copilot_metrics().documents_ingested.add(1, {"outcome": result.outcome})
-            span.set_attributes({"app.document_id": result.document.sop_id, "app.ingest.outcome": result.outcome,
+            span.set_attributes({"app.document_id": result.document.document_id, "app.ingest.outcome": result.outcome,
                                  "app.ingest.chunks_written": result.chunks_written})
         return knowledge_pb2.IngestDocumentResponse(
             document=document_to_pb(result.document), outcome=_OUTCOMES[result.outcome],
@@ -147,12 +147,12 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             after = position[0]
         knowledge = await self._ready(context)
         documents = await asyncio.to_thread(knowledge.list_documents, request.equipment_type, request.plant_id)
-        remaining = [d for d in documents if d.sop_id > after] if after else documents
+        remaining = [d for d in documents if d.document_id > after] if after else documents
         page = remaining[: request.page_size or DEFAULT_PAGE_SIZE]
         more = len(remaining) > len(page)
         return knowledge_pb2.ListDocumentsResponse(
             documents=[document_to_pb(d) for d in page], total_size=len(documents),
-            next_page_token=encode_page_token("ListDocuments", page[-1].sop_id) if more else "")
+            next_page_token=encode_page_token("ListDocuments", page[-1].document_id) if more else "")
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
         knowledge = await self._ready(context)

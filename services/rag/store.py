@@ -35,7 +35,7 @@ def identifiers(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class StoredDocument:
-    sop_id: str
+    document_id: str
     title: str
     version: str
     equipment_types: tuple[str, ...]
@@ -97,7 +97,7 @@ def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:
 
 def _stored(record_id: str, meta: dict) -> StoredDocument:
     return StoredDocument(
-        sop_id=record_id,
+        document_id=record_id,
         title=meta["title"],
         version=meta["version"],
         equipment_types=tuple(t for t in meta.get("equipment_types", []) if t != ANY),
@@ -124,31 +124,31 @@ class DocumentStore:
 
     # --- catalog --------------------------------------------------------------------------------
 
-    def get(self, sop_id: str) -> StoredDocument | None:
-        found = self.catalog.get(ids=[sop_id], include=["metadatas"])
+    def get(self, document_id: str) -> StoredDocument | None:
+        found = self.catalog.get(ids=[document_id], include=["metadatas"])
         return _stored(found["ids"][0], found["metadatas"][0]) if found["ids"] else None
 
     def list(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
         found = self.catalog.get(where=_scope_where(equipment_type, plant_id), include=["metadatas"])
-        return sorted((_stored(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda d: d.sop_id)
+        return sorted((_stored(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda d: d.document_id)
 
-    def live_versions(self, sop_ids: Sequence[str]) -> dict[str, str]:
-        if not sop_ids:
+    def live_versions(self, document_ids: Sequence[str]) -> dict[str, str]:
+        if not document_ids:
             return {}
-        found = self.catalog.get(ids=list(dict.fromkeys(sop_ids)), include=["metadatas"])
+        found = self.catalog.get(ids=list(dict.fromkeys(document_ids)), include=["metadatas"])
         return {i: m["version"] for i, m in zip(found["ids"], found["metadatas"])}
 
     def chunk_count(self) -> int:
         return self.chunks.count()
 
-    def document_chunks(self, sop_id: str, version: str | None = None) -> list[SopChunk]:
+    def document_chunks(self, document_id: str, version: str | None = None) -> list[SopChunk]:
         """A document's chunks in order; `version` defaults to the live one (read from the catalog)."""
         if version is None:
-            doc = self.get(sop_id)
+            doc = self.get(document_id)
             if doc is None:
                 return []
             version = doc.version
-        found = self.chunks.get(where={"$and": [{"sop_id": sop_id}, {"version": version}]},
+        found = self.chunks.get(where={"$and": [{"sop_id": document_id}, {"version": version}]},
                                 include=["documents", "metadatas"])
         chunks = [_chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"])]
         return sorted(chunks, key=lambda c: c.position)
@@ -158,12 +158,12 @@ class DocumentStore:
     def ingest(self, doc: SopDocument, chunks: Sequence[Chunk], embeddings: Sequence[Sequence[float]]) -> IngestResult:
         """Write a parsed, chunked and embedded document (see the module docstring for the atomicity)."""
         with self._write_lock:
-            current = self.get(doc.sop_id)
+            current = self.get(doc.document_id)
             if current is not None and current.version == doc.version:
                 if current.content_hash == doc.content_hash:
                     return IngestResult(current, "unchanged", 0, 0)
                 raise VersionConflict(
-                    f"{doc.sop_id} version {doc.version} is already loaded with different content; "
+                    f"{doc.document_id} version {doc.version} is already loaded with different content; "
                     "give the new content a new version")
             new_ids = [c.chunk_id for c in chunks]
             scope_types = list(doc.equipment_types) or [ANY]
@@ -171,11 +171,12 @@ class DocumentStore:
             try:
                 for start in range(0, len(chunks), 1000):  # Chroma caps one write's batch size
                     part = slice(start, start + 1000)
+                    # chunk metadata keeps the key "sop_id" (the document id) that existing stores hold
                     self.chunks.upsert(
                         ids=new_ids[part],
                         embeddings=[list(e) for e in embeddings[part]],
                         documents=[c.text for c in chunks[part]],
-                        metadatas=[{"sop_id": c.sop_id, "version": c.version, "title": c.title, "section": c.section,
+                        metadatas=[{"sop_id": c.document_id, "version": c.version, "title": c.title, "section": c.section,
                                     "position": c.position, "equipment_types": scope_types, "plant_ids": scope_plants}
                                    for c in chunks[part]],
                     )
@@ -189,28 +190,28 @@ class DocumentStore:
                 "content_hash": doc.content_hash, "size_bytes": doc.size_bytes, "ingested_at": time.time(),
             }
             try:
-                self.catalog.upsert(ids=[doc.sop_id], embeddings=[[1.0]], metadatas=[record])  # the switch
+                self.catalog.upsert(ids=[doc.document_id], embeddings=[[1.0]], metadatas=[record])  # the switch
             except Exception:
                 self._delete_quietly(new_ids)
                 raise
             removed = 0
             if current is not None:
-                removed = self._delete_version_chunks(doc.sop_id, keep_version=doc.version)
-            log.info("ingested %s v%s (%d chunks, %d removed)", doc.sop_id, doc.version, len(chunks), removed)
-            return IngestResult(_stored(doc.sop_id, record), "replaced" if current else "created", len(chunks), removed)
+                removed = self._delete_version_chunks(doc.document_id, keep_version=doc.version)
+            log.info("ingested %s v%s (%d chunks, %d removed)", doc.document_id, doc.version, len(chunks), removed)
+            return IngestResult(_stored(doc.document_id, record), "replaced" if current else "created", len(chunks), removed)
 
-    def delete(self, sop_id: str) -> int | None:
+    def delete(self, document_id: str) -> int | None:
         """Remove a document; None when it was not loaded. The catalog goes first, so queries stop at once."""
         with self._write_lock:
-            if self.get(sop_id) is None:
+            if self.get(document_id) is None:
                 return None
-            self.catalog.delete(ids=[sop_id])
-            return self._delete_version_chunks(sop_id, keep_version=None)
+            self.catalog.delete(ids=[document_id])
+            return self._delete_version_chunks(document_id, keep_version=None)
 
-    def _delete_version_chunks(self, sop_id: str, keep_version: str | None) -> int:
-        where: dict = {"sop_id": sop_id}
+    def _delete_version_chunks(self, document_id: str, keep_version: str | None) -> int:
+        where: dict = {"sop_id": document_id}
         if keep_version is not None:
-            where = {"$and": [{"sop_id": sop_id}, {"version": {"$ne": keep_version}}]}
+            where = {"$and": [{"sop_id": document_id}, {"version": {"$ne": keep_version}}]}
         stale = self.chunks.get(where=where, include=[])["ids"]
         if stale:
             self.chunks.delete(ids=stale)

@@ -18,10 +18,13 @@ from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 from services.vision.references import EQUIPMENT_TYPE, LABEL
 
+#: What findings name as their model: PatchCore over patchcore.BACKBONE (written out here so that importing this
+#: module does not import torch).
+MODEL_NAME = "patchcore/efficientnet-lite0"
+
 if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
     from services.vision.patchcore import DefectTyper, MemoryBank
 
-MODEL_NAME = "texture-statistics/1"
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
@@ -65,7 +68,7 @@ class VisionEngine:
     `register`/`delete` rebuild the affected types. Models are swapped atomically, so concurrent analyses
     always see a consistent set."""
 
-    model = "patchcore/efficientnet-lite0"
+    model = MODEL_NAME
 
     def __init__(self, extractor, store, limits: ImageLimits | None = None, tuning: EngineTuning | None = None) -> None:
         self.extractor = extractor

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from copilot.domain import DefectType
+
 BACKBONE = "efficientnet-lite0"
-MODEL_NAME = f"patchcore/{BACKBONE}"
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -194,7 +195,7 @@ class DefectTyper:
 
     def classify(self, feature: torch.Tensor) -> tuple[str, float]:
         if self.prototypes is None:
-            return "anomaly", 0.5
+            return DefectType.ANOMALY.value, 0.5
         sims = (self.prototypes @ F.normalize(feature.unsqueeze(0), dim=1).T).squeeze(1)
         k = min(self.k, len(self.labels))
         top = torch.topk(sims, k)

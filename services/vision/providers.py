@@ -19,30 +19,32 @@ import json
 import re
 from typing import Protocol
 
-from copilot.domain import BoundingBox, Defect, VisionFindings
+from copilot.domain import BoundingBox, Defect, DefectType, VisionFindings
 from copilot.runtime.batching import DynamicBatcher
 from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
 from services.vision.core import ImageLimits, VisionEngine, decode_image
 
 CAPTION_PROMPT = ("Question: Describe any visible defects, damage or quality issues on this manufacturing "
                   "equipment surface. Answer:")
+#: the types a hosted model may name (DefectType, less the PatchCore-only "anomaly")
+PROMPT_TYPES = "|".join(t.value for t in DefectType if t is not DefectType.ANOMALY)
 JSON_PROMPT = (
     "You inspect photos of manufacturing equipment. List the visible defects as JSON: "
-    '{"defects": [{"type": "crack|scratch|corrosion|dent|contamination|coating-defect|weld-porosity|other", '
+    '{"defects": [{"type": "' + PROMPT_TYPES + '", '
     '"confidence": 0.0-1.0, "box": [x_min, y_min, x_max, y_max] (0-1, optional), "description": "..."}], '
     '"description": "one sentence"}. Answer with JSON only. An empty list means no defect.'
 )
 KEYWORDS = {
-    "crack": ("crack", "fracture", "fissure"),
-    "corrosion": ("rust", "corrosion", "corroded", "oxidation", "oxidised", "oxidized"),
-    "scratch": ("scratch", "scrape", "gouge", "abrasion"),
-    "dent": ("dent", "deformation", "deformed", "bent"),
-    "contamination": ("dirt", "stain", "oil", "spatter", "contamination", "debris"),
-    "coating-defect": ("peel", "blister", "flaking", "chipped paint", "coating"),
-    "weld-porosity": ("porosity", "pores", "pinhole"),
+    DefectType.CRACK: ("crack", "fracture", "fissure"),
+    DefectType.CORROSION: ("rust", "corrosion", "corroded", "oxidation", "oxidised", "oxidized"),
+    DefectType.SCRATCH: ("scratch", "scrape", "gouge", "abrasion"),
+    DefectType.DENT: ("dent", "deformation", "deformed", "bent"),
+    DefectType.CONTAMINATION: ("dirt", "stain", "oil", "spatter", "contamination", "debris"),
+    DefectType.COATING_DEFECT: ("peel", "blister", "flaking", "chipped paint", "coating"),
+    DefectType.WELD_POROSITY: ("porosity", "pores", "pinhole"),
 }
 CAPTION_CONFIDENCE = 0.6
-_KNOWN = set(KEYWORDS) | {"other"}
+_KNOWN = {t.value for t in DefectType if t is not DefectType.ANOMALY}
 
 
 class VisionProvider(Protocol):
@@ -219,7 +221,7 @@ def parse_json_findings(content: str, model: str, size: tuple[int, int]) -> Visi
     defects = []
     for item in answer.get("defects", [])[:10]:
         kind = str(item.get("type", "other")).strip().lower().replace(" ", "-")
-        kind = kind if kind in _KNOWN else "other"
+        kind = kind if kind in _KNOWN else DefectType.OTHER.value
         confidence = min(1.0, max(0.0, float(item.get("confidence", 0.5))))
         box = None
         raw = item.get("box")

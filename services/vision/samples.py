@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from copilot.domain import DefectType
+
 
 def brushed_metal(size: int = 512, seed: int = 0, tint: tuple[float, float, float] = (0.62, 0.64, 0.67)) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -141,13 +143,15 @@ def draw_porosity(image: Image.Image, seed: int = 7, centre: tuple[float, float]
 
 SURFACES = {"brushed-steel": brushed_metal, "painted-panel": painted_panel}
 DEFECTS = {
-    "crack": lambda img, seed: draw_crack(img, seed=seed, start=(0.15 + 0.3 * (seed % 3) / 3, 0.2 + 0.1 * (seed % 4))),
-    "scratch": lambda img, seed: draw_scratch(img, seed=seed),
-    "corrosion": lambda img, seed: draw_rust(img, seed=seed, centre=(0.3 + 0.1 * (seed % 5), 0.3 + 0.08 * (seed % 6))),
-    "dent": lambda img, seed: draw_dent(img, seed=seed),
-    "contamination": lambda img, seed: draw_spatter(img, seed=seed),
-    "coating-defect": lambda img, seed: draw_coating_defect(img, seed=seed),
-    "weld-porosity": lambda img, seed: draw_porosity(img, seed=seed),
+    DefectType.CRACK.value: lambda img, seed: draw_crack(
+        img, seed=seed, start=(0.15 + 0.3 * (seed % 3) / 3, 0.2 + 0.1 * (seed % 4))),
+    DefectType.SCRATCH.value: lambda img, seed: draw_scratch(img, seed=seed),
+    DefectType.CORROSION.value: lambda img, seed: draw_rust(
+        img, seed=seed, centre=(0.3 + 0.1 * (seed % 5), 0.3 + 0.08 * (seed % 6))),
+    DefectType.DENT.value: lambda img, seed: draw_dent(img, seed=seed),
+    DefectType.CONTAMINATION.value: lambda img, seed: draw_spatter(img, seed=seed),
+    DefectType.COATING_DEFECT.value: lambda img, seed: draw_coating_defect(img, seed=seed),
+    DefectType.WELD_POROSITY.value: lambda img, seed: draw_porosity(img, seed=seed),
 }
 
 

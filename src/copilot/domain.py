@@ -2,6 +2,11 @@
 
 Cores speak these plain dataclasses and never import gRPC; `copilot.runtime.convert` maps them to and
 from the generated protobuf messages at the service edge.
+
+Names: a document of the knowledge library has a `document_id` (ListDocuments, ingest, the store). Where the
+seed's report format and the citation contract speak of the same id they call it `sop_id` (SopCitation.sop_id,
+GuidanceStep.sop_ids, IncidentReport.referenced_sop_ids, and SopChunk, a retrieved passage as it is cited);
+it is always the cited document's `document_id`.
 """
 from __future__ import annotations
 

@@ -9,9 +9,6 @@ from dataclasses import dataclass
 
 from copilot.domain import FieldViolation
 
-ALLOWED_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
-
-
 def sniff_mime_type(data: bytes) -> str | None:
     """The image type from its magic bytes."""
     if data.startswith(b"\xff\xd8\xff"):

@@ -21,15 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from services import PACKAGES
 from copilot.runtime.config import data_dir as default_data_dir
 
-# name -> (python module, environment prefix)
-SERVICES: dict[str, tuple[str, str]] = {
-    "vision": ("services.vision", "VISION"),
-    "knowledge": ("services.rag", "KNOWLEDGE"),
-    "report": ("services.report", "REPORT"),
-    "orchestrator": ("services.orchestrator", "ORCHESTRATOR"),
-}
+# name -> (python module, environment prefix of its settings)
+SERVICES: dict[str, tuple[str, str]] = {name: (package, name.upper()) for name, package in PACKAGES.items()}
 
 
 def kind_of(name: str) -> str:

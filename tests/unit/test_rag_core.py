@@ -15,12 +15,12 @@ SEED_SOPS = {"SOP-123", "MAINT-GUIDE-V2", "SOP-456", "COATING-MANUAL-2024", "SAF
 
 def test_starter_corpus_is_the_seeds_five_sops_plus_a_plant_library():
     docs = starter_corpus()
-    ids = {d.sop_id for d in docs}
+    ids = {d.document_id for d in docs}
     assert SEED_SOPS <= ids
     assert len(ids - SEED_SOPS) >= 10  # distractors: hydraulics, conveyors, robots, compressors, boilers, PLC...
     for doc in docs:
-        assert len(doc.sections) >= 3, doc.sop_id
-        assert sum(len(s.steps()) for s in doc.sections) >= 8, doc.sop_id
+        assert len(doc.sections) >= 3, doc.document_id
+        assert sum(len(s.steps()) for s in doc.sections) >= 8, doc.document_id
 
 
 @pytest.mark.parametrize(
