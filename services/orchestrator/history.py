@@ -1,12 +1,16 @@
 """Incident history: every diagnosis is persisted with its inputs, outputs, stage statuses, principal and trace
 id (SQLAlchemy; SQLite file by default, a Postgres URL works the same). Images are stored once per SHA-256 in
-their own table, never inline in the incident. Blocking calls: the servicer runs them in a thread."""
+their own table, never inline in the incident. Blocking calls: the servicer runs them in a thread.
+
+The tables are declared once, below; their schema evolves through the Alembic revisions in `migrations/`
+(applied at start by `migrate`; a change to a table here comes with a new revision, which a test checks)."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     JSON,
@@ -21,12 +25,17 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
 )
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from copilot.domain import DiagnosisInput, PastIncident, as_utc
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 from copilot.text import content_words
 
 
@@ -125,6 +134,32 @@ def fingerprint(request: DiagnosisInput) -> str:
     return digest.hexdigest()
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+BASELINE_REVISION = "0001"
+
+
+def migrations_config(connection: Connection) -> AlembicConfig:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision. A database created before the history had migrations (its
+    tables, no alembic_version) has the baseline's schema: it is stamped at the baseline, then upgraded."""
+    from alembic import command
+
+    with engine.begin() as connection:
+        config = migrations_config(connection)
+        tables = set(inspect(connection).get_table_names())
+        if "incidents" in tables and "alembic_version" not in tables:
+            command.stamp(config, BASELINE_REVISION)
+        command.upgrade(config, "head")
+
+
 class IncidentStore:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -139,7 +174,7 @@ class IncidentStore:
                 cursor.execute("PRAGMA busy_timeout=5000")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
-        Base.metadata.create_all(self.engine)
+        migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

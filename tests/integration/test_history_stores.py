@@ -65,11 +65,13 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'incidents.db'}"
     url = request.getfixturevalue("postgres_url")
-    store = IncidentStore(url)  # a clean schema per test
-    from services.orchestrator.history import Base
+    from sqlalchemy import create_engine, text
 
-    Base.metadata.drop_all(store.engine)
-    store.close()
+    engine = create_engine(url)  # a clean schema per test: the store migrates it from nothing
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
     return url
 
 
@@ -170,3 +172,55 @@ async def test_the_orchestrator_runs_on_postgres(postgres_url):
             await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(request_id="pg-1", helpful=True), timeout=5)
             listed = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(equipment_id="CNC-PG-1"), timeout=5)
             assert [(i.request_id, len(i.feedback)) for i in listed.incidents] == [("pg-1", 1)]
+
+
+def test_the_migrations_build_exactly_the_tables_the_code_declares(database_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.orchestrator.history import Base
+
+    store = IncidentStore(database_url)
+    try:
+        with store.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []  # a model change needs a new revision
+            assert context.get_current_revision() == _head_revision()
+    finally:
+        store.close()
+
+
+def test_a_history_created_before_migrations_is_adopted_with_its_incidents(tmp_path):
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    from services.orchestrator.history import Base, IncidentRow
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)  # how the history was created before it had migrations
+    old, _ = incident("old-1")
+    with Session(engine) as session:
+        session.add(IncidentRow(
+            request_id=old.request_id, created_at=old.created_at, plant_id=old.plant_id,
+            equipment_id=old.equipment_id, equipment_type="", problem_description=old.problem_description,
+            image_sha256=None, image_mime_type="", input_fingerprint=old.input_fingerprint, principal="anna",
+            trace_id="", confidence=0.7, requires_manual_review=False, referenced_sop_ids=["SOP-123"], stages=[],
+            response=b"\x08\x01"))
+        session.commit()
+    engine.dispose()
+    store = IncidentStore(url)
+    try:
+        assert store.get("old-1").referenced_sop_ids == ("SOP-123",)
+        with store.engine.connect() as connection:
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == _head_revision()
+    finally:
+        store.close()
+
+
+def _head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from services.orchestrator.history import MIGRATIONS
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
