@@ -7,6 +7,7 @@ Each service runs in a fresh subprocess: its core loaded as the server loads it 
 vision references of a new equipment type (generated good surfaces), knowledge documents (generated SOPs of
 ten sections each). RSS after each step; the table shows MiB per added reference / document.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,13 @@ print(json.dumps(rows))
 
 
 def run(program: str, steps: list[int]) -> list[tuple[int, float]]:
-    out = subprocess.run([sys.executable, "-c", program.replace("STEPS", repr(steps))], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", program.replace("STEPS", repr(steps))],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
@@ -81,8 +87,10 @@ def main() -> int:
     parser.add_argument("--references", type=int, nargs="+", default=[12, 24])
     parser.add_argument("--documents", type=int, nargs="+", default=[50, 100])
     args = parser.parse_args()
-    results = {"vision": {"unit": "reference", "rows": run(VISION, args.references)},
-               "knowledge": {"unit": "document (10 sections)", "rows": run(KNOWLEDGE, args.documents)}}
+    results = {
+        "vision": {"unit": "reference", "rows": run(VISION, args.references)},
+        "knowledge": {"unit": "document (10 sections)", "rows": run(KNOWLEDGE, args.documents)},
+    }
     print(f"{'service':<11}{'held':>8}{'RSS MiB':>10}{'MiB per unit':>15}")
     for service, result in results.items():
         rows = result["rows"]

@@ -1,5 +1,6 @@
 """`copilot bench`: cold start of the mesh and diagnosis latency, through the mesh and with the same
 agent cores called in-process, measured in one run so the ratio is meaningful on a noisy machine."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,9 @@ from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.domain import DiagnosisInput
+from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.diagnose import sample_photo
 from copilot_cli.launcher import Mesh
-from copilot.v1 import copilot_pb2_grpc
 
 PROBLEMS = [
     "CNC machine overheating during operation",
@@ -34,8 +35,14 @@ SAMPLE = sample_photo()
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     ordered = sorted(samples_ms)
     q = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {"n": len(ordered), "p50_ms": round(q[49], 2), "p90_ms": round(q[89], 2), "p99_ms": round(q[98], 2),
-            "mean_ms": round(statistics.fmean(ordered), 2), "max_ms": round(ordered[-1], 2)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(q[49], 2),
+        "p90_ms": round(q[89], 2),
+        "p99_ms": round(q[98], 2),
+        "mean_ms": round(statistics.fmean(ordered), 2),
+        "max_ms": round(ordered[-1], 2),
+    }
 
 
 class InProcessAgents:
@@ -107,8 +114,9 @@ def _throughput(address: str, clients: int, total: int, image: bytes | None = No
             stub = copilot_pb2_grpc.CopilotServiceStub(channel)
             metadata = auth_metadata("technician-bench")
             for i in range(3):
-                await stub.Diagnose(diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i], image), metadata=metadata,
-                                    timeout=60)
+                await stub.Diagnose(
+                    diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i], image), metadata=metadata, timeout=60
+                )
             times: list[float] = []
             errors: Counter = Counter()
             remaining = [total]
@@ -116,8 +124,9 @@ def _throughput(address: str, clients: int, total: int, image: bytes | None = No
             async def caller(k: int) -> None:
                 while remaining[0] > 0:
                     remaining[0] -= 1
-                    request = diagnose_request("PUNE-IN", f"CNC-A-{k:03d}", PROBLEMS[remaining[0] % len(PROBLEMS)],
-                                               image)
+                    request = diagnose_request(
+                        "PUNE-IN", f"CNC-A-{k:03d}", PROBLEMS[remaining[0] % len(PROBLEMS)], image
+                    )
                     started = time.perf_counter()
                     try:
                         await stub.Diagnose(request, metadata=metadata, timeout=60)
@@ -128,8 +137,13 @@ def _throughput(address: str, clients: int, total: int, image: bytes | None = No
             began = time.perf_counter()
             await asyncio.gather(*(caller(k) for k in range(clients)))
             elapsed = time.perf_counter() - began
-            return {"clients": clients, "diagnoses": total, "per_s": round(len(times) / elapsed, 1),
-                    "errors": dict(errors), **percentiles(times)}
+            return {
+                "clients": clients,
+                "diagnoses": total,
+                "per_s": round(len(times) / elapsed, 1),
+                "errors": dict(errors),
+                **percentiles(times),
+            }
 
     return asyncio.run(go())
 
@@ -143,8 +157,12 @@ def _restart_orchestrator(mesh: Mesh, **env: str) -> None:
 
 def run(n: int, output: Path, console: Console) -> dict:
     photo = SAMPLE.read_bytes()
-    results: dict = {"when": datetime.now(timezone.utc).isoformat(), "machine": platform.machine(),
-                     "python": platform.python_version(), "n": n}
+    results: dict = {
+        "when": datetime.now(UTC).isoformat(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "n": n,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         # one principal sends every call: lift the per-principal rate limit (default 600/minute) for the run
@@ -163,17 +181,21 @@ def run(n: int, output: Path, console: Console) -> dict:
             results["throughput_text"] = []
             for clients in (1, 8, 32):
                 with console.status(f"throughput: {clients} concurrent clients…"):
-                    results["throughput_text"].append(_throughput(mesh.address("orchestrator"), clients,
-                                                                  max(4 * n, 8 * clients)))
+                    results["throughput_text"].append(
+                        _throughput(mesh.address("orchestrator"), clients, max(4 * n, 8 * clients))
+                    )
             with console.status("photo diagnoses with vision and knowledge in parallel…"):
                 _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="true")
-                results["mesh_photo_parallel"] = percentiles(_time_mesh(mesh.address("orchestrator"),
-                                                                        max(10, n // 5), photo))
-                results["throughput_photo_parallel"] = _throughput(mesh.address("orchestrator"), 4, max(20, n // 2),
-                                                                   photo)
+                results["mesh_photo_parallel"] = percentiles(
+                    _time_mesh(mesh.address("orchestrator"), max(10, n // 5), photo)
+                )
+                results["throughput_photo_parallel"] = _throughput(
+                    mesh.address("orchestrator"), 4, max(20, n // 2), photo
+                )
                 _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="false")
-                results["throughput_photo_sequential"] = _throughput(mesh.address("orchestrator"), 4,
-                                                                     max(20, n // 2), photo)
+                results["throughput_photo_sequential"] = _throughput(
+                    mesh.address("orchestrator"), 4, max(20, n // 2), photo
+                )
         finally:
             mesh.stop()
         restarted = time.monotonic()
@@ -201,31 +223,51 @@ def run(n: int, output: Path, console: Console) -> dict:
     for kind in ("text", "photo"):
         for path in ("mesh", "inproc"):
             r = results[f"{path}_{kind}"]
-            table.add_row(kind, path, str(r["n"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                          f"{r['mean_ms']:.1f}")
+            table.add_row(
+                kind,
+                path,
+                str(r["n"]),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p90_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['mean_ms']:.1f}",
+            )
     console.print(table)
     for kind in ("text", "photo"):
         o = results[f"{kind}_overhead"]
-        console.print(f"{kind}: mesh adds {o['p50_added_ms']:.1f} ms at p50 (p50 ratio {o['p50_ratio']:.2f}×, "
-                      f"p99 ratio {o['p99_ratio']:.2f}×)")
+        console.print(
+            f"{kind}: mesh adds {o['p50_added_ms']:.1f} ms at p50 (p50 ratio {o['p50_ratio']:.2f}×, "
+            f"p99 ratio {o['p99_ratio']:.2f}×)"
+        )
     throughput = Table(title="text-only Diagnose throughput through the mesh (one asyncio channel)")
     for column in ("clients", "diagnoses", "per s", "p50 ms", "p99 ms", "errors"):
         throughput.add_column(column)
     for r in results["throughput_text"]:
-        throughput.add_row(str(r["clients"]), str(r["diagnoses"]), f"{r['per_s']:.1f}", f"{r['p50_ms']:.1f}",
-                           f"{r['p99_ms']:.1f}", str(sum(r["errors"].values())))
+        throughput.add_row(
+            str(r["clients"]),
+            str(r["diagnoses"]),
+            f"{r['per_s']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            str(sum(r["errors"].values())),
+        )
     console.print(throughput)
     sequential, parallel = results["throughput_photo_sequential"], results["throughput_photo_parallel"]
     results["parallel_stages"] = {
         "photo_p50_sequential_ms": results["mesh_photo"]["p50_ms"],
         "photo_p50_parallel_ms": results["mesh_photo_parallel"]["p50_ms"],
-        "photo_per_s_4_clients_sequential": sequential["per_s"], "photo_per_s_4_clients_parallel": parallel["per_s"],
+        "photo_per_s_4_clients_sequential": sequential["per_s"],
+        "photo_per_s_4_clients_parallel": parallel["per_s"],
     }
-    console.print(f"photo diagnoses, vision and knowledge sequential vs parallel: p50 "
-                  f"{results['mesh_photo']['p50_ms']:.0f} vs {results['mesh_photo_parallel']['p50_ms']:.0f} ms (1 client); "
-                  f"{sequential['per_s']:.1f} vs {parallel['per_s']:.1f} diagnoses/s (4 clients)")
-    console.print(f"cold start of the mesh (empty store): {results['cold_start_s']:.1f}s "
-                  f"{results['cold_start_per_service_s']}; restart with the store in place: {results['warm_start_s']:.1f}s")
+    console.print(
+        f"photo diagnoses, vision and knowledge sequential vs parallel: p50 "
+        f"{results['mesh_photo']['p50_ms']:.0f} vs {results['mesh_photo_parallel']['p50_ms']:.0f} ms (1 client); "
+        f"{sequential['per_s']:.1f} vs {parallel['per_s']:.1f} diagnoses/s (4 clients)"
+    )
+    console.print(
+        f"cold start of the mesh (empty store): {results['cold_start_s']:.1f}s "
+        f"{results['cold_start_per_service_s']}; restart with the store in place: {results['warm_start_s']:.1f}s"
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {output}")
@@ -262,16 +304,23 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
 def run_vision(total: int, output: Path, console: Console) -> dict:
     """Images/s and latency of AnalyzeImage at 1, 4 and 16 concurrent clients, dynamic batching off and on,
     against a real vision process each time."""
-    from copilot_cli.launcher import ServiceProcess, free_port, health_status
     from grpc_health.v1 import health_pb2
 
+    from copilot_cli.launcher import ServiceProcess, free_port, health_status
+
     photo = SAMPLE.read_bytes()
-    results: dict = {"when": datetime.now(timezone.utc).isoformat(), "images_per_run": total, "runs": []}
+    results: dict = {"when": datetime.now(UTC).isoformat(), "images_per_run": total, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for batching in (False, True):
             port = free_port()
-            env = {**__import__("os").environ, "VISION_PORT": str(port), "VISION_METRICS_PORT": "0", "AUTH_MODE": "dev",
-                   "VISION_BATCHING": str(batching).lower(), "VISION_REFERENCE_DIR": f"{tmp}/refs-{batching}"}
+            env = {
+                **__import__("os").environ,
+                "VISION_PORT": str(port),
+                "VISION_METRICS_PORT": "0",
+                "AUTH_MODE": "dev",
+                "VISION_BATCHING": str(batching).lower(),
+                "VISION_REFERENCE_DIR": f"{tmp}/refs-{batching}",
+            }
             proc = ServiceProcess("vision", port, env, Path(tmp) / f"vision-{batching}.log")
             proc.spawn()
             try:
@@ -283,8 +332,12 @@ def run_vision(total: int, output: Path, console: Console) -> dict:
                 for concurrency in (1, 4, 16):
                     with console.status(f"batching {'on' if batching else 'off'}, {concurrency} clients…"):
                         times, elapsed = _vision_load(f"127.0.0.1:{port}", photo, concurrency, total)
-                    row = {"batching": batching, "clients": concurrency, "images_per_s": round(total / elapsed, 2),
-                           **percentiles(times)}
+                    row = {
+                        "batching": batching,
+                        "clients": concurrency,
+                        "images_per_s": round(total / elapsed, 2),
+                        **percentiles(times),
+                    }
                     results["runs"].append(row)
             finally:
                 proc.process.terminate()
@@ -293,17 +346,26 @@ def run_vision(total: int, output: Path, console: Console) -> dict:
     for column in ("batching", "clients", "images/s", "p50 ms", "p99 ms"):
         table.add_column(column)
     for row in results["runs"]:
-        table.add_row("on" if row["batching"] else "off", str(row["clients"]), f"{row['images_per_s']:.1f}",
-                      f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}")
+        table.add_row(
+            "on" if row["batching"] else "off",
+            str(row["clients"]),
+            f"{row['images_per_s']:.1f}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p99_ms']:.1f}",
+        )
     console.print(table)
     by = {(r["batching"], r["clients"]): r for r in results["runs"]}
     for clients in (1, 4, 16):
         on, off = by[(True, clients)], by[(False, clients)]
-        ratio = {"throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
-                 "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2)}
+        ratio = {
+            "throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
+            "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
+        }
         results[f"clients_{clients}"] = ratio
-        console.print(f"{clients} clients: batching gives {ratio['throughput_ratio']:.2f}× throughput, "
-                      f"p99 {ratio['p99_ratio']:.2f}×")
+        console.print(
+            f"{clients} clients: batching gives {ratio['throughput_ratio']:.2f}× throughput, "
+            f"p99 {ratio['p99_ratio']:.2f}×"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {output}")

@@ -6,6 +6,7 @@ chunk gets one of those vectors plus small noise (re-normalised), so the vector 
 vectors without spending half an hour embedding them. Every timed query goes through the real path:
 MiniLM query embedding, Chroma HNSW search, the live-version check and the identifier boost.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import platform
 import random
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +23,93 @@ from rich.table import Table
 
 from benchmarks.mesh import percentiles
 
-EQUIPMENT = ["press", "conveyor", "robot", "compressor", "boiler", "pump", "motor", "spindle", "welder", "chiller",
-             "gearbox", "mixer", "oven", "lathe", "packer", "crane", "extruder", "dryer", "valve", "fan"]
-PARTS = ["bearing", "seal", "hose", "belt", "filter", "sensor", "nozzle", "coupling", "relay", "fuse", "gasket",
-         "impeller", "roller", "clamp", "encoder", "heater", "thermocouple", "contactor", "cylinder", "chain"]
-SYMPTOMS = ["overheats", "leaks oil", "vibrates", "trips the breaker", "makes a grinding noise", "loses pressure",
-            "runs slow", "stalls", "smokes", "shows an alarm", "drifts out of position", "wears unevenly"]
+EQUIPMENT = [
+    "press",
+    "conveyor",
+    "robot",
+    "compressor",
+    "boiler",
+    "pump",
+    "motor",
+    "spindle",
+    "welder",
+    "chiller",
+    "gearbox",
+    "mixer",
+    "oven",
+    "lathe",
+    "packer",
+    "crane",
+    "extruder",
+    "dryer",
+    "valve",
+    "fan",
+]
+PARTS = [
+    "bearing",
+    "seal",
+    "hose",
+    "belt",
+    "filter",
+    "sensor",
+    "nozzle",
+    "coupling",
+    "relay",
+    "fuse",
+    "gasket",
+    "impeller",
+    "roller",
+    "clamp",
+    "encoder",
+    "heater",
+    "thermocouple",
+    "contactor",
+    "cylinder",
+    "chain",
+]
+SYMPTOMS = [
+    "overheats",
+    "leaks oil",
+    "vibrates",
+    "trips the breaker",
+    "makes a grinding noise",
+    "loses pressure",
+    "runs slow",
+    "stalls",
+    "smokes",
+    "shows an alarm",
+    "drifts out of position",
+    "wears unevenly",
+]
 ACTIONS = ["inspect", "replace", "clean", "tighten", "lubricate", "measure", "realign", "recalibrate", "flush", "test"]
-QUERIES = ["pump mechanical seal leaking", "robot encoder alarm after power loss", "press loses pressure alarm E-0452",
-           "conveyor belt slipping on the drive pulley", "compressor overheats in summer", "boiler burner flame failure",
-           "motor trips on overload", "spindle bearing noise", "welder wire feed erratic", "dryer heater fault"]
+QUERIES = [
+    "pump mechanical seal leaking",
+    "robot encoder alarm after power loss",
+    "press loses pressure alarm E-0452",
+    "conveyor belt slipping on the drive pulley",
+    "compressor overheats in summer",
+    "boiler burner flame failure",
+    "motor trips on overload",
+    "spindle bearing noise",
+    "welder wire feed erratic",
+    "dryer heater fault",
+]
 
 
 def _sentences(count: int, rng: random.Random) -> list[str]:
     out = []
     for i in range(count):
         eq, part = rng.choice(EQUIPMENT), rng.choice(PARTS)
-        out.append(f"When the {eq} {rng.choice(SYMPTOMS)}, {rng.choice(ACTIONS)} the {part} and "
-                   f"{rng.choice(ACTIONS)} the {rng.choice(PARTS)}; fault code {eq[:2].upper()}-{i:04d}.")
+        out.append(
+            f"When the {eq} {rng.choice(SYMPTOMS)}, {rng.choice(ACTIONS)} the {part} and "
+            f"{rng.choice(ACTIONS)} the {rng.choice(PARTS)}; fault code {eq[:2].upper()}-{i:04d}."
+        )
     return out
 
 
-def run_retrieval(queries: int, output: Path, console: Console,
-                  sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> dict:
+def run_retrieval(
+    queries: int, output: Path, console: Console, sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
+) -> dict:
     from services.rag.core import KnowledgeBase, minilm_embedder, open_store
     from services.rag.corpus import Chunk, SopDocument, chunk_document, starter_corpus
 
@@ -71,8 +136,9 @@ def run_retrieval(queries: int, output: Path, console: Console,
         written = 0
         for copy in range(6):
             for doc in library:
-                written += kb.ingest(SopDocument(f"{doc.document_id}-C{copy}", doc.title, doc.version, doc.sections,
-                                                 doc.equipment_types)).chunks_written
+                written += kb.ingest(
+                    SopDocument(f"{doc.document_id}-C{copy}", doc.title, doc.version, doc.sections, doc.equipment_types)
+                ).chunks_written
         results["ingest_chunks_per_s"] = round(written / (time.perf_counter() - started), 1)
         results["ingest_chunks"] = written
 
@@ -87,8 +153,10 @@ def run_retrieval(queries: int, output: Path, console: Console,
                 n = min(doc_size, size - stored)
                 doc_id = f"SYN-{stored // doc_size:05d}"
                 picks = rng.choices(range(len(base_texts)), k=n)
-                chunks = [Chunk(doc_id, "1", "Synthetic manual", f"Section {i % 40}", base_texts[p], i)
-                          for i, p in enumerate(picks)]
+                chunks = [
+                    Chunk(doc_id, "1", "Synthetic manual", f"Section {i % 40}", base_texts[p], i)
+                    for i, p in enumerate(picks)
+                ]
                 noise = np.random.default_rng(stored).normal(0, 0.04, size=(n, base.shape[1])).astype(np.float32)
                 vectors = base[picks] + noise
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -108,19 +176,42 @@ def run_retrieval(queries: int, output: Path, console: Console,
                 started = time.perf_counter()
                 store.query(embedding, 12)
                 vector_only.append((time.perf_counter() - started) * 1000)
-            results["sizes"][str(size)] = {"chunks": store.chunk_count(), "build_s": round(build_s, 1),
-                                           "retrieve": percentiles(latencies), "vector_search": percentiles(vector_only)}
+            results["sizes"][str(size)] = {
+                "chunks": store.chunk_count(),
+                "build_s": round(build_s, 1),
+                "retrieve": percentiles(latencies),
+                "vector_search": percentiles(vector_only),
+            }
 
-    table = Table("chunks", "retrieve p50 ms", "retrieve p99 ms", "vector search p50 ms", "vector search p99 ms",
-                  "store build s", title=f"retrieval ({queries} queries per size; MiniLM query embedding included)")
+    table = Table(
+        "chunks",
+        "retrieve p50 ms",
+        "retrieve p99 ms",
+        "vector search p50 ms",
+        "vector search p99 ms",
+        "store build s",
+        title=f"retrieval ({queries} queries per size; MiniLM query embedding included)",
+    )
     for size, r in results["sizes"].items():
-        table.add_row(f"{int(size):,}", f"{r['retrieve']['p50_ms']:.1f}", f"{r['retrieve']['p99_ms']:.1f}",
-                      f"{r['vector_search']['p50_ms']:.1f}", f"{r['vector_search']['p99_ms']:.1f}", f"{r['build_s']:.0f}")
+        table.add_row(
+            f"{int(size):,}",
+            f"{r['retrieve']['p50_ms']:.1f}",
+            f"{r['retrieve']['p99_ms']:.1f}",
+            f"{r['vector_search']['p50_ms']:.1f}",
+            f"{r['vector_search']['p99_ms']:.1f}",
+            f"{r['build_s']:.0f}",
+        )
     console.print(table)
-    console.print(f"embedding: {results['embedding_sentences_per_s']:.0f} sentences/s (batch 64); ingestion through "
-                  f"parse/chunk/embed/store: {results['ingest_chunks_per_s']:.0f} chunks/s ({results['ingest_chunks']} chunks)")
-    results["meta"] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-                       "machine": platform.machine(), "queries_per_size": queries}
+    console.print(
+        f"embedding: {results['embedding_sentences_per_s']:.0f} sentences/s (batch 64); ingestion through "
+        f"parse/chunk/embed/store: {results['ingest_chunks_per_s']:.0f} chunks/s ({results['ingest_chunks']} chunks)"
+    )
+    results["meta"] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "queries_per_size": queries,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {output}")

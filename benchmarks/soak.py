@@ -1,6 +1,7 @@
 """`copilot bench --suite soak`: a supervised local mesh under a fixed rate of diagnoses (a share with photos)
 while one agent is SIGKILLed every interval, in turn. Per minute: answered, errors, degraded share, p50/p99;
 RSS and open file descriptors of every process at start and end; incidents stored vs answered."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -20,8 +21,8 @@ from rich.table import Table
 
 from benchmarks.mesh import PROBLEMS, SAMPLE, percentiles
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh, RestartPolicy
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot_cli.launcher import Mesh, RestartPolicy
 
 VICTIMS = ("knowledge", "vision", "report")
 
@@ -56,15 +57,21 @@ async def _load(address: str, rate: float, photo_share: float, duration_s: float
         async def one(i: int, at: float) -> None:
             request_id = f"soak-{uuid.uuid4().hex[:16]}"
             with_photo = bool(every_photo) and i % every_photo == 0
-            request = diagnose_request("PUNE-IN", f"CNC-A-{i % 50:03d}", PROBLEMS[i % len(PROBLEMS)],
-                                       photo if with_photo else None, request_id=request_id,
-                                       equipment_type="brushed-steel" if with_photo else "")
+            request = diagnose_request(
+                "PUNE-IN",
+                f"CNC-A-{i % 50:03d}",
+                PROBLEMS[i % len(PROBLEMS)],
+                photo if with_photo else None,
+                request_id=request_id,
+                equipment_type="brushed-steel" if with_photo else "",
+            )
             started = time.perf_counter()
             record = {"i": i, "t": at, "request_id": request_id, "photo": with_photo}
             try:
                 reply = await stub.Diagnose(request, metadata=metadata, timeout=20)
-                record.update(code="OK", degraded=any(s.state == copilot_pb2.STAGE_STATE_DEGRADED
-                                                       for s in reply.stages))
+                record.update(
+                    code="OK", degraded=any(s.state == copilot_pb2.STAGE_STATE_DEGRADED for s in reply.stages)
+                )
             except grpc.aio.AioRpcError as exc:
                 record.update(code=exc.code().name, degraded=False)
             record["ms"] = (time.perf_counter() - started) * 1000
@@ -81,8 +88,15 @@ async def _load(address: str, rate: float, photo_share: float, duration_s: float
     return results
 
 
-def run_soak(*, output: Path, console: Console, duration_s: float = 600, rate: float = 20, photo_share: float = 0.1,
-             kill_every_s: float = 60) -> dict:
+def run_soak(
+    *,
+    output: Path,
+    console: Console,
+    duration_s: float = 600,
+    rate: float = 20,
+    photo_share: float = 0.1,
+    kill_every_s: float = 60,
+) -> dict:
     data = Path(tempfile.mkdtemp(prefix="copilot-soak-"))
     mesh = Mesh.on_free_ports(data_dir=data, extra_env={"ORCHESTRATOR_RATE_LIMIT": ""})
     events: list[dict] = []
@@ -90,8 +104,12 @@ def run_soak(*, output: Path, console: Console, duration_s: float = 600, rate: f
     try:
         mesh.wait_ready(timeout=300)
         started = [time.monotonic()]
-        supervisor = mesh.supervise(RestartPolicy(), on_event=lambda e: events.append(
-            {"t": round(time.monotonic() - started[0], 1), "service": e.service, "kind": e.kind, "reason": e.reason}))
+        supervisor = mesh.supervise(
+            RestartPolicy(),
+            on_event=lambda e: events.append(
+                {"t": round(time.monotonic() - started[0], 1), "service": e.service, "kind": e.kind, "reason": e.reason}
+            ),
+        )
         at_start = process_figures(mesh)
         kills: list[dict] = []
         next_kill = [kill_every_s]
@@ -105,8 +123,9 @@ def run_soak(*, output: Path, console: Console, duration_s: float = 600, rate: f
                 kills.append({"t": round(elapsed, 1), "service": victim})
                 next_kill[0] += kill_every_s
 
-        with console.status(f"soak: {rate:g} diagnoses/s for {duration_s:.0f} s, an agent killed every "
-                            f"{kill_every_s:.0f} s"):
+        with console.status(
+            f"soak: {rate:g} diagnoses/s for {duration_s:.0f} s, an agent killed every {kill_every_s:.0f} s"
+        ):
             results = asyncio.run(_load(mesh.address("orchestrator"), rate, photo_share, duration_s, on_tick))
         time.sleep(2)
         at_end = process_figures(mesh)
@@ -127,34 +146,75 @@ def run_soak(*, output: Path, console: Console, duration_s: float = 600, rate: f
         for r in records:
             if r["code"] != "OK":
                 errors[r["code"]] += 1
-        per_minute.append({"minute": minute + 1, "sent": len(records), "answered": len(ok), "errors": dict(errors),
-                           "degraded_share": round(sum(r["degraded"] for r in ok) / max(len(ok), 1), 3),
-                           **({k: v for k, v in percentiles([r["ms"] for r in ok]).items()
-                               if k in ("p50_ms", "p99_ms")} if len(ok) > 1 else {})})
+        per_minute.append(
+            {
+                "minute": minute + 1,
+                "sent": len(records),
+                "answered": len(ok),
+                "errors": dict(errors),
+                "degraded_share": round(sum(r["degraded"] for r in ok) / max(len(ok), 1), 3),
+                **(
+                    {k: v for k, v in percentiles([r["ms"] for r in ok]).items() if k in ("p50_ms", "p99_ms")}
+                    if len(ok) > 1
+                    else {}
+                ),
+            }
+        )
     report = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rate_per_s": rate,
-        "photo_share": photo_share, "duration_s": duration_s, "kill_every_s": kill_every_s, "kills": kills,
-        "per_minute": per_minute, "sent": len(results), "answered": len(answered),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rate_per_s": rate,
+        "photo_share": photo_share,
+        "duration_s": duration_s,
+        "kill_every_s": kill_every_s,
+        "kills": kills,
+        "per_minute": per_minute,
+        "sent": len(results),
+        "answered": len(answered),
         "errors": sum(1 for r in results if r["code"] != "OK"),
-        "incidents_stored": len(stored), "answered_not_stored": len(answered - stored),
-        "restarts": restarts, "processes_at_start": at_start, "processes_at_end": at_end,
+        "incidents_stored": len(stored),
+        "answered_not_stored": len(answered - stored),
+        "restarts": restarts,
+        "processes_at_start": at_start,
+        "processes_at_end": at_end,
         "supervisor_events": events,
     }
-    table = Table("minute", "sent", "answered", "errors", "degraded", "p50 ms", "p99 ms",
-                  title=f"soak: {rate:g}/s, {photo_share:.0%} photos, kill every {kill_every_s:.0f} s")
+    table = Table(
+        "minute",
+        "sent",
+        "answered",
+        "errors",
+        "degraded",
+        "p50 ms",
+        "p99 ms",
+        title=f"soak: {rate:g}/s, {photo_share:.0%} photos, kill every {kill_every_s:.0f} s",
+    )
     for row in per_minute:
-        table.add_row(str(row["minute"]), str(row["sent"]), str(row["answered"]),
-                      ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0",
-                      f"{row['degraded_share']:.1%}", str(row.get("p50_ms", "-")), str(row.get("p99_ms", "-")))
+        table.add_row(
+            str(row["minute"]),
+            str(row["sent"]),
+            str(row["answered"]),
+            ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0",
+            f"{row['degraded_share']:.1%}",
+            str(row.get("p50_ms", "-")),
+            str(row.get("p99_ms", "-")),
+        )
     console.print(table)
     processes = Table("process", "RSS start MiB", "RSS end MiB", "fds start", "fds end", "restarts")
     for name in at_start:
         s, e = at_start[name], at_end.get(name, {})
-        processes.add_row(name, str(s.get("rss_mib", "-")), str(e.get("rss_mib", "-")), str(s.get("fds", "-")),
-                          str(e.get("fds", "-")), str(restarts.get(name, 0)))
+        processes.add_row(
+            name,
+            str(s.get("rss_mib", "-")),
+            str(e.get("rss_mib", "-")),
+            str(s.get("fds", "-")),
+            str(e.get("fds", "-")),
+            str(restarts.get(name, 0)),
+        )
     console.print(processes)
-    console.print(f"answered {len(answered)} of {len(results)}; stored {len(stored)}; answered but not stored "
-                  f"{len(answered - stored)}; kills {[k['service'] for k in kills]}")
+    console.print(
+        f"answered {len(answered)} of {len(results)}; stored {len(stored)}; answered but not stored "
+        f"{len(answered - stored)}; kills {[k['service'] for k in kills]}"
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {output}")

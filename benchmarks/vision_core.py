@@ -6,6 +6,7 @@ scipy, pillow and the two EfficientNet packages, so it also runs on the GPU mach
     python benchmarks/vision_core.py --device cuda --images 96 --output vision-core-cuda.json
 
 `copilot bench --suite vision` is the same measurement through a real vision process over gRPC (CPU)."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,12 @@ async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: i
     began = time.perf_counter()
     await run(total)
     elapsed = time.perf_counter() - began
-    return {"clients": clients, "images_per_s": round(total / elapsed, 2), "p50_ms": percentile(times, 50),
-            "p99_ms": percentile(times, 99)}
+    return {
+        "clients": clients,
+        "images_per_s": round(total / elapsed, 2),
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+    }
 
 
 async def main(args) -> dict:
@@ -65,32 +70,49 @@ async def main(args) -> dict:
 
     photo = (ROOT / "samples" / "pump-housing-crack.jpg").read_bytes()
     with tempfile.TemporaryDirectory() as folder:
-        engine = VisionEngine(FeatureExtractor(threads=args.threads or None, device=args.device),
-                              ReferenceStore(Path(folder)))
+        engine = VisionEngine(
+            FeatureExtractor(threads=args.threads or None, device=args.device), ReferenceStore(Path(folder))
+        )
         engine.seed_starter_set()
         engine.load()
-        result = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-                  else platform.processor() or platform.machine(), "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "images_per_run": args.images, "runs": []}
+        result = {
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "images_per_run": args.images,
+            "runs": [],
+        }
         for batching in (False, True):
-            batcher = DynamicBatcher(engine.features, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000
-                                     ) if batching else None
+            batcher = (
+                DynamicBatcher(engine.features, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+                if batching
+                else None
+            )
             provider = PatchCoreProvider(engine, batcher)
             provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
             for clients in (1, 4, 16):
                 row = await load(provider, photo, clients, args.images)
                 result["runs"].append({"batching": batching, **row})
-                print(f"{args.device} batching={'on ' if batching else 'off'} clients={clients:2d} "
-                      f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms",
-                      flush=True)
+                print(
+                    f"{args.device} batching={'on ' if batching else 'off'} clients={clients:2d} "
+                    f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms",
+                    flush=True,
+                )
             await provider.close()
     by = {(r["batching"], r["clients"]): r for r in result["runs"]}
     for clients in (1, 4, 16):
         on, off = by[(True, clients)], by[(False, clients)]
-        result[f"clients_{clients}"] = {"throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
-                                        "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2)}
-        print(f"{clients:2d} clients: batching {result[f'clients_{clients}']['throughput_ratio']:.2f}x throughput, "
-              f"p99 {result[f'clients_{clients}']['p99_ratio']:.2f}x")
+        result[f"clients_{clients}"] = {
+            "throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
+            "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
+        }
+        print(
+            f"{clients:2d} clients: batching {result[f'clients_{clients}']['throughput_ratio']:.2f}x throughput, "
+            f"p99 {result[f'clients_{clients}']['p99_ratio']:.2f}x"
+        )
     return result
 
 

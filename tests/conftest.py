@@ -1,4 +1,5 @@
 """Shared fixtures: the real embedding model and a real Chroma store, loaded once per session."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ def token(role: str = "technician", subject: str = "") -> str:
     from copilot.runtime.auth import Role, mint_token
 
     return mint_token(subject or f"{role}-test", Role.parse(role), secret=TEST_SECRET)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "src" / "copilot_cli" / "samples"

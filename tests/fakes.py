@@ -1,9 +1,10 @@
 """In-process stand-ins for the three agents, for unit tests of the orchestrator's own code (the workflow, the
 public edge). The real agents run in the contract, integration and e2e tests."""
+
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
@@ -37,8 +38,9 @@ class FakeAgents:
 
     async def _behave(self, name, timeout):
         if name in self.fail:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details=f"{name} is down")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"{name} is down"
+            )
         try:
             if name in self.hang:
                 await asyncio.wait_for(asyncio.sleep(3600), timeout)
@@ -55,13 +57,19 @@ class FakeAgents:
     async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
         await self._maybe("knowledge", timeout)
         self.seen_defects = tuple(defects)
-        return Guidance((GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
-                        (SopCitation("SOP-123", "CNC", "Cooling", 0.7),), ("Lock out.",), self.knowledge_conf, False, "q")
+        return Guidance(
+            (GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
+            (SopCitation("SOP-123", "CNC", "Cooling", 0.7),),
+            ("Lock out.",),
+            self.knowledge_conf,
+            False,
+            "q",
+        )
 
     async def compose_report(self, inputs, timeout) -> IncidentReport:
         await self._maybe("report", timeout)
         self.seen_inputs = inputs
-        return compose_report(inputs, datetime.now(timezone.utc))
+        return compose_report(inputs, datetime.now(UTC))
 
     async def close(self) -> None:
         return None

@@ -1,6 +1,7 @@
 """A local HTTP server that answers like hosted model APIs, for testing the hosted providers and generators
 without a network: an HF inference / TGI endpoint (POST -> [{"generated_text": ...}]) and an
 OpenAI-compatible `/chat/completions`. It records every request and can fail the first calls."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeModelServer:
-    def __init__(self, chat_content: str = "", generated_text: str = "", fail_first: int = 0,
-                 fail_status: int = 503) -> None:
+    def __init__(
+        self, chat_content: str = "", generated_text: str = "", fail_first: int = 0, fail_status: int = 503
+    ) -> None:
         self.chat_content = chat_content
         self.generated_text = generated_text
         self.fail_first = fail_first
@@ -18,7 +20,7 @@ class FakeModelServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 owner.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                 if len(owner.requests) <= owner.fail_first:

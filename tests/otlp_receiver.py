@@ -2,6 +2,7 @@
 
 Imported by the e2e trace test (in the test process) and run as a script inside a container by the container
 test (`python otlp_receiver.py PORT OUT.jsonl`), where it appends one JSON line per span to OUT."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,11 @@ def attributes(span) -> dict:
     for a in span.attributes:
         v = a.value
         kind = v.WhichOneof("value")
-        out[a.key] = [getattr(x, x.WhichOneof("value")) for x in v.array_value.values] if kind == "array_value" else getattr(v, kind)
+        out[a.key] = (
+            [getattr(x, x.WhichOneof("value")) for x in v.array_value.values]
+            if kind == "array_value"
+            else getattr(v, kind)
+        )
     return out
 
 
@@ -39,10 +44,19 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     if self.out is not None:
                         with self.out.open("a") as handle:
                             for span in scope.spans:
-                                handle.write(json.dumps({
-                                    "service": service, "name": span.name, "trace_id": span.trace_id.hex(),
-                                    "span_id": span.span_id.hex(), "parent_span_id": span.parent_span_id.hex(),
-                                    "attributes": {k: str(v) for k, v in attributes(span).items()}}) + "\n")
+                                handle.write(
+                                    json.dumps(
+                                        {
+                                            "service": service,
+                                            "name": span.name,
+                                            "trace_id": span.trace_id.hex(),
+                                            "span_id": span.span_id.hex(),
+                                            "parent_span_id": span.parent_span_id.hex(),
+                                            "attributes": {k: str(v) for k, v in attributes(span).items()},
+                                        }
+                                    )
+                                    + "\n"
+                                )
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def trace(self, trace_id: bytes) -> list[tuple[str, object]]:

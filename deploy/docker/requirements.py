@@ -1,6 +1,7 @@
 """requirements.py PYPROJECT [EXTRA]: print the project's base dependencies plus one extra's, one a line
 (the extra's references to other extras of the project resolved), so an image installs its dependencies in
 a layer that only pyproject.toml invalidates, before the project itself."""
+
 import re
 import sys
 import tomllib

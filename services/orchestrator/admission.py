@@ -1,10 +1,11 @@
 """Backpressure at the edge: a cap on calls in flight and a per-principal rate limit (the `limits` library's
 moving window). Refusals answer RESOURCE_EXHAUSTED with a google.rpc.RetryInfo, before any work is done."""
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from limits import parse, storage, strategies
@@ -21,8 +22,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     from the principal's rate (a batch of n diagnoses costs n). `rate` is a `limits` string such as
     "120/minute"; empty disables the rate limit. Runs after authentication (it keys on the principal)."""
 
-    def __init__(self, methods: set[str], *, max_in_flight: int, rate: str = "", retry_after_s: float = 1.0,
-                 cost: Callable[[str, object], int] | None = None) -> None:
+    def __init__(
+        self,
+        methods: set[str],
+        *,
+        max_in_flight: int,
+        rate: str = "",
+        retry_after_s: float = 1.0,
+        cost: Callable[[str, object], int] | None = None,
+    ) -> None:
         self.methods = frozenset(methods)
         self.max_in_flight = max_in_flight
         self.in_flight = 0
@@ -45,8 +53,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         async def before(request, context):
             if self.in_flight >= self.max_in_flight:
-                await self._refuse(context, "in_flight", f"server busy: {self.in_flight} diagnoses in flight "
-                                                         f"(limit {self.max_in_flight}); retry later", self.retry_after_s)
+                await self._refuse(
+                    context,
+                    "in_flight",
+                    f"server busy: {self.in_flight} diagnoses in flight (limit {self.max_in_flight}); retry later",
+                    self.retry_after_s,
+                )
             if self.limiter is not None:
                 principal = current_principal.get()
                 key = principal.subject if principal else "anonymous"
@@ -54,8 +66,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 if not self.limiter.hit(self.rate, key, cost=cost):
                     stats = self.limiter.get_window_stats(self.rate, key)
                     wait = max(0.05, stats.reset_time - time.time())
-                    await self._refuse(context, "rate", f"rate limit {self.rate} exceeded for {key}; "
-                                                        f"retry in {wait:.1f}s", wait)
+                    await self._refuse(
+                        context, "rate", f"rate limit {self.rate} exceeded for {key}; retry in {wait:.1f}s", wait
+                    )
             self.in_flight += 1
             return True
 

@@ -1,7 +1,9 @@
 """The agents as seen by the workflow: an interface in domain types, and its gRPC implementation."""
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
 from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
@@ -12,11 +14,19 @@ from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2
 
 
 class AgentClients(Protocol):
-    async def analyze_image(self, data: bytes, mime_type: str, image_id: str, equipment_id: str,
-                            equipment_type: str, timeout: float) -> VisionFindings: ...
+    async def analyze_image(
+        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
+    ) -> VisionFindings: ...
 
-    async def advise(self, problem_description: str, defects: Sequence[Defect], plant_id: str, equipment_id: str,
-                     equipment_type: str, timeout: float) -> Guidance: ...
+    async def advise(
+        self,
+        problem_description: str,
+        defects: Sequence[Defect],
+        plant_id: str,
+        equipment_id: str,
+        equipment_type: str,
+        timeout: float,
+    ) -> Guidance: ...
 
     async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport: ...
 
@@ -26,8 +36,15 @@ class AgentClients(Protocol):
 class GrpcAgentClients:
     """Typed async stubs over one channel per agent (round_robin + retry policy in the service config)."""
 
-    def __init__(self, vision_addr: str, knowledge_addr: str, report_addr: str, *, max_message_bytes: int,
-                 tls: TlsSettings | None = None) -> None:
+    def __init__(
+        self,
+        vision_addr: str,
+        knowledge_addr: str,
+        report_addr: str,
+        *,
+        max_message_bytes: int,
+        tls: TlsSettings | None = None,
+    ) -> None:
         self._channels = [
             agent_channel(vision_addr, [VISION_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
             agent_channel(knowledge_addr, [KNOWLEDGE_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
@@ -38,16 +55,22 @@ class GrpcAgentClients:
         self.report = report_pb2_grpc.ReportServiceStub(self._channels[2])
 
     async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
-        request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=data, mime_type=mime_type),
-                                                 image_id=image_id, equipment_id=equipment_id,
-                                                 equipment_type=equipment_type)
+        request = vision_pb2.AnalyzeImageRequest(
+            image=common_pb2.Image(data=data, mime_type=mime_type),
+            image_id=image_id,
+            equipment_id=equipment_id,
+            equipment_type=equipment_type,
+        )
         return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
 
     async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
-        request = knowledge_pb2.AdviseRequest(problem_description=problem_description,
-                                              defects=[convert.defect_to_pb(d) for d in defects],
-                                              plant_id=plant_id, equipment_id=equipment_id,
-                                              equipment_type=equipment_type)
+        request = knowledge_pb2.AdviseRequest(
+            problem_description=problem_description,
+            defects=[convert.defect_to_pb(d) for d in defects],
+            plant_id=plant_id,
+            equipment_id=equipment_id,
+            equipment_type=equipment_type,
+        )
         return convert.guidance_from_pb(await self.knowledge.Advise(request, timeout=timeout))
 
     async def compose_report(self, inputs, timeout):

@@ -24,7 +24,11 @@ SAFETY_DISCLAIMER = (
 )
 FALLBACK_GUIDANCE = Guidance(
     steps=(GuidanceStep("Isolate the equipment under lockout/tagout and escalate to the maintenance supervisor."),),
-    citations=(), safety_notes=(), confidence=0.0, fallback=True, query="",
+    citations=(),
+    safety_notes=(),
+    confidence=0.0,
+    fallback=True,
+    query="",
 )
 
 
@@ -39,8 +43,9 @@ def merge_confidence(stages: list[StageStatus]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def escalation_reasons(stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
-                       ) -> tuple[EscalationReason, ...]:
+def escalation_reasons(
+    stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
+) -> tuple[EscalationReason, ...]:
     """Every reason that applies, most serious first. Only LOW_CONFIDENCE decides manual review (the seed's
     rule: mean < 0.5); the others tell the reviewer where to look."""
     reasons = []

@@ -4,6 +4,7 @@ their own table, never inline in the incident. Blocking calls: the servicer runs
 
 The tables are declared once, below; their schema evolves through the Alembic revisions in `migrations/`
 (applied at start by `migrate`; a change to a table here comes with a new revision, which a test checks)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,6 @@ from copilot.domain import DiagnosisInput, PastIncident, as_utc
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 from copilot.text import content_words
-
 
 
 class Base(DeclarativeBase):
@@ -128,8 +128,14 @@ class RequestIdConflict(Exception):
 
 def fingerprint(request: DiagnosisInput) -> str:
     digest = hashlib.sha256()
-    for part in (request.plant_id, request.equipment_id, request.problem_description, request.equipment_type,
-                 request.image_id, hashlib.sha256(request.image_data).hexdigest() if request.image_data else ""):
+    for part in (
+        request.plant_id,
+        request.equipment_id,
+        request.problem_description,
+        request.equipment_type,
+        request.image_id,
+        hashlib.sha256(request.image_data).hexdigest() if request.image_data else "",
+    ):
         digest.update(part.encode() + b"\x00")
     return digest.hexdigest()
 
@@ -166,6 +172,7 @@ class IncidentStore:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
+
             @event.listens_for(self.engine, "connect")
             def _pragmas(connection, _record):  # concurrent readers while one writer commits
                 cursor = connection.cursor()
@@ -174,6 +181,7 @@ class IncidentStore:
                 cursor.execute("PRAGMA busy_timeout=5000")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
+
         migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -187,21 +195,38 @@ class IncidentStore:
         the stored incident when the request is the same, else raises RequestIdConflict."""
         with self._session() as session:
             if image and session.get(ImageRow, incident.image_sha256) is None:
-                session.add(ImageRow(sha256=incident.image_sha256, mime_type=incident.image_mime_type,
-                                     size_bytes=len(image), data=image))
+                session.add(
+                    ImageRow(
+                        sha256=incident.image_sha256,
+                        mime_type=incident.image_mime_type,
+                        size_bytes=len(image),
+                        data=image,
+                    )
+                )
                 try:
                     session.flush()
                 except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
                     session.rollback()
-            session.add(IncidentRow(
-                request_id=incident.request_id, created_at=incident.created_at, plant_id=incident.plant_id,
-                equipment_id=incident.equipment_id, equipment_type=incident.equipment_type,
-                problem_description=incident.problem_description, image_sha256=incident.image_sha256 or None,
-                image_mime_type=incident.image_mime_type, input_fingerprint=incident.input_fingerprint,
-                principal=incident.principal, trace_id=incident.trace_id, confidence=incident.confidence,
-                requires_manual_review=incident.requires_manual_review,
-                referenced_sop_ids=list(incident.referenced_sop_ids), stages=list(incident.stages),
-                response=incident.response))
+            session.add(
+                IncidentRow(
+                    request_id=incident.request_id,
+                    created_at=incident.created_at,
+                    plant_id=incident.plant_id,
+                    equipment_id=incident.equipment_id,
+                    equipment_type=incident.equipment_type,
+                    problem_description=incident.problem_description,
+                    image_sha256=incident.image_sha256 or None,
+                    image_mime_type=incident.image_mime_type,
+                    input_fingerprint=incident.input_fingerprint,
+                    principal=incident.principal,
+                    trace_id=incident.trace_id,
+                    confidence=incident.confidence,
+                    requires_manual_review=incident.requires_manual_review,
+                    referenced_sop_ids=list(incident.referenced_sop_ids),
+                    stages=list(incident.stages),
+                    response=incident.response,
+                )
+            )
             try:
                 session.commit()
             except IntegrityError:
@@ -218,10 +243,16 @@ class IncidentStore:
         with self._session() as session:
             if session.get(IncidentRow, request_id) is None:
                 return False
-            session.add(FeedbackRow(request_id=request_id, helpful=feedback.helpful,
-                                    resolution_notes=feedback.resolution_notes,
-                                    helpful_sop_ids=list(feedback.helpful_sop_ids), principal=feedback.principal,
-                                    submitted_at=feedback.submitted_at))
+            session.add(
+                FeedbackRow(
+                    request_id=request_id,
+                    helpful=feedback.helpful,
+                    resolution_notes=feedback.resolution_notes,
+                    helpful_sop_ids=list(feedback.helpful_sop_ids),
+                    principal=feedback.principal,
+                    submitted_at=feedback.submitted_at,
+                )
+            )
             session.commit()
             return True
 
@@ -229,25 +260,39 @@ class IncidentStore:
 
     @staticmethod
     def _feedback(row: FeedbackRow) -> StoredFeedback:
-        return StoredFeedback(row.helpful, row.resolution_notes, tuple(row.helpful_sop_ids), row.principal,
-                              as_utc(row.submitted_at))
+        return StoredFeedback(
+            row.helpful, row.resolution_notes, tuple(row.helpful_sop_ids), row.principal, as_utc(row.submitted_at)
+        )
 
     def _incident(self, row: IncidentRow, feedback: list[FeedbackRow]) -> StoredIncident:
         return StoredIncident(
-            request_id=row.request_id, created_at=as_utc(row.created_at), plant_id=row.plant_id,
-            equipment_id=row.equipment_id, equipment_type=row.equipment_type,
-            problem_description=row.problem_description, image_sha256=row.image_sha256 or "",
-            image_mime_type=row.image_mime_type, principal=row.principal, trace_id=row.trace_id,
-            confidence=row.confidence, requires_manual_review=row.requires_manual_review,
-            referenced_sop_ids=tuple(row.referenced_sop_ids), response=row.response,
-            input_fingerprint=row.input_fingerprint, stages=tuple(row.stages or ()),
-            feedback=tuple(self._feedback(f) for f in feedback))
+            request_id=row.request_id,
+            created_at=as_utc(row.created_at),
+            plant_id=row.plant_id,
+            equipment_id=row.equipment_id,
+            equipment_type=row.equipment_type,
+            problem_description=row.problem_description,
+            image_sha256=row.image_sha256 or "",
+            image_mime_type=row.image_mime_type,
+            principal=row.principal,
+            trace_id=row.trace_id,
+            confidence=row.confidence,
+            requires_manual_review=row.requires_manual_review,
+            referenced_sop_ids=tuple(row.referenced_sop_ids),
+            response=row.response,
+            input_fingerprint=row.input_fingerprint,
+            stages=tuple(row.stages or ()),
+            feedback=tuple(self._feedback(f) for f in feedback),
+        )
 
     def _feedback_of(self, session: Session, request_ids: list[str]) -> dict[str, list[FeedbackRow]]:
         found: dict[str, list[FeedbackRow]] = {r: [] for r in request_ids}
         if request_ids:
-            rows = session.scalars(select(FeedbackRow).where(FeedbackRow.request_id.in_(request_ids))
-                                   .order_by(FeedbackRow.submitted_at, FeedbackRow.id))
+            rows = session.scalars(
+                select(FeedbackRow)
+                .where(FeedbackRow.request_id.in_(request_ids))
+                .order_by(FeedbackRow.submitted_at, FeedbackRow.id)
+            )
             for row in rows:
                 found[row.request_id].append(row)
         return found
@@ -264,9 +309,16 @@ class IncidentStore:
             row = session.get(ImageRow, sha256)
             return row.data if row is not None else None
 
-    def list(self, *, plant_id: str = "", equipment_id: str = "", start: datetime | None = None,
-             end: datetime | None = None, limit: int = 20, after: tuple[datetime, str] | None = None
-             ) -> tuple[list[StoredIncident], tuple[datetime, str] | None]:
+    def list(
+        self,
+        *,
+        plant_id: str = "",
+        equipment_id: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 20,
+        after: tuple[datetime, str] | None = None,
+    ) -> tuple[list[StoredIncident], tuple[datetime, str] | None]:
         """Newest first; keyset pagination on (created_at, request_id). Returns the page and the key of the
         next page (None on the last page)."""
         query = select(IncidentRow)
@@ -280,8 +332,10 @@ class IncidentStore:
             query = query.where(IncidentRow.created_at < end)
         if after is not None:
             created, request_id = after
-            query = query.where((IncidentRow.created_at < created)
-                                | ((IncidentRow.created_at == created) & (IncidentRow.request_id < request_id)))
+            query = query.where(
+                (IncidentRow.created_at < created)
+                | ((IncidentRow.created_at == created) & (IncidentRow.request_id < request_id))
+            )
         query = query.order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc()).limit(limit + 1)
         with self._session() as session:
             rows = list(session.scalars(query))
@@ -292,17 +346,32 @@ class IncidentStore:
         following = (page[-1].created_at, page[-1].request_id) if more and page else None
         return page, following
 
-    def similar(self, plant_id: str, equipment_id: str, problem_description: str, *, exclude: str = "",
-                limit: int = 3, scan: int = 200) -> list[PastIncident]:
+    def similar(
+        self,
+        plant_id: str,
+        equipment_id: str,
+        problem_description: str,
+        *,
+        exclude: str = "",
+        limit: int = 3,
+        scan: int = 200,
+    ) -> list[PastIncident]:
         """Earlier incidents on the same equipment whose problem shares words with this one (Jaccard >= 0.2),
         most overlap first (ties: newest first), among the newest `scan`. Reads only the columns it needs."""
         words = content_words(problem_description)
         if not words or limit <= 0:
             return []
-        query = (select(IncidentRow.request_id, IncidentRow.created_at, IncidentRow.problem_description,
-                        IncidentRow.referenced_sop_ids)
-                 .where(IncidentRow.plant_id == plant_id, IncidentRow.equipment_id == equipment_id)
-                 .order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc()).limit(scan))
+        query = (
+            select(
+                IncidentRow.request_id,
+                IncidentRow.created_at,
+                IncidentRow.problem_description,
+                IncidentRow.referenced_sop_ids,
+            )
+            .where(IncidentRow.plant_id == plant_id, IncidentRow.equipment_id == equipment_id)
+            .order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc())
+            .limit(scan)
+        )
         with self._session() as session:
             scored = []
             for request_id, created_at, problem, sop_ids in session.execute(query):
@@ -315,19 +384,36 @@ class IncidentStore:
             scored.sort(key=lambda row: (-row[0], -row[1].timestamp()))
             best = scored[:limit]
             notes = self._feedback_of(session, [row[2] for row in best])
-        return [PastIncident(request_id, created_at, problem, sop_ids,
-                             next((f.resolution_notes for f in reversed(notes[request_id]) if f.resolution_notes), ""))
-                for _, created_at, request_id, problem, sop_ids in best]
+        return [
+            PastIncident(
+                request_id,
+                created_at,
+                problem,
+                sop_ids,
+                next((f.resolution_notes for f in reversed(notes[request_id]) if f.resolution_notes), ""),
+            )
+            for _, created_at, request_id, problem, sop_ids in best
+        ]
 
     def feedback_export(self) -> list[dict]:
         """Every feedback with its incident's question: labelled data for `copilot eval`."""
         with self._session() as session:
-            rows = session.execute(select(FeedbackRow, IncidentRow).join(IncidentRow)
-                                   .order_by(FeedbackRow.submitted_at, FeedbackRow.id)).all()
-            return [{
-                "request_id": inc.request_id, "question": inc.problem_description, "plant_id": inc.plant_id,
-                "equipment_id": inc.equipment_id, "equipment_type": inc.equipment_type,
-                "cited_sop_ids": list(inc.referenced_sop_ids), "helpful": fb.helpful,
-                "expected_sop_ids": list(fb.helpful_sop_ids), "resolution_notes": fb.resolution_notes,
-                "principal": fb.principal, "submitted_at": as_utc(fb.submitted_at).isoformat(),
-            } for fb, inc in rows]
+            rows = session.execute(
+                select(FeedbackRow, IncidentRow).join(IncidentRow).order_by(FeedbackRow.submitted_at, FeedbackRow.id)
+            ).all()
+            return [
+                {
+                    "request_id": inc.request_id,
+                    "question": inc.problem_description,
+                    "plant_id": inc.plant_id,
+                    "equipment_id": inc.equipment_id,
+                    "equipment_type": inc.equipment_type,
+                    "cited_sop_ids": list(inc.referenced_sop_ids),
+                    "helpful": fb.helpful,
+                    "expected_sop_ids": list(fb.helpful_sop_ids),
+                    "resolution_notes": fb.resolution_notes,
+                    "principal": fb.principal,
+                    "submitted_at": as_utc(fb.submitted_at).isoformat(),
+                }
+                for fb, inc in rows
+            ]

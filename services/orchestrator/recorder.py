@@ -35,16 +35,18 @@ class IncidentNotStored(Exception):
     the same request_id)."""
 
     def __init__(self, request_id: str, cause: str) -> None:
-        super().__init__(f"the incident history could not store this diagnosis ({cause}); nothing was recorded: "
-                         "retry, with the same request_id")
+        super().__init__(
+            f"the incident history could not store this diagnosis ({cause}); nothing was recorded: "
+            "retry, with the same request_id"
+        )
         self.request_id = request_id
 
 
 def event_to_pb(event: StageStarted | StageFinished) -> copilot_pb2.StreamDiagnoseResponse:
     if isinstance(event, StageStarted):
         return copilot_pb2.StreamDiagnoseResponse(
-            request_id=event.request_id,
-            stage_started=copilot_pb2.StageStarted(stage=convert.stage_to_pb(event.stage)))
+            request_id=event.request_id, stage_started=copilot_pb2.StageStarted(stage=convert.stage_to_pb(event.stage))
+        )
     finished = copilot_pb2.StageFinished(status=convert.stage_status_to_pb(event.status))
     result = event.result
     if isinstance(result, VisionFindings):
@@ -74,8 +76,9 @@ class DiagnosisRecorder:
         copilot_metrics().incidents_replayed.add(1)
         return copy
 
-    async def events(self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
-                     ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
+    async def events(
+        self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
+    ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
         """Stage events, then the final result; the diagnosis is stored before the result is sent.
 
         With a request_id the call is idempotent: while one call with that id runs, retries wait for its answer
@@ -120,27 +123,41 @@ class DiagnosisRecorder:
             if self._running.get(request_id, (None, None))[1] is outcome:
                 del self._running[request_id]
 
-    async def _store(self, request: copilot_pb2.DiagnoseRequest, diagnosis_input: DiagnosisInput,
-                     input_fingerprint: str, diagnosis: Diagnosis, principal: str) -> copilot_pb2.DiagnoseResponse:
+    async def _store(
+        self,
+        request: copilot_pb2.DiagnoseRequest,
+        diagnosis_input: DiagnosisInput,
+        input_fingerprint: str,
+        diagnosis: Diagnosis,
+        principal: str,
+    ) -> copilot_pb2.DiagnoseResponse:
         response = convert.diagnosis_to_pb(diagnosis)
         image = diagnosis_input.image_data
         incident = StoredIncident(
-            request_id=diagnosis.request_id, created_at=utc_now(), plant_id=request.plant_id,
-            equipment_id=request.equipment_id, equipment_type=request.equipment_type,
+            request_id=diagnosis.request_id,
+            created_at=utc_now(),
+            plant_id=request.plant_id,
+            equipment_id=request.equipment_id,
+            equipment_type=request.equipment_type,
             problem_description=request.problem_description,
             image_sha256=hashlib.sha256(image).hexdigest() if image else "",
-            image_mime_type=sniff_mime_type(image) or "" if image else "", principal=principal,
-            trace_id=diagnosis.trace_id, confidence=diagnosis.confidence_score,
+            image_mime_type=sniff_mime_type(image) or "" if image else "",
+            principal=principal,
+            trace_id=diagnosis.trace_id,
+            confidence=diagnosis.confidence_score,
             requires_manual_review=diagnosis.requires_manual_review,
-            referenced_sop_ids=tuple(diagnosis.report.referenced_sop_ids), response=response.SerializeToString(),
+            referenced_sop_ids=tuple(diagnosis.report.referenced_sop_ids),
+            response=response.SerializeToString(),
             input_fingerprint=input_fingerprint,
-            stages=tuple({"stage": st.stage.value, "state": st.state.value, "error": st.error}
-                         for st in diagnosis.stages))
+            stages=tuple(
+                {"stage": st.stage.value, "state": st.state.value, "error": st.error} for st in diagnosis.stages
+            ),
+        )
         try:
             stored = await asyncio.to_thread(self.history.save, incident, image)
         except RequestIdConflict:  # another orchestrator replica stored a different request under this id
             raise RequestIdReused(request.request_id) from None
-        except Exception as exc:  # noqa: BLE001 - any storage failure: nothing is acknowledged unstored
+        except Exception as exc:
             # Policy: an answer is only sent once its incident is stored, so no acknowledged diagnosis is ever
             # missing from the history. UNAVAILABLE tells the caller to retry (with the same request_id).
             log.exception("could not store incident %s: refusing the answer", diagnosis.request_id)
@@ -149,8 +166,9 @@ class DiagnosisRecorder:
             return self._replayed(copilot_pb2.DiagnoseResponse.FromString(stored.response))
         return response
 
-    async def diagnose(self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
-                       ) -> copilot_pb2.DiagnoseResponse:
+    async def diagnose(
+        self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
+    ) -> copilot_pb2.DiagnoseResponse:
         result = None
         async for event in self.events(request, deadline, principal):
             if event.WhichOneof("event") == "result":

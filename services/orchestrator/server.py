@@ -1,4 +1,5 @@
 """Orchestrator process: settings and wiring."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +9,10 @@ from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
 from copilot.images import ImageLimits
-from services.orchestrator.admission import AdmissionInterceptor
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
+from services.orchestrator.admission import AdmissionInterceptor
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.history import IncidentStore
 from services.orchestrator.servicer import CopilotServicer
@@ -29,8 +30,9 @@ class OrchestratorSettings(ServerSettings):
     metrics_port: int = DEFAULT_METRICS_PORTS["orchestrator"]
     # Agent addresses: host:port, or dns:///name:port for a headless Service (round_robin over pods).
     vision_addr: str = Field(f"localhost:{DEFAULT_PORTS['vision']}", validation_alias=AliasChoices("VISION_ADDR"))
-    knowledge_addr: str = Field(f"localhost:{DEFAULT_PORTS['knowledge']}",
-                                validation_alias=AliasChoices("KNOWLEDGE_ADDR"))
+    knowledge_addr: str = Field(
+        f"localhost:{DEFAULT_PORTS['knowledge']}", validation_alias=AliasChoices("KNOWLEDGE_ADDR")
+    )
     report_addr: str = Field(f"localhost:{DEFAULT_PORTS['report']}", validation_alias=AliasChoices("REPORT_ADDR"))
     vision_timeout_s: float = 10.0
     knowledge_timeout_s: float = 15.0
@@ -55,29 +57,49 @@ def _cost(method: str, request) -> int:
     return len(getattr(request, "requests", ())) or 1 if method.endswith("/DiagnoseBatch") else 1
 
 
-def build(settings: OrchestratorSettings | None = None, *, clients: AgentClients | None = None
-          ) -> tuple[ServiceSpec, OrchestratorSettings]:
+def build(
+    settings: OrchestratorSettings | None = None, *, clients: AgentClients | None = None
+) -> tuple[ServiceSpec, OrchestratorSettings]:
     """`clients` defaults to gRPC channels to the three agents (tests may pass in-process ones)."""
     settings = settings or OrchestratorSettings()
     if settings.max_image_bytes > settings.max_message_bytes - 64 * 1024:
-        raise ValueError("ORCHESTRATOR_MAX_IMAGE_BYTES must leave room for the rest of the message below "
-                         "ORCHESTRATOR_MAX_MESSAGE_BYTES")
-    clients = clients or GrpcAgentClients(settings.vision_addr, settings.knowledge_addr, settings.report_addr,
-                                          max_message_bytes=settings.max_message_bytes, tls=settings.tls)
+        raise ValueError(
+            "ORCHESTRATOR_MAX_IMAGE_BYTES must leave room for the rest of the message below "
+            "ORCHESTRATOR_MAX_MESSAGE_BYTES"
+        )
+    clients = clients or GrpcAgentClients(
+        settings.vision_addr,
+        settings.knowledge_addr,
+        settings.report_addr,
+        max_message_bytes=settings.max_message_bytes,
+        tls=settings.tls,
+    )
     history = IncidentStore(settings.database_url)
 
     async def related(request, request_id):
-        return await asyncio.to_thread(history.similar, request.plant_id, request.equipment_id,
-                                       request.problem_description, exclude=request_id,
-                                       limit=settings.related_incidents)
+        return await asyncio.to_thread(
+            history.similar,
+            request.plant_id,
+            request.equipment_id,
+            request.problem_description,
+            exclude=request_id,
+            limit=settings.related_incidents,
+        )
 
-    workflow = DiagnosisWorkflow(clients, StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s,
-                                                        settings.report_timeout_s),
-                                 parallel=settings.parallel_stages,
-                                 related_incidents=related if settings.related_incidents else None)
+    workflow = DiagnosisWorkflow(
+        clients,
+        StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s, settings.report_timeout_s),
+        parallel=settings.parallel_stages,
+        related_incidents=related if settings.related_incidents else None,
+    )
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    servicer = CopilotServicer(workflow, history, image_limits=limits,
-                               batch_max_items=settings.batch_max_items, batch_concurrency=settings.batch_concurrency)
+    servicer = CopilotServicer(
+        workflow,
+        history,
+        image_limits=limits,
+        batch_max_items=settings.batch_max_items,
+        batch_concurrency=settings.batch_concurrency,
+    )
 
     async def warm_up() -> None:
         return None  # agents are dialled lazily; a missing agent degrades its stage, it does not block start-up
@@ -93,12 +115,19 @@ def build(settings: OrchestratorSettings | None = None, *, clients: AgentClients
         warm_up=warm_up,
         close=close,
         # the image checks join the proto rules' violations in one INVALID_ARGUMENT (batch items: per item)
-        request_checks={f"/{SERVICE_NAME}/Diagnose": lambda r: image_violations(r, limits),
-                        f"/{SERVICE_NAME}/StreamDiagnose": lambda r: image_violations(r.diagnosis, limits,
-                                                                                      "diagnosis.")},
-        interceptors=[AdmissionInterceptor(DIAGNOSIS_METHODS, max_in_flight=settings.max_in_flight,
-                                           rate=settings.rate_limit, retry_after_s=settings.retry_after_s,
-                                           cost=_cost)],
+        request_checks={
+            f"/{SERVICE_NAME}/Diagnose": lambda r: image_violations(r, limits),
+            f"/{SERVICE_NAME}/StreamDiagnose": lambda r: image_violations(r.diagnosis, limits, "diagnosis."),
+        },
+        interceptors=[
+            AdmissionInterceptor(
+                DIAGNOSIS_METHODS,
+                max_in_flight=settings.max_in_flight,
+                rate=settings.rate_limit,
+                retry_after_s=settings.retry_after_s,
+                cost=_cost,
+            )
+        ],
     )
     return spec, settings
 

@@ -1,13 +1,14 @@
 """CopilotService: the public gRPC edge. Authentication, admission and the protovalidate rules run in the
 shared interceptors before these methods; here the image is checked, the workflow runs, and every diagnosis
 is stored in the incident history (which also makes a Diagnose with a request_id idempotent)."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 from google.rpc import code_pb2
@@ -35,7 +36,6 @@ tracer = trace.get_tracer(__name__)
 DEFAULT_PAGE_SIZE = 20
 
 
-
 def _incident_cursor(token: str) -> tuple[datetime, str] | None:
     """(created_at, request_id) after which a ListIncidents page continues."""
     position = decode_page_token(token, "ListIncidents", 2)
@@ -46,10 +46,15 @@ def _incident_cursor(token: str) -> tuple[datetime, str] | None:
     except (TypeError, ValueError):
         return None
 
+
 def _feedback_pb(f: StoredFeedback) -> copilot_pb2.Feedback:
-    return copilot_pb2.Feedback(helpful=f.helpful, resolution_notes=f.resolution_notes,
-                                helpful_sop_ids=list(f.helpful_sop_ids), principal=f.principal,
-                                submitted_at=convert.timestamp_to_pb(f.submitted_at))
+    return copilot_pb2.Feedback(
+        helpful=f.helpful,
+        resolution_notes=f.resolution_notes,
+        helpful_sop_ids=list(f.helpful_sop_ids),
+        principal=f.principal,
+        submitted_at=convert.timestamp_to_pb(f.submitted_at),
+    )
 
 
 def incident_to_pb(i: StoredIncident, *, full: bool = True) -> copilot_pb2.Incident:
@@ -57,10 +62,19 @@ def incident_to_pb(i: StoredIncident, *, full: bool = True) -> copilot_pb2.Incid
     if not full:
         diagnosis.report.ClearField("rendered_text")
     return copilot_pb2.Incident(
-        request_id=i.request_id, plant_id=i.plant_id, equipment_id=i.equipment_id, equipment_type=i.equipment_type,
-        problem_description=i.problem_description, image_sha256=i.image_sha256, image_mime_type=i.image_mime_type,
-        principal=i.principal, trace_id=i.trace_id, created_at=convert.timestamp_to_pb(i.created_at), diagnosis=diagnosis,
-        feedback=[_feedback_pb(f) for f in i.feedback])
+        request_id=i.request_id,
+        plant_id=i.plant_id,
+        equipment_id=i.equipment_id,
+        equipment_type=i.equipment_type,
+        problem_description=i.problem_description,
+        image_sha256=i.image_sha256,
+        image_mime_type=i.image_mime_type,
+        principal=i.principal,
+        trace_id=i.trace_id,
+        created_at=convert.timestamp_to_pb(i.created_at),
+        diagnosis=diagnosis,
+        feedback=[_feedback_pb(f) for f in i.feedback],
+    )
 
 
 def _principal() -> str:
@@ -73,8 +87,15 @@ def _refusal_code(refused: RequestIdReused | IncidentNotStored) -> grpc.StatusCo
 
 
 class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
-    def __init__(self, workflow: DiagnosisWorkflow, history: IncidentStore, *, image_limits: ImageLimits,
-                 batch_max_items: int = 32, batch_concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        workflow: DiagnosisWorkflow,
+        history: IncidentStore,
+        *,
+        image_limits: ImageLimits,
+        batch_max_items: int = 32,
+        batch_concurrency: int = 4,
+    ) -> None:
         self.workflow = workflow
         self.history = history
         self.image_limits = image_limits
@@ -91,16 +112,18 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
 
     # The request rules, image checks included, ran in the ValidationInterceptor before these methods.
 
-    async def Diagnose(self, request: copilot_pb2.DiagnoseRequest, context: grpc.aio.ServicerContext
-                       ) -> copilot_pb2.DiagnoseResponse:
+    async def Diagnose(
+        self, request: copilot_pb2.DiagnoseRequest, context: grpc.aio.ServicerContext
+    ) -> copilot_pb2.DiagnoseResponse:
         try:
             return await self.recorder.diagnose(request, self._deadline(context), _principal())
         except (RequestIdReused, IncidentNotStored) as refused:
             await context.abort(_refusal_code(refused), str(refused))
             raise
 
-    async def StreamDiagnose(self, request: copilot_pb2.StreamDiagnoseRequest, context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
+    async def StreamDiagnose(
+        self, request: copilot_pb2.StreamDiagnoseRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
         try:
             async for event in self.recorder.events(request.diagnosis, self._deadline(context), _principal()):
                 yield event
@@ -109,8 +132,15 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
 
     async def DiagnoseBatch(self, request: copilot_pb2.DiagnoseBatchRequest, context):
         if len(request.requests) > self.batch_max_items:
-            await abort_invalid(context, [FieldViolation(
-                "requests", f"has {len(request.requests)} items; this server takes at most {self.batch_max_items}")])
+            await abort_invalid(
+                context,
+                [
+                    FieldViolation(
+                        "requests",
+                        f"has {len(request.requests)} items; this server takes at most {self.batch_max_items}",
+                    )
+                ],
+            )
         deadline = self._deadline(context)
         principal = _principal()
         gate = asyncio.Semaphore(self.batch_concurrency)
@@ -119,19 +149,25 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             violations = diagnosis_violations(item, self.image_limits)
             if violations:
                 return copilot_pb2.DiagnoseBatchItem(
-                    index=index, code=code_pb2.INVALID_ARGUMENT, message="invalid request",
-                    field_violations=[copilot_pb2.FieldViolation(field=v.field, description=v.description)
-                                      for v in violations])
+                    index=index,
+                    code=code_pb2.INVALID_ARGUMENT,
+                    message="invalid request",
+                    field_violations=[
+                        copilot_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
+                    ],
+                )
             async with gate:
                 try:
                     response = await self.recorder.diagnose(item, deadline, principal)
                 except (RequestIdReused, IncidentNotStored) as refused:
-                    return copilot_pb2.DiagnoseBatchItem(index=index, code=_refusal_code(refused).value[0],
-                                                         message=str(refused))
-                except Exception as exc:  # noqa: BLE001 - one item's failure stays that item's
+                    return copilot_pb2.DiagnoseBatchItem(
+                        index=index, code=_refusal_code(refused).value[0], message=str(refused)
+                    )
+                except Exception as exc:
                     log.exception("batch item %d failed", index)
-                    return copilot_pb2.DiagnoseBatchItem(index=index, code=code_pb2.INTERNAL,
-                                                         message=f"internal error: {type(exc).__name__}")
+                    return copilot_pb2.DiagnoseBatchItem(
+                        index=index, code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}"
+                    )
             return copilot_pb2.DiagnoseBatchItem(index=index, code=code_pb2.OK, response=response)
 
         items = await asyncio.gather(*(one(i, item) for i, item in enumerate(request.requests)))
@@ -154,24 +190,36 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         for name in ("start_time", "end_time"):
             if request.HasField(name):
                 try:
-                    bounds[name] = getattr(request, name).ToDatetime(timezone.utc)
+                    bounds[name] = getattr(request, name).ToDatetime(UTC)
                 except (ValueError, OverflowError):
                     violations.append(FieldViolation(name, "is outside the timestamps years 1 to 9999 can hold"))
         if violations:
             await abort_invalid(context, violations)
         start, end = bounds.get("start_time"), bounds.get("end_time")
         page, following = await asyncio.to_thread(
-            self.history.list, plant_id=request.plant_id, equipment_id=request.equipment_id, start=start, end=end,
-            limit=request.page_size or DEFAULT_PAGE_SIZE, after=after)
+            self.history.list,
+            plant_id=request.plant_id,
+            equipment_id=request.equipment_id,
+            start=start,
+            end=end,
+            limit=request.page_size or DEFAULT_PAGE_SIZE,
+            after=after,
+        )
         return copilot_pb2.ListIncidentsResponse(
             incidents=[incident_to_pb(i, full=False) for i in page],
             next_page_token=encode_page_token("ListIncidents", as_utc(following[0]).isoformat(), following[1])
-            if following else "")
+            if following
+            else "",
+        )
 
     async def SubmitFeedback(self, request: copilot_pb2.SubmitFeedbackRequest, context):
-        feedback = StoredFeedback(helpful=request.helpful, resolution_notes=request.resolution_notes,
-                                  helpful_sop_ids=tuple(dict.fromkeys(request.helpful_sop_ids)),
-                                  principal=_principal(), submitted_at=utc_now())
+        feedback = StoredFeedback(
+            helpful=request.helpful,
+            resolution_notes=request.resolution_notes,
+            helpful_sop_ids=tuple(dict.fromkeys(request.helpful_sop_ids)),
+            principal=_principal(),
+            submitted_at=utc_now(),
+        )
         if not await asyncio.to_thread(self.history.add_feedback, request.request_id, feedback):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
         return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(feedback))

@@ -6,6 +6,7 @@ a failed or late agent marks its stage degraded and the workflow goes on with th
 `events()` streams StageStarted / StageFinished (with the stage's partial result) through LangGraph's custom
 stream, then the Diagnosis; `run()` is the same stream consumed to its end. Cancelling the consumer cancels
 the agent calls in flight."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,9 @@ import logging
 import operator
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, AsyncIterator, Awaitable, Callable, Sequence, TypedDict
+from typing import Annotated, TypedDict
 
 import grpc
 from langchain_core.runnables import RunnableConfig
@@ -47,6 +49,7 @@ from services.orchestrator.decisions import (
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
 
 @dataclass(frozen=True)
 class StageStarted:
@@ -101,8 +104,14 @@ def _describe_error(exc: BaseException) -> str:
 
 
 class DiagnosisWorkflow:
-    def __init__(self, clients: AgentClients, timeouts: StageTimeouts | None = None, *, parallel: bool = False,
-                 related_incidents: RelatedIncidents | None = None) -> None:
+    def __init__(
+        self,
+        clients: AgentClients,
+        timeouts: StageTimeouts | None = None,
+        *,
+        parallel: bool = False,
+        related_incidents: RelatedIncidents | None = None,
+    ) -> None:
         self.clients = clients
         self.timeouts = timeouts or StageTimeouts()
         self.parallel = parallel
@@ -147,20 +156,25 @@ class DiagnosisWorkflow:
         emit = get_stream_writer()
         emit(StageStarted(state["request_id"], stage))
         with tracer.start_as_current_span(f"workflow.{stage.value}") as span:
-            span.set_attributes({"app.stage": stage.value, "app.request_id": state["request_id"],
-                                 "app.timeout_s": round(timeout, 3)})
+            span.set_attributes(
+                {"app.stage": stage.value, "app.request_id": state["request_id"], "app.timeout_s": round(timeout, 3)}
+            )
             result, confidence, outcome, error = None, None, StageState.OK, ""
             try:
                 if timeout <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 result = await call(timeout)
                 confidence, attributes = describe(result)
                 span.set_attributes(attributes)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 outcome, error = StageState.DEGRADED, _describe_error(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error))
-                log.warning("stage %s degraded: %s", stage.value, error,
-                            extra={"stage": stage.value, "request_id": state["request_id"]})
+                log.warning(
+                    "stage %s degraded: %s",
+                    stage.value,
+                    error,
+                    extra={"stage": stage.value, "request_id": state["request_id"]},
+                )
             span.set_attribute("app.stage.state", outcome.value)
             if confidence is not None:
                 span.set_attribute("app.confidence", confidence)
@@ -178,10 +192,16 @@ class DiagnosisWorkflow:
     async def _vision(self, state: DiagnosisState) -> dict:
         req = state["input"]
         findings, status = await self._call(
-            Stage.VISION, state, self.timeouts.vision,
-            lambda t: self.clients.analyze_image(req.image_data, req.image_mime_type, req.image_id, req.equipment_id,
-                                                req.equipment_type, t),
-            lambda f: (f.confidence, {"app.defect_count": len(f.defects), "app.defect_types": [d.type for d in f.defects]}),
+            Stage.VISION,
+            state,
+            self.timeouts.vision,
+            lambda t: self.clients.analyze_image(
+                req.image_data, req.image_mime_type, req.image_id, req.equipment_id, req.equipment_type, t
+            ),
+            lambda f: (
+                f.confidence,
+                {"app.defect_count": len(f.defects), "app.defect_types": [d.type for d in f.defects]},
+            ),
         )
         return {"vision": findings, "stages": [status]}
 
@@ -189,23 +209,34 @@ class DiagnosisWorkflow:
         req = state["input"]
         defects = state["vision"].defects if state.get("vision") else ()
         guidance, status = await self._call(
-            Stage.KNOWLEDGE, state, self.timeouts.knowledge,
-            lambda t: self.clients.advise(req.problem_description, defects, req.plant_id, req.equipment_id,
-                                          req.equipment_type, t),
-            lambda g: (g.confidence, {"app.sop_ids": sorted({c.sop_id for c in g.citations}),
-                                      "app.step_count": len(g.steps), "app.fallback": g.fallback}),
+            Stage.KNOWLEDGE,
+            state,
+            self.timeouts.knowledge,
+            lambda t: self.clients.advise(
+                req.problem_description, defects, req.plant_id, req.equipment_id, req.equipment_type, t
+            ),
+            lambda g: (
+                g.confidence,
+                {
+                    "app.sop_ids": sorted({c.sop_id for c in g.citations}),
+                    "app.step_count": len(g.steps),
+                    "app.fallback": g.fallback,
+                },
+            ),
         )
         return {"guidance": guidance or FALLBACK_GUIDANCE, "stages": [status]}
 
-    async def _related(self, request: DiagnosisInput, request_id: str, deadline: float | None
-                       ) -> tuple[PastIncident, ...]:
+    async def _related(
+        self, request: DiagnosisInput, request_id: str, deadline: float | None
+    ) -> tuple[PastIncident, ...]:
         """Earlier incidents on the same equipment (at most 1 s); a history failure never fails the diagnosis."""
         budget = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         try:
             with tracer.start_as_current_span("workflow.history"):
-                return tuple(await asyncio.wait_for(self.related_incidents(request, request_id),
-                                                    timeout=max(0.05, budget)))
-        except Exception as exc:  # noqa: BLE001
+                return tuple(
+                    await asyncio.wait_for(self.related_incidents(request, request_id), timeout=max(0.05, budget))
+                )
+        except Exception as exc:
             log.warning("incident history lookup failed: %s", _describe_error(exc))
             return ()
 
@@ -219,37 +250,71 @@ class DiagnosisWorkflow:
         guidance = state.get("guidance") or FALLBACK_GUIDANCE
         notes = tuple(f"{s.stage.value} stage degraded ({s.error})" for s in stages if s.state is StageState.DEGRADED)
         inputs = ReportInputs(
-            request_id=state["request_id"], plant_id=req.plant_id, equipment_id=req.equipment_id,
-            problem_description=req.problem_description, defects=vision.defects if vision else (),
-            guidance=guidance.steps, citations=guidance.citations, safety_notes=guidance.safety_notes,
-            confidence_score=confidence, requires_manual_review=manual, stage_notes=notes,
+            request_id=state["request_id"],
+            plant_id=req.plant_id,
+            equipment_id=req.equipment_id,
+            problem_description=req.problem_description,
+            defects=vision.defects if vision else (),
+            guidance=guidance.steps,
+            citations=guidance.citations,
+            safety_notes=guidance.safety_notes,
+            confidence_score=confidence,
+            requires_manual_review=manual,
+            stage_notes=notes,
             image_analyzed=vision is not None,
             related_incidents=await related if related is not None else (),
         )
         report, status = await self._call(
-            Stage.REPORT, state, self.timeouts.report,
+            Stage.REPORT,
+            state,
+            self.timeouts.report,
             lambda t: self.clients.compose_report(inputs, t),
-            lambda r: (None, {"app.sop_ids": list(r.referenced_sop_ids), "app.overall_confidence": confidence,
-                              "app.requires_manual_review": manual}),
+            lambda r: (
+                None,
+                {
+                    "app.sop_ids": list(r.referenced_sop_ids),
+                    "app.overall_confidence": confidence,
+                    "app.requires_manual_review": manual,
+                },
+            ),
         )
-        return {"report": report or fallback_report(inputs), "confidence": confidence,
-                "requires_manual_review": manual, "stages": [status]}
+        return {
+            "report": report or fallback_report(inputs),
+            "confidence": confidence,
+            "requires_manual_review": manual,
+            "stages": [status],
+        }
 
     # --- entry ----------------------------------------------------------------------------------
 
-    async def events(self, request: DiagnosisInput, *, deadline: float | None = None,
-                     request_id: str | None = None) -> AsyncIterator[WorkflowEvent]:
+    async def events(
+        self, request: DiagnosisInput, *, deadline: float | None = None, request_id: str | None = None
+    ) -> AsyncIterator[WorkflowEvent]:
         """StageStarted / StageFinished events as the stages run, then the Diagnosis (always last)."""
         request_id = request_id or str(uuid.uuid4())
         with tracer.start_as_current_span("workflow.diagnose") as span:
-            span.set_attributes({"app.request_id": request_id, "app.plant_id": request.plant_id,
-                                 "app.equipment_id": request.equipment_id, "app.has_image": bool(request.image_data),
-                                 "app.parallel": self.parallel})
+            span.set_attributes(
+                {
+                    "app.request_id": request_id,
+                    "app.plant_id": request.plant_id,
+                    "app.equipment_id": request.equipment_id,
+                    "app.has_image": bool(request.image_data),
+                    "app.parallel": self.parallel,
+                }
+            )
             # the history lookup runs while the agents work; the report node awaits it
-            related = (asyncio.ensure_future(self._related(request, request_id, deadline))
-                       if self.related_incidents is not None else None)
-            initial: DiagnosisState = {"request_id": request_id, "input": request, "deadline": deadline,
-                                       "vision": None, "stages": []}
+            related = (
+                asyncio.ensure_future(self._related(request, request_id, deadline))
+                if self.related_incidents is not None
+                else None
+            )
+            initial: DiagnosisState = {
+                "request_id": request_id,
+                "input": request,
+                "deadline": deadline,
+                "vision": None,
+                "stages": [],
+            }
             final: DiagnosisState = initial
             config: RunnableConfig = {"configurable": {RELATED: related}}
             try:
@@ -263,8 +328,9 @@ class DiagnosisWorkflow:
                     related.cancel()
             yield self._finish(final, request_id, span)
 
-    async def run(self, request: DiagnosisInput, *, deadline: float | None = None,
-                  request_id: str | None = None) -> Diagnosis:
+    async def run(
+        self, request: DiagnosisInput, *, deadline: float | None = None, request_id: str | None = None
+    ) -> Diagnosis:
         diagnosis = None
         async for event in self.events(request, deadline=deadline, request_id=request_id):
             diagnosis = event
@@ -283,18 +349,23 @@ class DiagnosisWorkflow:
         meters.diagnosis_confidence.record(final["confidence"])
         if final["requires_manual_review"]:
             meters.escalations.add(1)
-        span.set_attributes({
-            "app.confidence": final["confidence"],
-            "app.requires_manual_review": final["requires_manual_review"],
-            "app.escalation_reasons": [r.value for r in reasons],
-            "app.sop_ids": list(final["report"].referenced_sop_ids),
-            "app.defect_count": len(final["report"].defects),
-            "app.degraded_stages": [s.stage.value for s in ordered if s.state is StageState.DEGRADED],
-        })
+        span.set_attributes(
+            {
+                "app.confidence": final["confidence"],
+                "app.requires_manual_review": final["requires_manual_review"],
+                "app.escalation_reasons": [r.value for r in reasons],
+                "app.sop_ids": list(final["report"].referenced_sop_ids),
+                "app.defect_count": len(final["report"].defects),
+                "app.degraded_stages": [s.stage.value for s in ordered if s.state is StageState.DEGRADED],
+            }
+        )
         return Diagnosis(
-            request_id=request_id, report=final["report"], confidence_score=final["confidence"],
-            requires_manual_review=final["requires_manual_review"], stages=ordered,
-            safety_disclaimer=SAFETY_DISCLAIMER, escalation_reasons=reasons,
+            request_id=request_id,
+            report=final["report"],
+            confidence_score=final["confidence"],
+            requires_manual_review=final["requires_manual_review"],
+            stages=ordered,
+            safety_disclaimer=SAFETY_DISCLAIMER,
+            escalation_reasons=reasons,
             trace_id=format(span.get_span_context().trace_id, "032x"),
         )
-

@@ -23,8 +23,9 @@ def _coverage(words: set[str], chunk: SopChunk) -> float:
     return len(words & content_words(chunk.text)) / len(words) if words else 0.0
 
 
-def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0.4,
-           attributed_overlap: float = 0.75) -> Verified:
+def verify(
+    draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0.4, attributed_overlap: float = 0.75
+) -> Verified:
     """Check every step against what was retrieved.
 
     A citation is kept only if that document was retrieved and the step's words appear in what was retrieved
@@ -57,6 +58,7 @@ def verify(draft: Draft, retrieved: Sequence[SopChunk], cited_overlap: float = 0
         kept = list(dict.fromkeys(kept))
         if not kept:
             unsupported += 1
-        steps.append(GuidanceStep(step.text, tuple(i for i, _ in kept), tuple(s for _, s in kept),
-                                  unsupported=not kept))
+        steps.append(
+            GuidanceStep(step.text, tuple(i for i, _ in kept), tuple(s for _, s in kept), unsupported=not kept)
+        )
     return Verified(tuple(steps), removed, unsupported)

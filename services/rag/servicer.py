@@ -1,11 +1,11 @@
 """KnowledgeService: a thin gRPC adapter over the knowledge core."""
+
 from __future__ import annotations
 
 import asyncio
 
 import grpc
 from google.protobuf import timestamp_pb2
-
 from opentelemetry import trace
 
 from copilot.domain import FieldViolation
@@ -28,18 +28,29 @@ _FORMATS = {
     knowledge_pb2.DOCUMENT_FORMAT_PDF: DocumentFormat.PDF,
 }
 _FORMATS_PB = {v: k for k, v in _FORMATS.items()}
-_OUTCOMES = {"created": knowledge_pb2.INGEST_OUTCOME_CREATED, "replaced": knowledge_pb2.INGEST_OUTCOME_REPLACED,
-             "unchanged": knowledge_pb2.INGEST_OUTCOME_UNCHANGED}
+_OUTCOMES = {
+    "created": knowledge_pb2.INGEST_OUTCOME_CREATED,
+    "replaced": knowledge_pb2.INGEST_OUTCOME_REPLACED,
+    "unchanged": knowledge_pb2.INGEST_OUTCOME_UNCHANGED,
+}
 
 
 def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
     ingested = timestamp_pb2.Timestamp()
     ingested.FromDatetime(doc.ingested_at)
     return knowledge_pb2.Document(
-        document_id=doc.document_id, title=doc.title, version=doc.version, equipment_types=list(doc.equipment_types),
-        plant_ids=list(doc.plant_ids), format=_FORMATS_PB[doc.format], filename=doc.filename,
-        chunk_count=doc.chunk_count, sections=list(doc.sections), content_hash=doc.content_hash,
-        size_bytes=doc.size_bytes, ingested_at=ingested,
+        document_id=doc.document_id,
+        title=doc.title,
+        version=doc.version,
+        equipment_types=list(doc.equipment_types),
+        plant_ids=list(doc.plant_ids),
+        format=_FORMATS_PB[doc.format],
+        filename=doc.filename,
+        chunk_count=doc.chunk_count,
+        sections=list(doc.sections),
+        content_hash=doc.content_hash,
+        size_bytes=doc.size_bytes,
+        ingested_at=ingested,
     )
 
 
@@ -64,10 +75,16 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
     async def Retrieve(self, request: knowledge_pb2.RetrieveRequest, context) -> knowledge_pb2.RetrieveResponse:
         knowledge = await self._ready(context)
         with tracer.start_as_current_span("knowledge.retrieve") as span:
-            chunks = await asyncio.to_thread(knowledge.retrieve, request.query, request.top_k or None,
-                                             request.equipment_type, request.plant_id)
-            span.set_attributes({"app.retrieval.k": len(chunks), "app.sop_ids": [c.sop_id for c in chunks],
-                                 "app.retrieval.scores": [c.score for c in chunks]})
+            chunks = await asyncio.to_thread(
+                knowledge.retrieve, request.query, request.top_k or None, request.equipment_type, request.plant_id
+            )
+            span.set_attributes(
+                {
+                    "app.retrieval.k": len(chunks),
+                    "app.sop_ids": [c.sop_id for c in chunks],
+                    "app.retrieval.scores": [c.score for c in chunks],
+                }
+            )
             _record_retrieval(len(chunks), [c.score for c in chunks], fallback=None)
             return knowledge_pb2.RetrieveResponse(chunks=[convert.chunk_to_pb(c) for c in chunks])
 
@@ -75,11 +92,16 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         defects = [convert.defect_from_pb(d) for d in request.defects]
         with tracer.start_as_current_span("knowledge.advise") as span:
-            span.set_attributes({"app.stage": "knowledge", "app.equipment_id": request.equipment_id,
-                                 "app.defect_count": len(defects)})
+            span.set_attributes(
+                {"app.stage": "knowledge", "app.equipment_id": request.equipment_id, "app.defect_count": len(defects)}
+            )
             guidance = await asyncio.to_thread(
-                knowledge.advise, request.problem_description, defects, request.top_k or None,
-                request.equipment_type, request.plant_id,
+                knowledge.advise,
+                request.problem_description,
+                defects,
+                request.top_k or None,
+                request.equipment_type,
+                request.plant_id,
             )
             meters = copilot_metrics()
             if guidance.citations_removed:
@@ -87,15 +109,17 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             if guidance.unsupported_steps and not guidance.fallback:
                 meters.unsupported_steps.add(guidance.unsupported_steps, {"generator": guidance.generator})
             _record_retrieval(len(guidance.citations), [c.score for c in guidance.citations], guidance.fallback)
-            span.set_attributes({
-                "app.sop_ids": sorted({c.sop_id for c in guidance.citations}),
-                "app.step_count": len(guidance.steps),
-                "app.confidence": guidance.confidence,
-                "app.fallback": guidance.fallback,
-                "app.generator": guidance.generator,
-                "app.citations_removed": guidance.citations_removed,
-                "app.cached": guidance.cached,
-            })
+            span.set_attributes(
+                {
+                    "app.sop_ids": sorted({c.sop_id for c in guidance.citations}),
+                    "app.step_count": len(guidance.steps),
+                    "app.confidence": guidance.confidence,
+                    "app.fallback": guidance.fallback,
+                    "app.generator": guidance.generator,
+                    "app.citations_removed": guidance.citations_removed,
+                    "app.cached": guidance.cached,
+                }
+            )
             return convert.guidance_to_pb(guidance)
 
     # --- documents ------------------------------------------------------------------------------
@@ -121,9 +145,15 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             parts.append(message.content)
         if metadata is None:
             await abort_invalid(context, [FieldViolation("metadata", "is required (the stream was empty)")])
-        meta = DocumentMeta(document_id=metadata.document_id, title=metadata.title, version=metadata.version,
-                            equipment_types=tuple(metadata.equipment_types), plant_ids=tuple(metadata.plant_ids),
-                            format=_FORMATS.get(metadata.format), filename=metadata.filename[:255])
+        meta = DocumentMeta(
+            document_id=metadata.document_id,
+            title=metadata.title,
+            version=metadata.version,
+            equipment_types=tuple(metadata.equipment_types),
+            plant_ids=tuple(metadata.plant_ids),
+            format=_FORMATS.get(metadata.format),
+            filename=metadata.filename[:255],
+        )
         with tracer.start_as_current_span("knowledge.ingest") as span:
             span.set_attributes({"app.document_id": metadata.document_id, "app.document_bytes": size})
             try:
@@ -132,11 +162,19 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                 copilot_metrics().documents_ingested.add(1, {"outcome": "rejected"})
                 await abort_invalid(context, exc.violations)
             copilot_metrics().documents_ingested.add(1, {"outcome": result.outcome})
-            span.set_attributes({"app.document_id": result.document.document_id, "app.ingest.outcome": result.outcome,
-                                 "app.ingest.chunks_written": result.chunks_written})
+            span.set_attributes(
+                {
+                    "app.document_id": result.document.document_id,
+                    "app.ingest.outcome": result.outcome,
+                    "app.ingest.chunks_written": result.chunks_written,
+                }
+            )
         return knowledge_pb2.IngestDocumentResponse(
-            document=document_to_pb(result.document), outcome=_OUTCOMES[result.outcome],
-            chunks_written=result.chunks_written, chunks_removed=result.chunks_removed)
+            document=document_to_pb(result.document),
+            outcome=_OUTCOMES[result.outcome],
+            chunks_written=result.chunks_written,
+            chunks_removed=result.chunks_removed,
+        )
 
     async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
         after = ""
@@ -151,8 +189,10 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         page = remaining[: request.page_size or DEFAULT_PAGE_SIZE]
         more = len(remaining) > len(page)
         return knowledge_pb2.ListDocumentsResponse(
-            documents=[document_to_pb(d) for d in page], total_size=len(documents),
-            next_page_token=encode_page_token("ListDocuments", page[-1].document_id) if more else "")
+            documents=[document_to_pb(d) for d in page],
+            total_size=len(documents),
+            next_page_token=encode_page_token("ListDocuments", page[-1].document_id) if more else "",
+        )
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
         knowledge = await self._ready(context)
@@ -160,8 +200,9 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         if doc is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
         chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id, doc.version)
-        return knowledge_pb2.GetDocumentResponse(document=document_to_pb(doc),
-                                                 chunks=[convert.chunk_to_pb(c) for c in chunks])
+        return knowledge_pb2.GetDocumentResponse(
+            document=document_to_pb(doc), chunks=[convert.chunk_to_pb(c) for c in chunks]
+        )
 
     async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context):
         knowledge = await self._ready(context)

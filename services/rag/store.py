@@ -6,16 +6,17 @@ sees either all of the old version or all of the new one, never half of each, an
 store as it was. The same holds with several knowledge replicas on one Chroma server, since the catalog lives
 in Chroma too.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from copilot.domain import SopChunk
 from services.rag.corpus import Chunk, DocumentFormat, SopDocument
@@ -76,7 +77,8 @@ def open_client(persist_path: Path | None = None, host: str | None = None, port:
     except Exception as exc:  # chromadb raises its own InternalError for a damaged file
         raise StoreUnreadable(
             f"the Chroma store at {persist_path} cannot be opened ({type(exc).__name__}: {exc}); refusing to serve "
-            "from it: restore it from a backup, or move it away to start again from the shipped library") from exc
+            "from it: restore it from a backup, or move it away to start again from the shipped library"
+        ) from exc
 
 
 class StoreUnreadable(RuntimeError):
@@ -86,8 +88,9 @@ class StoreUnreadable(RuntimeError):
 def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:
     clauses = []
     if equipment_type:
-        clauses.append({"$or": [{"equipment_types": {"$contains": equipment_type}},
-                                {"equipment_types": {"$contains": ANY}}]})
+        clauses.append(
+            {"$or": [{"equipment_types": {"$contains": equipment_type}}, {"equipment_types": {"$contains": ANY}}]}
+        )
     if plant_id:
         clauses.append({"$or": [{"plant_ids": {"$contains": plant_id}}, {"plant_ids": {"$contains": ANY}}]})
     if not clauses:
@@ -108,7 +111,7 @@ def _stored(record_id: str, meta: dict) -> StoredDocument:
         sections=tuple(s for s in meta.get("sections", "").split("\n") if s),
         content_hash=meta["content_hash"],
         size_bytes=int(meta.get("size_bytes", 0)),
-        ingested_at=datetime.fromtimestamp(float(meta.get("ingested_at", 0)), timezone.utc),
+        ingested_at=datetime.fromtimestamp(float(meta.get("ingested_at", 0)), UTC),
     )
 
 
@@ -116,8 +119,9 @@ class DocumentStore:
     def __init__(self, client) -> None:
         self.client = client
         # Embeddings are computed by the caller; Chroma's own (downloading) embedder is never used.
-        self.chunks = client.get_or_create_collection(CHUNKS, embedding_function=None,
-                                                      metadata={"hnsw:space": "cosine"})
+        self.chunks = client.get_or_create_collection(
+            CHUNKS, embedding_function=None, metadata={"hnsw:space": "cosine"}
+        )
         # Chroma stores records with vectors; the catalog's is a constant placeholder nobody queries by.
         self.catalog = client.get_or_create_collection(CATALOG, embedding_function=None)
         self._write_lock = threading.Lock()  # one writer per process; Chroma serialises across processes
@@ -130,13 +134,15 @@ class DocumentStore:
 
     def list(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
         found = self.catalog.get(where=_scope_where(equipment_type, plant_id), include=["metadatas"])
-        return sorted((_stored(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda d: d.document_id)
+        return sorted(
+            (_stored(i, m) for i, m in zip(found["ids"], found["metadatas"], strict=True)), key=lambda d: d.document_id
+        )
 
     def live_versions(self, document_ids: Sequence[str]) -> dict[str, str]:
         if not document_ids:
             return {}
         found = self.catalog.get(ids=list(dict.fromkeys(document_ids)), include=["metadatas"])
-        return {i: m["version"] for i, m in zip(found["ids"], found["metadatas"])}
+        return {i: m["version"] for i, m in zip(found["ids"], found["metadatas"], strict=True)}
 
     def chunk_count(self) -> int:
         return self.chunks.count()
@@ -148,9 +154,12 @@ class DocumentStore:
             if doc is None:
                 return []
             version = doc.version
-        found = self.chunks.get(where={"$and": [{"sop_id": document_id}, {"version": version}]},
-                                include=["documents", "metadatas"])
-        chunks = [_chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"])]
+        found = self.chunks.get(
+            where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
+        )
+        chunks = [
+            _chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
+        ]
         return sorted(chunks, key=lambda c: c.position)
 
     # --- writes ---------------------------------------------------------------------------------
@@ -164,7 +173,8 @@ class DocumentStore:
                     return IngestResult(current, "unchanged", 0, 0)
                 raise VersionConflict(
                     f"{doc.document_id} version {doc.version} is already loaded with different content; "
-                    "give the new content a new version")
+                    "give the new content a new version"
+                )
             new_ids = [c.chunk_id for c in chunks]
             scope_types = list(doc.equipment_types) or [ANY]
             scope_plants = list(doc.plant_ids) or [ANY]
@@ -176,18 +186,34 @@ class DocumentStore:
                         ids=new_ids[part],
                         embeddings=[list(e) for e in embeddings[part]],
                         documents=[c.text for c in chunks[part]],
-                        metadatas=[{"sop_id": c.document_id, "version": c.version, "title": c.title, "section": c.section,
-                                    "position": c.position, "equipment_types": scope_types, "plant_ids": scope_plants}
-                                   for c in chunks[part]],
+                        metadatas=[
+                            {
+                                "sop_id": c.document_id,
+                                "version": c.version,
+                                "title": c.title,
+                                "section": c.section,
+                                "position": c.position,
+                                "equipment_types": scope_types,
+                                "plant_ids": scope_plants,
+                            }
+                            for c in chunks[part]
+                        ],
                     )
             except Exception:
                 self._delete_quietly(new_ids)  # leave the store exactly as before
                 raise
             record = {
-                "title": doc.title, "version": doc.version, "equipment_types": scope_types, "plant_ids": scope_plants,
-                "format": doc.format.value, "filename": doc.filename, "chunk_count": len(chunks),
+                "title": doc.title,
+                "version": doc.version,
+                "equipment_types": scope_types,
+                "plant_ids": scope_plants,
+                "format": doc.format.value,
+                "filename": doc.filename,
+                "chunk_count": len(chunks),
                 "sections": "\n".join(dict.fromkeys(s.heading for s in doc.sections)),
-                "content_hash": doc.content_hash, "size_bytes": doc.size_bytes, "ingested_at": time.time(),
+                "content_hash": doc.content_hash,
+                "size_bytes": doc.size_bytes,
+                "ingested_at": time.time(),
             }
             try:
                 self.catalog.upsert(ids=[doc.document_id], embeddings=[[1.0]], metadatas=[record])  # the switch
@@ -198,7 +224,9 @@ class DocumentStore:
             if current is not None:
                 removed = self._delete_version_chunks(doc.document_id, keep_version=doc.version)
             log.info("ingested %s v%s (%d chunks, %d removed)", doc.document_id, doc.version, len(chunks), removed)
-            return IngestResult(_stored(doc.document_id, record), "replaced" if current else "created", len(chunks), removed)
+            return IngestResult(
+                _stored(doc.document_id, record), "replaced" if current else "created", len(chunks), removed
+            )
 
     def delete(self, document_id: str) -> int | None:
         """Remove a document; None when it was not loaded. The catalog goes first, so queries stop at once."""
@@ -228,27 +256,51 @@ class DocumentStore:
 
     def query(self, embedding: Sequence[float], k: int, equipment_type: str = "", plant_id: str = "") -> list[SopChunk]:
         """The k nearest chunks of live document versions, cosine similarity as score."""
-        result = self.chunks.query(query_embeddings=[list(embedding)], n_results=k,
-                                   where=_scope_where(equipment_type, plant_id),
-                                   include=["documents", "metadatas", "distances"])
-        return [_chunk(i, t, m, max(0.0, 1.0 - float(d))) for i, t, m, d in
-                zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0])]
+        result = self.chunks.query(
+            query_embeddings=[list(embedding)],
+            n_results=k,
+            where=_scope_where(equipment_type, plant_id),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            _chunk(i, t, m, max(0.0, 1.0 - float(d)))
+            for i, t, m, d in zip(
+                result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
+            )
+        ]
 
-    def lexical(self, terms: Sequence[str], limit: int, equipment_type: str = "",
-                plant_id: str = "") -> list[tuple[SopChunk, list[float]]]:
+    def lexical(
+        self, terms: Sequence[str], limit: int, equipment_type: str = "", plant_id: str = ""
+    ) -> list[tuple[SopChunk, list[float]]]:
         """Chunks containing any of the exact terms (as written, upper or lower case), with their vectors."""
         variants = list(dict.fromkeys(v for t in terms for v in (t, t.upper(), t.lower())))
         if not variants:
             return []
-        where_document = ({"$contains": variants[0]} if len(variants) == 1
-                          else {"$or": [{"$contains": v} for v in variants]})
-        found = self.chunks.get(where=_scope_where(equipment_type, plant_id), where_document=where_document,
-                                limit=limit, include=["documents", "metadatas", "embeddings"])
-        return [(_chunk(i, t, m, 0.0), list(e)) for i, t, m, e in
-                zip(found["ids"], found["documents"], found["metadatas"], found["embeddings"])]
+        where_document = (
+            {"$contains": variants[0]} if len(variants) == 1 else {"$or": [{"$contains": v} for v in variants]}
+        )
+        found = self.chunks.get(
+            where=_scope_where(equipment_type, plant_id),
+            where_document=where_document,
+            limit=limit,
+            include=["documents", "metadatas", "embeddings"],
+        )
+        return [
+            (_chunk(i, t, m, 0.0), list(e))
+            for i, t, m, e in zip(
+                found["ids"], found["documents"], found["metadatas"], found["embeddings"], strict=True
+            )
+        ]
 
 
 def _chunk(chunk_id: str, text: str, meta: dict, score: float) -> SopChunk:
-    return SopChunk(chunk_id=chunk_id, sop_id=meta["sop_id"], title=meta["title"], section=meta["section"],
-                    text=text, score=round(score, 4), version=meta.get("version", ""),
-                    position=int(meta.get("position", 0)))
+    return SopChunk(
+        chunk_id=chunk_id,
+        sop_id=meta["sop_id"],
+        title=meta["title"],
+        section=meta["section"],
+        text=text,
+        score=round(score, 4),
+        version=meta.get("version", ""),
+        position=int(meta.get("position", 0)),
+    )

@@ -1,4 +1,5 @@
 """Report service process: settings and wiring."""
+
 from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict

@@ -5,6 +5,7 @@ PatchCore-style patch features (see `patchcore.py`), localises the anomalous reg
 each region's defect type from labelled reference examples. Unknown equipment types are scored against the
 generic set (all types' references) with lower confidence.
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,7 +25,6 @@ MODEL_NAME = "patchcore/efficientnet-lite0"
 
 if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
     from services.vision.patchcore import DefectTyper, MemoryBank
-
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
@@ -57,8 +57,8 @@ class EngineTuning:
 class TypeModel:
     """Everything needed to score one equipment type: its memory bank and its defect typer."""
 
-    bank: "MemoryBank"
-    typer: "DefectTyper"
+    bank: MemoryBank
+    typer: DefectTyper
     good_images: int
     labelled_images: int
 
@@ -100,9 +100,9 @@ class VisionEngine:
     def _feature_maps(self, refs) -> None:
         missing = [r for r in refs if r.reference_id not in self._features]
         for start in range(0, len(missing), 16):
-            batch = missing[start:start + 16]
+            batch = missing[start : start + 16]
             maps = self.extractor.patch_features([decode_image(self.store.read(r), self.limits) for r in batch])
-            for ref, fmap in zip(batch, maps):
+            for ref, fmap in zip(batch, maps, strict=True):
                 self._features[ref.reference_id] = fmap
 
     def _build(self, refs) -> TypeModel | None:
@@ -151,8 +151,9 @@ class VisionEngine:
     def register(self, equipment_type: str, label: str, data: bytes):
         for field_name, value, pattern in (("equipment_type", equipment_type, EQUIPMENT_TYPE), ("label", label, LABEL)):
             if not pattern.fullmatch(value) or value == GENERIC:
-                raise ImageRejected(FieldViolation(field_name, f"must be kebab-case, 2-40 characters, not '{GENERIC}'"
-                                                               f" (got {value!r})"))
+                raise ImageRejected(
+                    FieldViolation(field_name, f"must be kebab-case, 2-40 characters, not '{GENERIC}' (got {value!r})")
+                )
         image = decode_image(data, self.limits)
         ref, created = self.store.add(equipment_type, label, data, *image.size)
         if created:
@@ -185,8 +186,9 @@ class VisionEngine:
         """One forward pass for a batch of decoded images (what the dynamic batcher calls)."""
         return list(self.extractor.patch_features(images))
 
-    def score(self, image: Image.Image, feature_map, equipment_type: str = "",
-              include_heatmap: bool = False) -> VisionFindings:
+    def score(
+        self, image: Image.Image, feature_map, equipment_type: str = "", include_heatmap: bool = False
+    ) -> VisionFindings:
         from services.vision.patchcore import heatmap_png, regions
 
         models = self._models
@@ -205,14 +207,18 @@ class VisionEngine:
                 label, type_confidence = model.typer.classify(region.feature)
                 strength = _sigmoid((region.score - bank.threshold) / (0.1 * bank.threshold))
                 box = BoundingBox(*(round(v, 4) for v in region.box))
-                defects.append(Defect(
-                    type=label,
-                    confidence=round(factor * (0.5 * strength + 0.5 * type_confidence), 4),
-                    description=(f"{label.replace('-', ' ').capitalize()} at x {box.x_min:.2f}-{box.x_max:.2f}, "
-                                 f"y {box.y_min:.2f}-{box.y_max:.2f} ({region.area:.1%} of the image, "
-                                 f"anomaly {region.score / bank.threshold:.2f}x threshold)."),
-                    box=box,
-                ))
+                defects.append(
+                    Defect(
+                        type=label,
+                        confidence=round(factor * (0.5 * strength + 0.5 * type_confidence), 4),
+                        description=(
+                            f"{label.replace('-', ' ').capitalize()} at x {box.x_min:.2f}-{box.x_max:.2f}, "
+                            f"y {box.y_min:.2f}-{box.y_max:.2f} ({region.area:.1%} of the image, "
+                            f"anomaly {region.score / bank.threshold:.2f}x threshold)."
+                        ),
+                        box=box,
+                    )
+                )
         if defects:
             confidence = sum(d.confidence for d in defects) / len(defects)
             names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in defects)
@@ -221,8 +227,13 @@ class VisionEngine:
             confidence = factor * (1.0 - anomaly)
             description = f"No defect: the surface matches the {reference_set} good references."
         return VisionFindings(
-            defects=tuple(defects), confidence=round(confidence, 4), anomaly_score=round(anomaly, 4),
-            description=description, model=self.model, width=image.size[0], height=image.size[1],
+            defects=tuple(defects),
+            confidence=round(confidence, 4),
+            anomaly_score=round(anomaly, 4),
+            description=description,
+            model=self.model,
+            width=image.size[0],
+            height=image.size[1],
             heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
             reference_set=reference_set,
         )

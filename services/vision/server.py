@@ -1,4 +1,5 @@
 """Vision service process: settings and wiring."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,13 +7,13 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
-from copilot.runtime.hosted import HostedModelSettings
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.auth import AccessPolicy, Role
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
+from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import vision_pb2_grpc
 from services.vision.core import EngineTuning, ImageLimits
@@ -34,14 +35,21 @@ class VisionSettings(ServerSettings, HostedModelSettings):
     reference_dir: Path = Field(default_factory=lambda: data_dir() / "vision-references")
     image_size: int = Field(256, ge=64, le=1024)
     coreset_ratio: float = Field(0.1, gt=0, le=1)
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = 1 without batching (concurrent requests "
-                                               "use the cores; measured +40 % images/s at 16 clients on 2 cores), "
-                                               "the CPUs this process may use with batching")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads; 0 = 1 without batching (concurrent requests "
+        "use the cores; measured +40 % images/s at 16 clients on 2 cores), "
+        "the CPUs this process may use with batching",
+    )
     # A store shared by several replicas (one host, or a ReadWriteMany volume): how often to pick up what the
     # others registered or deleted; 0 = never (a store of its own).
     reference_sync_s: float = Field(2.0, ge=0)
-    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
-                        description="where the backbone runs: cpu (default, tested), cuda, cuda:N, auto")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+        description="where the backbone runs: cpu (default, tested), cuda, cuda:N, auto",
+    )
     batching: bool = False  # measured on this 2-core CPU: 0.77-0.84x throughput (copilot bench --suite vision)
     batch_max_size: int = Field(8, ge=1, le=128)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
@@ -56,29 +64,37 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
 
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     if settings.provider == "patchcore":
-        from copilot.runtime.metrics import copilot_metrics
+        from PIL import Image
+
         from copilot.runtime.batching import DynamicBatcher
+        from copilot.runtime.metrics import copilot_metrics
         from services.vision.core import VisionEngine
         from services.vision.patchcore import FeatureExtractor
         from services.vision.references import ReferenceStore
-        from PIL import Image
 
         threads = settings.threads or (None if settings.batching else 1)  # None: every CPU this process may use
-        engine = VisionEngine(FeatureExtractor(settings.image_size, threads, settings.device),
-                              ReferenceStore(settings.reference_dir), limits,
-                              EngineTuning(image_size=settings.image_size, coreset_ratio=settings.coreset_ratio))
+        engine = VisionEngine(
+            FeatureExtractor(settings.image_size, threads, settings.device),
+            ReferenceStore(settings.reference_dir),
+            limits,
+            EngineTuning(image_size=settings.image_size, coreset_ratio=settings.coreset_ratio),
+        )
         engine.seed_starter_set()
         engine.load()
         batcher = None
         if settings.batching:
             meters = copilot_metrics()
-            batcher = DynamicBatcher(engine.features, max_batch=settings.batch_max_size,
-                                     max_wait_s=settings.batch_max_wait_ms / 1000,
-                                     on_batch=lambda size, _s: meters.batch_size.record(size))
+            batcher = DynamicBatcher(
+                engine.features,
+                max_batch=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000,
+                on_batch=lambda size, _s: meters.batch_size.record(size),
+            )
         servicer.engine = engine
         provider = providers.PatchCoreProvider(engine, batcher)
-        provider.warm_up(Image.new("RGB", (settings.image_size, settings.image_size), (128, 128, 128)),
-                         settings.batch_max_size)
+        provider.warm_up(
+            Image.new("RGB", (settings.image_size, settings.image_size), (128, 128, 128)), settings.batch_max_size
+        )
         servicer.provider = provider
     elif settings.provider == "hf-endpoint":
         servicer.provider = providers.HfEndpointProvider(settings.hosted_model(), limits)
@@ -101,7 +117,7 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
                 changed = await asyncio.to_thread(servicer.engine.sync)
                 if changed:
                     log.info("reference sets changed by another replica: %s", sorted(changed))
-            except Exception:  # noqa: BLE001 - the next round tries again; analyses go on with the current models
+            except Exception:
                 log.exception("reference sync failed")
 
     async def warm_up() -> None:
@@ -121,8 +137,12 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
         register=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
         close=close,
-        policy=AccessPolicy(methods={f"/{SERVICE_NAME}/RegisterReference": Role.ENGINEER,
-                                     f"/{SERVICE_NAME}/DeleteReference": Role.ENGINEER}),
+        policy=AccessPolicy(
+            methods={
+                f"/{SERVICE_NAME}/RegisterReference": Role.ENGINEER,
+                f"/{SERVICE_NAME}/DeleteReference": Role.ENGINEER,
+            }
+        ),
     )
     return spec, settings
 

@@ -1,4 +1,5 @@
 """VisionService: a thin gRPC adapter over the vision providers and the reference store."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +25,15 @@ DEFAULT_PAGE = 50
 def _reference_pb(ref) -> vision_pb2.ReferenceImage:
     created = timestamp_pb2.Timestamp()
     created.FromDatetime(datetime.fromisoformat(ref.created_at))
-    return vision_pb2.ReferenceImage(reference_id=ref.reference_id, equipment_type=ref.equipment_type,
-                                     label=ref.label, sha256=ref.sha256, width=ref.width, height=ref.height,
-                                     created_at=created)
+    return vision_pb2.ReferenceImage(
+        reference_id=ref.reference_id,
+        equipment_type=ref.equipment_type,
+        label=ref.label,
+        sha256=ref.sha256,
+        width=ref.width,
+        height=ref.height,
+        created_at=created,
+    )
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -42,16 +49,25 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def _engine(self, context) -> VisionEngine:
         await self._provider(context)
         if self.engine is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"reference images are used by the patchcore provider, not {self.provider.name}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"reference images are used by the patchcore provider, not {self.provider.name}",
+            )
         return self.engine
 
     async def AnalyzeImage(self, request: vision_pb2.AnalyzeImageRequest, context) -> vision_pb2.AnalyzeImageResponse:
         provider = await self._provider(context)
         with tracer.start_as_current_span("vision.analyze") as span:
-            span.set_attributes({"app.stage": "vision", "app.image_id": request.image_id,
-                                 "app.equipment_id": request.equipment_id, "app.equipment_type": request.equipment_type,
-                                 "app.image.bytes": len(request.image.data), "app.provider": provider.name})
+            span.set_attributes(
+                {
+                    "app.stage": "vision",
+                    "app.image_id": request.image_id,
+                    "app.equipment_id": request.equipment_id,
+                    "app.equipment_type": request.equipment_type,
+                    "app.image.bytes": len(request.image.data),
+                    "app.provider": provider.name,
+                }
+            )
             started = time.perf_counter()
             try:
                 findings = await provider.analyze(request.image.data, request.equipment_type, request.include_heatmap)
@@ -60,28 +76,33 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 await abort_invalid(context, [exc.violation])
             except NoReferenceImages as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            except Exception as exc:  # noqa: BLE001 - a hosted model failing is an unavailable dependency
+            except Exception as exc:
                 span.record_exception(exc)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{provider.name} provider failed: {type(exc).__name__}")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"{provider.name} provider failed: {type(exc).__name__}"
+                )
             meters = copilot_metrics()
             meters.inference_duration.record(time.perf_counter() - started, {"model": findings.model})
             for defect in findings.defects:
                 meters.defects.add(1, {"type": defect.type})
-            span.set_attributes({
-                "app.defect_count": len(findings.defects),
-                "app.defect_types": [d.type for d in findings.defects],
-                "app.confidence": findings.confidence,
-                "app.anomaly_score": findings.anomaly_score,
-                "app.model": findings.model,
-                "app.reference_set": findings.reference_set,
-            })
+            span.set_attributes(
+                {
+                    "app.defect_count": len(findings.defects),
+                    "app.defect_types": [d.type for d in findings.defects],
+                    "app.confidence": findings.confidence,
+                    "app.anomaly_score": findings.anomaly_score,
+                    "app.model": findings.model,
+                    "app.reference_set": findings.reference_set,
+                }
+            )
             return convert.findings_to_pb(findings)
 
     async def RegisterReference(self, request, context) -> vision_pb2.RegisterReferenceResponse:
         engine = await self._engine(context)
         try:
-            ref, created = await asyncio.to_thread(engine.register, request.equipment_type, request.label,
-                                                   request.image.data)
+            ref, created = await asyncio.to_thread(
+                engine.register, request.equipment_type, request.label, request.image.data
+            )
         except ImageRejected as exc:
             await abort_invalid(context, [exc.violation])
         return vision_pb2.RegisterReferenceResponse(reference=_reference_pb(ref), created=created)
@@ -94,9 +115,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if position is None or not isinstance(position[0], str):
                 await abort_invalid(context, [invalid_page_token("ListReferences")])
             after = position[0]
-        refs = sorted((r for r in engine.store.all()
-                       if not request.equipment_type or r.equipment_type == request.equipment_type),
-                      key=lambda r: r.reference_id)
+        refs = sorted(
+            (r for r in engine.store.all() if not request.equipment_type or r.equipment_type == request.equipment_type),
+            key=lambda r: r.reference_id,
+        )
         remaining = [r for r in refs if r.reference_id > after]
         page = remaining[: request.page_size or DEFAULT_PAGE]
         token = encode_page_token("ListReferences", page[-1].reference_id) if len(remaining) > len(page) else ""

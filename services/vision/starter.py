@@ -2,6 +2,7 @@
 defects. `python -m services.vision.starter` regenerates services/vision/starter/ deterministically.
 
 Seeds 100-199 are used here; the held-out evaluation set (`copilot eval vision`) uses seeds from 1000 on."""
+
 from __future__ import annotations
 
 import sys

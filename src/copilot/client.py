@@ -1,4 +1,5 @@
 """A small client of the public CopilotService, used by the CLI, the benchmarks and the tests."""
+
 from __future__ import annotations
 
 import mimetypes
@@ -46,11 +47,22 @@ def resolve_token(token: str | None = None, role: str = "technician", folder: Pa
     return DEV_TOKEN
 
 
-def diagnose_request(plant_id: str, equipment_id: str, problem: str, image: Path | bytes | None = None,
-                     image_id: str | None = None, equipment_type: str = "",
-                     request_id: str = "") -> copilot_pb2.DiagnoseRequest:
-    request = copilot_pb2.DiagnoseRequest(plant_id=plant_id, equipment_id=equipment_id, problem_description=problem,
-                                          equipment_type=equipment_type, request_id=request_id)
+def diagnose_request(
+    plant_id: str,
+    equipment_id: str,
+    problem: str,
+    image: Path | bytes | None = None,
+    image_id: str | None = None,
+    equipment_type: str = "",
+    request_id: str = "",
+) -> copilot_pb2.DiagnoseRequest:
+    request = copilot_pb2.DiagnoseRequest(
+        plant_id=plant_id,
+        equipment_id=equipment_id,
+        problem_description=problem,
+        equipment_type=equipment_type,
+        request_id=request_id,
+    )
     if image is not None:
         if isinstance(image, Path):
             data, mime = image.read_bytes(), mimetypes.guess_type(image.name)[0] or ""
@@ -67,30 +79,50 @@ def auth_metadata(token: str = DEV_TOKEN) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def diagnose(address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
-             timeout: float = 60.0) -> copilot_pb2.DiagnoseResponse:
+def diagnose(
+    address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN, timeout: float = 60.0
+) -> copilot_pb2.DiagnoseResponse:
     with open_channel(address) as channel:
-        return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata(token),
-                                                                     timeout=timeout)
+        return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
+            request, metadata=auth_metadata(token), timeout=timeout
+        )
 
 
-def stream_diagnose(channel: grpc.Channel, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN,
-                    timeout: float = 60.0):
+def stream_diagnose(
+    channel: grpc.Channel, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN, timeout: float = 60.0
+):
     """StreamDiagnose: the call (an iterator of StreamDiagnoseResponse events; `.cancel()` stops the diagnosis)."""
     return copilot_pb2_grpc.CopilotServiceStub(channel).StreamDiagnose(
-        copilot_pb2.StreamDiagnoseRequest(diagnosis=request), metadata=auth_metadata(token), timeout=timeout)
+        copilot_pb2.StreamDiagnoseRequest(diagnosis=request), metadata=auth_metadata(token), timeout=timeout
+    )
 
 
 UPLOAD_PIECE = 256 * 1024
 
 
-def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", title: str = "", version: str = "",
-                equipment_types=(), plant_ids=(), on_bytes=None, timeout: float = 300.0, token: str = DEV_TOKEN,
-                metadata: tuple[tuple[str, str], ...] | None = None) -> knowledge_pb2.IngestDocumentResponse:
+def ingest_file(
+    channel: grpc.Channel,
+    path: Path,
+    *,
+    document_id: str = "",
+    title: str = "",
+    version: str = "",
+    equipment_types=(),
+    plant_ids=(),
+    on_bytes=None,
+    timeout: float = 300.0,
+    token: str = DEV_TOKEN,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> knowledge_pb2.IngestDocumentResponse:
     """Stream one file to KnowledgeService.IngestDocument: metadata first, then 256 KiB pieces."""
-    document = knowledge_pb2.DocumentMetadata(document_id=document_id, title=title, version=version,
-                                              equipment_types=list(equipment_types), plant_ids=list(plant_ids),
-                                              filename=path.name)
+    document = knowledge_pb2.DocumentMetadata(
+        document_id=document_id,
+        title=title,
+        version=version,
+        equipment_types=list(equipment_types),
+        plant_ids=list(plant_ids),
+        filename=path.name,
+    )
 
     def messages():
         yield knowledge_pb2.IngestDocumentRequest(metadata=document)
@@ -100,8 +132,9 @@ def ingest_file(channel: grpc.Channel, path: Path, *, document_id: str = "", tit
                     on_bytes(len(piece))
                 yield knowledge_pb2.IngestDocumentRequest(content=piece)
 
-    return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(messages(), timeout=timeout,
-                                                                           metadata=metadata or auth_metadata(token))
+    return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(
+        messages(), timeout=timeout, metadata=metadata or auth_metadata(token)
+    )
 
 
 def bearer_interceptors(token: str) -> list:
@@ -112,8 +145,9 @@ def bearer_interceptors(token: str) -> list:
     return authorization_interceptors(lambda: header)
 
 
-def aio_channel(address: str, token: str | None = None, *, credentials: grpc.ChannelCredentials | None = None,
-                options=()) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, token: str | None = None, *, credentials: grpc.ChannelCredentials | None = None, options=()
+) -> grpc.aio.Channel:
     """An asyncio channel whose calls carry `token` (none: no authorization header)."""
     interceptors = bearer_interceptors(token) if token else []
     opts = [*CHANNEL_OPTIONS, *options]

@@ -1,4 +1,5 @@
 """Full names of the gRPC services, read from the generated descriptors (one place, no heavy imports)."""
+
 from __future__ import annotations
 
 from copilot.v1 import copilot_pb2, knowledge_pb2, report_pb2, vision_pb2

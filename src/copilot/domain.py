@@ -8,11 +8,12 @@ seed's report format and the citation contract speak of the same id they call it
 GuidanceStep.sop_ids, IncidentReport.referenced_sop_ids, and SopChunk, a retrieved passage as it is cited);
 it is always the cited document's `document_id`.
 """
+
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 #: The seed's rule: a diagnosis whose merged confidence is below this goes to manual review.
 MANUAL_REVIEW_THRESHOLD = 0.5
@@ -20,12 +21,12 @@ MANUAL_REVIEW_THRESHOLD = 0.5
 
 def utc_now() -> datetime:
     """Every stored or reported time is an aware UTC datetime."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime) -> datetime:
     """An aware datetime converted to UTC; a naive one is taken as UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class DefectType(enum.StrEnum):
@@ -159,7 +160,7 @@ class ReportInputs:
     requires_manual_review: bool = False
     stage_notes: tuple[str, ...] = ()
     image_analyzed: bool = False
-    related_incidents: tuple["PastIncident", ...] = ()
+    related_incidents: tuple[PastIncident, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Image checks shared by the orchestrator's edge and the vision agent: the format is sniffed from the bytes
 (the declared mime_type is never trusted), then size and pixel limits are checked from the header, before any
 pixel is decoded (decompression bombs)."""
+
 from __future__ import annotations
 
 import io
@@ -8,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 
 from copilot.domain import FieldViolation
+
 
 def sniff_mime_type(data: bytes) -> str | None:
     """The image type from its magic bytes."""
@@ -51,20 +53,24 @@ def open_checked(data: bytes, limits: ImageLimits, field: str = "image.data"):
         raise ImageRejected(FieldViolation(field, f"image is {len(data)} bytes; the limit is {limits.max_bytes}"))
     mime = sniff_mime_type(data)
     if mime is None:
-        raise ImageRejected(FieldViolation(field, "not a JPEG, PNG or WebP image (bytes sniffed; mime_type is not trusted)"))
+        raise ImageRejected(
+            FieldViolation(field, "not a JPEG, PNG or WebP image (bytes sniffed; mime_type is not trusted)")
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[mime.split("/")[1].upper()])
         width, height = image.size  # from the header
     except Image.DecompressionBombError:
-        raise ImageRejected(FieldViolation(field, f"image has more than {limits.max_pixels} pixels "
-                                                  "(decompression bomb guard)")) from None
+        raise ImageRejected(
+            FieldViolation(field, f"image has more than {limits.max_pixels} pixels (decompression bomb guard)")
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageRejected(FieldViolation(field, f"cannot read the {mime} image header: {exc}")) from exc
     if width <= 0 or height <= 0 or width * height > limits.max_pixels:
-        raise ImageRejected(FieldViolation(field, f"image is {width}x{height} pixels; the limit is "
-                                                  f"{limits.max_pixels} pixels"))
+        raise ImageRejected(
+            FieldViolation(field, f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+        )
     return image
 
 

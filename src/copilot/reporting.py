@@ -5,10 +5,11 @@ defects, the guidance and the stage outcomes it is given.
 
 The report agent serves it (services/report); the orchestrator calls it itself, with `written_by_orchestrator`,
 when the report agent cannot be reached, so a degraded diagnosis still gets the same report."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from copilot.domain import (
     MANUAL_REVIEW_THRESHOLD,
@@ -31,8 +32,10 @@ DEFECT_SAFETY = {
     DefectType.SCRATCH: "Check that the scratched surface is not a sealing face before restart.",
     DefectType.WELD_POROSITY: "Quarantine the welds made since the porosity appeared until they are inspected.",
 }
-ORCHESTRATOR_NOTE = ("The report agent was unavailable; the orchestrator wrote this report from the same findings. "
-                     "Review it before closing the incident.")
+ORCHESTRATOR_NOTE = (
+    "The report agent was unavailable; the orchestrator wrote this report from the same findings. "
+    "Review it before closing the incident."
+)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -44,7 +47,9 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
 
 
 def summarize(i: ReportInputs) -> str:
-    parts = [f"Equipment {i.equipment_id} at plant {i.plant_id} was reported with: {i.problem_description.rstrip('.')}."]
+    parts = [
+        f"Equipment {i.equipment_id} at plant {i.plant_id} was reported with: {i.problem_description.rstrip('.')}."
+    ]
     if i.defects:
         names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in i.defects)
         parts.append(f"Visual inspection found {len(i.defects)} defect(s): {names}.")
@@ -58,8 +63,10 @@ def summarize(i: ReportInputs) -> str:
     else:
         parts.append("No plant SOP matched the problem closely enough to cite.")
     if i.requires_manual_review:
-        parts.append(f"Diagnosis confidence is {i.confidence_score:.0%}, below {MANUAL_REVIEW_THRESHOLD:.0%}: "
-                     "manual review by a maintenance engineer is required.")
+        parts.append(
+            f"Diagnosis confidence is {i.confidence_score:.0%}, below {MANUAL_REVIEW_THRESHOLD:.0%}: "
+            "manual review by a maintenance engineer is required."
+        )
     else:
         parts.append(f"Diagnosis confidence is {i.confidence_score:.0%}.")
     return " ".join(parts)
@@ -73,8 +80,10 @@ def follow_up(i: ReportInputs) -> tuple[str, ...]:
         items.append(f"Re-inspect {i.equipment_id} after repair and photograph the repaired area.")
     items += [f"Re-run the diagnosis when the agent is back: {note}" for note in i.stage_notes]
     for past in i.related_incidents:
-        line = (f"Similar past incident on {i.equipment_id}: {past.request_id} "
-                f"({past.created_at:%Y-%m-%d}) \"{past.problem_description.rstrip('.')[:120]}\"")
+        line = (
+            f"Similar past incident on {i.equipment_id}: {past.request_id} "
+            f'({past.created_at:%Y-%m-%d}) "{past.problem_description.rstrip(".")[:120]}"'
+        )
         if past.referenced_sop_ids:
             line += f", which cited {', '.join(past.referenced_sop_ids)}"
         if past.resolution_notes:
@@ -84,8 +93,9 @@ def follow_up(i: ReportInputs) -> tuple[str, ...]:
     return tuple(items)
 
 
-def compose_report(i: ReportInputs, now: datetime | None = None, *, written_by_orchestrator: bool = False
-                   ) -> IncidentReport:
+def compose_report(
+    i: ReportInputs, now: datetime | None = None, *, written_by_orchestrator: bool = False
+) -> IncidentReport:
     now = now or utc_now()
     actions = tuple(RecommendedAction(step.text, step.sop_ids) for step in i.guidance)
     safety = _unique([*i.safety_notes, *BASELINE_SAFETY, *(DEFECT_SAFETY.get(d.type, "") for d in i.defects)])
@@ -130,6 +140,6 @@ def render_text(
     lines += [
         "",
         f"Referenced SOPs: {', '.join(referenced_sop_ids) if referenced_sop_ids else 'none'}",
-        f"Report Generated: {generated_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
+        f"Report Generated: {generated_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC",
     ]
     return "\n".join(lines)

@@ -8,8 +8,47 @@ import re
 # hyphenated terms stay whole: "weld-porosity", "e-stop", "m8-bolt"
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 STOP_WORDS = frozenset(
-    "a an and are as at be but by during for from has have in into is it its my no not of on or our that the "
-    "this to was were when while with after before machine equipment".split()
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "during",
+        "for",
+        "from",
+        "has",
+        "have",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "my",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "our",
+        "that",
+        "the",
+        "this",
+        "to",
+        "was",
+        "were",
+        "when",
+        "while",
+        "with",
+        "after",
+        "before",
+        "machine",
+        "equipment",
+    ]
 )
 
 

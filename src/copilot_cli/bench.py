@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +12,7 @@ from copilot.runtime.config import data_dir
 from copilot_cli.common import out
 
 
-class Suite(str, Enum):
+class Suite(StrEnum):
     mesh = "mesh"
     vision = "vision"
     retrieval = "retrieval"
@@ -37,17 +37,16 @@ def bench(
     duration: Annotated[float, typer.Option("--duration", help="soak: seconds of load")] = 600,
     rate: Annotated[float, typer.Option("--rate", help="soak: diagnoses per second (open loop)")] = 20,
     photo_share: Annotated[float, typer.Option("--photo-share", help="soak: share of diagnoses with a photo")] = 0.1,
-    kill_every: Annotated[
-        float, typer.Option("--kill-every", help="soak: seconds between agent kills (0: none)")
-    ] = 60,
+    kill_every: Annotated[float, typer.Option("--kill-every", help="soak: seconds between agent kills (0: none)")] = 60,
 ) -> None:
     """Benchmarks: print a table and write JSON (never asserted in tests)."""
     target = output or data_dir() / "bench" / f"{suite.value}.json"
     if suite is Suite.soak:
         from benchmarks.soak import run_soak
 
-        run_soak(output=target, console=out, duration_s=duration, rate=rate, photo_share=photo_share,
-                 kill_every_s=kill_every)
+        run_soak(
+            output=target, console=out, duration_s=duration, rate=rate, photo_share=photo_share, kill_every_s=kill_every
+        )
     elif suite is Suite.mesh:
         from benchmarks.mesh import run
 

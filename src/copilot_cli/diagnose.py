@@ -72,9 +72,7 @@ def run_streamed(
     with open_channel(address) as channel:
         call = stream_diagnose(channel, request, token=token, timeout=timeout)
         try:
-            display: Any = (
-                Live(render(), console=console, refresh_per_second=8) if show else contextlib.nullcontext()
-            )
+            display: Any = Live(render(), console=console, refresh_per_second=8) if show else contextlib.nullcontext()
             with display as live:
                 for event in call:
                     kind = event.WhichOneof("event")

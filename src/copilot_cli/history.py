@@ -53,7 +53,15 @@ def incidents(
         out.print_json(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in found]))
         return
     table = Table(
-        "when (UTC)", "request", "plant", "equipment", "problem", "confidence", "review", "SOPs", "feedback",
+        "when (UTC)",
+        "request",
+        "plant",
+        "equipment",
+        "problem",
+        "confidence",
+        "review",
+        "SOPs",
+        "feedback",
         title=f"{len(found)} incidents",
     )
     for i in found:

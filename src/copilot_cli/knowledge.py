@@ -35,7 +35,9 @@ def ingest(
     addr: KnowledgeAddr = KNOWLEDGE_ADDR,
     document_id: Annotated[str, typer.Option("--id", help="document id (one file only; Markdown may carry it)")] = "",
     title: Annotated[str, typer.Option("--title", help="one file only")] = "",
-    version: Annotated[str, typer.Option("--version", help="default: the Markdown front matter, else a content hash")] = "",
+    version: Annotated[
+        str, typer.Option("--version", help="default: the Markdown front matter, else a content hash")
+    ] = "",
     equipment_types: Annotated[
         list[str] | None, typer.Option("--equipment-type", help="scope; repeat for several")
     ] = None,
@@ -64,19 +66,31 @@ def ingest(
         for path in files:
             try:
                 reply = ingest_file(
-                    channel, path, document_id=document_id, title=title, version=version,
-                    equipment_types=equipment_types or (), plant_ids=plants or (),
-                    on_bytes=lambda n: progress.advance(overall, n), metadata=metadata,
+                    channel,
+                    path,
+                    document_id=document_id,
+                    title=title,
+                    version=version,
+                    equipment_types=equipment_types or (),
+                    plant_ids=plants or (),
+                    on_bytes=lambda n: progress.advance(overall, n),
+                    metadata=metadata,
                 )
             except grpc.RpcError as exc:  # one file's failure is a row; the others still load
                 failed += 1
                 code = exc.code()
-                table.add_row(str(path), "", "", f"[red]{code.name if code else 'UNKNOWN'}[/red]",
-                              describe_rpc_error(exc))
+                table.add_row(
+                    str(path), "", "", f"[red]{code.name if code else 'UNKNOWN'}[/red]", describe_rpc_error(exc)
+                )
                 continue
             doc = reply.document
-            table.add_row(str(path), doc.document_id, doc.version, _outcome(reply.outcome),
-                          f"+{reply.chunks_written} -{reply.chunks_removed}")
+            table.add_row(
+                str(path),
+                doc.document_id,
+                doc.version,
+                _outcome(reply.outcome),
+                f"+{reply.chunks_written} -{reply.chunks_removed}",
+            )
     out.print(table)
     raise typer.Exit(1 if failed else 0)
 
@@ -110,8 +124,15 @@ def docs(
     )
     for d in documents:
         file_format = knowledge_pb2.DocumentFormat.Name(d.format).removeprefix("DOCUMENT_FORMAT_").lower()
-        table.add_row(d.document_id, d.title, d.version, file_format, str(d.chunk_count),
-                      ", ".join(d.equipment_types) or "all", ", ".join(d.plant_ids) or "all")
+        table.add_row(
+            d.document_id,
+            d.title,
+            d.version,
+            file_format,
+            str(d.chunk_count),
+            ", ".join(d.equipment_types) or "all",
+            ", ".join(d.plant_ids) or "all",
+        )
     out.print(table)
 
 
@@ -120,7 +141,9 @@ def evaluate(
         Path | None,
         typer.Option("--data", exists=True, help="labelled questions (q, expect, escalate); default: the shipped set"),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="JSON (default <data dir>/eval/knowledge.json)")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="JSON (default <data dir>/eval/knowledge.json)")
+    ] = None,
     export_feedback: Annotated[
         Path | None,
         typer.Option(
@@ -132,7 +155,9 @@ def evaluate(
     database_url: Annotated[
         str,
         typer.Option(
-            "--database-url", envvar="ORCHESTRATOR_DATABASE_URL", help="the incident history (default: the local mesh's)"
+            "--database-url",
+            envvar="ORCHESTRATOR_DATABASE_URL",
+            help="the incident history (default: the local mesh's)",
         ),
     ] = "",
 ) -> None:

@@ -1,9 +1,11 @@
 """Starts the mesh as separate OS processes (one per agent) and waits for each to report SERVING; the
 `Supervisor` keeps it running the way a kubelet does (restart with back-off, liveness, give up on a crash loop).
 Used by `copilot up`, the integration/e2e tests and the benchmarks."""
+
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,15 +16,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
-from services import PACKAGES
 from copilot.runtime.config import data_dir as default_data_dir
+from services import PACKAGES
+
+log = logging.getLogger(__name__)
 
 # name -> (python module, environment prefix of its settings)
 SERVICES: dict[str, tuple[str, str]] = {name: (package, name.upper()) for name, package in PACKAGES.items()}
@@ -39,13 +43,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "", channel: grpc.Channel | None = None
-                  ) -> int | None:
+def health_status(
+    address: str, timeout: float = 1.0, service: str = "", channel: grpc.Channel | None = None
+) -> int | None:
     """grpc.health.v1 status of a server, or None when it does not answer (plaintext unless `channel` is given)."""
     with channel or grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return None
         return reply.status
@@ -65,8 +71,13 @@ class ServiceProcess:
 
     def spawn(self) -> None:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
 
     @property
@@ -86,7 +97,7 @@ class Mesh:
     # "dev": the seed's technician-<id> tokens are accepted, plus JWTs signed with the mesh's dev secret
     # (data_dir/auth/dev-jwt-secret, which `copilot token` reads). "jwt": AUTH_* must come from the environment.
     auth_mode: str = "dev"
-    supervisor: "Supervisor | None" = None
+    supervisor: Supervisor | None = None
 
     def __post_init__(self) -> None:
         # extra vision replicas listen 100 ports above the first (unless ports were given for them)
@@ -100,10 +111,14 @@ class Mesh:
         return ["vision", *replicas, "knowledge", "report", "orchestrator"]
 
     @classmethod
-    def on_free_ports(cls, vision_replicas: int = 1, **kwargs) -> "Mesh":
+    def on_free_ports(cls, vision_replicas: int = 1, **kwargs) -> Mesh:
         names = [*SERVICES, *(f"vision-{i}" for i in range(2, vision_replicas + 1))]
-        return cls(ports={name: free_port() for name in names}, metrics_ports={name: free_port() for name in names},
-                   vision_replicas=vision_replicas, **kwargs)
+        return cls(
+            ports={name: free_port() for name in names},
+            metrics_ports={name: free_port() for name in names},
+            vision_replicas=vision_replicas,
+            **kwargs,
+        )
 
     def vision_target(self) -> str:
         """What the orchestrator dials: one address, or every replica for round_robin."""
@@ -121,9 +136,15 @@ class Mesh:
     def _env(self, name: str) -> dict[str, str]:
         kind = kind_of(name)
         prefix = SERVICES[kind][1]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env,
-               f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(self.ports[name]),
-               f"{prefix}_METRICS_HOST": self.host, f"{prefix}_METRICS_PORT": str(self.metrics_ports[name])}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+            f"{prefix}_HOST": self.host,
+            f"{prefix}_PORT": str(self.ports[name]),
+            f"{prefix}_METRICS_HOST": self.host,
+            f"{prefix}_METRICS_PORT": str(self.metrics_ports[name]),
+        }
         if self.auth_mode == "dev":
             env["AUTH_MODE"] = "dev"
             if not (env.get("AUTH_JWT_SECRET") or env.get("AUTH_JWT_PUBLIC_KEY_FILE")):
@@ -133,8 +154,11 @@ class Mesh:
         if kind == "vision":  # the replicas share one reference store (flock'd index, synced every 2 s)
             env.setdefault("VISION_REFERENCE_DIR", str(self.data_dir / "vision-references"))
         if name == "orchestrator":
-            env.update(VISION_ADDR=self.vision_target(), KNOWLEDGE_ADDR=self.address("knowledge"),
-                       REPORT_ADDR=self.address("report"))
+            env.update(
+                VISION_ADDR=self.vision_target(),
+                KNOWLEDGE_ADDR=self.address("knowledge"),
+                REPORT_ADDR=self.address("report"),
+            )
             env.setdefault("ORCHESTRATOR_DATABASE_URL", f"sqlite:///{self.data_dir / 'incidents.db'}")
         return env
 
@@ -214,14 +238,15 @@ class Mesh:
                 codes[name] = proc.process.wait()
         return codes
 
-    def supervise(self, policy: "RestartPolicy | None" = None,
-                  on_event: "Callable[[SupervisorEvent], None] | None" = None) -> "Supervisor":
+    def supervise(
+        self, policy: RestartPolicy | None = None, on_event: Callable[[SupervisorEvent], None] | None = None
+    ) -> Supervisor:
         """Restart what crashes or hangs from now on (`copilot up` does; tests that kill by hand do not)."""
         self.supervisor = Supervisor(self, policy or RestartPolicy(), on_event)
         self.supervisor.start()
         return self.supervisor
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         self.start()
         return self
 
@@ -261,7 +286,7 @@ class RestartPolicy:
         return min(self.initial_backoff_s * 2 ** max(crashes_in_a_row - 1, 0), self.max_backoff_s)
 
 
-class State(str, Enum):
+class State(StrEnum):
     STARTING = "starting"  # spawned, not SERVING yet
     SERVING = "serving"
     BACKOFF = "backoff"  # exited; restarts when its back-off ends
@@ -300,11 +325,14 @@ class Supervisor:
     that stops answering health checks is killed and restarted, one that keeps crashing is left down and
     reported. The state of every service is written to `<data_dir>/mesh-state.json` for `copilot status`."""
 
-    def __init__(self, mesh: Mesh, policy: RestartPolicy,
-                 on_event: Callable[[SupervisorEvent], None] | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, policy: RestartPolicy, on_event: Callable[[SupervisorEvent], None] | None = None
+    ) -> None:
         self.mesh, self.policy, self.on_event = mesh, policy, on_event
-        self.status = {name: ServiceStatus(name, mesh.address(name), pid=proc.process.pid if proc.process else None)
-                       for name, proc in mesh.services.items()}
+        self.status = {
+            name: ServiceStatus(name, mesh.address(name), pid=proc.process.pid if proc.process else None)
+            for name, proc in mesh.services.items()
+        }
         self.events: deque[SupervisorEvent] = deque(maxlen=500)  # the latest, for callers and tests
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
@@ -338,15 +366,16 @@ class Supervisor:
             time.sleep(0.1)
         raise TimeoutError(f"not settled after {timeout:.0f}s: {states}")
 
-    def _emit(self, status: ServiceStatus, kind: str, reason: str = "", delay_s: float = 0.0,
-              log_tail: str = "") -> None:
+    def _emit(
+        self, status: ServiceStatus, kind: str, reason: str = "", delay_s: float = 0.0, log_tail: str = ""
+    ) -> None:
         event = SupervisorEvent(status.name, kind, status.restarts, reason, delay_s, log_tail)
         self.events.append(event)
         if self.on_event is not None:
             try:
                 self.on_event(event)
-            except Exception:  # noqa: BLE001 - a printing callback must not stop supervision
-                pass
+            except Exception:  # a display callback that fails must not stop supervision
+                log.exception("supervisor event callback failed")
 
     def _run(self) -> None:
         while not self._stop.wait(self.policy.poll_s):
@@ -377,8 +406,9 @@ class Supervisor:
         if now < status.next_check:
             return False
         status.next_check = now + (policy.liveness_period_s if status.state is State.SERVING else 0.5)
-        serving = health_status(status.address, timeout=policy.liveness_timeout_s) == \
-            health_pb2.HealthCheckResponse.SERVING
+        serving = (
+            health_status(status.address, timeout=policy.liveness_timeout_s) == health_pb2.HealthCheckResponse.SERVING
+        )
         if serving:
             status.missed_checks = 0
             if status.state is State.STARTING:
@@ -408,8 +438,7 @@ class Supervisor:
         tail = self.mesh.log_tail(proc.name, lines=15)
         if status.crashes_in_a_row > self.policy.give_up_after:
             status.state = State.FAILED
-            self._emit(status, "gave-up", f"{reason}; crashed {status.crashes_in_a_row} times in a row",
-                       log_tail=tail)
+            self._emit(status, "gave-up", f"{reason}; crashed {status.crashes_in_a_row} times in a row", log_tail=tail)
             return True
         delay = self.policy.backoff(status.crashes_in_a_row)
         status.state, status.restart_at = State.BACKOFF, now + delay
@@ -418,9 +447,17 @@ class Supervisor:
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
-            return {name: {"state": s.state.value, "pid": s.pid, "restarts": s.restarts, "address": s.address,
-                           "last_exit": s.last_exit, "crashes_in_a_row": s.crashes_in_a_row}
-                    for name, s in self.status.items()}
+            return {
+                name: {
+                    "state": s.state.value,
+                    "pid": s.pid,
+                    "restarts": s.restarts,
+                    "address": s.address,
+                    "last_exit": s.last_exit,
+                    "crashes_in_a_row": s.crashes_in_a_row,
+                }
+                for name, s in self.status.items()
+            }
 
     def _write_state(self) -> None:
         state = {"supervisor_pid": os.getpid(), "updated": time.time(), "services": self.snapshot()}

@@ -27,7 +27,9 @@ def up(
     data_dir: DataDir | None = None,
     vision_replicas: Annotated[
         int,
-        typer.Option("--vision-replicas", min=1, max=8, help="vision processes; the orchestrator round-robins over them"),
+        typer.Option(
+            "--vision-replicas", min=1, max=8, help="vision processes; the orchestrator round-robins over them"
+        ),
     ] = 1,
     demo: Annotated[
         bool, typer.Option("--demo", help="run one diagnosis with the shipped sample photo once SERVING")
@@ -41,8 +43,12 @@ def up(
     from copilot_cli.diagnose import print_diagnosis, run_streamed, sample_photo
     from copilot_cli.launcher import Mesh, State
 
-    ports = {"orchestrator": orchestrator_port, "vision": vision_port, "knowledge": knowledge_port,
-             "report": report_port}
+    ports = {
+        "orchestrator": orchestrator_port,
+        "vision": vision_port,
+        "knowledge": knowledge_port,
+        "report": report_port,
+    }
     mesh = Mesh(host=host, data_dir=data_dir or default_data_dir(), vision_replicas=vision_replicas, ports=ports)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,24 +59,34 @@ def up(
     try:
         with console.status("starting vision, knowledge, report and orchestrator…"):
             states = supervisor.wait_settled(timeout=600)
-        table = Table("service", "address", "state", "pid", "log", title=f"mesh up in {time.monotonic() - started:.1f}s")
+        table = Table(
+            "service", "address", "state", "pid", "log", title=f"mesh up in {time.monotonic() - started:.1f}s"
+        )
         for name, status in supervisor.snapshot().items():
             colour = "green" if status["state"] == "serving" else "red"
-            table.add_row(name, status["address"], f"[{colour}]{status['state']}[/]", str(status["pid"] or "-"),
-                          str(mesh.services[name].log_path))
+            table.add_row(
+                name,
+                status["address"],
+                f"[{colour}]{status['state']}[/]",
+                str(status["pid"] or "-"),
+                str(mesh.services[name].log_path),
+            )
         console.print(table)
         if demo and states["orchestrator"] is State.SERVING:
             console.rule("demo diagnosis with the shipped sample photo")
-            request = diagnose_request("PUNE-IN", "PUMP-A-7", DEMO_PROBLEM, sample_photo(),
-                                       equipment_type="brushed-steel")
+            request = diagnose_request(
+                "PUNE-IN", "PUMP-A-7", DEMO_PROBLEM, sample_photo(), equipment_type="brushed-steel"
+            )
             response = run_streamed(mesh.address("orchestrator"), request, token=mesh.token(), timeout=120)
             if response is not None:
                 print_diagnosis(response, as_json=False)
         if demo and exit_after_demo:
             return
-        console.print(f"[green]serving[/] — try: copilot diagnose --addr {mesh.address('orchestrator')} --plant PUNE-IN "
-                      "--equipment CNC-A-102 --problem 'Machine overheating during operation'   (Ctrl-C stops; "
-                      "`copilot status` lists the services)")
+        console.print(
+            f"[green]serving[/] — try: copilot diagnose --addr {mesh.address('orchestrator')} --plant PUNE-IN "
+            "--equipment CNC-A-102 --problem 'Machine overheating during operation'   (Ctrl-C stops; "
+            "`copilot status` lists the services)"
+        )
         stop.wait()
     finally:
         codes = mesh.stop()
@@ -80,8 +96,10 @@ def up(
 def print_supervisor_event(event: SupervisorEvent) -> None:
     """One line per restart as it happens (service, reason, restart count)."""
     if event.kind == "crashed":
-        console.print(f"[yellow]{event.service} exited ({event.reason}); restarting in {event.delay_s:.0f}s "
-                      f"(restarts so far: {event.restarts})[/]")
+        console.print(
+            f"[yellow]{event.service} exited ({event.reason}); restarting in {event.delay_s:.0f}s "
+            f"(restarts so far: {event.restarts})[/]"
+        )
     elif event.kind == "hung":
         console.print(f"[yellow]{event.service} is alive but not answering ({event.reason}): killing it[/]")
     elif event.kind == "restarted":
@@ -89,8 +107,10 @@ def print_supervisor_event(event: SupervisorEvent) -> None:
     elif event.kind == "serving" and event.restarts:
         console.print(f"[green]{event.service} SERVING again {event.reason}[/]")
     elif event.kind == "gave-up":
-        console.print(f"[red]{event.service} keeps crashing ({event.reason}): left down while the rest serves. "
-                      f"Last log lines:[/]\n{event.log_tail}")
+        console.print(
+            f"[red]{event.service} keeps crashing ({event.reason}): left down while the rest serves. "
+            f"Last log lines:[/]\n{event.log_tail}"
+        )
 
 
 def status(data_dir: DataDir | None = None, as_json: AsJson = False) -> None:
@@ -112,12 +132,27 @@ def status(data_dir: DataDir | None = None, as_json: AsJson = False) -> None:
     if as_json:
         out.print_json(json.dumps(services))
     else:
-        table = Table("service", "state", "health", "pid", "restarts", "last exit", "address",
-                      title=f"local mesh (supervisor pid {state['supervisor_pid']})")
+        table = Table(
+            "service",
+            "state",
+            "health",
+            "pid",
+            "restarts",
+            "last exit",
+            "address",
+            title=f"local mesh (supervisor pid {state['supervisor_pid']})",
+        )
         for name, service in services.items():
             colour = {"serving": "green", "failed": "red"}.get(service["state"], "yellow")
-            table.add_row(name, f"[{colour}]{service['state']}[/]", service["health"], str(service["pid"] or "-"),
-                          str(service["restarts"]), service["last_exit"] or "-", service["address"])
+            table.add_row(
+                name,
+                f"[{colour}]{service['state']}[/]",
+                service["health"],
+                str(service["pid"] or "-"),
+                str(service["restarts"]),
+                service["last_exit"] or "-",
+                service["address"],
+            )
         out.print(table)
     raise typer.Exit(0 if all(s["state"] == "serving" for s in services.values()) else 2)
 

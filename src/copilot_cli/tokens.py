@@ -9,6 +9,7 @@ import typer
 
 PemFile = typer.Option(exists=True, dir_okay=False)
 
+
 def token(
     role: Annotated[str, typer.Option("--role", help="technician, engineer or admin")] = "technician",
     subject: Annotated[str, typer.Option("--subject", help="the `sub` claim (default: <role>-cli)")] = "",
@@ -16,7 +17,9 @@ def token(
     secret_file: Annotated[
         Path | None,
         typer.Option(
-            "--secret-file", exists=True, dir_okay=False,
+            "--secret-file",
+            exists=True,
+            dir_okay=False,
             help="HS256 secret (default: AUTH_JWT_SECRET(_FILE), else the dev mesh's <data dir>/auth/dev-jwt-secret)",
         ),
     ] = None,
@@ -37,8 +40,9 @@ def token(
         else {"secret": secret_file.read_text().strip() if secret_file else signing_secret(create=True)}
     )
     try:
-        value = mint_token(subject or f"{role}-cli", parsed, ttl_s=ttl, issuer=settings.issuer,
-                           audience=settings.audience, **signer)
+        value = mint_token(
+            subject or f"{role}-cli", parsed, ttl_s=ttl, issuer=settings.issuer, audience=settings.audience, **signer
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     print(value)

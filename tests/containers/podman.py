@@ -16,6 +16,7 @@ the README lists each difference:
 * the orchestrator's gRPC port is published on 127.0.0.1 (hostPort) where a cluster has its Ingress;
 * gRPC probes are ignored by Podman 4.3: the test polls each container's own health command instead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,7 @@ PLAY_ORDER = ("chroma", "report", "vision", "vision-2", "knowledge", "orchestrat
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([PODMAN or "podman", *args], check=check, timeout=timeout, text=True,
-                          capture_output=capture)
+    return subprocess.run([PODMAN or "podman", *args], check=check, timeout=timeout, text=True, capture_output=capture)
 
 
 def kubectl() -> str:
@@ -50,8 +50,12 @@ def kubectl() -> str:
 
 
 def render(overlay: str = "dev") -> list[dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -60,8 +64,9 @@ def service_of(name: str) -> str:
     return name.split("-")[0] if name.startswith("vision") else name
 
 
-def for_podman(docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_port: int,
-               extra_config: dict[str, str]) -> dict[str, list[dict]]:
+def for_podman(
+    docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_port: int, extra_config: dict[str, str]
+) -> dict[str, list[dict]]:
     """The rendered overlay as one `kube play` document list per pod (see the module's doc for each change)."""
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "copilot-config")
     config = copy.deepcopy(config)
@@ -75,7 +80,8 @@ def for_podman(docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_por
             workload["spec"].pop("serviceName", None)
             workload["kind"], workload["apiVersion"] = "Deployment", "apps/v1"
             workload["spec"]["template"]["spec"].setdefault("volumes", []).extend(
-                {"name": claim["metadata"]["name"], "emptyDir": {}} for claim in claims)
+                {"name": claim["metadata"]["name"], "emptyDir": {}} for claim in claims
+            )
         for container in workload["spec"]["template"]["spec"]["containers"]:
             image, _, _ = container["image"].partition(":")
             container["image"] = f"{image}:{tag}"
@@ -83,8 +89,13 @@ def for_podman(docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_por
             container.pop("ports", None)
         if name == "orchestrator":
             workload["spec"]["template"]["spec"]["containers"][0]["ports"] = [
-                {"name": "grpc", "containerPort": SERVICE_PORTS["orchestrator"], "hostPort": orchestrator_port,
-                 "hostIP": "127.0.0.1"}]
+                {
+                    "name": "grpc",
+                    "containerPort": SERVICE_PORTS["orchestrator"],
+                    "hostPort": orchestrator_port,
+                    "hostIP": "127.0.0.1",
+                }
+            ]
         workload["spec"]["replicas"] = 1
         plays[name] = [config, workload]
     second = copy.deepcopy(plays["vision"][1])
@@ -142,14 +153,32 @@ class PodmanMesh:
         self.spans_file.parent.mkdir(parents=True, exist_ok=True)
         self.spans_file.parent.chmod(0o777)
         podman("network", "create", self.network)
-        podman("run", "-d", "--name", self.receiver, "--network", f"{self.network}:alias=otel-collector",
-               "--read-only", "-v", f"{ROOT / 'tests' / 'otlp_receiver.py'}:/receiver/otlp_receiver.py:ro",
-               "-v", f"{self.spans_file.parent}:/spans", "--entrypoint", "python",
-               f"manufacturing-copilot/report:{self.tag}", "/receiver/otlp_receiver.py", "4317",
-               "/spans/spans.jsonl")
-        plays = for_podman(render("dev"), tag=self.tag, secret_dir=secret_dir,
-                           orchestrator_port=self.orchestrator_port,
-                           extra_config={"OTEL_BSP_SCHEDULE_DELAY": "200", "ORCHESTRATOR_RATE_LIMIT": ""})
+        podman(
+            "run",
+            "-d",
+            "--name",
+            self.receiver,
+            "--network",
+            f"{self.network}:alias=otel-collector",
+            "--read-only",
+            "-v",
+            f"{ROOT / 'tests' / 'otlp_receiver.py'}:/receiver/otlp_receiver.py:ro",
+            "-v",
+            f"{self.spans_file.parent}:/spans",
+            "--entrypoint",
+            "python",
+            f"manufacturing-copilot/report:{self.tag}",
+            "/receiver/otlp_receiver.py",
+            "4317",
+            "/spans/spans.jsonl",
+        )
+        plays = for_podman(
+            render("dev"),
+            tag=self.tag,
+            secret_dir=secret_dir,
+            orchestrator_port=self.orchestrator_port,
+            extra_config={"OTEL_BSP_SCHEDULE_DELAY": "200", "ORCHESTRATOR_RATE_LIMIT": ""},
+        )
         for pod in PLAY_ORDER:
             path = self.workdir / f"{pod}.yaml"
             path.write_text(yaml.safe_dump_all(plays[pod]))
@@ -159,8 +188,11 @@ class PodmanMesh:
     def health(self, pod: str, timeout: float = 5.0) -> bool:
         service = service_of(pod)
         if service == "chroma":
-            probe = ["python", "-c", "import urllib.request; urllib.request.urlopen("
-                     "'http://localhost:8000/api/v2/heartbeat', timeout=2)"]
+            probe = [
+                "python",
+                "-c",
+                "import urllib.request; urllib.request.urlopen('http://localhost:8000/api/v2/heartbeat', timeout=2)",
+            ]
         else:
             probe = ["copilot", "health", "--addr", f"localhost:{SERVICE_PORTS[service]}"]
         result = podman("exec", self.container(pod), *probe, check=False, timeout=timeout + 10)
@@ -178,8 +210,10 @@ class PodmanMesh:
             if pending:
                 time.sleep(0.5)
         if pending:
-            raise TimeoutError(f"not SERVING after {timeout:.0f} s: {pending}\n" +
-                               "\n".join(f"--- {p}\n{self.logs(p)}" for p in pending))
+            raise TimeoutError(
+                f"not SERVING after {timeout:.0f} s: {pending}\n"
+                + "\n".join(f"--- {p}\n{self.logs(p)}" for p in pending)
+            )
         return {pod: self.ready_after[pod] for pod in pods}
 
     def logs(self, pod: str, lines: int = 30) -> str:
@@ -200,8 +234,14 @@ class PodmanMesh:
     def metrics(self, pod: str) -> str:
         """The pod's Prometheus page, read inside the container (its metrics port is not published)."""
         port = METRICS_PORTS[service_of(pod)]
-        return self.exec(pod, "python", "-c", "import urllib.request; print(urllib.request.urlopen("
-                         f"'http://localhost:{port}/metrics', timeout=5).read().decode())", check=True).stdout
+        return self.exec(
+            pod,
+            "python",
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen("
+            f"'http://localhost:{port}/metrics', timeout=5).read().decode())",
+            check=True,
+        ).stdout
 
     def memory_mib(self) -> dict[str, float]:
         """Each pod's container memory (cgroup usage, as `podman stats` and a kubelet's metrics see it)."""
@@ -233,7 +273,7 @@ def parse_bytes(text: str) -> float:
 
 
 def volumes_of(path: Path) -> list[dict]:
-    workload = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Deployment"][0]
+    workload = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Deployment")
     return [v for v in workload["spec"]["template"]["spec"].get("volumes", []) if "hostPath" not in v]
 
 
@@ -244,8 +284,12 @@ def main(argv: list[str]) -> int:
     from copilot.runtime.auth import dev_secret
 
     data = ROOT / ".copilot-data"
-    mesh = PodmanMesh(data / "pods", orchestrator_port=int(argv[1]) if len(argv) > 1 else SERVICE_PORTS["orchestrator"],
-                      secret=dev_secret(data / "auth" / "dev-jwt-secret"), network="copilot-pods")
+    mesh = PodmanMesh(
+        data / "pods",
+        orchestrator_port=int(argv[1]) if len(argv) > 1 else SERVICE_PORTS["orchestrator"],
+        secret=dev_secret(data / "auth" / "dev-jwt-secret"),
+        network="copilot-pods",
+    )
     if argv[:1] == ["down"]:
         mesh.stop()
         print("pods removed")
@@ -256,9 +300,11 @@ def main(argv: list[str]) -> int:
     mesh.start()
     for pod, seconds in mesh.wait_ready().items():
         print(f"{mesh.container(pod):<34} SERVING after {seconds:5.1f} s")
-    print(f"orchestrator on 127.0.0.1:{mesh.orchestrator_port}; try: .venv/bin/copilot diagnose --addr "
-          f"127.0.0.1:{mesh.orchestrator_port} --plant PUNE-IN --equipment CNC-A-102 --problem 'Machine overheating "
-          "during operation'; stop with `make pods-down`")
+    print(
+        f"orchestrator on 127.0.0.1:{mesh.orchestrator_port}; try: .venv/bin/copilot diagnose --addr "
+        f"127.0.0.1:{mesh.orchestrator_port} --plant PUNE-IN --equipment CNC-A-102 --problem 'Machine overheating "
+        "during operation'; stop with `make pods-down`"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 running containers only: health through each image's own command, a photo diagnosis, one trace over four
 containers, a vision replica killed under load, SIGTERM during a diagnosis, uid / read-only root / clean stop,
 memory idle and under load. Figures go to .copilot-data/containers.json (printed as a table)."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,20 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh, free_port
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot_cli.launcher import Mesh, free_port
 from tests.conftest import TEST_SECRET, token
 
 from .podman import PLAY_ORDER, PODMAN, ROOT, PodmanMesh, podman, service_of
 
-pytestmark = [pytest.mark.containers, pytest.mark.skipif(
-    PODMAN is None, reason="Podman is not installed: the container test needs it (scripts/install-podman.sh, "
-                           "which .ci/run runs as root); NOT a pass")]
+pytestmark = [
+    pytest.mark.containers,
+    pytest.mark.skipif(
+        PODMAN is None,
+        reason="Podman is not installed: the container test needs it (scripts/install-podman.sh, "
+        "which .ci/run runs as root); NOT a pass",
+    ),
+]
 
 OK = copilot_pb2.STAGE_STATE_OK
 REPORT_FILE = ROOT / ".copilot-data" / "containers.json"
@@ -38,8 +44,14 @@ figures: dict = {}
 def images() -> dict:
     """Build (or reuse: layers are cached) the four images with `scripts/images.sh`."""
     report = ROOT / ".copilot-data" / "images.json"
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=3000, env={**os.environ, "IMAGES_REPORT": str(report)})
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "images.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        env={**os.environ, "IMAGES_REPORT": str(report)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     built = json.loads(report.read_text())
     figures["images"] = built
@@ -69,8 +81,14 @@ TECHNICIAN = auth_metadata(token("technician", "technician-containers"))
 
 
 def photo_request(photo: bytes, **kwargs) -> copilot_pb2.DiagnoseRequest:
-    return diagnose_request("PUNE-IN", "PUMP-A-7", "Crack near the outlet flange of the pump housing", photo,
-                            equipment_type="brushed-steel", **kwargs)
+    return diagnose_request(
+        "PUNE-IN",
+        "PUMP-A-7",
+        "Crack near the outlet flange of the pump housing",
+        photo,
+        equipment_type="brushed-steel",
+        **kwargs,
+    )
 
 
 def analyzed(mesh: PodmanMesh, pod: str) -> int:
@@ -78,8 +96,11 @@ def analyzed(mesh: PodmanMesh, pod: str) -> int:
     text = mesh.metrics(pod)
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("copilot_rpc_requests_total{") and "VisionService/AnalyzeImage" in line \
-                and 'rpc_grpc_status_code="OK"' in line:
+        if (
+            line.startswith("copilot_rpc_requests_total{")
+            and "VisionService/AnalyzeImage" in line
+            and 'rpc_grpc_status_code="OK"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
 
@@ -101,15 +122,24 @@ def test_images_run_as_uid_10001_on_a_read_only_root_and_only_vision_and_knowled
     for pattern in weights:
         find_weights += ["-name", pattern, "-o"]
     find_weights[-1] = ")"
-    probe_torch = ("import importlib.util, json; spec = importlib.util.find_spec('torch'); "
-                   "print(json.dumps(None if spec is None else __import__('torch').__version__))")
+    probe_torch = (
+        "import importlib.util, json; spec = importlib.util.find_spec('torch'); "
+        "print(json.dumps(None if spec is None else __import__('torch').__version__))"
+    )
     for service in ("report", "orchestrator", "vision", "knowledge"):
         image = images[service]["image"]
         torch = json.loads(podman("run", "--rm", "--entrypoint", "python", image, "-c", probe_torch).stdout)
         found = podman("run", "--rm", "--entrypoint", find_weights[0], image, *find_weights[1:]).stdout.split()
-        nvidia = podman("run", "--rm", "--entrypoint", "python", image, "-c",
-                        "import importlib.metadata as m; print([d.metadata['Name'] for d in m.distributions() "
-                        "if d.metadata['Name'].startswith('nvidia')])").stdout.strip()
+        nvidia = podman(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python",
+            image,
+            "-c",
+            "import importlib.metadata as m; print([d.metadata['Name'] for d in m.distributions() "
+            "if d.metadata['Name'].startswith('nvidia')])",
+        ).stdout.strip()
         assert nvidia == "[]", (service, nvidia)
         if service in ("report", "orchestrator"):
             assert torch is None and found == [], (service, torch, found)
@@ -124,8 +154,9 @@ def test_a_photo_diagnosis_through_the_containers_gives_a_full_report(stub, crac
     assert reply.report.defects and reply.report.referenced_sop_ids
     for heading in ("SUMMARY", "DEFECTS IDENTIFIED", "RECOMMENDED ACTIONS", "SAFETY NOTES", "FOLLOW-UP REQUIRED"):
         assert heading in reply.report.rendered_text, heading
-    stored = stub.GetIncident(copilot_pb2.GetIncidentRequest(request_id=reply.request_id), metadata=TECHNICIAN,
-                              timeout=10)
+    stored = stub.GetIncident(
+        copilot_pb2.GetIncidentRequest(request_id=reply.request_id), metadata=TECHNICIAN, timeout=10
+    )
     assert stored.incident.request_id == reply.request_id  # kept in the orchestrator's /data volume
     figures["photo_diagnosis"] = {"confidence": reply.confidence_score, "defects": len(reply.report.defects)}
 
@@ -145,8 +176,13 @@ def test_one_trace_spans_all_four_containers(mesh, stub, crack_photo):
     assert services == wanted, services
     by_id = {s["span_id"]: s for s in spans}
     for service in wanted - {"copilot-orchestrator"}:  # each agent's server span hangs under an orchestrator span
-        servers = [s for s in spans if s["service"] == service and s["parent_span_id"] in by_id
-                   and by_id[s["parent_span_id"]]["service"] == "copilot-orchestrator"]
+        servers = [
+            s
+            for s in spans
+            if s["service"] == service
+            and s["parent_span_id"] in by_id
+            and by_id[s["parent_span_id"]]["service"] == "copilot-orchestrator"
+        ]
         assert servers, service
 
 
@@ -169,16 +205,20 @@ def test_killed_vision_replica_costs_no_request_and_rejoins_after_its_restart(me
     assert failed == []  # zero failed or degraded requests: UNAVAILABLE is retried on the other replica
 
     deadline = time.monotonic() + 300  # restartPolicy Always brings it back; its memory banks rebuild
-    while time.monotonic() < deadline and not (mesh.inspect("vision-2")["RestartCount"] > restarts
-                                               and mesh.health("vision-2")):
+    while time.monotonic() < deadline and not (
+        mesh.inspect("vision-2")["RestartCount"] > restarts and mesh.health("vision-2")
+    ):
         time.sleep(1)
     assert mesh.inspect("vision-2")["RestartCount"] > restarts and mesh.health("vision-2")
     rejoined_after = time.monotonic()
     while analyzed(mesh, "vision-2") == 0 and time.monotonic() < rejoined_after + 60:
         diagnose_many(4)
     assert analyzed(mesh, "vision-2") > 0  # back in rotation
-    figures["vision_replica_kill"] = {"requests_during": len(during), "failed": len(failed),
-                                      "back_in_rotation_after_serving_s": round(time.monotonic() - rejoined_after, 1)}
+    figures["vision_replica_kill"] = {
+        "requests_during": len(during),
+        "failed": len(failed),
+        "back_in_rotation_after_serving_s": round(time.monotonic() - rejoined_after, 1),
+    }
 
 
 def test_memory_idle_and_under_a_mixed_load(mesh, stub, crack_photo):
@@ -201,8 +241,10 @@ def test_memory_idle_and_under_a_mixed_load(mesh, stub, crack_photo):
         deadline = time.monotonic() + 30
         with ThreadPoolExecutor(4) as pool:
             while time.monotonic() < deadline:
-                batch = [pool.submit(stub.Diagnose, photo if i % 3 == 0 else text, metadata=TECHNICIAN, timeout=60)
-                         for i in range(12)]
+                batch = [
+                    pool.submit(stub.Diagnose, photo if i % 3 == 0 else text, metadata=TECHNICIAN, timeout=60)
+                    for i in range(12)
+                ]
                 for future in batch:
                     try:
                         future.result()
@@ -238,8 +280,12 @@ def test_text_diagnosis_latency_through_containers_next_to_four_local_processes(
             times.append((time.perf_counter() - started) * 1000)
             states.update(s.state for s in reply.stages)
         times.sort()
-        return {"p50_ms": round(statistics.median(times), 1), "p99_ms": round(times[int(0.99 * (n - 1))], 1), "n": n,
-                "stage_states": sorted(states)}
+        return {
+            "p50_ms": round(statistics.median(times), 1),
+            "p99_ms": round(times[int(0.99 * (n - 1))], 1),
+            "n": n,
+            "stage_states": sorted(states),
+        }
 
     containers = measure(lambda: stub.Diagnose(request, metadata=TECHNICIAN, timeout=30))
     local = Mesh.on_free_ports(data_dir=tmp_path)
@@ -248,8 +294,9 @@ def test_text_diagnosis_latency_through_containers_next_to_four_local_processes(
         local.wait_ready(timeout=300)
         with grpc.insecure_channel(local.address("orchestrator")) as channel:
             local_stub = copilot_pb2_grpc.CopilotServiceStub(channel)
-            processes = measure(lambda: local_stub.Diagnose(request, metadata=auth_metadata("technician-1"),
-                                                            timeout=30))
+            processes = measure(
+                lambda: local_stub.Diagnose(request, metadata=auth_metadata("technician-1"), timeout=30)
+            )
     finally:
         local.stop()
     answered_fully = sorted({OK, copilot_pb2.STAGE_STATE_SKIPPED})  # the same work on both sides: no degraded stage
@@ -270,8 +317,9 @@ def test_sigterm_during_a_diagnosis_lets_it_complete(mesh, stub, crack_photo):
     assert all(s.state == OK for item in reply.items for s in item.response.stages)
     assert "shutting down" in mesh.logs("orchestrator", lines=200)
     deadline = time.monotonic() + 120  # restartPolicy Always: it comes back and serves again
-    while time.monotonic() < deadline and not (mesh.inspect("orchestrator")["RestartCount"] > restarts
-                                               and mesh.health("orchestrator")):
+    while time.monotonic() < deadline and not (
+        mesh.inspect("orchestrator")["RestartCount"] > restarts and mesh.health("orchestrator")
+    ):
         time.sleep(0.5)
     assert mesh.health("orchestrator")
 
@@ -295,8 +343,10 @@ def write_report() -> None:
     for pod in PLAY_ORDER:
         service = service_of(pod)
         image = figures.get("images", {}).get(service if service != "chroma" else "knowledge", {})
-        rows.append(f"{pod:<14}{figures.get('cold_start_s', {}).get(pod, float('nan')):>14.1f}"
-                    f"{figures.get('memory_idle_mib', {}).get(pod, float('nan')):>10.0f}"
-                    f"{figures.get('memory_load_mib', {}).get(pod, float('nan')):>10.0f}"
-                    f"{image.get('size_bytes', 0) / 1e6:>10.0f}")
+        rows.append(
+            f"{pod:<14}{figures.get('cold_start_s', {}).get(pod, float('nan')):>14.1f}"
+            f"{figures.get('memory_idle_mib', {}).get(pod, float('nan')):>10.0f}"
+            f"{figures.get('memory_load_mib', {}).get(pod, float('nan')):>10.0f}"
+            f"{image.get('size_bytes', 0) / 1e6:>10.0f}"
+        )
     print("\n" + "\n".join(rows) + f"\n(figures: {REPORT_FILE})")

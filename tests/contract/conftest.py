@@ -1,4 +1,5 @@
 """In-process servers built by each service's own `build()` on free ports, with the shared runtime."""
+
 from __future__ import annotations
 
 from contextlib import asynccontextmanager

@@ -2,13 +2,14 @@
 orchestrator's own behaviour can be driven: streaming and cancellation, deadlines, batches, idempotent retries,
 the incident history, feedback, backpressure and image checks. The real agents are behind the same edge in
 test_servicers.py, the integration tests and the e2e trace test."""
+
 from __future__ import annotations
 
 import asyncio
 import io
 import time
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -61,8 +62,12 @@ async def test_stream_diagnose_sends_each_stage_then_the_stored_result(tmp_path)
     async with edge(tmp_path) as (server, _):
         channel, copilot = stub(server)
         async with channel:
-            events = [e async for e in copilot.StreamDiagnose(
-                copilot_pb2.StreamDiagnoseRequest(diagnosis=request(image=png(), request_id="stream-1")), timeout=10)]
+            events = [
+                e
+                async for e in copilot.StreamDiagnose(
+                    copilot_pb2.StreamDiagnoseRequest(diagnosis=request(image=png(), request_id="stream-1")), timeout=10
+                )
+            ]
             kinds = [e.WhichOneof("event") for e in events]
             assert kinds == ["stage_started", "stage_finished"] * 3 + ["result"]
             stages = [e.stage_started.stage for e in events if e.HasField("stage_started")]
@@ -128,11 +133,17 @@ async def test_batch_gives_each_item_its_own_status(tmp_path):
             bad = request(problem="short")
             bad.plant_id = "pune"
             bad_image = request(image=b"%PDF-1.7 not an image")
-            reply = await copilot.DiagnoseBatch(copilot_pb2.DiagnoseBatchRequest(
-                requests=[request(), bad, bad_image, request(equipment="CNC-B-7")]), timeout=20)
+            reply = await copilot.DiagnoseBatch(
+                copilot_pb2.DiagnoseBatchRequest(requests=[request(), bad, bad_image, request(equipment="CNC-B-7")]),
+                timeout=20,
+            )
             assert [i.index for i in reply.items] == [0, 1, 2, 3]
-            assert [i.code for i in reply.items] == [code_pb2.OK, code_pb2.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT,
-                                                     code_pb2.OK]
+            assert [i.code for i in reply.items] == [
+                code_pb2.OK,
+                code_pb2.INVALID_ARGUMENT,
+                code_pb2.INVALID_ARGUMENT,
+                code_pb2.OK,
+            ]
             assert {v.field for v in reply.items[1].field_violations} == {"plant_id", "problem_description"}
             assert [v.field for v in reply.items[2].field_violations] == ["image.data"]
             assert reply.items[0].response.report.summary and reply.items[3].response.request_id
@@ -144,8 +155,10 @@ async def test_batch_runs_with_bounded_concurrency_and_refuses_oversized_batches
     async with edge(tmp_path, agents, batch_concurrency=2, batch_max_items=6) as (server, _):
         channel, copilot = stub(server)
         async with channel:
-            reply = await copilot.DiagnoseBatch(copilot_pb2.DiagnoseBatchRequest(
-                requests=[request(equipment=f"CNC-A-{n:03d}") for n in range(6)]), timeout=30)
+            reply = await copilot.DiagnoseBatch(
+                copilot_pb2.DiagnoseBatchRequest(requests=[request(equipment=f"CNC-A-{n:03d}") for n in range(6)]),
+                timeout=30,
+            )
             assert reply.succeeded == 6
             assert agents.peak_in_flight == 2
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -173,8 +186,9 @@ async def test_a_retry_with_the_same_request_id_replays_the_stored_answer(tmp_pa
             listed = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(), timeout=5)
             assert [i.request_id for i in listed.incidents] == ["cmms-4711"]
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await copilot.Diagnose(request(request_id="cmms-4711", problem="A different problem altogether"),
-                                       timeout=10)
+                await copilot.Diagnose(
+                    request(request_id="cmms-4711", problem="A different problem altogether"), timeout=10
+                )
             assert caught.value.code() is grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -182,8 +196,9 @@ async def test_concurrent_retries_of_one_request_id_run_the_workflow_once(tmp_pa
     async with edge(tmp_path, FakeAgents(delay_s=0.2)) as (server, agents):
         channel, copilot = stub(server)
         async with channel:
-            replies = await asyncio.gather(*(copilot.Diagnose(request(request_id="mes-42"), timeout=10)
-                                             for _ in range(4)))
+            replies = await asyncio.gather(
+                *(copilot.Diagnose(request(request_id="mes-42"), timeout=10) for _ in range(4))
+            )
             assert [name for name, _ in agents.calls].count("knowledge") == 1
             assert sorted(r.replayed for r in replies) == [False, True, True, True]
             assert len({r.report.summary for r in replies}) == 1
@@ -194,12 +209,14 @@ async def test_list_incidents_pages_newest_first_and_filters(tmp_path):
         channel, copilot = stub(server)
         async with channel:
             for n in range(5):
-                await copilot.Diagnose(request(equipment="CNC-A-102" if n % 2 == 0 else "PUMP-B-3",
-                                               request_id=f"inc-{n}"), timeout=10)
+                await copilot.Diagnose(
+                    request(equipment="CNC-A-102" if n % 2 == 0 else "PUMP-B-3", request_id=f"inc-{n}"), timeout=10
+                )
             seen, token = [], ""
             while True:
-                page = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_size=2, page_token=token),
-                                                   timeout=5)
+                page = await copilot.ListIncidents(
+                    copilot_pb2.ListIncidentsRequest(page_size=2, page_token=token), timeout=5
+                )
                 assert len(page.incidents) <= 2
                 seen += [i.request_id for i in page.incidents]
                 token = page.next_page_token
@@ -210,7 +227,7 @@ async def test_list_incidents_pages_newest_first_and_filters(tmp_path):
             assert [i.request_id for i in pump.incidents] == ["inc-3", "inc-1"]
             assert not pump.incidents[0].diagnosis.report.rendered_text  # pages leave the long text out
             future = timestamp_pb2.Timestamp()
-            future.FromDatetime(datetime.now(timezone.utc) + timedelta(hours=1))
+            future.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
             none = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(start_time=future), timeout=5)
             assert list(none.incidents) == []
             other_plant = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(plant_id="BRNO-CZ"), timeout=5)
@@ -219,9 +236,11 @@ async def test_list_incidents_pages_newest_first_and_filters(tmp_path):
                 await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_token="not-a-token"), timeout=5)
             assert [v.field for v in field_violations(caught.value)] == ["page_token"]
             past = timestamp_pb2.Timestamp()
-            past.FromDatetime(datetime.now(timezone.utc) - timedelta(hours=1))
+            past.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
             with pytest.raises(grpc.aio.AioRpcError) as caught:  # end before start
-                await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(start_time=future, end_time=past), timeout=5)
+                await copilot.ListIncidents(
+                    copilot_pb2.ListIncidentsRequest(start_time=future, end_time=past), timeout=5
+                )
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="never-seen"), timeout=5)
@@ -234,9 +253,15 @@ async def test_the_report_mentions_similar_past_incidents_on_the_same_equipment(
         async with channel:
             await copilot.Diagnose(request(request_id="first-overheat"), timeout=10)
             await copilot.Diagnose(request(equipment="PUMP-B-3", request_id="other-machine"), timeout=10)
-            await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(
-                request_id="first-overheat", helpful=True, resolution_notes="Replaced the clogged coolant filter",
-                helpful_sop_ids=["SOP-123"]), timeout=5)
+            await copilot.SubmitFeedback(
+                copilot_pb2.SubmitFeedbackRequest(
+                    request_id="first-overheat",
+                    helpful=True,
+                    resolution_notes="Replaced the clogged coolant filter",
+                    helpful_sop_ids=["SOP-123"],
+                ),
+                timeout=5,
+            )
             later = await copilot.Diagnose(request(problem="Spindle overheating again after lunch"), timeout=10)
             follow_up = "\n".join(later.report.follow_up)
             assert "first-overheat" in follow_up and "Replaced the clogged coolant filter" in follow_up
@@ -251,18 +276,28 @@ async def test_feedback_is_stored_with_the_incident_and_exported_as_labelled_que
         channel, copilot = stub(server, subject="tech-anna")
         async with channel:
             await copilot.Diagnose(request(request_id="fb-1"), timeout=10)
-            await copilot.Diagnose(request(request_id="fb-2", problem="Conveyor belt slipping on the drive drum"),
-                                   timeout=10)
-            reply = await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(
-                request_id="fb-1", helpful=True, resolution_notes="Coolant pump replaced",
-                helpful_sop_ids=["SOP-123", "SOP-123"]), timeout=5)
+            await copilot.Diagnose(
+                request(request_id="fb-2", problem="Conveyor belt slipping on the drive drum"), timeout=10
+            )
+            reply = await copilot.SubmitFeedback(
+                copilot_pb2.SubmitFeedbackRequest(
+                    request_id="fb-1",
+                    helpful=True,
+                    resolution_notes="Coolant pump replaced",
+                    helpful_sop_ids=["SOP-123", "SOP-123"],
+                ),
+                timeout=5,
+            )
             assert reply.feedback.principal == "tech-anna" and list(reply.feedback.helpful_sop_ids) == ["SOP-123"]
             await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(request_id="fb-2", helpful=False), timeout=5)
-            incident = (await copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="fb-1"), timeout=5)).incident
+            incident = (
+                await copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="fb-1"), timeout=5)
+            ).incident
             assert [(f.helpful, f.resolution_notes) for f in incident.feedback] == [(True, "Coolant pump replaced")]
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(request_id="nope", helpful=True),
-                                             timeout=5)
+                await copilot.SubmitFeedback(
+                    copilot_pb2.SubmitFeedbackRequest(request_id="nope", helpful=True), timeout=5
+                )
             assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     store = IncidentStore(f"sqlite:///{tmp_path / 'incidents.db'}")
     questions = {q["q"]: q for q in questions_from_feedback(store.feedback_export())}
@@ -316,34 +351,48 @@ async def test_images_are_sniffed_and_pixel_bombs_refused(tmp_path):
             mislabelled = request(image=png())
             mislabelled.image.mime_type = "image/jpeg"  # the bytes decide, not the label
             assert (await copilot.Diagnose(mislabelled, timeout=10)).stages[0].state == copilot_pb2.STAGE_STATE_OK
-            for image, fragment in [(png(200, 200), "pixels"), (b"GIF89a" + b"\0" * 100, "not a JPEG"),
-                                    (b"\x89PNG\r\n\x1a\n" + b"\0" * 300_000, "bytes")]:
+            for image, fragment in [
+                (png(200, 200), "pixels"),
+                (b"GIF89a" + b"\0" * 100, "not a JPEG"),
+                (b"\x89PNG\r\n\x1a\n" + b"\0" * 300_000, "bytes"),
+            ]:
                 bad = request()
                 bad.image.CopyFrom(common_pb2.Image(data=image))
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await copilot.Diagnose(bad, timeout=10)
                 assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
                 violations = field_violations(caught.value)
-                assert [v.field for v in violations] == ["image.data"] and fragment in violations[0].description, \
+                assert [v.field for v in violations] == ["image.data"] and fragment in violations[0].description, (
                     violations
+                )
             assert [name for name, _ in agents.calls].count("vision") == 1
 
 
-@pytest.mark.parametrize("role, expected", [(None, grpc.StatusCode.UNAUTHENTICATED),
-                                            ("expired", grpc.StatusCode.UNAUTHENTICATED),
-                                            ("forged", grpc.StatusCode.UNAUTHENTICATED)])
+@pytest.mark.parametrize(
+    "role, expected",
+    [
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("expired", grpc.StatusCode.UNAUTHENTICATED),
+        ("forged", grpc.StatusCode.UNAUTHENTICATED),
+    ],
+)
 async def test_calls_without_a_valid_token_are_unauthenticated(tmp_path, role, expected):
     from copilot.client import aio_channel
     from copilot.runtime.auth import Role, mint_token
     from tests.conftest import TEST_SECRET
 
-    tokens = {None: None, "expired": mint_token("anna", Role.ADMIN, secret=TEST_SECRET, now=time.time() - 7200),
-              "forged": mint_token("anna", Role.ADMIN, secret="another-secret-of-at-least-32-characters")}
+    tokens = {
+        None: None,
+        "expired": mint_token("anna", Role.ADMIN, secret=TEST_SECRET, now=time.time() - 7200),
+        "forged": mint_token("anna", Role.ADMIN, secret="another-secret-of-at-least-32-characters"),
+    }
     async with edge(tmp_path) as (server, agents):
         async with aio_channel(f"127.0.0.1:{server.port}", tokens[role]) as channel:
             copilot = copilot_pb2_grpc.CopilotServiceStub(channel)
-            for call in (copilot.Diagnose(request(), timeout=5),
-                         copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="x"), timeout=5)):
+            for call in (
+                copilot.Diagnose(request(), timeout=5),
+                copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="x"), timeout=5),
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call
                 assert caught.value.code() is expected

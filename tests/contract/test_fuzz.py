@@ -4,6 +4,7 @@ protobuf at all) always end in a clean status, the server keeps serving, and its
 The edge runs on its own event loop in a thread (hypothesis drives plain synchronous calls); the agents behind
 it are the in-process fakes, so that thousands of calls take seconds — what is under test is the edge: auth,
 admission, protovalidate, image checks, idempotency and the history."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,13 @@ from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
 from tests.conftest import token
 from tests.fakes import FakeAgents
 
-CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-         grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED}
+CLEAN = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 
 
 class EdgeThread:
@@ -36,7 +42,7 @@ class EdgeThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server = None
 
-    def __enter__(self) -> "EdgeThread":
+    def __enter__(self) -> EdgeThread:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(60)
         return self
@@ -45,8 +51,14 @@ class EdgeThread:
         from copilot.runtime.server import AgentServer
         from services.orchestrator.server import OrchestratorSettings, build
 
-        settings = OrchestratorSettings(port=0, host="127.0.0.1", database_url=self.database_url, rate_limit="",
-                                        max_image_bytes=256 * 1024, max_image_pixels=1_000_000)
+        settings = OrchestratorSettings(
+            port=0,
+            host="127.0.0.1",
+            database_url=self.database_url,
+            rate_limit="",
+            max_image_bytes=256 * 1024,
+            max_image_pixels=1_000_000,
+        )
         self.server = AgentServer(*build(settings, clients=FakeAgents()))
         await self.server.start()
         await self.server.wait_ready()
@@ -89,8 +101,22 @@ def _png_claiming(width: int, height: int) -> bytes:
 SMALL_PNG = _png(8, 8)
 hostile_text = st.one_of(
     st.text(max_size=600),
-    st.sampled_from(["", " ", "PUNE-IN", "CNC-A-102", "x" * 5000, "<script>alert(1)</script>", "'; DROP TABLE x;--",
-                     "\x00\x01\x02", "\u202e\u0000", "../../etc/passwd", "PUNE-IN\n", "🔥" * 100]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "PUNE-IN",
+            "CNC-A-102",
+            "x" * 5000,
+            "<script>alert(1)</script>",
+            "'; DROP TABLE x;--",
+            "\x00\x01\x02",
+            "\u202e\u0000",
+            "../../etc/passwd",
+            "PUNE-IN\n",
+            "🔥" * 100,
+        ]
+    ),
 )
 images = st.one_of(
     st.none(),
@@ -110,13 +136,15 @@ def diagnose_requests(draw):
         equipment_id=draw(st.one_of(st.just("CNC-A-102"), hostile_text)),
         problem_description=draw(st.one_of(st.just("Spindle overheating during the shift"), hostile_text)),
         equipment_type=draw(st.one_of(st.just(""), st.just("brushed-steel"), hostile_text)),
-        request_id=draw(st.one_of(st.just(""), st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True), hostile_text)))
+        request_id=draw(st.one_of(st.just(""), st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True), hostile_text)),
+    )
     if draw(st.booleans()):
         request.image_id = draw(hostile_text)
     image = draw(images)
     if image is not None:
-        request.image.CopyFrom(common_pb2.Image(data=image, mime_type=draw(st.one_of(st.just("image/png"),
-                                                                                     hostile_text))))
+        request.image.CopyFrom(
+            common_pb2.Image(data=image, mime_type=draw(st.one_of(st.just("image/png"), hostile_text)))
+        )
     return request
 
 
@@ -130,8 +158,11 @@ def _code(call) -> grpc.StatusCode:
         return exc.code()
 
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 METADATA = auth_metadata(token("technician"))
 
 
@@ -140,8 +171,11 @@ METADATA = auth_metadata(token("technician"))
 def test_fuzz_diagnose_and_stream(edge, request):
     copilot = copilot_pb2_grpc.CopilotServiceStub(edge)
     _code(lambda: copilot.Diagnose(request, metadata=METADATA, timeout=10))
-    _code(lambda: list(copilot.StreamDiagnose(copilot_pb2.StreamDiagnoseRequest(diagnosis=request),
-                                              metadata=METADATA, timeout=10)))
+    _code(
+        lambda: list(
+            copilot.StreamDiagnose(copilot_pb2.StreamDiagnoseRequest(diagnosis=request), metadata=METADATA, timeout=10)
+        )
+    )
 
 
 @FUZZ
@@ -152,8 +186,9 @@ def test_fuzz_batch(edge, requests):
 
     def call():
         nonlocal reply
-        reply = copilot.DiagnoseBatch(copilot_pb2.DiagnoseBatchRequest(requests=requests), metadata=METADATA,
-                                      timeout=20)
+        reply = copilot.DiagnoseBatch(
+            copilot_pb2.DiagnoseBatchRequest(requests=requests), metadata=METADATA, timeout=20
+        )
 
     if _code(call) is grpc.StatusCode.OK:
         assert [item.index for item in reply.items] == list(range(len(requests)))
@@ -161,24 +196,44 @@ def test_fuzz_batch(edge, requests):
 
 
 @FUZZ
-@given(request_id=hostile_text, page_token=hostile_text, page_size=st.integers(-2**31, 2**31 - 1),
-       plant=hostile_text, notes=hostile_text, sops=st.lists(hostile_text, max_size=4), start=st.integers(-2**40, 2**40))
+@given(
+    request_id=hostile_text,
+    page_token=hostile_text,
+    page_size=st.integers(-(2**31), 2**31 - 1),
+    plant=hostile_text,
+    notes=hostile_text,
+    sops=st.lists(hostile_text, max_size=4),
+    start=st.integers(-(2**40), 2**40),
+)
 def test_fuzz_history_and_feedback(edge, request_id, page_token, page_size, plant, notes, sops, start):
     copilot = copilot_pb2_grpc.CopilotServiceStub(edge)
-    _code(lambda: copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id=request_id), metadata=METADATA,
-                                      timeout=10))
+    _code(
+        lambda: copilot.GetIncident(
+            copilot_pb2.GetIncidentRequest(request_id=request_id), metadata=METADATA, timeout=10
+        )
+    )
     listing = copilot_pb2.ListIncidentsRequest(page_token=page_token, page_size=page_size, plant_id=plant)
     listing.start_time.seconds = start
     _code(lambda: copilot.ListIncidents(listing, metadata=METADATA, timeout=10))
-    _code(lambda: copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(
-        request_id=request_id, helpful=True, resolution_notes=notes, helpful_sop_ids=sops), metadata=METADATA,
-        timeout=10))
+    _code(
+        lambda: copilot.SubmitFeedback(
+            copilot_pb2.SubmitFeedbackRequest(
+                request_id=request_id, helpful=True, resolution_notes=notes, helpful_sop_ids=sops
+            ),
+            metadata=METADATA,
+            timeout=10,
+        )
+    )
 
 
 @FUZZ
-@given(payload=st.binary(max_size=4096), method=st.sampled_from(
-    ["Diagnose", "StreamDiagnose", "DiagnoseBatch", "GetIncident", "ListIncidents", "SubmitFeedback"]),
-    header=st.one_of(st.none(), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200)))
+@given(
+    payload=st.binary(max_size=4096),
+    method=st.sampled_from(
+        ["Diagnose", "StreamDiagnose", "DiagnoseBatch", "GetIncident", "ListIncidents", "SubmitFeedback"]
+    ),
+    header=st.one_of(st.none(), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200)),
+)
 def test_fuzz_raw_bytes_and_headers(edge, payload, method, header):
     """Bytes that are not the method's message, with any authorization header: still a clean status."""
     path = f"/copilot.v1.CopilotService/{method}"
@@ -193,14 +248,16 @@ def test_fuzz_raw_bytes_and_headers(edge, payload, method, header):
 
 def test_after_the_fuzzing_the_server_still_serves_and_memory_stayed_bounded(edge):
     copilot = copilot_pb2_grpc.CopilotServiceStub(edge)
-    request = copilot_pb2.DiagnoseRequest(plant_id="PUNE-IN", equipment_id="CNC-A-102",
-                                          problem_description="Spindle overheating during the shift")
+    request = copilot_pb2.DiagnoseRequest(
+        plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="Spindle overheating during the shift"
+    )
     for _ in range(20):  # warm: the first calls allocate caches
         copilot.Diagnose(request, metadata=METADATA, timeout=10)
     gc.collect()
     before = rss_bytes()
-    hostile = copilot_pb2.DiagnoseRequest(plant_id="x" * 5000, equipment_id="\x00" * 3000,
-                                          problem_description="<" * 10_000)
+    hostile = copilot_pb2.DiagnoseRequest(
+        plant_id="x" * 5000, equipment_id="\x00" * 3000, problem_description="<" * 10_000
+    )
     hostile.image.data = _png_claiming(100_000, 100_000)
     for _ in range(300):
         _code(lambda: copilot.Diagnose(hostile, metadata=METADATA, timeout=10))

@@ -1,5 +1,6 @@
 """KnowledgeService document RPCs over real gRPC: client-streaming ingest, list/get/delete, filters, and
 precise INVALID_ARGUMENT / NOT_FOUND answers that leave the store as it was."""
+
 from __future__ import annotations
 
 import grpc
@@ -33,13 +34,13 @@ async def library(tmp_path, embedder):
             yield knowledge_pb2_grpc.KnowledgeServiceStub(channel), knowledge
 
 
-
 def upload(metadata: knowledge_pb2.DocumentMetadata | None, data: bytes, piece: int = 64):
     async def stream():
         if metadata is not None:
             yield knowledge_pb2.IngestDocumentRequest(metadata=metadata)
         for start in range(0, len(data), piece):
-            yield knowledge_pb2.IngestDocumentRequest(content=data[start:start + piece])
+            yield knowledge_pb2.IngestDocumentRequest(content=data[start : start + piece])
+
     return stream()
 
 
@@ -49,7 +50,11 @@ async def test_ingest_streams_a_document_in_pieces_and_is_idempotent(library):
     assert first.outcome == knowledge_pb2.INGEST_OUTCOME_CREATED and first.chunks_written == 1
     doc = first.document
     assert (doc.document_id, doc.title, doc.version, list(doc.equipment_types)) == (
-        "HYD-900", "Test press manual", "1", ["hydraulic-press"])
+        "HYD-900",
+        "Test press manual",
+        "1",
+        ["hydraulic-press"],
+    )
     assert doc.format == knowledge_pb2.DOCUMENT_FORMAT_MARKDOWN and doc.size_bytes == len(HYD)
     again = await stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD, piece=7))
     assert again.outcome == knowledge_pb2.INGEST_OUTCOME_UNCHANGED and again.chunks_written == 0
@@ -67,8 +72,13 @@ async def test_ingest_streams_a_document_in_pieces_and_is_idempotent(library):
 async def test_plain_text_needs_metadata_and_filters_apply(library):
     stub, _ = library
     text = b"Compressor room notes\n\nAlarm A-55 oil carry-over:\n1. Replace the separator element.\n"
-    meta = knowledge_pb2.DocumentMetadata(document_id="CMP-55", version="2024-06", filename="notes.txt",
-                                          equipment_types=["air-compressor"], plant_ids=["plant-7"])
+    meta = knowledge_pb2.DocumentMetadata(
+        document_id="CMP-55",
+        version="2024-06",
+        filename="notes.txt",
+        equipment_types=["air-compressor"],
+        plant_ids=["plant-7"],
+    )
     created = await stub.IngestDocument(upload(meta, text))
     assert created.document.format == knowledge_pb2.DOCUMENT_FORMAT_TEXT
     assert created.document.title == "Compressor room notes"
@@ -80,10 +90,14 @@ async def test_plain_text_needs_metadata_and_filters_apply(library):
     assert [d.document_id for d in by_plant.documents] == ["HYD-900"]  # CMP-55 belongs to plant-7 only
     page = await stub.ListDocuments(knowledge_pb2.ListDocumentsRequest(page_size=1))
     rest = await stub.ListDocuments(knowledge_pb2.ListDocumentsRequest(page_size=1, page_token=page.next_page_token))
-    assert [d.document_id for d in [*page.documents, *rest.documents]] == ["CMP-55", "HYD-900"] and not rest.next_page_token
+    assert [d.document_id for d in [*page.documents, *rest.documents]] == [
+        "CMP-55",
+        "HYD-900",
+    ] and not rest.next_page_token
 
-    scoped = await stub.Retrieve(knowledge_pb2.RetrieveRequest(query="oil carry-over alarm A-55", top_k=3,
-                                                               equipment_type="hydraulic-press"))
+    scoped = await stub.Retrieve(
+        knowledge_pb2.RetrieveRequest(query="oil carry-over alarm A-55", top_k=3, equipment_type="hydraulic-press")
+    )
     assert "CMP-55" not in {c.sop_id for c in scoped.chunks}
 
 
@@ -92,8 +106,10 @@ async def test_delete_and_not_found(library):
     await stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD))
     deleted = await stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900"))
     assert deleted.chunks_removed == 1 and knowledge.count() == 0
-    for call in (stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900")),
-                 stub.GetDocument(knowledge_pb2.GetDocumentRequest(document_id="HYD-900"))):
+    for call in (
+        stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900")),
+        stub.GetDocument(knowledge_pb2.GetDocumentRequest(document_id="HYD-900")),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await call
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -106,7 +122,11 @@ async def test_delete_and_not_found(library):
         (knowledge_pb2.DocumentMetadata(filename="hyd.md"), b"", "content"),
         (knowledge_pb2.DocumentMetadata(filename="manual.docx", document_id="X-1"), b"PK\x03\x04", "metadata.format"),
         (knowledge_pb2.DocumentMetadata(filename="notes.txt"), b"1. a step\n", "metadata.document_id"),
-        (knowledge_pb2.DocumentMetadata(filename="notes.txt", document_id="has spaces"), b"text", "metadata.document_id"),
+        (
+            knowledge_pb2.DocumentMetadata(filename="notes.txt", document_id="has spaces"),
+            b"text",
+            "metadata.document_id",
+        ),
         (knowledge_pb2.DocumentMetadata(filename="x.pdf", document_id="P-1"), b"\x00\x01garbage" * 50, "content"),
         (knowledge_pb2.DocumentMetadata(filename="x.txt", document_id="P-1"), bytes(range(256)) * 8, "content"),
         (knowledge_pb2.DocumentMetadata(filename="big.txt", document_id="P-1"), b"a" * 3000, "content"),
@@ -129,7 +149,9 @@ async def test_a_changed_document_under_the_same_version_is_refused(library):
     stub, knowledge = library
     await stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD.replace(b"kit", b"tool")))
+        await stub.IngestDocument(
+            upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD.replace(b"kit", b"tool"))
+        )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in field_violations(refused.value)] == ["metadata.version"]
     assert "kit" in knowledge.document_chunks("HYD-900")[0].text
@@ -162,8 +184,10 @@ async def test_only_admins_change_the_library(tmp_path, embedder, role):
         async with channel_to(server, role) as channel:
             stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
             expected = grpc.StatusCode.UNAUTHENTICATED if role is None else grpc.StatusCode.PERMISSION_DENIED
-            for call in (stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD)),
-                         stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900"))):
+            for call in (
+                stub.IngestDocument(upload(knowledge_pb2.DocumentMetadata(filename="hyd.md"), HYD)),
+                stub.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(document_id="HYD-900")),
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await call
                 assert refused.value.code() == expected

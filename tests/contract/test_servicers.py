@@ -1,4 +1,5 @@
 """Each servicer through a real in-process gRPC server: its contract, its errors, health and reflection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,15 @@ from copilot.runtime.config import ServerSettings
 from copilot.runtime.errors import field_violations
 from copilot.runtime.server import ServiceSpec
 from copilot.v1 import (
-    common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc, report_pb2, report_pb2_grpc,
-    vision_pb2, vision_pb2_grpc,
+    common_pb2,
+    copilot_pb2,
+    copilot_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+    report_pb2,
+    report_pb2_grpc,
+    vision_pb2,
+    vision_pb2_grpc,
 )
 
 from .conftest import channel_to, serving
@@ -28,13 +36,19 @@ async def test_vision_analyses_the_photo_it_is_sent(vision_server, crack_photo, 
         cracked = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=crack_photo)))
         clean = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=clean_photo)))
     assert {"crack", "corrosion"} <= {d.type for d in cracked.defects}
-    assert all(d.HasField("box") and 0 <= d.box.x_min < d.box.x_max <= 1 for d in cracked.defects if d.type != "surface-roughness")
+    assert all(
+        d.HasField("box") and 0 <= d.box.x_min < d.box.x_max <= 1
+        for d in cracked.defects
+        if d.type != "surface-roughness"
+    )
     assert len(clean.defects) == 0 and clean.model == "patchcore/efficientnet-lite0"
     assert cracked.reference_set == "generic"  # no equipment type given
 
 
 @pytest.mark.parametrize(("data", "fragment"), [(b"", "empty"), (b"not an image at all", "not a JPEG")])
-async def test_vision_rejects_bad_images_with_field_details_and_keeps_serving(vision_server, crack_photo, data, fragment):
+async def test_vision_rejects_bad_images_with_field_details_and_keeps_serving(
+    vision_server, crack_photo, data, fragment
+):
     async with channel_to(vision_server) as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -50,10 +64,12 @@ async def test_vision_references_register_list_page_and_delete(vision_server, cr
     async with channel_to(vision_server) as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         image = common_pb2.Image(data=crack_photo)
-        added = await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(
-            equipment_type="pump-housing", label="crack", image=image))
-        again = await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(
-            equipment_type="pump-housing", label="crack", image=image))
+        added = await stub.RegisterReference(
+            vision_pb2.RegisterReferenceRequest(equipment_type="pump-housing", label="crack", image=image)
+        )
+        again = await stub.RegisterReference(
+            vision_pb2.RegisterReferenceRequest(equipment_type="pump-housing", label="crack", image=image)
+        )
         assert added.created and not again.created and again.reference.reference_id == added.reference.reference_id
         assert added.reference.sha256 and added.reference.width == 512 and added.reference.created_at.seconds > 0
 
@@ -79,15 +95,19 @@ async def test_vision_references_register_list_page_and_delete(vision_server, cr
             await stub.ListReferences(vision_pb2.ListReferencesRequest(page_token="%%%"))
         assert {v.field for v in field_violations(err.value)} == {"page_token"}  # semantic check in the servicer
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.RegisterReference(vision_pb2.RegisterReferenceRequest(equipment_type="Pump", label="good",
-                                                                             image=image))
+            await stub.RegisterReference(
+                vision_pb2.RegisterReferenceRequest(equipment_type="Pump", label="good", image=image)
+            )
         assert [v.field for v in field_violations(err.value)] == ["equipment_type"]
 
 
 async def test_vision_heatmap_on_request(vision_server, crack_photo):
     async with channel_to(vision_server) as channel:
-        reply = await vision_pb2_grpc.VisionServiceStub(channel).AnalyzeImage(vision_pb2.AnalyzeImageRequest(
-            image=common_pb2.Image(data=crack_photo), equipment_type="brushed-steel", include_heatmap=True))
+        reply = await vision_pb2_grpc.VisionServiceStub(channel).AnalyzeImage(
+            vision_pb2.AnalyzeImageRequest(
+                image=common_pb2.Image(data=crack_photo), equipment_type="brushed-steel", include_heatmap=True
+            )
+        )
     assert reply.heatmap_png.startswith(b"\x89PNG") and reply.reference_set == "brushed-steel"
 
 
@@ -98,9 +118,12 @@ async def test_knowledge_retrieve_and_advise(knowledge_server):
     async with channel_to(knowledge_server) as channel:
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
         retrieved = await stub.Retrieve(knowledge_pb2.RetrieveRequest(query="welding gas flow and porosity", top_k=2))
-        advice = await stub.Advise(knowledge_pb2.AdviseRequest(
-            problem_description="CNC machine overheating during operation",
-            defects=[common_pb2.Defect(type="crack", confidence=0.9)]))
+        advice = await stub.Advise(
+            knowledge_pb2.AdviseRequest(
+                problem_description="CNC machine overheating during operation",
+                defects=[common_pb2.Defect(type="crack", confidence=0.9)],
+            )
+        )
     assert len(retrieved.chunks) == 2 and retrieved.chunks[0].sop_id == "MAINT-GUIDE-V2"
     assert advice.steps and advice.steps[0].sop_ids == ["SOP-123"]
     assert advice.query.endswith("Defects observed: crack.")
@@ -128,8 +151,13 @@ async def test_knowledge_rejects_bad_requests(knowledge_server, request_, fields
 
 async def test_report_composes_the_structured_report(report_server):
     request = report_pb2.ComposeReportRequest(
-        request_id="r-1", plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="Overheating badly",
-        guidance=[common_pb2.GuidanceStep(text="Check coolant.", sop_ids=["SOP-123"])], confidence_score=0.8)
+        request_id="r-1",
+        plant_id="PUNE-IN",
+        equipment_id="CNC-A-102",
+        problem_description="Overheating badly",
+        guidance=[common_pb2.GuidanceStep(text="Check coolant.", sop_ids=["SOP-123"])],
+        confidence_score=0.8,
+    )
     async with channel_to(report_server) as channel:
         reply = await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(request)
     report = reply.report
@@ -141,9 +169,15 @@ async def test_report_rejects_missing_fields(report_server):
     async with channel_to(report_server) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(
-                report_pb2.ComposeReportRequest(confidence_score=2))
-    assert {v.field for v in field_violations(err.value)} == {"request_id", "plant_id", "equipment_id",
-                                                              "problem_description", "confidence_score"}
+                report_pb2.ComposeReportRequest(confidence_score=2)
+            )
+    assert {v.field for v in field_violations(err.value)} == {
+        "request_id",
+        "plant_id",
+        "equipment_id",
+        "problem_description",
+        "confidence_score",
+    }
 
 
 # --- orchestrator -----------------------------------------------------------------------------------
@@ -152,7 +186,9 @@ async def test_report_rejects_missing_fields(report_server):
 async def test_diagnose_through_all_agents(copilot_server, crack_photo):
     request = diagnose_request("PUNE-IN", "PUMP-A-7", "Pump housing overheating during operation", crack_photo, "img-1")
     async with channel_to(copilot_server) as channel:
-        reply = await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata("technician-7"))
+        reply = await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
+            request, metadata=auth_metadata("technician-7")
+        )
     assert [s.state for s in reply.stages] == [copilot_pb2.STAGE_STATE_OK] * 3
     assert {"crack", "corrosion"} <= {d.type for d in reply.report.defects}
     assert {"PUMP-330", "MOTOR-240"} & set(reply.report.referenced_sop_ids)  # the pump and motor manuals
@@ -162,19 +198,31 @@ async def test_diagnose_through_all_agents(copilot_server, crack_photo):
     assert reply.request_id and reply.safety_disclaimer
 
 
-@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer admin-1"),), (("authorization", "technician-1"),),
-                                      (("authorization", "Bearer technician-"),)])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer admin-1"),),
+        (("authorization", "technician-1"),),
+        (("authorization", "Bearer technician-"),),
+    ],
+)
 async def test_diagnose_needs_a_technician_token(copilot_server, metadata):
     async with channel_to(copilot_server, role=None) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
-                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), metadata=metadata)
+                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), metadata=metadata
+            )
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_diagnose_validation_names_every_field(copilot_server):
-    request = copilot_pb2.DiagnoseRequest(plant_id="pune", equipment_id="ab", problem_description="<bad>",
-                                          image=common_pb2.Image(data=b"GIF89a...", mime_type="image/jpeg"))
+    request = copilot_pb2.DiagnoseRequest(
+        plant_id="pune",
+        equipment_id="ab",
+        problem_description="<bad>",
+        image=common_pb2.Image(data=b"GIF89a...", mime_type="image/jpeg"),
+    )
     async with channel_to(copilot_server) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(request, metadata=auth_metadata())
@@ -195,18 +243,26 @@ async def test_health_and_reflection_on_every_server(vision_server, knowledge_se
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            responses = [r async for r in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            responses = [
+                r
+                async for r in stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            ]
             listed = {s.name for s in responses[0].list_services_response.service}
             assert set(server.spec.service_names) | {"grpc.health.v1.Health"} <= listed
 
 
 async def test_health_is_not_serving_until_warm_up_finishes_and_during_shutdown():
     loaded = asyncio.Event()
-    spec = ServiceSpec(name="slow", service_names=["copilot.v1.ReportService"], register=lambda server: None,
-                       warm_up=loaded.wait)
+    spec = ServiceSpec(
+        name="slow", service_names=["copilot.v1.ReportService"], register=lambda server: None, warm_up=loaded.wait
+    )
     async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.NOT_SERVING
         loaded.set()
         await server.wait_ready()
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
@@ -215,9 +271,12 @@ async def test_health_is_not_serving_until_warm_up_finishes_and_during_shutdown(
 async def test_knowledge_answers_unavailable_while_loading():
     from services.rag.servicer import KnowledgeServicer
 
-    spec = ServiceSpec(name="knowledge", service_names=["copilot.v1.KnowledgeService"],
-                       register=lambda s: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeServicer(), s),
-                       warm_up=asyncio.Event().wait)
+    spec = ServiceSpec(
+        name="knowledge",
+        service_names=["copilot.v1.KnowledgeService"],
+        register=lambda s: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeServicer(), s),
+        warm_up=asyncio.Event().wait,
+    )
     async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await knowledge_pb2_grpc.KnowledgeServiceStub(channel).Retrieve(knowledge_pb2.RetrieveRequest(query="x"))
@@ -232,8 +291,9 @@ async def test_unexpected_errors_become_internal_without_leaking_details(monkeyp
         raise RuntimeError("secret database password in a stack trace")
 
     monkeypatch.setattr(report_servicer, "compose_report", explode)
-    request = report_pb2.ComposeReportRequest(request_id="r-1", plant_id="PUNE-IN", equipment_id="CNC-A-102",
-                                              problem_description="x" * 12)
+    request = report_pb2.ComposeReportRequest(
+        request_id="r-1", plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="x" * 12
+    )
     async with serving(*build(ReportSettings(port=0))) as server, channel_to(server) as channel:
         stub = report_pb2_grpc.ReportServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -1,5 +1,6 @@
 """TLS and mTLS on every hop, with certificates made in the test (trustme): the caller → orchestrator edge and
 the orchestrator → agent channels, configured only through TlsSettings (the TLS_* environment)."""
+
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
@@ -11,8 +12,8 @@ import trustme
 from copilot.client import aio_channel, diagnose_request
 from copilot.runtime.config import TlsSettings
 from copilot.v1 import copilot_pb2_grpc, report_pb2, report_pb2_grpc
-from tests.contract.conftest import serving
 from tests.conftest import token
+from tests.contract.conftest import serving
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,15 @@ def pki(tmp_path_factory):
     client = ca.issue_cert("orchestrator.copilot.internal")
     stranger = trustme.CA().issue_cert("intruder")
     files = {}
-    for name, blob in [("ca", ca.cert_pem), ("server.crt", server.cert_chain_pems[0]),
-                       ("server.key", server.private_key_pem), ("client.crt", client.cert_chain_pems[0]),
-                       ("client.key", client.private_key_pem), ("stranger.crt", stranger.cert_chain_pems[0]),
-                       ("stranger.key", stranger.private_key_pem)]:
+    for name, blob in [
+        ("ca", ca.cert_pem),
+        ("server.crt", server.cert_chain_pems[0]),
+        ("server.key", server.private_key_pem),
+        ("client.crt", client.cert_chain_pems[0]),
+        ("client.key", client.private_key_pem),
+        ("stranger.crt", stranger.cert_chain_pems[0]),
+        ("stranger.key", stranger.private_key_pem),
+    ]:
         path = folder / name
         blob.write_to_path(str(path))
         files[name] = path
@@ -38,12 +44,18 @@ def credentials(pki, cert: str | None = None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=pki["ca"].read_bytes(),
         private_key=pki[f"{cert}.key"].read_bytes() if cert else None,
-        certificate_chain=pki[f"{cert}.crt"].read_bytes() if cert else None)
+        certificate_chain=pki[f"{cert}.crt"].read_bytes() if cert else None,
+    )
 
 
 def report_request() -> report_pb2.ComposeReportRequest:
-    return report_pb2.ComposeReportRequest(request_id="tls-1", plant_id="PUNE-IN", equipment_id="CNC-A-102",
-                                           problem_description="Machine overheating", confidence_score=0.8)
+    return report_pb2.ComposeReportRequest(
+        request_id="tls-1",
+        plant_id="PUNE-IN",
+        equipment_id="CNC-A-102",
+        problem_description="Machine overheating",
+        confidence_score=0.8,
+    )
 
 
 async def test_tls_server_answers_tls_clients_only(pki):
@@ -90,16 +102,24 @@ async def test_every_hop_runs_over_mtls_from_settings(pki, tmp_path):
     # the orchestrator serves with the server certificate and dials agents presenting the client certificate
     edge_tls = TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"], ca_file=pki["ca"])
     async with AsyncExitStack() as stack:
-        report = await stack.enter_async_context(serving(*build_report(ReportSettings(port=0, host="127.0.0.1",
-                                                                                        tls=agent_tls))))
+        report = await stack.enter_async_context(
+            serving(*build_report(ReportSettings(port=0, host="127.0.0.1", tls=agent_tls)))
+        )
         settings = OrchestratorSettings(
-            port=0, host="127.0.0.1", tls=edge_tls, database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
-            vision_addr=f"localhost:{free_port()}", knowledge_addr=f"localhost:{free_port()}",
-            report_addr=f"localhost:{report.port}", knowledge_timeout_s=2)
+            port=0,
+            host="127.0.0.1",
+            tls=edge_tls,
+            database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
+            vision_addr=f"localhost:{free_port()}",
+            knowledge_addr=f"localhost:{free_port()}",
+            report_addr=f"localhost:{report.port}",
+            knowledge_timeout_s=2,
+        )
         edge = await stack.enter_async_context(serving(*build_orchestrator(settings)))
         async with aio_channel(f"localhost:{edge.port}", token(), credentials=credentials(pki)) as channel:
             reply = await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
-                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), timeout=20)
+                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), timeout=20
+            )
     states = {s.stage: s.state for s in reply.stages}
     from copilot.v1 import copilot_pb2
 
@@ -109,27 +129,34 @@ async def test_every_hop_runs_over_mtls_from_settings(pki, tmp_path):
 
 
 async def test_orchestrator_without_a_client_certificate_cannot_reach_an_mtls_agent(pki, tmp_path):
+    from copilot.v1 import copilot_pb2
+    from copilot_cli.launcher import free_port
     from services.orchestrator.server import OrchestratorSettings
     from services.orchestrator.server import build as build_orchestrator
     from services.report.server import ReportSettings
     from services.report.server import build as build_report
-    from copilot_cli.launcher import free_port
-    from copilot.v1 import copilot_pb2
 
     agent_tls = TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"], client_ca_file=pki["ca"])
     async with AsyncExitStack() as stack:
-        report = await stack.enter_async_context(serving(*build_report(ReportSettings(port=0, host="127.0.0.1",
-                                                                                        tls=agent_tls))))
-        settings = OrchestratorSettings(port=0, host="127.0.0.1", tls=TlsSettings(ca_file=pki["ca"]),
-                                        database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
-                                        vision_addr=f"localhost:{free_port()}",
-                                        knowledge_addr=f"localhost:{free_port()}",
-                                        report_addr=f"localhost:{report.port}", knowledge_timeout_s=1,
-                                        report_timeout_s=3)
+        report = await stack.enter_async_context(
+            serving(*build_report(ReportSettings(port=0, host="127.0.0.1", tls=agent_tls)))
+        )
+        settings = OrchestratorSettings(
+            port=0,
+            host="127.0.0.1",
+            tls=TlsSettings(ca_file=pki["ca"]),
+            database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
+            vision_addr=f"localhost:{free_port()}",
+            knowledge_addr=f"localhost:{free_port()}",
+            report_addr=f"localhost:{report.port}",
+            knowledge_timeout_s=1,
+            report_timeout_s=3,
+        )
         edge = await stack.enter_async_context(serving(*build_orchestrator(settings)))
         async with aio_channel(f"127.0.0.1:{edge.port}", token()) as channel:
             reply = await copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
-                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), timeout=20)
+                diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation"), timeout=20
+            )
     states = {s.stage: s.state for s in reply.stages}
     assert states[copilot_pb2.STAGE_REPORT] == copilot_pb2.STAGE_STATE_DEGRADED
 
@@ -146,19 +173,37 @@ async def test_the_cli_reaches_a_tls_orchestrator_with_its_ca(pki, tmp_path):
 
     async def copilot(*args: str, **env: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).with_name("copilot")), *args, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "250", **env})
+            str(Path(sys.executable).with_name("copilot")),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "250", **env},
+        )
         output, _ = await proc.communicate()
         return proc.returncode, output.decode()
 
-    settings = OrchestratorSettings(port=0, host="127.0.0.1", database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
-                                    tls=TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"]))
+    settings = OrchestratorSettings(
+        port=0,
+        host="127.0.0.1",
+        database_url=f"sqlite:///{tmp_path / 'incidents.db'}",
+        tls=TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"]),
+    )
     async with serving(*build(settings, clients=FakeAgents())) as edge:
         addr = f"localhost:{edge.port}"
-        code, output = await copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-A-102", "--problem",
-                                     "Machine overheating during operation", "--json", "--addr", addr,
-                                     COPILOT_TLS_CA_FILE=str(pki["ca"]))
+        code, output = await copilot(
+            "diagnose",
+            "--plant",
+            "PUNE-IN",
+            "--equipment",
+            "CNC-A-102",
+            "--problem",
+            "Machine overheating during operation",
+            "--json",
+            "--addr",
+            addr,
+            COPILOT_TLS_CA_FILE=str(pki["ca"]),
+        )
         assert code == 0, output
-        assert json.loads(output[output.index("{"):])["report"]["summary"]
+        assert json.loads(output[output.index("{") :])["report"]["summary"]
         code, output = await copilot("incidents", "--addr", addr, "--json")  # plaintext against TLS
         assert code == 2 and "UNAVAILABLE" in output

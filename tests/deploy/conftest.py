@@ -1,4 +1,5 @@
 """What the deployment files are checked against: the environment names and ports the code really reads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,12 @@ from pydantic import AliasChoices
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OUR_IMAGES = ("manufacturing-copilot/orchestrator", "manufacturing-copilot/vision", "manufacturing-copilot/knowledge",
-              "manufacturing-copilot/report")
+OUR_IMAGES = (
+    "manufacturing-copilot/orchestrator",
+    "manufacturing-copilot/vision",
+    "manufacturing-copilot/knowledge",
+    "manufacturing-copilot/report",
+)
 
 
 def settings_classes() -> dict:
@@ -18,8 +23,12 @@ def settings_classes() -> dict:
     from services.report.server import ReportSettings
     from services.vision.server import VisionSettings
 
-    return {"orchestrator": OrchestratorSettings, "vision": VisionSettings, "knowledge": KnowledgeSettings,
-            "report": ReportSettings}
+    return {
+        "orchestrator": OrchestratorSettings,
+        "vision": VisionSettings,
+        "knowledge": KnowledgeSettings,
+        "report": ReportSettings,
+    }
 
 
 def env_names(settings_cls) -> set[str]:
@@ -47,8 +56,15 @@ def known_env() -> set[str]:
 
     names = set().union(*(env_names(cls) for cls in [*settings_classes().values(), AuthSettings, TlsSettings]))
     names |= {getattr(otel_env, n) for n in dir(otel_env) if n.startswith("OTEL_")}
-    names |= {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HOME", "PATH", "PYTHONUNBUFFERED",
-              "PYTHONDONTWRITEBYTECODE"}
+    names |= {
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HOME",
+        "HOME",
+        "PATH",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+    }
     return names
 
 

@@ -1,6 +1,7 @@
 """Container images and the compose file, checked statically (no Docker engine on the build machines):
 the Dockerfile's targets, users, ports and paths; the compose file's references and environment names;
 and that each image's Python extra really is enough to import and wire its service."""
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,8 @@ def stages() -> dict[str, list[str]]:
     text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
     found: dict[str, list[str]] = {}
     current = None
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.I)
@@ -156,7 +157,7 @@ import asyncio, importlib
 server = importlib.import_module("{module}.server")
 async def main():
     spec, settings = server.build()
-    assert spec.name == "{service if service != 'knowledge' else 'knowledge'}"
+    assert spec.name == "{service if service != "knowledge" else "knowledge"}"
 asyncio.run(main())
 """
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)

@@ -1,5 +1,6 @@
 """The Kubernetes manifests, rendered by kustomize for each overlay, validated against the Kubernetes
 schemas (offline) and checked against the code: ports, environment names, probes, security."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,12 @@ SERVICES = ("orchestrator", *AGENTS)
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run([str(KUBECTL), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -53,7 +58,9 @@ def test_every_object_validates_against_the_kubernetes_schema(manifests):
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda d: d["spec"]["template"]["spec"].__setitem__("container", d["spec"]["template"]["spec"].pop("containers")),
+        lambda d: d["spec"]["template"]["spec"].__setitem__(
+            "container", d["spec"]["template"]["spec"].pop("containers")
+        ),
         lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"].__setitem__("grcp", {"port": 1}),
         lambda d: d["spec"].__setitem__("replicas", "two"),
     ],
@@ -178,16 +185,20 @@ def test_network_policies_allow_only_the_mesh_paths(manifests):
     policies = by_kind(manifests, "NetworkPolicy")
     assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agents_in = policies["agents-from-orchestrator"]["spec"]["ingress"]
-    assert [peer["podSelector"]["matchLabels"] for rule in agents_in for peer in rule["from"]] == \
-        [{"app.kubernetes.io/name": "orchestrator"}]
+    assert [peer["podSelector"]["matchLabels"] for rule in agents_in for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "orchestrator"}
+    ]
     chroma_in = policies["chroma-from-knowledge"]["spec"]["ingress"]
-    assert [peer["podSelector"]["matchLabels"] for rule in chroma_in for peer in rule["from"]] == \
-        [{"app.kubernetes.io/name": "knowledge"}]
+    assert [peer["podSelector"]["matchLabels"] for rule in chroma_in for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "knowledge"}
+    ]
     to_collector = policies["all-to-collector"]["spec"]
     assert to_collector["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "manufacturing-copilot"}
     # every pod of ours carries the label the collector policy selects
     for workload in workloads(manifests):
-        assert workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "manufacturing-copilot"
+        assert (
+            workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "manufacturing-copilot"
+        )
 
 
 def test_chroma_is_a_statefulset_with_a_10gi_volume(manifests):
@@ -263,7 +274,10 @@ def test_memory_requests_limits_and_hpa_targets_follow_the_measured_figures(mani
         else:
             assert 1.25 * peak <= asked <= 1.6 * peak, (name, peak, asked)
         assert limit >= 2 * peak, (name, peak, limit)
-        target = next(m["resource"]["target"]["averageUtilization"] for m in hpas[name]["spec"]["metrics"]
-                      if m["resource"]["name"] == "memory")
+        target = next(
+            m["resource"]["target"]["averageUtilization"]
+            for m in hpas[name]["spec"]["metrics"]
+            if m["resource"]["name"] == "memory"
+        )
         assert 100 * peak / asked < target, (name, peak, asked, target)
         assert largest("memory_idle_mib", name) <= peak, name

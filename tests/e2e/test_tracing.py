@@ -1,4 +1,5 @@
 """One Diagnose = one trace with spans from all four services, received by an OTLP receiver the test runs."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh, free_port
 from copilot.v1 import copilot_pb2_grpc
+from copilot_cli.launcher import Mesh, free_port
 from tests.otlp_receiver import attributes, serve
 
 pytestmark = pytest.mark.e2e
@@ -27,9 +28,10 @@ def receiver():
 @pytest.fixture(scope="module")
 def traced_mesh(receiver, tmp_path_factory):
     _, port = receiver
-    mesh = Mesh.on_free_ports(data_dir=tmp_path_factory.mktemp("traced"),
-                              extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                                         "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    mesh = Mesh.on_free_ports(
+        data_dir=tmp_path_factory.mktemp("traced"),
+        extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_SCHEDULE_DELAY": "100"},
+    )
     mesh.start()
     try:
         mesh.wait_ready(timeout=180)
@@ -43,31 +45,46 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
     with grpc.insecure_channel(traced_mesh.address("orchestrator")) as channel:
         reply = copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
             diagnose_request("PUNE-IN", "PUMP-A-7", "Pump overheating during operation", crack_photo),
-            metadata=auth_metadata("technician-7"), timeout=30)
+            metadata=auth_metadata("technician-7"),
+            timeout=30,
+        )
 
     deadline = time.monotonic() + 20
     spans: list = []
     while time.monotonic() < deadline:
-        roots = [s for svc, s in servicer.spans if s.name == "workflow.diagnose"
-                 and attributes(s).get("app.request_id") == reply.request_id]
+        roots = [
+            s
+            for svc, s in servicer.spans
+            if s.name == "workflow.diagnose" and attributes(s).get("app.request_id") == reply.request_id
+        ]
         if roots:
             spans = servicer.trace(roots[0].trace_id)
-            if {svc for svc, _ in spans} >= {"copilot-orchestrator", "copilot-vision", "copilot-knowledge", "copilot-report"}:
+            if {svc for svc, _ in spans} >= {
+                "copilot-orchestrator",
+                "copilot-vision",
+                "copilot-knowledge",
+                "copilot-report",
+            }:
                 break
         time.sleep(0.2)
     by_service = defaultdict(set)
     for svc, span in spans:
         by_service[svc].add(span.name)
-    assert set(by_service) == {"copilot-orchestrator", "copilot-vision", "copilot-knowledge", "copilot-report"}, by_service
+    assert set(by_service) == {"copilot-orchestrator", "copilot-vision", "copilot-knowledge", "copilot-report"}, (
+        by_service
+    )
 
     # every agent's server span hangs under an orchestrator client span: context crossed gRPC metadata
     ids = {span.span_id: (svc, span) for svc, span in spans}
-    for svc, rpc in [("copilot-vision", "/copilot.v1.VisionService/AnalyzeImage"),
-                     ("copilot-knowledge", "/copilot.v1.KnowledgeService/Advise"),
-                     ("copilot-report", "/copilot.v1.ReportService/ComposeReport")]:
-        (server_span,) = [s for v, s in spans if v == svc and s.name == rpc.lstrip("/")
-                          or v == svc and s.name == rpc]
-        parent_svc, parent = ids[server_span.parent_span_id]
+    for svc, rpc in [
+        ("copilot-vision", "/copilot.v1.VisionService/AnalyzeImage"),
+        ("copilot-knowledge", "/copilot.v1.KnowledgeService/Advise"),
+        ("copilot-report", "/copilot.v1.ReportService/ComposeReport"),
+    ]:
+        (server_span,) = [
+            s for v, s in spans if (v == svc and s.name == rpc.lstrip("/")) or (v == svc and s.name == rpc)
+        ]
+        parent_svc, _parent = ids[server_span.parent_span_id]
         assert parent_svc == "copilot-orchestrator"
 
     named = {span.name: attributes(span) for _, span in spans}
@@ -82,15 +99,24 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
     # the orchestrator's JSON log line for this call carries the same trace id and the principal
     trace_hex = spans[0][1].trace_id.hex()
     assert reply.trace_id == trace_hex
-    lines = [json.loads(line) for line in traced_mesh.services["orchestrator"].log_path.read_text().splitlines()
-             if line.startswith("{")]
-    assert any(line.get("trace_id") == trace_hex and line.get("rpc.method", "").endswith("/Diagnose")
-               and line.get("principal") == "technician-7" for line in lines)
+    lines = [
+        json.loads(line)
+        for line in traced_mesh.services["orchestrator"].log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    assert any(
+        line.get("trace_id") == trace_hex
+        and line.get("rpc.method", "").endswith("/Diagnose")
+        and line.get("principal") == "technician-7"
+        for line in lines
+    )
 
     # the principal (never the token) is on the server span of every hop: the orchestrator forwards the caller's
     # authorization to the agents, which authenticate it themselves
     server_spans = [(svc, attributes(s)) for svc, s in spans if s.kind == s.SPAN_KIND_SERVER]
     assert {svc for svc, _ in server_spans} == set(by_service)
-    assert all(attrs.get("enduser.id") == "technician-7" and attrs.get("enduser.role") == "technician"
-               for _, attrs in server_spans), server_spans
+    assert all(
+        attrs.get("enduser.id") == "technician-7" and attrs.get("enduser.role") == "technician"
+        for _, attrs in server_spans
+    ), server_spans
     assert not any("Bearer" in str(value) for _, s in spans for value in attributes(s).values())

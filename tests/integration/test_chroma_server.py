@@ -1,4 +1,5 @@
 """The knowledge core against a real `chroma run` server (the Kubernetes/compose configuration)."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata
+from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot_cli.launcher import free_port
 from services.rag.core import KnowledgeBase, open_store
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.corpus import starter_corpus
 from tests.conftest import token
 
@@ -24,8 +25,11 @@ CHROMA = Path(sys.executable).with_name("chroma")
 
 
 def start_chroma(path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([str(CHROMA), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(CHROMA), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -65,10 +69,17 @@ def start_knowledge(chroma_port: int, port: int, data: Path) -> subprocess.Popen
 
     from copilot_cli.launcher import health_status
 
-    env = {**os.environ, "KNOWLEDGE_CHROMA_HOST": "127.0.0.1", "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
-           "KNOWLEDGE_PORT": str(port), "KNOWLEDGE_METRICS_PORT": "0", "KNOWLEDGE_LOAD_STARTER_CORPUS": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.rag"], env=env, cwd=data,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "KNOWLEDGE_CHROMA_HOST": "127.0.0.1",
+        "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
+        "KNOWLEDGE_PORT": str(port),
+        "KNOWLEDGE_METRICS_PORT": "0",
+        "KNOWLEDGE_LOAD_STARTER_CORPUS": "false",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.rag"], env=env, cwd=data, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if health_status(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.SERVING:
@@ -80,21 +91,29 @@ def start_knowledge(chroma_port: int, port: int, data: Path) -> subprocess.Popen
 
 
 def copilot(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).with_name("copilot")), *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COLUMNS": "250"})  # tables unwrapped
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("copilot")), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )  # tables unwrapped
 
 
 def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(tmp_path):
     chroma_port, port = free_port(), free_port()
     addr = f"127.0.0.1:{port}"
     manual = tmp_path / "chiller.txt"
-    manual.write_text("CHILLER CH-150 SERVICE NOTES\n\nLow flow alarm F-21:\n1. Open the strainer and remove debris.\n"
-                      "2. Bleed air from the highest point of the circuit.\n")
+    manual.write_text(
+        "CHILLER CH-150 SERVICE NOTES\n\nLow flow alarm F-21:\n1. Open the strainer and remove debris.\n"
+        "2. Bleed air from the highest point of the circuit.\n"
+    )
     chroma = start_chroma(tmp_path / "chroma", chroma_port)
     service = start_knowledge(chroma_port, port, tmp_path)
     try:
-        ingested = copilot("ingest", str(manual), "--id", "CH-150", "--version", "1", "--equipment-type", "chiller",
-                           "--addr", addr)
+        ingested = copilot(
+            "ingest", str(manual), "--id", "CH-150", "--version", "1", "--equipment-type", "chiller", "--addr", addr
+        )
         assert ingested.returncode == 0, ingested.stdout + ingested.stderr
         assert "CH-150" in ingested.stdout and "created" in ingested.stdout
         refused = copilot("ingest", str(manual), "--addr", addr)  # no id for a text file
@@ -106,15 +125,20 @@ def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(
         service.wait(timeout=30)
         service = start_knowledge(chroma_port, port, tmp_path)  # the service restarts on the same store
         listed = json.loads(copilot("docs", "--json", "--addr", addr).stdout)
-        assert [(d["document_id"], d["version"], d["equipment_types"]) for d in listed] == [("CH-150", "1", ["chiller"])]
+        assert [(d["document_id"], d["version"], d["equipment_types"]) for d in listed] == [
+            ("CH-150", "1", ["chiller"])
+        ]
 
         chroma.terminate()
         chroma.wait(timeout=30)
         chroma = start_chroma(tmp_path / "chroma", chroma_port)  # and the Chroma server restarts under it
         with grpc.insecure_channel(addr) as channel:
             stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
-            found = stub.Retrieve(knowledge_pb2.RetrieveRequest(query="low flow alarm F-21 on the chiller", top_k=1),
-                                  timeout=30, metadata=auth_metadata(token("technician")))
+            found = stub.Retrieve(
+                knowledge_pb2.RetrieveRequest(query="low flow alarm F-21 on the chiller", top_k=1),
+                timeout=30,
+                metadata=auth_metadata(token("technician")),
+            )
         assert found.chunks[0].sop_id == "CH-150" and "strainer" in found.chunks[0].text
     finally:
         for proc in (service, chroma):

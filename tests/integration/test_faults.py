@@ -5,6 +5,7 @@ disk are damaged. Bounded in count and time, loopback only.
 Each load phase asserts: every call answered (degraded is fine; an error only where the case says), none
 slower than its deadline, every answered diagnosis retrievable with GetIncident afterwards, and full health
 (every stage OK) back within a stated time."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh, RestartPolicy, State, health_status
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot_cli.launcher import Mesh, RestartPolicy, State, health_status
+from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +40,15 @@ RECOVERY_S = {"vision": 120, "knowledge": 120, "report": 30, "orchestrator": 60}
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    mesh = Mesh.on_free_ports(data_dir=tmp_path_factory.mktemp("faults"),
-                              extra_env={"ORCHESTRATOR_VISION_TIMEOUT_S": "4", "ORCHESTRATOR_KNOWLEDGE_TIMEOUT_S": "3",
-                                         "ORCHESTRATOR_REPORT_TIMEOUT_S": "3", "ORCHESTRATOR_RATE_LIMIT": ""})
+    mesh = Mesh.on_free_ports(
+        data_dir=tmp_path_factory.mktemp("faults"),
+        extra_env={
+            "ORCHESTRATOR_VISION_TIMEOUT_S": "4",
+            "ORCHESTRATOR_KNOWLEDGE_TIMEOUT_S": "3",
+            "ORCHESTRATOR_REPORT_TIMEOUT_S": "3",
+            "ORCHESTRATOR_RATE_LIMIT": "",
+        },
+    )
     mesh.start()
     try:
         mesh.wait_ready(timeout=300)
@@ -73,23 +81,24 @@ def full_health(stub) -> bool:
     return all(s.state == OK for s in reply.stages)
 
 
-PHOTO: bytes = b""
+PHOTO = (SAMPLES / "pump-housing-crack.jpg").read_bytes()
 
 
 def photo_request(request_id: str = "") -> copilot_pb2.DiagnoseRequest:
-    return diagnose_request("PUNE-IN", "PUMP-A-7", "Crack near the outlet flange of the pump housing", PHOTO,
-                            equipment_type="brushed-steel", request_id=request_id)
+    return diagnose_request(
+        "PUNE-IN",
+        "PUMP-A-7",
+        "Crack near the outlet flange of the pump housing",
+        PHOTO,
+        equipment_type="brushed-steel",
+        request_id=request_id,
+    )
 
 
 def text_request(request_id: str = "") -> copilot_pb2.DiagnoseRequest:
-    return diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation, coolant low",
-                            request_id=request_id)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def photo(crack_photo):
-    global PHOTO
-    PHOTO = crack_photo
+    return diagnose_request(
+        "PUNE-IN", "CNC-A-102", "Machine overheating during operation, coolant low", request_id=request_id
+    )
 
 
 def closed_loop(stub, fault, *, clients: int = 3, until, max_s: float = 180, photos: bool = True) -> list[Outcome]:
@@ -109,8 +118,9 @@ def closed_loop(stub, fault, *, clients: int = 3, until, max_s: float = 180, pho
             started = time.monotonic()
             try:
                 reply = stub.Diagnose(request, metadata=TECHNICIAN, timeout=DEADLINE_S)
-                outcome = Outcome(request_id, time.monotonic() - started, grpc.StatusCode.OK,
-                                  [s.state for s in reply.stages])
+                outcome = Outcome(
+                    request_id, time.monotonic() - started, grpc.StatusCode.OK, [s.state for s in reply.stages]
+                )
             except grpc.RpcError as error:
                 outcome = Outcome(request_id, time.monotonic() - started, error.code())
             with lock:
@@ -135,8 +145,9 @@ def assert_every_answer_is_stored(stub, outcomes: list[Outcome]) -> None:
     missing = []
     for outcome in answered:
         try:
-            stub.GetIncident(copilot_pb2.GetIncidentRequest(request_id=outcome.request_id), metadata=TECHNICIAN,
-                             timeout=10)
+            stub.GetIncident(
+                copilot_pb2.GetIncidentRequest(request_id=outcome.request_id), metadata=TECHNICIAN, timeout=10
+            )
         except grpc.RpcError as error:
             missing.append((outcome.request_id, error.code()))
     assert missing == [], missing[:5]
@@ -144,10 +155,12 @@ def assert_every_answer_is_stored(stub, outcomes: list[Outcome]) -> None:
 
 def recovered(mesh: Mesh, stub, name: str):
     """A predicate for closed_loop: the killed service is SERVING again and a photo diagnosis is all OK."""
+
     def check() -> bool:
         if health_status(mesh.address(name), timeout=0.5) != SERVING:
             return False
         return full_health(stub)
+
     return check
 
 
@@ -182,8 +195,7 @@ def test_a_frozen_agent_costs_its_stage_deadline_then_recovers(mesh, stub):
         process.send_signal(signal.SIGSTOP)
         threading.Timer(8.0, process.send_signal, args=(signal.SIGCONT,)).start()
 
-    outcomes = closed_loop(stub, freeze, until=lambda: full_health(stub), max_s=40,
-                           photos=False)
+    outcomes = closed_loop(stub, freeze, until=lambda: full_health(stub), max_s=40, photos=False)
     errors = [o.code for o in outcomes if o.code != grpc.StatusCode.OK]
     assert errors == [], errors[:5]
     degraded = [o for o in outcomes if o.stages and o.stages[1] != OK]
@@ -196,8 +208,14 @@ def test_a_frozen_agent_costs_its_stage_deadline_then_recovers(mesh, stub):
 def test_orchestrator_killed_mid_request_answers_a_retry_exactly_once(mesh, stub):
     request_id = f"retry-{uuid.uuid4().hex[:12]}"
     equipment = f"PUMP-{uuid.uuid4().hex[:6].upper()}"
-    request = diagnose_request("PUNE-IN", equipment, "Crack near the outlet flange of the pump housing", PHOTO,
-                               equipment_type="brushed-steel", request_id=request_id)
+    request = diagnose_request(
+        "PUNE-IN",
+        equipment,
+        "Crack near the outlet flange of the pump housing",
+        PHOTO,
+        equipment_type="brushed-steel",
+        request_id=request_id,
+    )
     future = stub.Diagnose.future(request, metadata=TECHNICIAN, timeout=DEADLINE_S)
     time.sleep(0.05)
     mesh.services["orchestrator"].process.send_signal(signal.SIGKILL)
@@ -216,8 +234,9 @@ def test_orchestrator_killed_mid_request_answers_a_retry_exactly_once(mesh, stub
     assert answer is not None and answer.request_id == request_id
     if first is not None:  # the first call was answered before the kill: the retry is its replay
         assert answer.replayed
-    listed = stub.ListIncidents(copilot_pb2.ListIncidentsRequest(equipment_id=equipment), metadata=TECHNICIAN,
-                                timeout=10)
+    listed = stub.ListIncidents(
+        copilot_pb2.ListIncidentsRequest(equipment_id=equipment), metadata=TECHNICIAN, timeout=10
+    )
     assert [i.request_id for i in listed.incidents] == [request_id]  # one incident, one answer
     again = stub.Diagnose(request, metadata=TECHNICIAN, timeout=DEADLINE_S)
     assert again.replayed and again.report.rendered_text == answer.report.rendered_text
@@ -263,11 +282,16 @@ def test_a_damaged_store_on_disk_is_reported_and_left_down_while_the_rest_serves
     mesh.start()
     events = []
     try:
-        supervisor = mesh.supervise(RestartPolicy(initial_backoff_s=0.2, max_backoff_s=0.5, give_up_after=2),
-                                    on_event=events.append)
+        supervisor = mesh.supervise(
+            RestartPolicy(initial_backoff_s=0.2, max_backoff_s=0.5, give_up_after=2), on_event=events.append
+        )
         states = supervisor.wait_settled(timeout=300)
-        assert states == {"vision": State.FAILED, "knowledge": State.FAILED, "report": State.SERVING,
-                          "orchestrator": State.SERVING}
+        assert states == {
+            "vision": State.FAILED,
+            "knowledge": State.FAILED,
+            "report": State.SERVING,
+            "orchestrator": State.SERVING,
+        }
         gave_up = {e.service: e for e in events if e.kind == "gave-up"}
         assert "index.json is not a readable reference index" in gave_up["vision"].log_tail
         assert f"the Chroma store at {chroma} cannot be opened" in gave_up["knowledge"].log_tail
@@ -275,16 +299,24 @@ def test_a_damaged_store_on_disk_is_reported_and_left_down_while_the_rest_serves
         assert sum(1 for e in events if e.kind == "restarted" and e.service == "vision") == 2
         with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
             reply = copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
-                photo_request(), metadata=TECHNICIAN, timeout=DEADLINE_S)
+                photo_request(), metadata=TECHNICIAN, timeout=DEADLINE_S
+            )
         assert [s.state for s in reply.stages] != [OK, OK, OK] and reply.requires_manual_review
         assert (references / "index.json").read_text() == "{not json"  # nothing overwritten
-        status = subprocess.run([str(Path(sys.executable).with_name("copilot")), "status", "--json", "--data-dir",
-                                 str(tmp_path)], capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [str(Path(sys.executable).with_name("copilot")), "status", "--json", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 2, status.stderr  # not everything is serving
         listed = json.loads(status.stdout)
         assert {name: (s["state"], s["health"]) for name, s in listed.items()} == {
-            "vision": ("failed", "UNREACHABLE"), "knowledge": ("failed", "UNREACHABLE"),
-            "report": ("serving", "SERVING"), "orchestrator": ("serving", "SERVING")}
+            "vision": ("failed", "UNREACHABLE"),
+            "knowledge": ("failed", "UNREACHABLE"),
+            "report": ("serving", "SERVING"),
+            "orchestrator": ("serving", "SERVING"),
+        }
         assert listed["vision"]["restarts"] == 2 and listed["vision"]["last_exit"] == "exit code 1"
     finally:
         mesh.stop()
@@ -294,16 +326,22 @@ def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_wit
     """Knowledge on a `chroma run` server (the cluster's shape): SIGKILL the server under load, start it again
     on the same directory. Diagnoses degrade meanwhile, knowledge heals without being restarted, no document
     is lost."""
-    from copilot_cli.launcher import free_port
     from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+    from copilot_cli.launcher import free_port
     from tests.conftest import token
     from tests.integration.test_chroma_server import start_chroma
 
     chroma_port = free_port()
     chroma = start_chroma(tmp_path / "chroma-server", chroma_port)
-    mesh = Mesh.on_free_ports(data_dir=tmp_path / "mesh", extra_env={
-        "KNOWLEDGE_CHROMA_HOST": "127.0.0.1", "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
-        "ORCHESTRATOR_KNOWLEDGE_TIMEOUT_S": "3", "ORCHESTRATOR_RATE_LIMIT": ""})
+    mesh = Mesh.on_free_ports(
+        data_dir=tmp_path / "mesh",
+        extra_env={
+            "KNOWLEDGE_CHROMA_HOST": "127.0.0.1",
+            "KNOWLEDGE_CHROMA_PORT": str(chroma_port),
+            "ORCHESTRATOR_KNOWLEDGE_TIMEOUT_S": "3",
+            "ORCHESTRATOR_RATE_LIMIT": "",
+        },
+    )
     mesh.start()
     try:
         mesh.wait_ready(timeout=300)
@@ -313,7 +351,8 @@ def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_wit
         def documents() -> list[tuple[str, str]]:
             with grpc.insecure_channel(mesh.address("knowledge")) as channel:
                 listed = knowledge_pb2_grpc.KnowledgeServiceStub(channel).ListDocuments(
-                    knowledge_pb2.ListDocumentsRequest(page_size=100), metadata=admin, timeout=30)
+                    knowledge_pb2.ListDocumentsRequest(page_size=100), metadata=admin, timeout=30
+                )
             return sorted((d.document_id, d.version) for d in listed.documents)
 
         before = documents()
@@ -328,8 +367,9 @@ def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_wit
                 time.sleep(4)  # down for a while: diagnoses degrade
                 holder["chroma"] = start_chroma(tmp_path / "chroma-server", chroma_port)
 
-            outcomes = closed_loop(stub, kill_and_restart, clients=2, photos=False,
-                                   until=lambda: full_text_health(stub), max_s=60)
+            outcomes = closed_loop(
+                stub, kill_and_restart, clients=2, photos=False, until=lambda: full_text_health(stub), max_s=60
+            )
             chroma = holder["chroma"]
             errors = [o.code for o in outcomes if o.code != grpc.StatusCode.OK]
             assert errors == [], errors[:5]

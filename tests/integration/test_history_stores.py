@@ -1,6 +1,7 @@
 """The incident history on every database it supports, the same tests each: SQLite (the default) and a real
 PostgreSQL server started by the test (initdb + pg_ctl from the machine's PostgreSQL; skipped where none is
 installed). Two stores on one database stand for two orchestrator replicas."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,23 @@ def postgres_url():
         subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", "copilot", "--auth=trust", "-E", "UTF8")
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
-        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    run(
+        str(bin_dir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(folder / "server.log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         yield f"postgresql+psycopg://copilot@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=60
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -75,18 +86,35 @@ def database_url(request, tmp_path):
     return url
 
 
-def incident(request_id: str, *, equipment="CNC-A-102", problem="Spindle overheating during the shift",
-             minutes_ago: float = 0, image: bytes = b"") -> tuple[StoredIncident, bytes]:
+def incident(
+    request_id: str,
+    *,
+    equipment="CNC-A-102",
+    problem="Spindle overheating during the shift",
+    minutes_ago: float = 0,
+    image: bytes = b"",
+) -> tuple[StoredIncident, bytes]:
     import hashlib
 
     source = DiagnosisInput("PUNE-IN", equipment, problem, image_data=image)
     return StoredIncident(
-        request_id=request_id, created_at=datetime.now(timezone.utc) - timedelta(minutes=minutes_ago),
-        plant_id="PUNE-IN", equipment_id=equipment, equipment_type="", problem_description=problem,
-        image_sha256=hashlib.sha256(image).hexdigest() if image else "", image_mime_type="image/png" if image else "",
-        principal="anna", trace_id="ab" * 16, confidence=0.7, requires_manual_review=False,
-        referenced_sop_ids=("SOP-123",), response=b"\x08\x01", input_fingerprint=fingerprint(source),
-        stages=({"stage": "knowledge", "state": "ok", "error": ""},)), image
+        request_id=request_id,
+        created_at=datetime.now(UTC) - timedelta(minutes=minutes_ago),
+        plant_id="PUNE-IN",
+        equipment_id=equipment,
+        equipment_type="",
+        problem_description=problem,
+        image_sha256=hashlib.sha256(image).hexdigest() if image else "",
+        image_mime_type="image/png" if image else "",
+        principal="anna",
+        trace_id="ab" * 16,
+        confidence=0.7,
+        requires_manual_review=False,
+        referenced_sop_ids=("SOP-123",),
+        response=b"\x08\x01",
+        input_fingerprint=fingerprint(source),
+        stages=({"stage": "knowledge", "state": "ok", "error": ""},),
+    ), image
 
 
 def test_save_get_and_idempotent_retries(database_url):
@@ -135,16 +163,19 @@ def test_list_pages_filters_and_similar_incidents(database_url):
         assert seen == ["i-4", "i-3", "i-2", "i-1", "i-0"]
         pumps, _ = store.list(equipment_id="PUMP-B-3")
         assert [i.request_id for i in pumps] == ["i-2"]
-        recent, _ = store.list(start=datetime.now(timezone.utc) - timedelta(minutes=7.5))
+        recent, _ = store.list(start=datetime.now(UTC) - timedelta(minutes=7.5))
         assert [i.request_id for i in recent] == ["i-4", "i-3"]
-        store.add_feedback("i-1", StoredFeedback(True, "Cleaned the coolant filter", ("SOP-123",), "ben",
-                                                 datetime.now(timezone.utc)))
+        store.add_feedback(
+            "i-1", StoredFeedback(True, "Cleaned the coolant filter", ("SOP-123",), "ben", datetime.now(UTC))
+        )
         similar = store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating again", exclude="i-4", limit=2)
         assert [p.request_id for p in similar] == ["i-3", "i-1"]
-        notes = {p.request_id: p.resolution_notes for p in store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating",
-                                                                          limit=5)}
+        notes = {
+            p.request_id: p.resolution_notes
+            for p in store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating", limit=5)
+        }
         assert notes == {"i-4": "", "i-3": "", "i-1": "Cleaned the coolant filter", "i-0": ""}
-        assert not store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(timezone.utc)))
+        assert not store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(UTC)))
         (exported,) = store.feedback_export()
         assert exported["request_id"] == "i-1" and exported["expected_sop_ids"] == ["SOP-123"]
     finally:
@@ -164,8 +195,7 @@ async def test_the_orchestrator_runs_on_postgres(postgres_url):
     async with serving(*build(settings, clients=FakeAgents())) as edge:
         async with aio_channel(f"127.0.0.1:{edge.port}", token()) as channel:
             copilot = copilot_pb2_grpc.CopilotServiceStub(channel)
-            request = diagnose_request("PUNE-IN", "CNC-PG-1", "Spindle overheating during the shift",
-                                       request_id="pg-1")
+            request = diagnose_request("PUNE-IN", "CNC-PG-1", "Spindle overheating during the shift", request_id="pg-1")
             first = await copilot.Diagnose(request, timeout=10)
             again = await copilot.Diagnose(request, timeout=10)
             assert again.replayed and again.report == first.report
@@ -201,12 +231,26 @@ def test_a_history_created_before_migrations_is_adopted_with_its_incidents(tmp_p
     Base.metadata.create_all(engine)  # how the history was created before it had migrations
     old, _ = incident("old-1")
     with Session(engine) as session:
-        session.add(IncidentRow(
-            request_id=old.request_id, created_at=old.created_at, plant_id=old.plant_id,
-            equipment_id=old.equipment_id, equipment_type="", problem_description=old.problem_description,
-            image_sha256=None, image_mime_type="", input_fingerprint=old.input_fingerprint, principal="anna",
-            trace_id="", confidence=0.7, requires_manual_review=False, referenced_sop_ids=["SOP-123"], stages=[],
-            response=b"\x08\x01"))
+        session.add(
+            IncidentRow(
+                request_id=old.request_id,
+                created_at=old.created_at,
+                plant_id=old.plant_id,
+                equipment_id=old.equipment_id,
+                equipment_type="",
+                problem_description=old.problem_description,
+                image_sha256=None,
+                image_mime_type="",
+                input_fingerprint=old.input_fingerprint,
+                principal="anna",
+                trace_id="",
+                confidence=0.7,
+                requires_manual_review=False,
+                referenced_sop_ids=["SOP-123"],
+                stages=[],
+                response=b"\x08\x01",
+            )
+        )
         session.commit()
     engine.dispose()
     store = IncidentStore(url)

@@ -1,19 +1,20 @@
 """The real mesh: four OS processes on free ports, talking gRPC. Agents are killed, frozen and restarted
 while the orchestrator keeps answering."""
+
 from __future__ import annotations
 
 import re
 import signal
-import urllib.request
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh
 from copilot.runtime.errors import field_violations
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from copilot_cli.launcher import Mesh
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +24,10 @@ PROBLEM = "CNC machine overheating during operation, coolant smells burnt"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    mesh = Mesh.on_free_ports(data_dir=tmp_path_factory.mktemp("mesh"),
-                              extra_env={"ORCHESTRATOR_VISION_TIMEOUT_S": "2", "ORCHESTRATOR_REPORT_TIMEOUT_S": "2"})
+    mesh = Mesh.on_free_ports(
+        data_dir=tmp_path_factory.mktemp("mesh"),
+        extra_env={"ORCHESTRATOR_VISION_TIMEOUT_S": "2", "ORCHESTRATOR_REPORT_TIMEOUT_S": "2"},
+    )
     mesh.start()
     try:
         mesh.wait_ready(timeout=180)
@@ -57,9 +60,13 @@ def test_text_only_diagnosis_cites_what_knowledge_retrieves(mesh, stub):
     assert [s.state for s in reply.stages] == [SKIPPED, OK, OK]
     with grpc.insecure_channel(mesh.address("knowledge")) as channel:
         advice = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
-            knowledge_pb2.AdviseRequest(problem_description=PROBLEM), timeout=30, metadata=auth_metadata("technician-42"))
-    assert list(reply.report.referenced_sop_ids) == list(dict.fromkeys(
-        [s for step in advice.steps for s in step.sop_ids] + [c.sop_id for c in advice.citations]))
+            knowledge_pb2.AdviseRequest(problem_description=PROBLEM),
+            timeout=30,
+            metadata=auth_metadata("technician-42"),
+        )
+    assert list(reply.report.referenced_sop_ids) == list(
+        dict.fromkeys([s for step in advice.steps for s in step.sop_ids] + [c.sop_id for c in advice.citations])
+    )
     assert reply.report.referenced_sop_ids[0] == "SOP-123"
     assert reply.confidence_score == pytest.approx(reply.stages[1].confidence, abs=1e-4)
     assert "SOP-123" in reply.report.rendered_text
@@ -132,7 +139,9 @@ def scrape(url: str) -> str:
 def test_every_service_exposes_prometheus_metrics(mesh, stub):
     call(stub)
     orchestrator = scrape(mesh.metrics_url("orchestrator"))
-    assert re.search(r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="OK"[^}]*CopilotService/Diagnose', orchestrator)
+    assert re.search(
+        r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="OK"[^}]*CopilotService/Diagnose', orchestrator
+    )
     assert re.search(r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="INVALID_ARGUMENT"', orchestrator)
     assert re.search(r'copilot_stage_duration_seconds_bucket\{[^}]*stage="knowledge"', orchestrator)
     # the degradation tests above killed each agent once
@@ -158,25 +167,52 @@ def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
     import yaml
 
     def copilot(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(Path(sys.executable).with_name("copilot")), *args], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("copilot")), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "250"},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done
 
     addr = ["--addr", mesh.address("orchestrator")]
-    shown = copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM,
-                    "--request-id", "cli-stream-1", *addr)
+    shown = copilot(
+        "diagnose",
+        "--plant",
+        "PUNE-IN",
+        "--equipment",
+        "CNC-CLI-9",
+        "--problem",
+        PROBLEM,
+        "--request-id",
+        "cli-stream-1",
+        *addr,
+    )
     assert "SUMMARY" in shown.stdout and "request cli-stream-1" in shown.stdout
     assert "knowledge" in shown.stderr and "report" in shown.stderr  # the live stage table
-    again = json.loads(copilot("diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM,
-                               "--request-id", "cli-stream-1", "--json", *addr).stdout)
+    again = json.loads(
+        copilot(
+            "diagnose",
+            "--plant",
+            "PUNE-IN",
+            "--equipment",
+            "CNC-CLI-9",
+            "--problem",
+            PROBLEM,
+            "--request-id",
+            "cli-stream-1",
+            "--json",
+            *addr,
+        ).stdout
+    )
     assert again["replayed"] is True and again["request_id"] == "cli-stream-1"
 
     listed = json.loads(copilot("incidents", "--equipment", "CNC-CLI-9", "--json", *addr).stdout)
     assert [i["request_id"] for i in listed] == ["cli-stream-1"]
     assert listed[0]["principal"] == "technician-cli"
-    copilot("feedback", "cli-stream-1", "--helpful", "--sop", "SOP-123", "--notes", "Cleaned the coolant filter",
-            *addr)
+    copilot("feedback", "cli-stream-1", "--helpful", "--sop", "SOP-123", "--notes", "Cleaned the coolant filter", *addr)
     shown = copilot("incident", "cli-stream-1", *addr)
     assert "helpful" in shown.stdout and "Cleaned the coolant filter" in shown.stdout
 

@@ -1,6 +1,7 @@
 """Vision scaled out to three processes: the orchestrator's round_robin channel spreads calls over them,
 a killed replica costs no client request (UNAVAILABLE is retried by the service config), and a restarted
 replica comes back into rotation."""
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,8 @@ import grpc
 import pytest
 
 from copilot.client import auth_metadata, diagnose_request
-from copilot_cli.launcher import Mesh
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from copilot_cli.launcher import Mesh
 
 pytestmark = pytest.mark.integration
 REPLICAS = ["vision", "vision-2", "vision-3"]
@@ -21,9 +22,13 @@ REPLICAS = ["vision", "vision-2", "vision-3"]
 def analyzed(mesh: Mesh, name: str) -> int:
     with urllib.request.urlopen(mesh.metrics_url(name), timeout=5) as reply:
         text = reply.read().decode()
-    match = re.search(r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="OK"[^}]*VisionService/AnalyzeImage"\} (\S+)',
-                      text) or re.search(r'copilot_rpc_requests_total\{[^}]*VisionService/AnalyzeImage[^}]*'
-                                         r'rpc_grpc_status_code="OK"[^}]*\} (\S+)', text)
+    match = re.search(
+        r'copilot_rpc_requests_total\{[^}]*rpc_grpc_status_code="OK"[^}]*VisionService/AnalyzeImage"\} (\S+)', text
+    ) or re.search(
+        r"copilot_rpc_requests_total\{[^}]*VisionService/AnalyzeImage[^}]*"
+        r'rpc_grpc_status_code="OK"[^}]*\} (\S+)',
+        text,
+    )
     return int(float(match.group(1))) if match else 0
 
 
@@ -34,8 +39,13 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
         mesh.wait_ready(timeout=300)
         with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
             stub = copilot_pb2_grpc.CopilotServiceStub(channel)
-            request = diagnose_request("PUNE-IN", "PUMP-A-7", "Pump housing cracked near the flange", crack_photo,
-                                       equipment_type="brushed-steel")
+            request = diagnose_request(
+                "PUNE-IN",
+                "PUMP-A-7",
+                "Pump housing cracked near the flange",
+                crack_photo,
+                equipment_type="brushed-steel",
+            )
 
             def diagnose_many(n: int) -> list:
                 return [stub.Diagnose(request, metadata=auth_metadata("technician-1"), timeout=30) for _ in range(n)]
@@ -47,8 +57,9 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
 
             mesh.kill("vision-2")
             during = diagnose_many(15)
-            assert all(r.stages[0].state == copilot_pb2.STAGE_STATE_OK for r in during), \
-                [r.stages[0].error for r in during]  # zero failed (or degraded) requests
+            assert all(r.stages[0].state == copilot_pb2.STAGE_STATE_OK for r in during), [
+                r.stages[0].error for r in during
+            ]  # zero failed (or degraded) requests
             after = {name: analyzed(mesh, name) for name in ("vision", "vision-3")}
             assert sum(after.values()) - spread["vision"] - spread["vision-3"] == 15  # survivors took the load
 
@@ -66,16 +77,20 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
         engineer = auth_metadata(token("engineer"))
         with grpc.insecure_channel(mesh.address("vision-3")) as channel:
             registered = vision_pb2_grpc.VisionServiceStub(channel).RegisterReference(
-                vision_pb2.RegisterReferenceRequest(equipment_type="pump-housing", label="good",
-                                                    image=common_pb2.Image(data=crack_photo)),
-                metadata=engineer, timeout=60)
+                vision_pb2.RegisterReferenceRequest(
+                    equipment_type="pump-housing", label="good", image=common_pb2.Image(data=crack_photo)
+                ),
+                metadata=engineer,
+                timeout=60,
+            )
         for replica in ("vision", "vision-2"):
             with grpc.insecure_channel(mesh.address(replica)) as channel:
                 vision = vision_pb2_grpc.VisionServiceStub(channel)
                 deadline, seen = time.monotonic() + 20, []
                 while time.monotonic() < deadline:
-                    listed = vision.ListReferences(vision_pb2.ListReferencesRequest(equipment_type="pump-housing"),
-                                                   metadata=engineer, timeout=10)
+                    listed = vision.ListReferences(
+                        vision_pb2.ListReferencesRequest(equipment_type="pump-housing"), metadata=engineer, timeout=10
+                    )
                     seen = [r.reference_id for r in listed.references]
                     if seen:
                         break
@@ -83,9 +98,13 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
                 assert seen == [registered.reference.reference_id], replica
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:  # its model is rebuilt right after the index changes
-                    findings = vision.AnalyzeImage(vision_pb2.AnalyzeImageRequest(
-                        image=common_pb2.Image(data=crack_photo), equipment_type="pump-housing"),
-                        metadata=engineer, timeout=30)
+                    findings = vision.AnalyzeImage(
+                        vision_pb2.AnalyzeImageRequest(
+                            image=common_pb2.Image(data=crack_photo), equipment_type="pump-housing"
+                        ),
+                        metadata=engineer,
+                        timeout=30,
+                    )
                     if findings.reference_set == "pump-housing":
                         break
                     time.sleep(0.5)

@@ -1,4 +1,5 @@
 """Authentication: HS256 and RS256 JWTs, the dev-mode token form, and every way a token can be wrong."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from copilot.runtime.auth import AccessPolicy, AuthError, AuthSettings, Authenticator, Role, mint_token
+from copilot.runtime.auth import AccessPolicy, Authenticator, AuthError, AuthSettings, Role, mint_token
 
 SECRET = "unit-test-secret-0123456789-abcdefghij"
 
@@ -20,10 +21,14 @@ SECRET = "unit-test-secret-0123456789-abcdefghij"
 @pytest.fixture(scope="module")
 def rsa_keys(tmp_path_factory):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     path = tmp_path_factory.mktemp("keys") / "jwt.pub"
     path.write_text(public)
     return private, public, path
@@ -54,45 +59,71 @@ def test_rs256_token_is_checked_with_the_public_key(rsa_keys):
 
 
 def test_algorithm_confusion_and_alg_none_are_refused(rsa_keys):
-    private, public, public_path = rsa_keys
+    _private, public, public_path = rsa_keys
     auth = Authenticator(AuthSettings(mode="jwt", jwt_secret="", jwt_public_key_file=public_path))
-    claims = {"sub": "eve", "role": "admin", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
-              "aud": "manufacturing-copilot"}
+    claims = {
+        "sub": "eve",
+        "role": "admin",
+        "exp": int(time.time()) + 60,
+        "iss": "manufacturing-copilot",
+        "aud": "manufacturing-copilot",
+    }
     unsigned = jwt.encode(claims, None, algorithm="none")
     assert "not accepted" in refused(auth, f"Bearer {unsigned}").message
     # HS256 "signed" with the public key text (the classic confusion attack), built by hand: PyJWT refuses
     # to sign with a PEM key as an HMAC secret
     header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}').decode()
     body = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
-    signature = jwt.utils.base64url_encode(hmac.new(public.encode(), f"{header}.{body}".encode(),
-                                                    hashlib.sha256).digest()).decode()
+    signature = jwt.utils.base64url_encode(
+        hmac.new(public.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    ).decode()
     assert "not accepted" in refused(auth, f"Bearer {header}.{body}.{signature}").message
 
 
-@pytest.mark.parametrize("header, fragment", [
-    (None, "missing"),
-    ("", "missing"),
-    ("Basic dXNlcjpwdw==", "malformed"),
-    ("Bearer", "malformed"),
-    ("Bearer not.a.jwt", "invalid token"),
-    ("Bearer technician-7", "invalid token"),  # the dev form is refused outside dev mode
-])
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        (None, "missing"),
+        ("", "missing"),
+        ("Basic dXNlcjpwdw==", "malformed"),
+        ("Bearer", "malformed"),
+        ("Bearer not.a.jwt", "invalid token"),
+        ("Bearer technician-7", "invalid token"),  # the dev form is refused outside dev mode
+    ],
+)
 def test_malformed_headers(header, fragment):
     assert fragment in refused(authenticator(), header).message
 
 
 def test_expired_forged_and_foreign_tokens_are_refused():
     auth = authenticator()
-    assert "expired" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, now=time.time() - 7200)}").message
+    assert (
+        "expired"
+        in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, now=time.time() - 7200)}").message
+    )
     other = "some-other-secret-that-is-long-enough-0123"
     assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=other)}").message
     assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, issuer='x')}").message
-    assert "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, audience='x')}").message
-    no_role = jwt.encode({"sub": "a", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
-                          "aud": "manufacturing-copilot"}, SECRET, algorithm="HS256")
+    assert (
+        "invalid token" in refused(auth, f"Bearer {mint_token('a', Role.ADMIN, secret=SECRET, audience='x')}").message
+    )
+    no_role = jwt.encode(
+        {"sub": "a", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot", "aud": "manufacturing-copilot"},
+        SECRET,
+        algorithm="HS256",
+    )
     assert "invalid token" in refused(auth, f"Bearer {no_role}").message
-    bad_role = jwt.encode({"sub": "a", "role": "root", "exp": int(time.time()) + 60, "iss": "manufacturing-copilot",
-                           "aud": "manufacturing-copilot"}, SECRET, algorithm="HS256")
+    bad_role = jwt.encode(
+        {
+            "sub": "a",
+            "role": "root",
+            "exp": int(time.time()) + 60,
+            "iss": "manufacturing-copilot",
+            "aud": "manufacturing-copilot",
+        },
+        SECRET,
+        algorithm="HS256",
+    )
     assert "role" in refused(auth, f"Bearer {bad_role}").message
 
 

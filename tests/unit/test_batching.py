@@ -1,4 +1,5 @@
 """The dynamic batcher: concurrent submissions share one call; failures reach every waiter."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,9 @@ from copilot.runtime.batching import DynamicBatcher
 
 async def test_concurrent_requests_run_as_one_batch_and_keep_their_order():
     calls: list[list[int]] = []
-    batcher = DynamicBatcher(lambda items: (calls.append(items), [i * 10 for i in items])[1], max_batch=8, max_wait_s=0.05)
+    batcher = DynamicBatcher(
+        lambda items: (calls.append(items), [i * 10 for i in items])[1], max_batch=8, max_wait_s=0.05
+    )
     results = await asyncio.gather(*(batcher.submit(i) for i in range(8)))
     await batcher.close()
     assert results == [i * 10 for i in range(8)]

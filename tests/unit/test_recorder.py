@@ -1,4 +1,5 @@
 """DiagnosisRecorder without a server: at most one run per request_id, nothing answered that is not stored."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,9 @@ from tests.fakes import FakeAgents
 
 
 def _request(request_id: str = "cmms-1", problem: str = "Spindle vibration and chatter marks on parts"):
-    return copilot_pb2.DiagnoseRequest(plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description=problem,
-                                       request_id=request_id)
+    return copilot_pb2.DiagnoseRequest(
+        plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description=problem, request_id=request_id
+    )
 
 
 def _runs(agents: FakeAgents) -> int:

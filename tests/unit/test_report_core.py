@@ -1,24 +1,30 @@
 """The report core composes every section from its typed inputs."""
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from copilot.domain import BoundingBox, Defect, GuidanceStep, ReportInputs, SopCitation
 from copilot.reporting import compose_report
 
-NOW = datetime(2026, 11, 25, 14, 32, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 14, 32, tzinfo=UTC)
 
 
 def _inputs(**overrides) -> ReportInputs:
     base = dict(
-        request_id="req-1", plant_id="PUNE-IN", equipment_id="CNC-A-102",
+        request_id="req-1",
+        plant_id="PUNE-IN",
+        equipment_id="CNC-A-102",
         problem_description="Machine overheating during operation",
         defects=(Defect("crack", 0.87, "Crack at x 0.2", BoundingBox(0.2, 0.3, 0.5, 0.6)),),
-        guidance=(GuidanceStep("Check the coolant level.", ("SOP-123",), ("Cooling",)),
-                  GuidanceStep("Check gas flow.", ("MAINT-GUIDE-V2",), ("Gas",))),
+        guidance=(
+            GuidanceStep("Check the coolant level.", ("SOP-123",), ("Cooling",)),
+            GuidanceStep("Check gas flow.", ("MAINT-GUIDE-V2",), ("Gas",)),
+        ),
         citations=(SopCitation("SOP-123", "CNC", "Cooling", 0.7), SopCitation("SAFETY-SOP-001", "ER", "LOTO", 0.4)),
         safety_notes=("Allow the spindle to cool.",),
-        confidence_score=0.8, image_analyzed=True,
+        confidence_score=0.8,
+        image_analyzed=True,
     )
     base.update(overrides)
     return ReportInputs(**base)
@@ -27,8 +33,16 @@ def _inputs(**overrides) -> ReportInputs:
 def test_sections_follow_the_seed_layout():
     report = compose_report(_inputs(), now=NOW)
     text = report.rendered_text
-    order = ["MANUFACTURING INCIDENT REPORT", "SUMMARY:", "DEFECTS IDENTIFIED:", "RECOMMENDED ACTIONS:",
-             "SAFETY NOTES:", "FOLLOW-UP REQUIRED:", "Referenced SOPs:", "Report Generated:"]
+    order = [
+        "MANUFACTURING INCIDENT REPORT",
+        "SUMMARY:",
+        "DEFECTS IDENTIFIED:",
+        "RECOMMENDED ACTIONS:",
+        "SAFETY NOTES:",
+        "FOLLOW-UP REQUIRED:",
+        "Referenced SOPs:",
+        "Report Generated:",
+    ]
     positions = [text.index(h) for h in order]
     assert positions == sorted(positions)
     assert "• Crack (87% confidence)" in text
@@ -48,8 +62,16 @@ def test_structured_fields_come_from_the_inputs():
 
 
 def test_manual_review_and_degraded_stages_reach_summary_and_follow_up():
-    report = compose_report(_inputs(confidence_score=0.3, requires_manual_review=True, defects=(), image_analyzed=False,
-                                    stage_notes=("vision stage degraded (UNAVAILABLE: down)",)), now=NOW)
+    report = compose_report(
+        _inputs(
+            confidence_score=0.3,
+            requires_manual_review=True,
+            defects=(),
+            image_analyzed=False,
+            stage_notes=("vision stage degraded (UNAVAILABLE: down)",),
+        ),
+        now=NOW,
+    )
     assert "below 50%" in report.summary and "No image was analysed" in report.summary
     assert any("manual review" in f for f in report.follow_up)
     assert any("vision stage degraded" in f for f in report.follow_up)

@@ -1,4 +1,5 @@
 """The restart policy of the local mesh's supervisor (the processes themselves: tests/integration/test_faults.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -63,8 +64,11 @@ def test_a_serving_process_that_stops_answering_is_killed_and_restarted(tmp_path
 
     serving = 1
     supervisor, proc, started, events = supervised_sleeper(
-        tmp_path, monkeypatch, [serving, None, None, None, serving],
-        RestartPolicy(liveness_period_s=0, liveness_failures=3, initial_backoff_s=0))
+        tmp_path,
+        monkeypatch,
+        [serving, None, None, None, serving],
+        RestartPolicy(liveness_period_s=0, liveness_failures=3, initial_backoff_s=0),
+    )
     status = supervisor.status["report"]
     try:
         for now in range(1, 7):
@@ -81,7 +85,8 @@ def test_a_serving_process_that_stops_answering_is_killed_and_restarted(tmp_path
 
 def test_a_start_that_never_reaches_serving_is_killed_like_a_failed_startup_probe(tmp_path, monkeypatch):
     supervisor, proc, started, events = supervised_sleeper(
-        tmp_path, monkeypatch, [], RestartPolicy(startup_timeout_s=5, initial_backoff_s=0))
+        tmp_path, monkeypatch, [], RestartPolicy(startup_timeout_s=5, initial_backoff_s=0)
+    )
     status = supervisor.status["report"]
     status.started_at = 0.0
     try:

@@ -1,5 +1,6 @@
 """The seed's request rules as protovalidate rules in copilot.proto, plus the image checks the rules cannot
 express: every violation reported with its field, all at once."""
+
 from __future__ import annotations
 
 import io
@@ -15,7 +16,10 @@ from services.orchestrator.validation import diagnosis_violations
 GOOD = dict(plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="Machine overheating during operation")
 
 
-def _check(image: bytes | None = None, limits=ImageLimits(1000, 10_000), **fields):
+SMALL = ImageLimits(1000, 10_000)
+
+
+def _check(image: bytes | None = None, limits=SMALL, **fields):
     request = copilot_pb2.DiagnoseRequest(**{**GOOD, **fields})
     if image is not None:
         request.image.CopyFrom(common_pb2.Image(data=image))
@@ -37,8 +41,10 @@ def test_plant_ids_that_do_not(plant):
     assert [v.field for v in _check(plant_id=plant)] == ["plant_id"]
 
 
-@pytest.mark.parametrize(("equipment", "fragment"), [("CNC", "at least 4"), ("   A  ", "surrounding blanks"),
-                                                     ("X" * 65, "at most 64"), ("CNC\x00-1", "control")])
+@pytest.mark.parametrize(
+    ("equipment", "fragment"),
+    [("CNC", "at least 4"), ("   A  ", "surrounding blanks"), ("X" * 65, "at most 64"), ("CNC\x00-1", "control")],
+)
 def test_equipment_id(equipment, fragment):
     violations = _check(equipment_id=equipment)
     assert {v.field for v in violations} == {"equipment_id"}
@@ -57,10 +63,22 @@ def test_description_forbidden_characters():
 
 
 def test_every_violation_is_reported_at_once():
-    violations = _check(plant_id="bad", equipment_id="ab", problem_description="<>", image_id="i" * 200,
-                        equipment_type="Not Kebab", request_id="has space")
-    assert {v.field for v in violations} == {"plant_id", "equipment_id", "problem_description", "image_id",
-                                             "equipment_type", "request_id"}
+    violations = _check(
+        plant_id="bad",
+        equipment_id="ab",
+        problem_description="<>",
+        image_id="i" * 200,
+        equipment_type="Not Kebab",
+        request_id="has space",
+    )
+    assert {v.field for v in violations} == {
+        "plant_id",
+        "equipment_id",
+        "problem_description",
+        "image_id",
+        "equipment_type",
+        "request_id",
+    }
     assert len([v for v in violations if v.field == "problem_description"]) == 2
 
 
@@ -70,9 +88,15 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("data", "fragment"), [(b"", "empty"), (b"\xff\xd8\xff" + b"x" * 2000, "limit is 1000"),
-                                                (b"%PDF-1.7 not an image", "bytes sniffed"),
-                                                (b"\x89PNG\r\n\x1a\n truncated", "cannot read")])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"", "empty"),
+        (b"\xff\xd8\xff" + b"x" * 2000, "limit is 1000"),
+        (b"%PDF-1.7 not an image", "bytes sniffed"),
+        (b"\x89PNG\r\n\x1a\n truncated", "cannot read"),
+    ],
+)
 def test_image_checks(data, fragment):
     (violation,) = _check(data)
     assert violation.field == "image.data" and fragment in violation.description
@@ -92,7 +116,9 @@ def test_batch_items_are_not_validated_as_part_of_the_batch():
 
 
 def test_nested_paths_and_message_rules():
-    violations = rule_violations(copilot_pb2.SubmitFeedbackRequest(request_id="r-1", helpful_sop_ids=["SOP-1", "no id"]))
+    violations = rule_violations(
+        copilot_pb2.SubmitFeedbackRequest(request_id="r-1", helpful_sop_ids=["SOP-1", "no id"])
+    )
     assert [v.field for v in violations] == ["helpful_sop_ids[1]"]
     listing = copilot_pb2.ListIncidentsRequest(page_size=101)
     listing.start_time.FromSeconds(200)

@@ -1,5 +1,6 @@
 """The vision core: PatchCore-style scoring on the packaged EfficientNet-Lite0, localisation, few-shot
 types, reference persistence, and the image checks."""
+
 from __future__ import annotations
 
 import io
@@ -81,8 +82,10 @@ def test_references_register_persist_and_delete(tmp_path, feature_extractor):
     assert ReferenceStore(store_dir).get(ref.reference_id) is None
 
 
-@pytest.mark.parametrize(("equipment_type", "label", "field"),
-                         [("Red Panel", "good", "equipment_type"), ("red-panel", "x", "label"), ("generic", "good", "equipment_type")])
+@pytest.mark.parametrize(
+    ("equipment_type", "label", "field"),
+    [("Red Panel", "good", "equipment_type"), ("red-panel", "x", "label"), ("generic", "good", "equipment_type")],
+)
 def test_register_rejects_bad_names(vision_engine, clean_photo, equipment_type, label, field):
     with pytest.raises(ImageRejected) as err:
         vision_engine.register(equipment_type, label, clean_photo)
@@ -133,8 +136,12 @@ def test_replicas_sharing_a_reference_store_lose_no_write_and_see_each_other(tmp
     # concurrent writers on both: every add lands in the one index
     labels = [f"crack-{n}" for n in range(12)]
     with ThreadPoolExecutor(6) as pool:
-        list(pool.map(lambda n: (first if n % 2 else second).add("pump-housing", labels[n],
-                                                                   crack_photo + bytes([n]), 64, 64), range(12)))
+        list(
+            pool.map(
+                lambda n: (first if n % 2 else second).add("pump-housing", labels[n], crack_photo + bytes([n]), 64, 64),
+                range(12),
+            )
+        )
     assert {r.label for r in ReferenceStore(tmp_path).all()} == {"good", *labels}
     assert first.refresh() | second.refresh() <= {"pump-housing"}
     assert len(first.all()) == len(second.all()) == 13

@@ -1,4 +1,5 @@
 """Hosted vision providers against a local HTTP server started by the test (no network)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,13 +7,17 @@ import json
 
 import pytest
 
-from services.vision import samples
 from copilot.runtime.hosted import HostedModel
-from tests.model_server import FakeModelServer
+from services.vision import samples
 from services.vision.core import ImageLimits
 from services.vision.providers import (
-    Blip2LocalProvider, HfEndpointProvider, OpenAICompatibleProvider, defects_from_caption, parse_json_findings,
+    Blip2LocalProvider,
+    HfEndpointProvider,
+    OpenAICompatibleProvider,
+    defects_from_caption,
+    parse_json_findings,
 )
+from tests.model_server import FakeModelServer
 
 PHOTO = samples.to_bytes(samples.make_defect("brushed-steel", "corrosion", 5), "PNG")
 
@@ -21,8 +26,13 @@ PHOTO = samples.to_bytes(samples.make_defect("brushed-steel", "corrosion", 5), "
 def model_server(request):
     param = getattr(request, "param", '{"defects": [], "description": "clean"}')
     options = param if isinstance(param, dict) else {"chat_content": param}
-    server = FakeModelServer(**{"chat_content": '{"defects": [], "description": "clean"}',
-                                "generated_text": "a rusty steel plate with a long crack across it", **options})
+    server = FakeModelServer(
+        **{
+            "chat_content": '{"defects": [], "description": "clean"}',
+            "generated_text": "a rusty steel plate with a long crack across it",
+            **options,
+        }
+    )
     yield server
     server.close()
 
@@ -42,10 +52,15 @@ async def test_hf_endpoint_sends_the_image_retries_a_busy_server_and_reads_defec
     assert findings.model.startswith("hf-endpoint/") and findings.width == 256
 
 
-CHAT = json.dumps({"defects": [
-    {"type": "Corrosion", "confidence": 0.91, "box": [0.3, 0.3, 0.5, 0.6], "description": "rust patch"},
-    {"type": "alien-goo", "confidence": 7, "box": [0.9, 0.9, 0.1, 0.1]},
-], "description": "rust on a steel plate"})
+CHAT = json.dumps(
+    {
+        "defects": [
+            {"type": "Corrosion", "confidence": 0.91, "box": [0.3, 0.3, 0.5, 0.6], "description": "rust patch"},
+            {"type": "alien-goo", "confidence": 7, "box": [0.9, 0.9, 0.1, 0.1]},
+        ],
+        "description": "rust on a steel plate",
+    }
+)
 
 
 @pytest.mark.parametrize("model_server", [f"Here you go:\n```json\n{CHAT}\n```"], indirect=True)
@@ -70,8 +85,10 @@ def test_non_json_answers_are_refused():
 
 
 def test_caption_keywords():
-    assert {d.type for d in defects_from_caption("Paint is peeling and there are pinholes")} == \
-        {"coating-defect", "weld-porosity"}
+    assert {d.type for d in defects_from_caption("Paint is peeling and there are pinholes")} == {
+        "coating-defect",
+        "weld-porosity",
+    }
     assert defects_from_caption("a clean polished surface") == ()
 
 

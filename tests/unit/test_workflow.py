@@ -1,19 +1,27 @@
 """The LangGraph workflow around fake agents (the gRPC agents are exercised in contract/integration tests)."""
+
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from copilot.domain import (
-    Defect, DiagnosisInput, Guidance, GuidanceStep, IncidentReport, SopCitation, Stage, StageState, StageStatus,
+    Defect,
+    DiagnosisInput,
+    Guidance,
+    GuidanceStep,
+    IncidentReport,
+    SopCitation,
+    Stage,
+    StageState,
+    StageStatus,
     VisionFindings,
 )
 from services.orchestrator.decisions import merge_confidence
 from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
 from tests.fakes import FakeAgents
-
 
 TEXT = DiagnosisInput("PUNE-IN", "CNC-A-102", "Machine overheating during operation")
 PHOTO = DiagnosisInput("PUNE-IN", "CNC-A-102", "Machine overheating during operation", image_data=b"\xff\xd8\xff...")
@@ -28,7 +36,11 @@ async def test_with_image_all_three_agents_run_in_order_and_defects_feed_knowled
     diagnosis = await DiagnosisWorkflow(agents).run(PHOTO)
     assert [c[0] for c in agents.calls] == ["vision", "knowledge", "report"]
     assert agents.seen_defects == (Defect("crack", 0.9),)
-    assert _states(diagnosis) == {Stage.VISION: StageState.OK, Stage.KNOWLEDGE: StageState.OK, Stage.REPORT: StageState.OK}
+    assert _states(diagnosis) == {
+        Stage.VISION: StageState.OK,
+        Stage.KNOWLEDGE: StageState.OK,
+        Stage.REPORT: StageState.OK,
+    }
     assert diagnosis.confidence_score == pytest.approx(0.85)
     assert not diagnosis.requires_manual_review
     assert diagnosis.report.referenced_sop_ids == ("SOP-123",)
@@ -89,8 +101,12 @@ async def test_an_expired_deadline_degrades_without_calling():
 def test_merge_confidence_rules():
     ok = lambda stage, c: StageStatus(stage, StageState.OK, confidence=c)  # noqa: E731
     assert merge_confidence([ok(Stage.VISION, 0.9), ok(Stage.KNOWLEDGE, 0.5)]) == pytest.approx(0.7)
-    assert merge_confidence([StageStatus(Stage.VISION, StageState.SKIPPED), ok(Stage.KNOWLEDGE, 0.6)]) == pytest.approx(0.6)
-    assert merge_confidence([StageStatus(Stage.VISION, StageState.DEGRADED, "x"), ok(Stage.KNOWLEDGE, 0.8)]) == pytest.approx(0.4)
+    assert merge_confidence([StageStatus(Stage.VISION, StageState.SKIPPED), ok(Stage.KNOWLEDGE, 0.6)]) == pytest.approx(
+        0.6
+    )
+    assert merge_confidence(
+        [StageStatus(Stage.VISION, StageState.DEGRADED, "x"), ok(Stage.KNOWLEDGE, 0.8)]
+    ) == pytest.approx(0.4)
     assert merge_confidence([StageStatus(Stage.REPORT, StageState.OK)]) == 0.0
 
 
@@ -98,18 +114,28 @@ async def test_events_come_in_stage_order_with_partial_results_and_the_diagnosis
     from services.orchestrator.workflow import StageFinished, StageStarted
 
     events = [e async for e in DiagnosisWorkflow(FakeAgents()).events(PHOTO, request_id="req-1")]
-    kinds = [(type(e).__name__, getattr(e, "stage", None) or getattr(getattr(e, "status", None), "stage", None))
-             for e in events]
-    assert kinds == [("StageStarted", Stage.VISION), ("StageFinished", Stage.VISION),
-                     ("StageStarted", Stage.KNOWLEDGE), ("StageFinished", Stage.KNOWLEDGE),
-                     ("StageStarted", Stage.REPORT), ("StageFinished", Stage.REPORT), ("Diagnosis", None)]
+    kinds = [
+        (type(e).__name__, getattr(e, "stage", None) or getattr(getattr(e, "status", None), "stage", None))
+        for e in events
+    ]
+    assert kinds == [
+        ("StageStarted", Stage.VISION),
+        ("StageFinished", Stage.VISION),
+        ("StageStarted", Stage.KNOWLEDGE),
+        ("StageFinished", Stage.KNOWLEDGE),
+        ("StageStarted", Stage.REPORT),
+        ("StageFinished", Stage.REPORT),
+        ("Diagnosis", None),
+    ]
     assert all(e.request_id == "req-1" for e in events)
     finished = [e for e in events if isinstance(e, StageFinished)]
     assert isinstance(finished[0].result, VisionFindings) and finished[0].result.defects[0].type == "crack"
     assert isinstance(finished[1].result, Guidance) and finished[1].result.citations[0].sop_id == "SOP-123"
     assert isinstance(finished[2].result, IncidentReport)
-    assert not any(isinstance(e, StageStarted) and e.stage is Stage.VISION for e in
-                   [x async for x in DiagnosisWorkflow(FakeAgents()).events(TEXT)])
+    assert not any(
+        isinstance(e, StageStarted) and e.stage is Stage.VISION
+        for e in [x async for x in DiagnosisWorkflow(FakeAgents()).events(TEXT)]
+    )
 
 
 async def test_parallel_mode_runs_vision_and_knowledge_together_and_reports_once():
@@ -129,15 +155,20 @@ def test_escalation_reasons_name_every_cause():
     from copilot.domain import EscalationReason as R
     from services.orchestrator.workflow import FALLBACK_GUIDANCE, escalation_reasons
 
-    good = Guidance((GuidanceStep("Check coolant.", ("SOP-123",)),), (SopCitation("SOP-123", "t", "s", 0.7),), (),
-                    0.8, False, "q")
+    good = Guidance(
+        (GuidanceStep("Check coolant.", ("SOP-123",)),), (SopCitation("SOP-123", "t", "s", 0.7),), (), 0.8, False, "q"
+    )
     ok = lambda stage, c: StageStatus(stage, StageState.OK, confidence=c)  # noqa: E731
     assert escalation_reasons([ok(Stage.VISION, 0.9), ok(Stage.KNOWLEDGE, 0.8)], 0.85, good) == ()
-    assert escalation_reasons([ok(Stage.VISION, 0.3), ok(Stage.KNOWLEDGE, 0.8)], 0.55, good) == (R.LOW_VISION_CONFIDENCE,)
+    assert escalation_reasons([ok(Stage.VISION, 0.3), ok(Stage.KNOWLEDGE, 0.8)], 0.55, good) == (
+        R.LOW_VISION_CONFIDENCE,
+    )
     degraded = [StageStatus(Stage.VISION, StageState.DEGRADED, "down"), ok(Stage.KNOWLEDGE, 0.8)]
     assert escalation_reasons(degraded, 0.4, good) == (R.STAGE_DEGRADED, R.LOW_CONFIDENCE)
-    assert escalation_reasons([ok(Stage.KNOWLEDGE, 0.2)], 0.2, FALLBACK_GUIDANCE) == (R.LOW_CONFIDENCE,
-                                                                                      R.NO_SUPPORTING_SOP)
+    assert escalation_reasons([ok(Stage.KNOWLEDGE, 0.2)], 0.2, FALLBACK_GUIDANCE) == (
+        R.LOW_CONFIDENCE,
+        R.NO_SUPPORTING_SOP,
+    )
     unsupported = Guidance((GuidanceStep("Guess.", (), (), unsupported=True),), good.citations, (), 0.8, False, "q")
     assert escalation_reasons([ok(Stage.KNOWLEDGE, 0.8)], 0.8, unsupported) == (R.UNSUPPORTED_GUIDANCE,)
 
@@ -154,8 +185,13 @@ async def test_diagnosis_carries_reasons_and_a_trace_id():
 async def test_related_incidents_reach_the_report_and_a_failing_history_does_not_fail_the_diagnosis():
     from copilot.domain import PastIncident
 
-    past = PastIncident("old-1", datetime(2026, 1, 5, tzinfo=timezone.utc), "Spindle overheating again",
-                        ("SOP-123",), "Replaced the coolant pump")
+    past = PastIncident(
+        "old-1",
+        datetime(2026, 1, 5, tzinfo=UTC),
+        "Spindle overheating again",
+        ("SOP-123",),
+        "Replaced the coolant pump",
+    )
     seen = {}
 
     async def related(request, request_id):

@@ -18,8 +18,7 @@ PG_LOCK_KEY = 724_901_003
 def run_migrations(connection) -> None:  # type: ignore[no-untyped-def]
     if connection.dialect.name == "postgresql":
         connection.execute(text(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})"))
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
-                      compare_type=True)
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
 

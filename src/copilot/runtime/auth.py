@@ -4,6 +4,7 @@
 Every service reads the same `AUTH_*` settings, so a token the orchestrator accepts is accepted by the agents
 it forwards it to (the knowledge service checks the admin role for ingest/delete itself: callers inside the
 cluster can reach it directly)."""
+
 from __future__ import annotations
 
 import enum
@@ -11,9 +12,10 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import grpc
 import jwt
@@ -48,7 +50,7 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, value: object) -> "Role | None":
+    def parse(cls, value: object) -> Role | None:
         return cls.__members__.get(str(value).upper()) if isinstance(value, str) else None
 
 
@@ -104,8 +106,10 @@ class Authenticator:
         if self.settings.jwt_public_key_file is not None:
             self._keys["RS256"] = self.settings.jwt_public_key_file.read_text()
         if not self._keys and self.settings.mode != "dev":
-            raise ValueError("AUTH_MODE=jwt needs AUTH_JWT_SECRET(_FILE) (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256); "
-                             "AUTH_MODE=dev accepts the seed's technician-<id> tokens instead")
+            raise ValueError(
+                "AUTH_MODE=jwt needs AUTH_JWT_SECRET(_FILE) (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256); "
+                "AUTH_MODE=dev accepts the seed's technician-<id> tokens instead"
+            )
         if self.settings.mode == "dev":
             log.warning("AUTH_MODE=dev: unsigned 'Bearer technician-<id>' tokens are accepted; never use in production")
 
@@ -115,7 +119,9 @@ class Authenticator:
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'")
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'"
+            )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization: expected 'Bearer <token>'")
@@ -123,16 +129,24 @@ class Authenticator:
         if self.settings.mode == "dev" and (match := DEV_TOKEN.match(token)):
             return Principal(match.group(1), Role.TECHNICIAN, dev=True)
         if not self._keys:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token is not a dev token (technician-<id>) and no JWT key is "
-                                                             "configured")
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "token is not a dev token (technician-<id>) and no JWT key is configured",
+            )
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
             if algorithm not in self._keys:  # refuses alg=none and algorithm-confusion (HS256 signed with a public key)
                 raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"token algorithm {algorithm!r} is not accepted")
-            claims = jwt.decode(token, self._keys[algorithm], algorithms=[algorithm], audience=self.settings.audience,
-                                issuer=self.settings.issuer, leeway=self.settings.leeway_s,
-                                options={"require": ["sub", "exp", "role"]})
+            claims = jwt.decode(
+                token,
+                self._keys[algorithm],
+                algorithms=[algorithm],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                leeway=self.settings.leeway_s,
+                options={"require": ["sub", "exp", "role"]},
+            )
         except jwt.ExpiredSignatureError:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token has expired") from None
         except jwt.InvalidTokenError as exc:
@@ -146,14 +160,30 @@ class Authenticator:
         return Principal(subject, role)
 
 
-def mint_token(subject: str, role: Role, *, secret: str = "", private_key: str = "", ttl_s: float = 3600,
-               issuer: str = DEFAULT_ISSUER, audience: str = DEFAULT_AUDIENCE, now: float | None = None) -> str:
+def mint_token(
+    subject: str,
+    role: Role,
+    *,
+    secret: str = "",
+    private_key: str = "",
+    ttl_s: float = 3600,
+    issuer: str = DEFAULT_ISSUER,
+    audience: str = DEFAULT_AUDIENCE,
+    now: float | None = None,
+) -> str:
     """A signed token: HS256 with `secret`, or RS256 with a PEM `private_key`."""
     if not SUBJECT.match(subject):
         raise ValueError(f"subject {subject!r} must be letters, digits and . _ @ : - (up to 128)")
     issued = int(now if now is not None else time.time())
-    claims = {"sub": subject, "role": role.label, "iat": issued, "nbf": issued, "exp": issued + int(ttl_s),
-              "iss": issuer, "aud": audience}
+    claims = {
+        "sub": subject,
+        "role": role.label,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(ttl_s),
+        "iss": issuer,
+        "aud": audience,
+    }
     if private_key:
         return jwt.encode(claims, private_key, algorithm="RS256")
     if not secret:

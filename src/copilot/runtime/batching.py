@@ -2,20 +2,29 @@
 other, up to `max_batch`, run as one call of `fn` in one worker thread. While a batch runs, the next one
 gathers, so under load batches grow by themselves and the model sees one forward pass per batch. Used by the
 vision service (images) and the knowledge service (query embeddings)."""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class DynamicBatcher(Generic[T, R]):
-    def __init__(self, fn: Callable[[list[T]], list[R]], *, max_batch: int = 8, max_wait_s: float = 0.005,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[T]], list[R]],
+        *,
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_s >= 0")
         self.fn = fn
@@ -48,7 +57,7 @@ class DynamicBatcher(Generic[T, R]):
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not live:
@@ -56,14 +65,14 @@ class DynamicBatcher(Generic[T, R]):
             started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in live])
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the error, the batcher goes on
+            except Exception as exc:
                 for _, fut in live:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(live), time.perf_counter() - started)
-            for (_, fut), result in zip(live, results):
+            for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
 
@@ -76,8 +85,6 @@ class DynamicBatcher(Generic[T, R]):
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=False, cancel_futures=True)

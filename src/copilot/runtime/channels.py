@@ -1,5 +1,6 @@
 """Client channels to the agents: round_robin over every resolved address, UNAVAILABLE retried by the
 gRPC retry policy in the service config (no hand-written retry loops), OTel context in metadata."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
     )
 
 
-def agent_channel(target: str, service_names: list[str], *, max_message_bytes: int,
-                  tls: TlsSettings | None = None) -> grpc.aio.Channel:
+def agent_channel(
+    target: str, service_names: list[str], *, max_message_bytes: int, tls: TlsSettings | None = None
+) -> grpc.aio.Channel:
     """A channel to one agent service. `target` may be `host:port` or `dns:///svc:port` (headless Service).
     Calls carry the current caller's token (forward_authorization) and, with TLS settings, run over (m)TLS."""
     tls = tls or TlsSettings()

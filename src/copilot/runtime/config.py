@@ -1,4 +1,5 @@
 """Configuration base classes (pydantic-settings): every service reads its settings from the environment."""
+
 from __future__ import annotations
 
 import os

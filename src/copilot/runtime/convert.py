@@ -1,7 +1,8 @@
 """Domain dataclasses <-> generated protobuf messages, in one place."""
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
@@ -40,13 +41,13 @@ def citation_from_pb(m: common_pb2.SopCitation) -> d.SopCitation:
 
 
 def step_to_pb(s: d.GuidanceStep) -> common_pb2.GuidanceStep:
-    return common_pb2.GuidanceStep(text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections),
-                                   unsupported=s.unsupported)
+    return common_pb2.GuidanceStep(
+        text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections), unsupported=s.unsupported
+    )
 
 
 def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
-    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections),
-                          unsupported=m.unsupported)
+    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections), unsupported=m.unsupported)
 
 
 def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
@@ -57,7 +58,7 @@ def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
 
 
 def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
-    generated = timestamp_to_pb(r.generated_at.astimezone(timezone.utc))
+    generated = timestamp_to_pb(r.generated_at.astimezone(UTC))
     return common_pb2.IncidentReport(
         summary=r.summary,
         defects=[defect_to_pb(x) for x in r.defects],
@@ -84,7 +85,7 @@ def report_from_pb(m: common_pb2.IncidentReport) -> d.IncidentReport:
         safety_notes=tuple(m.safety_notes),
         follow_up=tuple(m.follow_up),
         referenced_sop_ids=tuple(m.referenced_sop_ids),
-        generated_at=m.generated_at.ToDatetime(tzinfo=timezone.utc),
+        generated_at=m.generated_at.ToDatetime(tzinfo=UTC),
         rendered_text=m.rendered_text,
         citations=tuple(citation_from_pb(c) for c in m.citations),
     )
@@ -124,13 +125,29 @@ def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
 
 
 def chunk_to_pb(c: d.SopChunk) -> knowledge_pb2.SopChunk:
-    return knowledge_pb2.SopChunk(chunk_id=c.chunk_id, sop_id=c.sop_id, title=c.title, section=c.section,
-                                  text=c.text, score=c.score, version=c.version, position=c.position)
+    return knowledge_pb2.SopChunk(
+        chunk_id=c.chunk_id,
+        sop_id=c.sop_id,
+        title=c.title,
+        section=c.section,
+        text=c.text,
+        score=c.score,
+        version=c.version,
+        position=c.position,
+    )
 
 
 def chunk_from_pb(m: knowledge_pb2.SopChunk) -> d.SopChunk:
-    return d.SopChunk(chunk_id=m.chunk_id, sop_id=m.sop_id, title=m.title, section=m.section, text=m.text,
-                      score=m.score, version=m.version, position=m.position)
+    return d.SopChunk(
+        chunk_id=m.chunk_id,
+        sop_id=m.sop_id,
+        title=m.title,
+        section=m.section,
+        text=m.text,
+        score=m.score,
+        version=m.version,
+        position=m.position,
+    )
 
 
 def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
@@ -242,8 +259,9 @@ def stage_to_pb(stage: d.Stage) -> int:
 
 
 def stage_status_to_pb(s: d.StageStatus) -> copilot_pb2.StageStatus:
-    return copilot_pb2.StageStatus(stage=_STAGE[s.stage], state=_STATE[s.state], error=s.error,
-                                   confidence=s.confidence, duration_ms=s.duration_ms)
+    return copilot_pb2.StageStatus(
+        stage=_STAGE[s.stage], state=_STATE[s.state], error=s.error, confidence=s.confidence, duration_ms=s.duration_ms
+    )
 
 
 def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
@@ -260,12 +278,20 @@ def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
 
 
 def past_incident_to_pb(x: d.PastIncident) -> report_pb2.PastIncident:
-    return report_pb2.PastIncident(request_id=x.request_id, created_at=timestamp_to_pb(x.created_at),
-                                   problem_description=x.problem_description,
-                                   referenced_sop_ids=list(x.referenced_sop_ids), resolution_notes=x.resolution_notes)
+    return report_pb2.PastIncident(
+        request_id=x.request_id,
+        created_at=timestamp_to_pb(x.created_at),
+        problem_description=x.problem_description,
+        referenced_sop_ids=list(x.referenced_sop_ids),
+        resolution_notes=x.resolution_notes,
+    )
 
 
 def past_incident_from_pb(m: report_pb2.PastIncident) -> d.PastIncident:
-    return d.PastIncident(request_id=m.request_id, created_at=m.created_at.ToDatetime(timezone.utc),
-                          problem_description=m.problem_description,
-                          referenced_sop_ids=tuple(m.referenced_sop_ids), resolution_notes=m.resolution_notes)
+    return d.PastIncident(
+        request_id=m.request_id,
+        created_at=m.created_at.ToDatetime(UTC),
+        problem_description=m.problem_description,
+        referenced_sop_ids=tuple(m.referenced_sop_ids),
+        resolution_notes=m.resolution_notes,
+    )

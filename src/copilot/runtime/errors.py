@@ -1,7 +1,9 @@
 """Rich gRPC errors: INVALID_ARGUMENT with google.rpc.BadRequest field violations."""
+
 from __future__ import annotations
 
-from typing import Iterable, NoReturn
+from collections.abc import Iterable
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2

@@ -33,16 +33,24 @@ class HostedModelSettings(BaseSettings):
     """The settings of a service that can call a hosted model, under its own prefix (`VISION_MODEL_ENDPOINT`,
     `KNOWLEDGE_MODEL_ENDPOINT`, ...)."""
 
-    model_endpoint: str = Field("", description="the model server's URL (an inference endpoint, or the base URL "
-                                                "of an OpenAI-compatible API such as http://vllm:8000/v1)")
+    model_endpoint: str = Field(
+        "",
+        description="the model server's URL (an inference endpoint, or the base URL "
+        "of an OpenAI-compatible API such as http://vllm:8000/v1)",
+    )
     model_name: str = Field("", description="the model to ask for (OpenAI-compatible APIs)")
     model_api_key: SecretStr = Field(SecretStr(""), description="bearer token, from a Secret; never logged")
     model_timeout_s: float = Field(60.0, gt=0, description="per attempt")
     model_attempts: int = Field(3, ge=1, le=10, description="tries on connection errors, timeouts, 429 and 5xx")
 
     def hosted_model(self) -> HostedModel:
-        return HostedModel(endpoint=self.model_endpoint, name=self.model_name, api_key=self.model_api_key,
-                           timeout_s=self.model_timeout_s, attempts=self.model_attempts)
+        return HostedModel(
+            endpoint=self.model_endpoint,
+            name=self.model_name,
+            api_key=self.model_api_key,
+            timeout_s=self.model_timeout_s,
+            attempts=self.model_attempts,
+        )
 
 
 class RetryableStatus(Exception):
@@ -102,8 +110,9 @@ class HostedModelClient:
         self.model = model
         self.client = httpx.Client(headers=_headers(model), timeout=model.timeout_s)
 
-    def post(self, url: str, *, json: Any = None, content: bytes | None = None,
-             headers: Mapping[str, str] | None = None) -> httpx.Response:
+    def post(
+        self, url: str, *, json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
         from tenacity import Retrying
 
         try:
@@ -127,8 +136,9 @@ class AsyncHostedModelClient:
         self.model = model
         self.client = httpx.AsyncClient(headers=_headers(model), timeout=model.timeout_s)
 
-    async def post(self, url: str, *, json: Any = None, content: bytes | None = None,
-                   headers: Mapping[str, str] | None = None) -> httpx.Response:
+    async def post(
+        self, url: str, *, json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
         from tenacity import AsyncRetrying
 
         try:

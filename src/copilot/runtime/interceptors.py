@@ -9,18 +9,20 @@
    google.rpc.BadRequest listing every violated field.
 
 All four RPC kinds are wrapped (unary and streaming requests and responses)."""
+
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 
-from copilot.runtime.auth import AccessPolicy, AuthError, Authenticator, Principal
+from copilot.runtime.auth import AccessPolicy, Authenticator, AuthError, Principal
 from copilot.runtime.metrics import copilot_metrics
 
 log = logging.getLogger("copilot.rpc")
@@ -28,21 +30,27 @@ log = logging.getLogger("copilot.rpc")
 #: The authenticated caller of the current RPC, for logs and span attributes.
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
 #: The caller's `authorization` header, forwarded on the agent calls the RPC makes (see forward_authorization).
-current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_authorization", default=None)
+current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_authorization", default=None
+)
 
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                           "grpc.reflection.v1.ServerReflection"})
-
+OPEN_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
 
 
 def service_of(method: str) -> str:
     return method.rsplit("/", 1)[0].lstrip("/")
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-                 after: Callable[[Any, grpc.aio.ServicerContext, BaseException | None], Awaitable[None]] | None = None,
-                 filter_requests: Callable[[AsyncIterator, grpc.aio.ServicerContext], AsyncIterator] | None = None,
-                 request_deserializer: Callable[[bytes], Any] | None = None):
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    *,
+    before: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    after: Callable[[Any, grpc.aio.ServicerContext, BaseException | None], Awaitable[None]] | None = None,
+    filter_requests: Callable[[AsyncIterator, grpc.aio.ServicerContext], AsyncIterator] | None = None,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+):
     """Rebuild `handler` so that `before(request_or_None, context)` runs first (it may abort; what it returns is
     passed to `after`), `after(state, context, error)` runs last, and a streamed request goes through
     `filter_requests` (and `request_deserializer`, when given). Works for the four RPC kinds."""
@@ -76,8 +84,10 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Callable[[Any, grpc.
     def requests(iterator, context):
         return filter_requests(iterator, context) if filter_requests is not None else iterator
 
-    kw = dict(request_deserializer=request_deserializer or handler.request_deserializer,
-              response_serializer=handler.response_serializer)
+    kw = dict(
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
     if (b := handler.unary_unary) is not None:
         return grpc.unary_unary_rpc_method_handler(lambda r, c: run_unary(b, r, r, c), **kw)
     if (b := handler.unary_stream) is not None:
@@ -124,10 +134,17 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
             meters.rpc_requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.name})
             meters.rpc_duration.record(elapsed, {"rpc.method": method})
             principal = current_principal.get()
-            log.info("rpc %s %s", method, code.name, extra={
-                "rpc.method": method, "rpc.code": code.name, "duration_ms": round(elapsed * 1000, 2),
-                "principal": principal.subject if principal else None,
-            })
+            log.info(
+                "rpc %s %s",
+                method,
+                code.name,
+                extra={
+                    "rpc.method": method,
+                    "rpc.code": code.name,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "principal": principal.subject if principal else None,
+                },
+            )
             if code is grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AbortError):
                 # shield the caller from the stack trace: replace the error by a clean status
                 await context.abort(code, f"internal error; trace id {_trace_id()}")
@@ -153,9 +170,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             failure = None
             needed = self.policy.required(method)
             if principal.role < needed:
-                failure = AuthError(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{method} needs the {needed.label} role; {principal.subject} is a "
-                                    f"{principal.role.label}")
+                failure = AuthError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{method} needs the {needed.label} role; {principal.subject} is a {principal.role.label}",
+                )
         except AuthError as exc:
             principal, failure = None, exc
 
@@ -164,8 +182,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if principal is not None:
                 span.set_attributes({"enduser.id": principal.subject, "enduser.role": principal.role.label})
             if failure is not None:
-                log.warning("auth refused %s: %s", method, failure.message,
-                            extra={"rpc.method": method, "principal": principal.subject if principal else None})
+                log.warning(
+                    "auth refused %s: %s",
+                    method,
+                    failure.message,
+                    extra={"rpc.method": method, "principal": principal.subject if principal else None},
+                )
                 await context.abort(failure.code, failure.message)
             # Each RPC runs in its own task, so these stay this call's; they are not reset, so that the access
             # log written by RpcObservabilityInterceptor after the call still names the principal.
@@ -191,7 +213,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     def parse(data: bytes):
         try:
             return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+        except Exception as exc:
             return Undecodable(f"{type(exc).__name__}: {exc}")
 
     return parse
@@ -218,8 +240,10 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
 
         async def refuse(message, context):
             if isinstance(message, Undecodable):
-                await abort_invalid(context, [FieldViolation("", f"request is not a valid protobuf message of this "
-                                                                 f"method ({message.error})")])
+                await abort_invalid(
+                    context,
+                    [FieldViolation("", f"request is not a valid protobuf message of this method ({message.error})")],
+                )
             violations = rule_violations(message)
             if check is not None:
                 violations += check(message)
@@ -235,8 +259,9 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
                 await refuse(message, context)
                 yield message
 
-        return wrap_handler(handler, before=before, filter_requests=checked,
-                            request_deserializer=tolerant(handler.request_deserializer))
+        return wrap_handler(
+            handler, before=before, filter_requests=checked, request_deserializer=tolerant(handler.request_deserializer)
+        )
 
 
 class _SetAuthorization:
@@ -250,9 +275,13 @@ class _SetAuthorization:
         if not value:
             return details
         metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
-        return grpc.aio.ClientCallDetails(details.method, details.timeout,
-                                          grpc.aio.Metadata(*metadata, ("authorization", value)),
-                                          details.credentials, details.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*metadata, ("authorization", value)),
+            details.credentials,
+            details.wait_for_ready,
+        )
 
 
 class _AuthorizationUnaryUnary(_SetAuthorization, grpc.aio.UnaryUnaryClientInterceptor):
@@ -278,8 +307,15 @@ class _AuthorizationStreamStream(_SetAuthorization, grpc.aio.StreamStreamClientI
 def authorization_interceptors(header: Callable[[], str | None]) -> list:
     """asyncio channel interceptors setting `authorization: header()` on calls of every kind (a channel files
     each interceptor under one kind only, hence four)."""
-    return [kind(header) for kind in (_AuthorizationUnaryUnary, _AuthorizationUnaryStream,
-                                      _AuthorizationStreamUnary, _AuthorizationStreamStream)]
+    return [
+        kind(header)
+        for kind in (
+            _AuthorizationUnaryUnary,
+            _AuthorizationUnaryStream,
+            _AuthorizationStreamUnary,
+            _AuthorizationStreamStream,
+        )
+    ]
 
 
 def forward_authorization() -> list:

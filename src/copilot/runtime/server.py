@@ -1,12 +1,13 @@
 """Server bootstrap written once: grpc.aio server, health (NOT_SERVING until warm-up has loaded models
 and stores), reflection, interceptors, telemetry, JSON logs and graceful shutdown on SIGTERM/SIGINT."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,9 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
 from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
-from copilot.runtime.tls import server_credentials
 from copilot.runtime.logging import configure_logging
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
+from copilot.runtime.tls import server_credentials
 
 log = logging.getLogger("copilot.server")
 
@@ -50,9 +51,13 @@ class AgentServer:
         self.health = health_aio.HealthServicer()
         self.authenticator = authenticator or Authenticator()
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), RpcObservabilityInterceptor(),
-                          AuthInterceptor(self.authenticator, spec.policy), *spec.interceptors,
-                          ValidationInterceptor(spec.request_checks)],
+            interceptors=[
+                *server_interceptors(),
+                RpcObservabilityInterceptor(),
+                AuthInterceptor(self.authenticator, spec.policy),
+                *spec.interceptors,
+                ValidationInterceptor(spec.request_checks),
+            ],
             options=message_size_options(settings.max_message_bytes),
         )
         self.port = 0
@@ -69,20 +74,31 @@ class AgentServer:
         self.spec.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.spec.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.spec.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings.tls)
-        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
-                     else self.server.add_insecure_port(address))
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self.server.start()
-        log.info("%s listening on %s:%d (%s, NOT_SERVING until warm)", self.spec.name, self.settings.host, self.port,
-                 "mTLS" if self.settings.tls.client_ca_file else "TLS" if credentials else "plaintext")
+        log.info(
+            "%s listening on %s:%d (%s, NOT_SERVING until warm)",
+            self.spec.name,
+            self.settings.host,
+            self.port,
+            "mTLS" if self.settings.tls.client_ca_file else "TLS" if credentials else "plaintext",
+        )
         self._warm_task = asyncio.create_task(self._warm())
         return self.port
 
@@ -91,15 +107,19 @@ class AgentServer:
         started = loop.time()
         try:
             await self.spec.warm_up()
-        except BaseException as exc:  # noqa: BLE001 - reported and turned into a clean stop
+        except BaseException as exc:
             self.failed = exc
             log.exception("%s warm-up failed; stopping", self.spec.name)
             self._stopped.set()
             return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
-        log.info("%s SERVING after %.2fs warm-up", self.spec.name, loop.time() - started,
-                 extra={"warmup_s": round(loop.time() - started, 3)})
+        log.info(
+            "%s SERVING after %.2fs warm-up",
+            self.spec.name,
+            loop.time() - started,
+            extra={"warmup_s": round(loop.time() - started, 3)},
+        )
 
     async def wait_ready(self) -> None:
         """Wait until SERVING; raises if warm-up failed."""

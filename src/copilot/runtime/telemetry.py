@@ -1,6 +1,7 @@
 """OpenTelemetry set-up: one tracer and one meter provider per process with service.name, OTLP export
 when OTEL_EXPORTER_OTLP_ENDPOINT is set, Prometheus /metrics on the metrics port, and the gRPC
 instrumentation that carries the trace context in metadata."""
+
 from __future__ import annotations
 
 import os
@@ -19,17 +20,20 @@ _meter_provider: MeterProvider | None = None
 
 
 def _otlp_enabled(signal: str) -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
 
 
 def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_port: int = 0) -> TracerProvider:
     """Install the process-wide tracer and meter providers (idempotent). `metrics_port` > 0 serves
     Prometheus /metrics on that port."""
-    global _provider, _meter_provider
+    global _provider, _meter_provider  # noqa: PLW0603 - one tracer/meter provider per process, set once
     if _provider is not None:
         return _provider
-    resource = Resource.create({"service.name": service_name, "service.version": __version__,
-                                "service.namespace": "manufacturing-copilot"})
+    resource = Resource.create(
+        {"service.name": service_name, "service.version": __version__, "service.namespace": "manufacturing-copilot"}
+    )
     provider = TracerProvider(resource=resource)
     if _otlp_enabled("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -1,4 +1,5 @@
 """TLS and mTLS credentials from PEM files (TLS_* settings) for servers and for the channels to the agents."""
+
 from __future__ import annotations
 
 import grpc
@@ -15,8 +16,9 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         return None
     pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
     if tls.client_ca_file is not None:
-        return grpc.ssl_server_credentials([pair], root_certificates=tls.client_ca_file.read_bytes(),
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=tls.client_ca_file.read_bytes(), require_client_auth=True
+        )
     return grpc.ssl_server_credentials([pair])
 
 
@@ -26,8 +28,9 @@ def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials | None:
         return None
     key = tls.key_file.read_bytes() if tls.key_file else None
     chain = tls.cert_file.read_bytes() if tls.cert_file else None
-    return grpc.ssl_channel_credentials(root_certificates=tls.ca_file.read_bytes(), private_key=key,
-                                        certificate_chain=chain)
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_file.read_bytes(), private_key=key, certificate_chain=chain
+    )
 
 
 def channel_options(tls: TlsSettings) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """The protovalidate rules written in the protos, as domain FieldViolations ("image.data",
 "requests[2].plant_id"): one function used by the shared ValidationInterceptor and by DiagnoseBatch for its
 items."""
+
 from __future__ import annotations
 
 import protovalidate
@@ -27,4 +28,6 @@ def _path(violation) -> str:
 
 def rule_violations(message: Message) -> list[FieldViolation]:
     """Every rule the message breaks (empty when valid)."""
-    return [FieldViolation(_path(v), v.proto.message or v.proto.rule_id) for v in _validator.collect_violations(message)]
+    return [
+        FieldViolation(_path(v), v.proto.message or v.proto.rule_id) for v in _validator.collect_violations(message)
+    ]
