@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from pydantic_settings import SettingsConfigDict
@@ -42,8 +44,9 @@ def resolve_token(token: str | None = None, role: str = "technician", folder: Pa
     if token:
         return token
     secret = signing_secret(dev_secret_file(folder))
-    if secret:
-        return mint_token(f"{role}-cli", Role.parse(role), secret=secret, ttl_s=900)
+    parsed = Role.parse(role)
+    if secret and parsed is not None:
+        return mint_token(f"{role}-cli", parsed, secret=secret, ttl_s=900)
     return DEV_TOKEN
 
 
@@ -83,14 +86,15 @@ def diagnose(
     address: str, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN, timeout: float = 60.0
 ) -> copilot_pb2.DiagnoseResponse:
     with open_channel(address) as channel:
-        return copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
+        response: copilot_pb2.DiagnoseResponse = copilot_pb2_grpc.CopilotServiceStub(channel).Diagnose(
             request, metadata=auth_metadata(token), timeout=timeout
         )
+    return response
 
 
 def stream_diagnose(
     channel: grpc.Channel, request: copilot_pb2.DiagnoseRequest, *, token: str = DEV_TOKEN, timeout: float = 60.0
-):
+) -> Any:
     """StreamDiagnose: the call (an iterator of StreamDiagnoseResponse events; `.cancel()` stops the diagnosis)."""
     return copilot_pb2_grpc.CopilotServiceStub(channel).StreamDiagnose(
         copilot_pb2.StreamDiagnoseRequest(diagnosis=request), metadata=auth_metadata(token), timeout=timeout
@@ -107,9 +111,9 @@ def ingest_file(
     document_id: str = "",
     title: str = "",
     version: str = "",
-    equipment_types=(),
-    plant_ids=(),
-    on_bytes=None,
+    equipment_types: Iterable[str] = (),
+    plant_ids: Iterable[str] = (),
+    on_bytes: Callable[[int], object] | None = None,
     timeout: float = 300.0,
     token: str = DEV_TOKEN,
     metadata: tuple[tuple[str, str], ...] | None = None,
@@ -124,7 +128,7 @@ def ingest_file(
         filename=path.name,
     )
 
-    def messages():
+    def messages() -> Iterator[knowledge_pb2.IngestDocumentRequest]:
         yield knowledge_pb2.IngestDocumentRequest(metadata=document)
         with path.open("rb") as handle:
             while piece := handle.read(UPLOAD_PIECE):
@@ -132,12 +136,13 @@ def ingest_file(
                     on_bytes(len(piece))
                 yield knowledge_pb2.IngestDocumentRequest(content=piece)
 
-    return knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(
+    response: knowledge_pb2.IngestDocumentResponse = knowledge_pb2_grpc.KnowledgeServiceStub(channel).IngestDocument(
         messages(), timeout=timeout, metadata=metadata or auth_metadata(token)
     )
+    return response
 
 
-def bearer_interceptors(token: str) -> list:
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """asyncio channel interceptors sending `authorization: Bearer <token>` on calls of every kind."""
     from copilot.runtime.interceptors import authorization_interceptors
 
@@ -146,7 +151,11 @@ def bearer_interceptors(token: str) -> list:
 
 
 def aio_channel(
-    address: str, token: str | None = None, *, credentials: grpc.ChannelCredentials | None = None, options=()
+    address: str,
+    token: str | None = None,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel whose calls carry `token` (none: no authorization header)."""
     interceptors = bearer_interceptors(token) if token else []

@@ -7,8 +7,12 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from copilot.domain import FieldViolation
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 
 def sniff_mime_type(data: bytes) -> str | None:
@@ -43,7 +47,7 @@ class ImageInfo:
     height: int
 
 
-def open_checked(data: bytes, limits: ImageLimits, field: str = "image.data"):
+def open_checked(data: bytes, limits: ImageLimits, field: str = "image.data") -> PILImage:
     """A lazily decoded PIL image whose bytes passed every check; raises ImageRejected."""
     from PIL import Image, UnidentifiedImageError
 

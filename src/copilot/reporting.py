@@ -25,7 +25,7 @@ BASELINE_SAFETY = (
     "Lock out/tag out the equipment before maintenance (SAFETY-SOP-001).",
     "Wear the PPE required for the task: safety glasses, gloves and safety shoes.",
 )
-DEFECT_SAFETY = {
+DEFECT_SAFETY: dict[str, str] = {
     DefectType.CRACK: "Do not return the equipment to service until the crack has been assessed by an engineer.",
     DefectType.CORROSION: "Check load-bearing parts near the corrosion for loss of wall thickness before restart.",
     DefectType.CONTAMINATION: "Identify the contaminant before cleaning; consult its safety data sheet.",
@@ -122,7 +122,7 @@ def render_text(
     safety_notes: Sequence[str],
     follow_up: Sequence[str],
     referenced_sop_ids: Sequence[str],
-    generated_at,
+    generated_at: datetime,
 ) -> str:
     lines = ["MANUFACTURING INCIDENT REPORT", "", "SUMMARY:", summary, "", "DEFECTS IDENTIFIED:"]
     if defects:

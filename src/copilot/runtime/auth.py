@@ -97,7 +97,7 @@ class Authenticator:
 
     def __init__(self, settings: AuthSettings | None = None) -> None:
         self.settings = settings or AuthSettings()
-        self._keys: dict[str, object] = {}
+        self._keys: dict[str, str] = {}
         secret = self.settings.secret()
         if secret:
             if len(secret) < 32:
@@ -218,7 +218,7 @@ class AccessPolicy:
     """The lowest role each method needs; methods not listed need `default`. Health and reflection are open."""
 
     default: Role = Role.TECHNICIAN
-    methods: Mapping[str, Role] = None  # full method path "/copilot.v1.KnowledgeService/DeleteDocument" -> role
+    methods: Mapping[str, Role] | None = None  # full method path "/copilot.v1.KnowledgeService/DeleteDocument" -> role
 
     def required(self, method: str) -> Role:
         return (self.methods or {}).get(method, self.default)

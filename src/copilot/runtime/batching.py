@@ -10,10 +10,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -31,15 +32,15 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
-        self._worker: asyncio.Task | None = None
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
 
     async def submit(self, item: T) -> R:
-        if self._worker is None:
+        if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._run())
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
 
@@ -76,7 +77,7 @@ class DynamicBatcher(Generic[T, R]):
                 if not fut.done():
                     fut.set_result(result)
 
-    def call_in_worker(self, fn: Callable[..., R], *args) -> R:
+    def call_in_worker(self, fn: Callable[..., V], *args: Any) -> V:
         """Run `fn(*args)` on the batcher's worker thread, blocking the calling thread (never call it from the
         event loop). For other work on the same model: torch keeps one OpenMP thread team per calling thread,
         and on a small machine two teams spinning at once slow both (measured: 11.6 → 20 ms per MiniLM query)."""

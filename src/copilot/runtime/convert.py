@@ -12,9 +12,7 @@ from copilot.v1 import common_pb2, copilot_pb2, knowledge_pb2, report_pb2, visio
 # --- shared messages ------------------------------------------------------------------------------
 
 
-def box_to_pb(box: d.BoundingBox | None) -> common_pb2.BoundingBox | None:
-    if box is None:
-        return None
+def box_to_pb(box: d.BoundingBox) -> common_pb2.BoundingBox:
     return common_pb2.BoundingBox(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
 
 

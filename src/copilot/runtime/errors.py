@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -23,7 +23,10 @@ def bad_request_status(violations: Iterable[FieldViolation], message: str | None
     packed = any_pb2.Any()
     packed.Pack(detail)
     text = message or "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations)
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=text, details=[packed]))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=text, details=[packed])
+    )
+    return status
 
 
 def resource_exhausted_status(message: str, retry_after_s: float) -> grpc.Status:
@@ -32,21 +35,24 @@ def resource_exhausted_status(message: str, retry_after_s: float) -> grpc.Status
     retry.retry_delay.FromMilliseconds(max(1, int(retry_after_s * 1000)))
     packed = any_pb2.Any()
     packed.Pack(retry)
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[packed]))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[packed])
+    )
+    return status
 
 
 def retry_delay_s(error: grpc.RpcError) -> float | None:
     """Client side: the RetryInfo delay carried by an error, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # an RpcError from a call is also a Call
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return info.retry_delay.ToMilliseconds() / 1000
+            return float(info.retry_delay.ToMilliseconds()) / 1000
     return None
 
 
-async def abort_invalid(context: grpc.aio.ServicerContext, violations: Iterable[FieldViolation]) -> NoReturn:
+async def abort_invalid(context: grpc.aio.ServicerContext[Any, Any], violations: Iterable[FieldViolation]) -> NoReturn:
     status = bad_request_status(violations)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable")  # context.abort raises
@@ -54,7 +60,7 @@ async def abort_invalid(context: grpc.aio.ServicerContext, violations: Iterable[
 
 def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     """Client side: the BadRequest violations carried by an error, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # an RpcError from a call is also a Call
     found: list[FieldViolation] = []
     if status is None:
         return found

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from copilot.domain import FieldViolation
 from copilot.runtime.auth import AccessPolicy, Authenticator, AuthError, Principal
 from copilot.runtime.metrics import copilot_metrics
 
@@ -39,24 +40,34 @@ OPEN_SERVICES = frozenset(
 )
 
 
+Handler = grpc.RpcMethodHandler[Any, Any]
+Context = grpc.aio.ServicerContext[Any, Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+Before = Callable[[Any, Context], Awaitable[Any]]
+After = Callable[[Any, Context, BaseException | None], Awaitable[None]]
+RequestFilter = Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]
+
+
 def service_of(method: str) -> str:
     return method.rsplit("/", 1)[0].lstrip("/")
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler,
+    handler: Handler,
     *,
-    before: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-    after: Callable[[Any, grpc.aio.ServicerContext, BaseException | None], Awaitable[None]] | None = None,
-    filter_requests: Callable[[AsyncIterator, grpc.aio.ServicerContext], AsyncIterator] | None = None,
+    before: Before,
+    after: After | None = None,
+    filter_requests: RequestFilter | None = None,
     request_deserializer: Callable[[bytes], Any] | None = None,
-):
+) -> Handler:
     """Rebuild `handler` so that `before(request_or_None, context)` runs first (it may abort; what it returns is
     passed to `after`), `after(state, context, error)` runs last, and a streamed request goes through
     `filter_requests` (and `request_deserializer`, when given). Works for the four RPC kinds."""
 
     # `seen` is what `before` gets: the request, or None for a request stream (which `behaviour` gets filtered)
-    async def run_unary(behaviour, seen, request, context):
+    async def run_unary(
+        behaviour: Callable[[Any, Context], Awaitable[Any]], seen: Any, request: Any, context: Context
+    ) -> Any:
         state = await before(seen, context)
         error = None
         try:
@@ -68,7 +79,9 @@ def wrap_handler(
             if after is not None:
                 await after(state, context, error)
 
-    async def run_stream(behaviour, seen, request, context):
+    async def run_stream(
+        behaviour: Callable[[Any, Context], AsyncIterator[Any]], seen: Any, request: Any, context: Context
+    ) -> AsyncIterator[Any]:
         state = await before(seen, context)
         error = None
         try:
@@ -81,21 +94,33 @@ def wrap_handler(
             if after is not None:
                 await after(state, context, error)
 
-    def requests(iterator, context):
+    def requests(iterator: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         return filter_requests(iterator, context) if filter_requests is not None else iterator
 
-    kw = dict(
-        request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+    deserializer = request_deserializer or handler.request_deserializer
+    serializer = handler.response_serializer
+    # the handler's behaviours are typed for the blocking server; on the asyncio server they are coroutines
+    behaviours: Any = handler
+    if (uu := behaviours.unary_unary) is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            lambda r, c: run_unary(uu, r, r, c), request_deserializer=deserializer, response_serializer=serializer
+        )
+    if (us := behaviours.unary_stream) is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            lambda r, c: run_stream(us, r, r, c), request_deserializer=deserializer, response_serializer=serializer
+        )
+    if (su := behaviours.stream_unary) is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            lambda it, c: run_unary(su, None, requests(it, c), c),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    ss = behaviours.stream_stream
+    return grpc.stream_stream_rpc_method_handler(
+        lambda it, c: run_stream(ss, None, requests(it, c), c),
+        request_deserializer=deserializer,
+        response_serializer=serializer,
     )
-    if (b := handler.unary_unary) is not None:
-        return grpc.unary_unary_rpc_method_handler(lambda r, c: run_unary(b, r, r, c), **kw)
-    if (b := handler.unary_stream) is not None:
-        return grpc.unary_stream_rpc_method_handler(lambda r, c: run_stream(b, r, r, c), **kw)
-    if (b := handler.stream_unary) is not None:
-        return grpc.stream_unary_rpc_method_handler(lambda it, c: run_unary(b, None, requests(it, c), c), **kw)
-    b = handler.stream_stream
-    return grpc.stream_stream_rpc_method_handler(lambda it, c: run_stream(b, None, requests(it, c), c), **kw)
 
 
 def _trace_id() -> str:
@@ -106,18 +131,20 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Logs and meters every RPC (requests by status code, duration, in flight); an unexpected exception
     becomes INTERNAL with a trace id."""
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
         meters = copilot_metrics()
 
-        async def before(_request, _context):
+        async def before(_request: Any, _context: Context) -> float:
             meters.rpc_in_flight.add(1, {"rpc.method": method})
             return time.perf_counter()
 
-        async def after(started, context, error):
+        async def after(started: float, context: Context, error: BaseException | None) -> None:
             code = grpc.StatusCode.OK
             if isinstance(error, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -159,25 +186,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.policy = policy or AccessPolicy()
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or service_of(method) in OPEN_SERVICES:
             return handler
         header = next((str(v) for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
         try:
-            principal: Principal | None = self.authenticator.authenticate(header)
-            failure = None
+            authenticated = self.authenticator.authenticate(header)
+            principal: Principal | None = authenticated
+            failure: AuthError | None = None
             needed = self.policy.required(method)
-            if principal.role < needed:
+            if authenticated.role < needed:
                 failure = AuthError(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"{method} needs the {needed.label} role; {principal.subject} is a {principal.role.label}",
+                    f"{method} needs the {needed.label} role; {authenticated.subject} is a {authenticated.role.label}",
                 )
         except AuthError as exc:
             principal, failure = None, exc
 
-        async def before(_request, context):
+        async def before(_request: Any, context: Context) -> None:
             span = trace.get_current_span()
             if principal is not None:
                 span.set_attributes({"enduser.id": principal.subject, "enduser.role": principal.role.label})
@@ -210,7 +240,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     if deserializer is None:
         return None
 
-    def parse(data: bytes):
+    def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
         except Exception as exc:
@@ -225,11 +255,12 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
     message, for what a proto rule cannot say, such as an image's real format) → one INVALID_ARGUMENT listing
     every violation."""
 
-    def __init__(self, checks: Mapping[str, Callable[[Any], list]] | None = None) -> None:
+    def __init__(self, checks: Mapping[str, Callable[[Any], list[FieldViolation]]] | None = None) -> None:
         self.checks = dict(checks or {})
 
-    async def intercept_service(self, continuation, handler_call_details):
-        from copilot.domain import FieldViolation
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         from copilot.runtime.errors import abort_invalid
         from copilot.runtime.validation import rule_violations
 
@@ -238,7 +269,7 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
             return handler
         check = self.checks.get(handler_call_details.method)
 
-        async def refuse(message, context):
+        async def refuse(message: Any, context: Context) -> None:
             if isinstance(message, Undecodable):
                 await abort_invalid(
                     context,
@@ -250,11 +281,11 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
             if violations:
                 await abort_invalid(context, violations)
 
-        async def before(request, context):
+        async def before(request: Any, context: Context) -> None:
             if request is not None:
                 await refuse(request, context)
 
-        async def checked(iterator, context):
+        async def checked(iterator: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             async for message in iterator:
                 await refuse(message, context)
                 yield message
@@ -285,26 +316,46 @@ class _SetAuthorization:
 
 
 class _AuthorizationUnaryUnary(_SetAuthorization, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _AuthorizationUnaryStream(_SetAuthorization, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _AuthorizationStreamUnary(_SetAuthorization, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
         return await continuation(self._details(details), request_iterator)
 
 
 class _AuthorizationStreamStream(_SetAuthorization, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
         return await continuation(self._details(details), request_iterator)
 
 
-def authorization_interceptors(header: Callable[[], str | None]) -> list:
+def authorization_interceptors(header: Callable[[], str | None]) -> list[grpc.aio.ClientInterceptor]:
     """asyncio channel interceptors setting `authorization: header()` on calls of every kind (a channel files
     each interceptor under one kind only, hence four)."""
     return [
@@ -318,7 +369,7 @@ def authorization_interceptors(header: Callable[[], str | None]) -> list:
     ]
 
 
-def forward_authorization() -> list:
+def forward_authorization() -> list[grpc.aio.ClientInterceptor]:
     """Agent calls made while serving an RPC carry that RPC's caller's token, so the agents authenticate and
     authorise the same principal."""
     return authorization_interceptors(current_authorization.get)

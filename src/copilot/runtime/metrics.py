@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from opentelemetry import metrics
 
@@ -41,7 +42,7 @@ class CopilotMetrics:
 def copilot_metrics() -> CopilotMetrics:
     """The process's instruments, created once from the installed meter provider."""
     m = metrics.get_meter("copilot")
-    seconds = dict(unit="s", explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS_S)
+    seconds: dict[str, Any] = {"unit": "s", "explicit_bucket_boundaries_advisory": _LATENCY_BUCKETS_S}
     return CopilotMetrics(
         rpc_requests=m.create_counter("copilot.rpc.requests", description="RPCs served, by method and status code"),
         rpc_duration=m.create_histogram("copilot.rpc.duration", description="RPC latency, by method", **seconds),

@@ -8,12 +8,14 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from copilot.domain import FieldViolation
 from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
 from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
@@ -38,7 +40,7 @@ class ServiceSpec:
     # Run after authentication and before validation (e.g. the orchestrator's admission control).
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
     # Checks the validation interceptor adds to the proto rules, per full method path (see ValidationInterceptor).
-    request_checks: dict[str, Callable] = field(default_factory=dict)
+    request_checks: dict[str, Callable[[Any], list[FieldViolation]]] = field(default_factory=dict)
 
 
 class AgentServer:
@@ -63,7 +65,7 @@ class AgentServer:
         self.port = 0
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
-        self._warm_task: asyncio.Task | None = None
+        self._warm_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:

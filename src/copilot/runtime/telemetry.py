@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 
+import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -41,7 +43,7 @@ def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_po
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
 
-    readers = []
+    readers: list[MetricReader] = []
     if metrics_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
@@ -66,12 +68,14 @@ def shutdown_telemetry() -> None:
         _meter_provider.shutdown()
 
 
-def server_interceptors() -> list:
-    return [aio_server_interceptor()]
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
+    return [interceptor]
 
 
-def client_interceptors() -> list:
-    return list(aio_client_interceptors())
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    return list(interceptors)
 
 
 def tracer(name: str) -> trace.Tracer:

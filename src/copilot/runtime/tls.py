@@ -14,6 +14,7 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         if tls.client_ca_file is not None:
             raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
         return None
+    assert tls.key_file is not None and tls.cert_file is not None  # server_enabled
     pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
     if tls.client_ca_file is not None:
         return grpc.ssl_server_credentials(
@@ -26,6 +27,7 @@ def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials | None:
     """None: dial plaintext. The process's own cert/key are presented as the client certificate (mTLS)."""
     if not tls.client_enabled:
         return None
+    assert tls.ca_file is not None  # client_enabled
     key = tls.key_file.read_bytes() if tls.key_file else None
     chain = tls.cert_file.read_bytes() if tls.cert_file else None
     return grpc.ssl_channel_credentials(

@@ -12,10 +12,11 @@ from copilot.domain import FieldViolation
 _validator = protovalidate.Validator()
 
 
-def _path(violation) -> str:
+def _path(violation: protovalidate.Violation) -> str:
     """Dotted field path; a message-level (CEL) rule has no field and is named by its rule id."""
+    rule_id: str = violation.proto.rule_id
     if violation.proto.field is None:
-        return violation.proto.rule_id
+        return rule_id
     parts: list[str] = []
     for element in violation.proto.field.elements:
         name = element.field_name
@@ -23,7 +24,7 @@ def _path(violation) -> str:
         if subscript is not None and getattr(subscript, "value", None) is not None:
             name += f"[{subscript.value}]"
         parts.append(name)
-    return ".".join(parts) or violation.proto.rule_id
+    return ".".join(parts) or rule_id
 
 
 def rule_violations(message: Message) -> list[FieldViolation]:
