@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from copilot.runtime.config import data_dir
 
@@ -87,7 +88,7 @@ def main() -> int:
     parser.add_argument("--references", type=int, nargs="+", default=[12, 24])
     parser.add_argument("--documents", type=int, nargs="+", default=[50, 100])
     args = parser.parse_args()
-    results = {
+    results: dict[str, dict[str, Any]] = {
         "vision": {"unit": "reference", "rows": run(VISION, args.references)},
         "knowledge": {"unit": "document (10 sections)", "rows": run(KNOWLEDGE, args.documents)},
     }

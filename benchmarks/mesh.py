@@ -9,6 +9,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
-from copilot.domain import DiagnosisInput
+from copilot.domain import Defect, DiagnosisInput, Guidance, IncidentReport, ReportInputs, VisionFindings
 from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.diagnose import sample_photo
 from copilot_cli.launcher import Mesh
@@ -61,16 +62,29 @@ class InProcessAgents:
         self.knowledge = KnowledgeBase(open_store(store), minilm_embedder())
         self.knowledge.ensure_documents(starter_corpus())
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
+    async def analyze_image(
+        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
+    ) -> VisionFindings:
         return self.vision.analyze(data, equipment_type)
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
+    async def advise(
+        self,
+        problem_description: str,
+        defects: Sequence[Defect],
+        plant_id: str,
+        equipment_id: str,
+        equipment_type: str,
+        timeout: float,
+    ) -> Guidance:
         return self.knowledge.advise(problem_description, defects, None, equipment_type, plant_id)
 
-    async def compose_report(self, inputs, timeout):
+    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport:
         from copilot.reporting import compose_report
 
         return compose_report(inputs)
+
+    async def close(self) -> None:
+        return None
 
 
 def _time_mesh(address: str, n: int, image: bytes | None) -> list[float]:
@@ -340,8 +354,8 @@ def run_vision(total: int, output: Path, console: Console) -> dict:
                     }
                     results["runs"].append(row)
             finally:
-                proc.process.terminate()
-                proc.process.wait(timeout=30)
+                proc.handle.terminate()
+                proc.handle.wait(timeout=30)
     table = Table(title="Vision AnalyzeImage: dynamic batching off vs on (one process, 2 CPU cores)")
     for column in ("batching", "clients", "images/s", "p50 ms", "p99 ms"):
         table.add_column(column)

@@ -14,6 +14,7 @@ import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -27,14 +28,14 @@ from copilot_cli.launcher import Mesh, RestartPolicy
 VICTIMS = ("knowledge", "vision", "report")
 
 
-def process_figures(mesh: Mesh) -> dict[str, dict]:
+def process_figures(mesh: Mesh) -> dict[str, dict[str, Any]]:
     """RSS (MiB) and open file descriptors of every service process, from /proc."""
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     for name, proc in mesh.services.items():
         if not proc.alive:
             found[name] = {"pid": None}
             continue
-        pid = proc.process.pid
+        pid = proc.handle.pid
         try:
             rss_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
             fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
@@ -119,7 +120,7 @@ def run_soak(
                 victim = VICTIMS[len(kills) % len(VICTIMS)]
                 proc = mesh.services[victim]
                 if proc.alive:
-                    proc.process.send_signal(signal.SIGKILL)
+                    proc.handle.send_signal(signal.SIGKILL)
                 kills.append({"t": round(elapsed, 1), "service": victim})
                 next_kill[0] += kill_every_s
 
@@ -142,7 +143,7 @@ def run_soak(
     per_minute = []
     for minute, records in sorted(minutes.items()):
         ok = [r for r in records if r["code"] == "OK"]
-        errors = defaultdict(int)
+        errors: defaultdict[str, int] = defaultdict(int)
         for r in records:
             if r["code"] != "OK":
                 errors[r["code"]] += 1

@@ -59,7 +59,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     f"server busy: {self.in_flight} diagnoses in flight (limit {self.max_in_flight}); retry later",
                     self.retry_after_s,
                 )
-            if self.limiter is not None:
+            if self.limiter is not None and self.rate is not None:
                 principal = current_principal.get()
                 key = principal.subject if principal else "anonymous"
                 cost = max(1, self.cost(method, request))

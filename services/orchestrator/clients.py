@@ -54,7 +54,9 @@ class GrpcAgentClients:
         self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])
         self.report = report_pb2_grpc.ReportServiceStub(self._channels[2])
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
+    async def analyze_image(
+        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
+    ) -> VisionFindings:
         request = vision_pb2.AnalyzeImageRequest(
             image=common_pb2.Image(data=data, mime_type=mime_type),
             image_id=image_id,
@@ -63,7 +65,15 @@ class GrpcAgentClients:
         )
         return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
+    async def advise(
+        self,
+        problem_description: str,
+        defects: Sequence[Defect],
+        plant_id: str,
+        equipment_id: str,
+        equipment_type: str,
+        timeout: float,
+    ) -> Guidance:
         request = knowledge_pb2.AdviseRequest(
             problem_description=problem_description,
             defects=[convert.defect_to_pb(d) for d in defects],
@@ -73,7 +83,7 @@ class GrpcAgentClients:
         )
         return convert.guidance_from_pb(await self.knowledge.Advise(request, timeout=timeout))
 
-    async def compose_report(self, inputs, timeout):
+    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport:
         response = await self.report.ComposeReport(convert.report_inputs_to_pb(inputs), timeout=timeout)
         return convert.report_from_pb(response.report)
 

@@ -7,11 +7,12 @@ The tables are declared once, below; their schema evolves through the Alembic re
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -74,8 +75,10 @@ class IncidentRow(Base):
     trace_id: Mapped[str] = mapped_column(String(32), default="")
     confidence: Mapped[float] = mapped_column(Float)
     requires_manual_review: Mapped[bool] = mapped_column(Boolean)
-    referenced_sop_ids: Mapped[list] = mapped_column(JSON, default=list)
-    stages: Mapped[list] = mapped_column(JSON, default=list)  # [{"stage", "state", "error"}] for queries/dashboards
+    referenced_sop_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    stages: Mapped[list[dict[str, str]]] = mapped_column(
+        JSON, default=list
+    )  # [{"stage", "state", "error"}] for queries/dashboards
     # The DiagnoseResponse exactly as answered (serialized protobuf), replayed for idempotent retries.
     response: Mapped[bytes] = mapped_column(LargeBinary)
 
@@ -87,7 +90,7 @@ class FeedbackRow(Base):
     request_id: Mapped[str] = mapped_column(ForeignKey("incidents.request_id"), index=True)
     helpful: Mapped[bool] = mapped_column(Boolean)
     resolution_notes: Mapped[str] = mapped_column(Text, default="")
-    helpful_sop_ids: Mapped[list] = mapped_column(JSON, default=list)
+    helpful_sop_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     principal: Mapped[str] = mapped_column(String(128))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -118,7 +121,7 @@ class StoredIncident:
     referenced_sop_ids: tuple[str, ...]
     response: bytes
     input_fingerprint: str = ""
-    stages: tuple[dict, ...] = ()  # {"stage", "state", "error"}: queryable without decoding the response
+    stages: tuple[dict[str, str], ...] = ()  # {"stage", "state", "error"}: queryable without decoding the response
     feedback: tuple[StoredFeedback, ...] = field(default=())
 
 
@@ -174,7 +177,7 @@ class IncidentStore:
         if self.engine.dialect.name == "sqlite":
 
             @event.listens_for(self.engine, "connect")
-            def _pragmas(connection, _record):  # concurrent readers while one writer commits
+            def _pragmas(connection: Any, _record: Any) -> None:  # concurrent readers while one writer commits
                 cursor = connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash of the process loses nothing committed
@@ -355,7 +358,7 @@ class IncidentStore:
         exclude: str = "",
         limit: int = 3,
         scan: int = 200,
-    ) -> list[PastIncident]:
+    ) -> builtins.list[PastIncident]:
         """Earlier incidents on the same equipment whose problem shares words with this one (Jaccard >= 0.2),
         most overlap first (ties: newest first), among the newest `scan`. Reads only the columns it needs."""
         words = content_words(problem_description)
@@ -395,7 +398,7 @@ class IncidentStore:
             for _, created_at, request_id, problem, sop_ids in best
         ]
 
-    def feedback_export(self) -> list[dict]:
+    def feedback_export(self) -> builtins.list[dict[str, Any]]:
         """Every feedback with its incident's question: labelled data for `copilot eval`."""
         with self._session() as session:
             rows = session.execute(

@@ -97,7 +97,9 @@ class DiagnosisRecorder:
                 return
             # the leading call failed or was cancelled: the loop lets one waiter take over
         request_id = request_id or str(uuid.uuid4())
-        outcome: asyncio.Future = asyncio.get_running_loop().create_future()  # the answer, or None if none came
+        outcome: asyncio.Future[copilot_pb2.DiagnoseResponse | None] = (
+            asyncio.get_running_loop().create_future()
+        )  # the answer, or None if none came
         if request.request_id:
             self._running[request_id] = (own_fingerprint, outcome)
         try:

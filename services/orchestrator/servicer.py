@@ -18,7 +18,7 @@ from copilot.domain import FieldViolation, as_utc, utc_now
 from copilot.images import ImageLimits
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
-from copilot.runtime.interceptors import current_principal
+from copilot.runtime.interceptors import Context, current_principal
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from services.orchestrator.history import (
@@ -112,9 +112,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
 
     # The request rules, image checks included, ran in the ValidationInterceptor before these methods.
 
-    async def Diagnose(
-        self, request: copilot_pb2.DiagnoseRequest, context: grpc.aio.ServicerContext
-    ) -> copilot_pb2.DiagnoseResponse:
+    async def Diagnose(self, request: copilot_pb2.DiagnoseRequest, context: Context) -> copilot_pb2.DiagnoseResponse:
         try:
             return await self.recorder.diagnose(request, self._deadline(context), _principal())
         except (RequestIdReused, IncidentNotStored) as refused:
@@ -122,7 +120,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             raise
 
     async def StreamDiagnose(
-        self, request: copilot_pb2.StreamDiagnoseRequest, context: grpc.aio.ServicerContext
+        self, request: copilot_pb2.StreamDiagnoseRequest, context: Context
     ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
         try:
             async for event in self.recorder.events(request.diagnosis, self._deadline(context), _principal()):
@@ -130,7 +128,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         except (RequestIdReused, IncidentNotStored) as refused:
             await context.abort(_refusal_code(refused), str(refused))
 
-    async def DiagnoseBatch(self, request: copilot_pb2.DiagnoseBatchRequest, context):
+    async def DiagnoseBatch(self, request: copilot_pb2.DiagnoseBatchRequest, context: Context):
         if len(request.requests) > self.batch_max_items:
             await abort_invalid(
                 context,
@@ -174,13 +172,13 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         ok = sum(1 for item in items if item.code == code_pb2.OK)
         return copilot_pb2.DiagnoseBatchResponse(items=items, succeeded=ok, failed=len(items) - ok)
 
-    async def GetIncident(self, request: copilot_pb2.GetIncidentRequest, context):
+    async def GetIncident(self, request: copilot_pb2.GetIncidentRequest, context: Context):
         stored = await asyncio.to_thread(self.history.get, request.request_id)
         if stored is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
         return copilot_pb2.GetIncidentResponse(incident=incident_to_pb(stored))
 
-    async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context):
+    async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context: Context):
         after = None
         if request.page_token:
             after = _incident_cursor(request.page_token)
@@ -212,7 +210,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             else "",
         )
 
-    async def SubmitFeedback(self, request: copilot_pb2.SubmitFeedbackRequest, context):
+    async def SubmitFeedback(self, request: copilot_pb2.SubmitFeedbackRequest, context: Context):
         feedback = StoredFeedback(
             helpful=request.helpful,
             resolution_notes=request.resolution_notes,

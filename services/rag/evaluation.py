@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,7 +49,7 @@ class EvalReport:
     escalation_accuracy: float
     results: list[QuestionResult]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("results")
         return data
@@ -62,7 +63,7 @@ def load_questions(path: Path) -> list[Question]:
     ]
 
 
-def questions_from_feedback(records: list[dict]) -> list[dict]:
+def questions_from_feedback(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Technician feedback (the incident history's `feedback_export`) as labelled questions in the eval file's
     format. The label is what the technician said helped: the SOP ids they named; else, for a helpful answer,
     the SOPs it cited; an unhelpful answer that names none becomes a question no SOP answers (escalate).

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from copilot.domain import SopChunk
 from copilot.runtime.hosted import HostedModel, HostedModelClient, join
@@ -206,12 +206,15 @@ class LlamaCppCompletion:
         )
         self._lock = threading.Lock()  # one llama context is not re-entrant
 
-    def complete(self, messages):
+    def complete(self, messages: list[dict[str, str]]) -> str:
         with self._lock:
-            reply = self.llm.create_chat_completion(
-                messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, seed=7
+            reply: Any = self.llm.create_chat_completion(
+                messages=messages,  # type: ignore[arg-type]  # llama-cpp's TypedDict messages are these dicts
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                seed=7,
             )
-        return reply["choices"][0]["message"]["content"] or ""
+        return str(reply["choices"][0]["message"]["content"] or "")
 
 
 class HfEndpointCompletion:
@@ -231,7 +234,7 @@ class HfEndpointCompletion:
         token = model.api_key.get_secret_value() or None
         # langchain passes the token only to huggingface.co URLs; a self-hosted TGI behind auth needs it too.
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        llm = HuggingFaceEndpoint(
+        llm = HuggingFaceEndpoint(  # type: ignore[call-arg]  # `model` is optional when endpoint_url is given
             endpoint_url=model.endpoint,
             huggingfacehub_api_token=token,
             task="text-generation",
@@ -243,7 +246,7 @@ class HfEndpointCompletion:
         # langchain's own client, so its retry (exponential back-off with jitter) rather than HostedModelClient's
         self.runnable = llm.with_retry(stop_after_attempt=model.attempts, wait_exponential_jitter=True)
 
-    def complete(self, messages):
+    def complete(self, messages: list[dict[str, str]]) -> str:
         prompt = "\n\n".join(f"{m['role'].upper()}:\n{m['content']}" for m in messages) + "\n\nASSISTANT:\n"
         return str(self.runnable.invoke(prompt))
 
@@ -256,7 +259,7 @@ class OpenAICompatibleCompletion:
         self.url = join(model.endpoint, "/chat/completions")
         self.model, self.temperature, self.max_tokens = model.name or "default", temperature, max_tokens
 
-    def complete(self, messages):
+    def complete(self, messages: list[dict[str, str]]) -> str:
         payload = {
             "model": self.model,
             "messages": messages,
@@ -276,7 +279,7 @@ class ResponseCache:
     max_entries: int = 1024
     hits: int = 0
     misses: int = 0
-    _entries: OrderedDict = field(default_factory=OrderedDict)
+    _entries: OrderedDict[str, str] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @staticmethod

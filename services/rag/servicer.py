@@ -11,6 +11,7 @@ from opentelemetry import trace
 from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
+from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
@@ -67,12 +68,14 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
     def __init__(self, knowledge: KnowledgeBase | None = None) -> None:
         self.knowledge = knowledge  # None until the process has loaded the model and the store
 
-    async def _ready(self, context) -> KnowledgeBase:
+    async def _ready(self, context: Context) -> KnowledgeBase:
         if self.knowledge is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "knowledge base is still loading")
         return self.knowledge
 
-    async def Retrieve(self, request: knowledge_pb2.RetrieveRequest, context) -> knowledge_pb2.RetrieveResponse:
+    async def Retrieve(
+        self, request: knowledge_pb2.RetrieveRequest, context: Context
+    ) -> knowledge_pb2.RetrieveResponse:
         knowledge = await self._ready(context)
         with tracer.start_as_current_span("knowledge.retrieve") as span:
             chunks = await asyncio.to_thread(
@@ -88,7 +91,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             _record_retrieval(len(chunks), [c.score for c in chunks], fallback=None)
             return knowledge_pb2.RetrieveResponse(chunks=[convert.chunk_to_pb(c) for c in chunks])
 
-    async def Advise(self, request: knowledge_pb2.AdviseRequest, context) -> knowledge_pb2.AdviseResponse:
+    async def Advise(self, request: knowledge_pb2.AdviseRequest, context: Context) -> knowledge_pb2.AdviseResponse:
         knowledge = await self._ready(context)
         defects = [convert.defect_from_pb(d) for d in request.defects]
         with tracer.start_as_current_span("knowledge.advise") as span:
@@ -124,7 +127,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
 
     # --- documents ------------------------------------------------------------------------------
 
-    async def IngestDocument(self, request_iterator, context) -> knowledge_pb2.IngestDocumentResponse:
+    async def IngestDocument(self, request_iterator, context: Context) -> knowledge_pb2.IngestDocumentResponse:
         knowledge = await self._ready(context)
         limit = knowledge.limits.max_bytes
         metadata: knowledge_pb2.DocumentMetadata | None = None
@@ -176,7 +179,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             chunks_removed=result.chunks_removed,
         )
 
-    async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context):
+    async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context: Context):
         after = ""
         if request.page_token:
             position = decode_page_token(request.page_token, "ListDocuments", 1)
@@ -194,7 +197,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             next_page_token=encode_page_token("ListDocuments", page[-1].document_id) if more else "",
         )
 
-    async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context):
+    async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context: Context):
         knowledge = await self._ready(context)
         doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
         if doc is None:
@@ -204,7 +207,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             document=document_to_pb(doc), chunks=[convert.chunk_to_pb(c) for c in chunks]
         )
 
-    async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context):
+    async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest, context: Context):
         knowledge = await self._ready(context)
         removed = await asyncio.to_thread(knowledge.delete_document, request.document_id)
         if removed is None:

@@ -9,14 +9,16 @@ in Chroma too.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from copilot.domain import SopChunk
 from services.rag.corpus import Chunk, DocumentFormat, SopDocument
@@ -62,7 +64,12 @@ class VersionConflict(ValueError):
     """The same id and version were loaded before with different content."""
 
 
-def open_client(persist_path: Path | None = None, host: str | None = None, port: int = 8000):
+# Chroma's client is used as Any here: its result fields are Optional by `include`, and every call below asks
+# for the fields it reads, so its types would only add None checks that cannot fail.
+ChromaClient = Any
+
+
+def open_client(persist_path: Path | None = None, host: str | None = None, port: int = 8000) -> ChromaClient:
     """`HttpClient` when a Chroma server host is given, else an embedded `PersistentClient`."""
     import chromadb
     from chromadb.config import Settings
@@ -85,8 +92,8 @@ class StoreUnreadable(RuntimeError):
     """The embedded Chroma directory is damaged: the knowledge service will not serve from it."""
 
 
-def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:
-    clauses = []
+def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict[str, Any] | None:
+    clauses: list[dict[str, Any]] = []
     if equipment_type:
         clauses.append(
             {"$or": [{"equipment_types": {"$contains": equipment_type}}, {"equipment_types": {"$contains": ANY}}]}
@@ -98,7 +105,7 @@ def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict | None:
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
 
-def _stored(record_id: str, meta: dict) -> StoredDocument:
+def _stored(record_id: str, meta: Mapping[str, Any]) -> StoredDocument:
     return StoredDocument(
         document_id=record_id,
         title=meta["title"],
@@ -116,7 +123,7 @@ def _stored(record_id: str, meta: dict) -> StoredDocument:
 
 
 class DocumentStore:
-    def __init__(self, client) -> None:
+    def __init__(self, client: ChromaClient) -> None:
         self.client = client
         # Embeddings are computed by the caller; Chroma's own (downloading) embedder is never used.
         self.chunks = client.get_or_create_collection(
@@ -145,9 +152,9 @@ class DocumentStore:
         return {i: m["version"] for i, m in zip(found["ids"], found["metadatas"], strict=True)}
 
     def chunk_count(self) -> int:
-        return self.chunks.count()
+        return int(self.chunks.count())
 
-    def document_chunks(self, document_id: str, version: str | None = None) -> list[SopChunk]:
+    def document_chunks(self, document_id: str, version: str | None = None) -> builtins.list[SopChunk]:
         """A document's chunks in order; `version` defaults to the live one (read from the catalog)."""
         if version is None:
             doc = self.get(document_id)
@@ -237,7 +244,7 @@ class DocumentStore:
             return self._delete_version_chunks(document_id, keep_version=None)
 
     def _delete_version_chunks(self, document_id: str, keep_version: str | None) -> int:
-        where: dict = {"sop_id": document_id}
+        where: dict[str, Any] = {"sop_id": document_id}
         if keep_version is not None:
             where = {"$and": [{"sop_id": document_id}, {"version": {"$ne": keep_version}}]}
         stale = self.chunks.get(where=where, include=[])["ids"]
@@ -245,7 +252,7 @@ class DocumentStore:
             self.chunks.delete(ids=stale)
         return len(stale)
 
-    def _delete_quietly(self, ids: list[str]) -> None:
+    def _delete_quietly(self, ids: builtins.list[str]) -> None:
         try:
             if ids:
                 self.chunks.delete(ids=ids)
@@ -254,7 +261,9 @@ class DocumentStore:
 
     # --- queries --------------------------------------------------------------------------------
 
-    def query(self, embedding: Sequence[float], k: int, equipment_type: str = "", plant_id: str = "") -> list[SopChunk]:
+    def query(
+        self, embedding: Sequence[float], k: int, equipment_type: str = "", plant_id: str = ""
+    ) -> builtins.list[SopChunk]:
         """The k nearest chunks of live document versions, cosine similarity as score."""
         result = self.chunks.query(
             query_embeddings=[list(embedding)],
@@ -271,7 +280,7 @@ class DocumentStore:
 
     def lexical(
         self, terms: Sequence[str], limit: int, equipment_type: str = "", plant_id: str = ""
-    ) -> list[tuple[SopChunk, list[float]]]:
+    ) -> builtins.list[tuple[SopChunk, builtins.list[float]]]:
         """Chunks containing any of the exact terms (as written, upper or lower case), with their vectors."""
         variants = list(dict.fromkeys(v for t in terms for v in (t, t.upper(), t.lower())))
         if not variants:
@@ -293,7 +302,7 @@ class DocumentStore:
         ]
 
 
-def _chunk(chunk_id: str, text: str, meta: dict, score: float) -> SopChunk:
+def _chunk(chunk_id: str, text: str, meta: Mapping[str, Any], score: float) -> SopChunk:
     return SopChunk(
         chunk_id=chunk_id,
         sop_id=meta["sop_id"],

@@ -17,14 +17,18 @@ from PIL import Image, UnidentifiedImageError
 
 from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
-from services.vision.references import EQUIPMENT_TYPE, LABEL
+
+__all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
+from services.vision.references import EQUIPMENT_TYPE, LABEL, Reference, ReferenceStore
 
 #: What findings name as their model: PatchCore over patchcore.BACKBONE (written out here so that importing this
 #: module does not import torch).
 MODEL_NAME = "patchcore/efficientnet-lite0"
 
 if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
-    from services.vision.patchcore import DefectTyper, MemoryBank
+    import torch
+
+    from services.vision.patchcore import DefectTyper, FeatureExtractor, MemoryBank
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
@@ -70,12 +74,18 @@ class VisionEngine:
 
     model = MODEL_NAME
 
-    def __init__(self, extractor, store, limits: ImageLimits | None = None, tuning: EngineTuning | None = None) -> None:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        store: ReferenceStore,
+        limits: ImageLimits | None = None,
+        tuning: EngineTuning | None = None,
+    ) -> None:
         self.extractor = extractor
         self.store = store
         self.limits = limits or ImageLimits()
         self.tuning = tuning or EngineTuning()
-        self._features: dict[str, object] = {}  # reference id -> feature map
+        self._features: dict[str, torch.Tensor] = {}  # reference id -> feature map
         self._models: dict[str, TypeModel] = {}
         self._lock = threading.Lock()
 
@@ -97,7 +107,7 @@ class VisionEngine:
                 added += 1
         return added
 
-    def _feature_maps(self, refs) -> None:
+    def _feature_maps(self, refs: list[Reference]) -> None:
         missing = [r for r in refs if r.reference_id not in self._features]
         for start in range(0, len(missing), 16):
             batch = missing[start : start + 16]
@@ -105,7 +115,7 @@ class VisionEngine:
             for ref, fmap in zip(batch, maps, strict=True):
                 self._features[ref.reference_id] = fmap
 
-    def _build(self, refs) -> TypeModel | None:
+    def _build(self, refs: list[Reference]) -> TypeModel | None:
         from services.vision.patchcore import DefectTyper, MemoryBank, region_prototype
 
         goods = [self._features[r.reference_id] for r in refs if r.good]
@@ -126,7 +136,7 @@ class VisionEngine:
             live = {r.reference_id for r in refs}
             self._features = {k: v for k, v in self._features.items() if k in live}
             self._feature_maps(refs)
-            by_type: dict[str, list] = {}
+            by_type: dict[str, list[Reference]] = {}
             for ref in refs:
                 by_type.setdefault(ref.equipment_type, []).append(ref)
             models = dict(self._models)
@@ -148,7 +158,7 @@ class VisionEngine:
             self._models = models  # atomic swap
             return models
 
-    def register(self, equipment_type: str, label: str, data: bytes):
+    def register(self, equipment_type: str, label: str, data: bytes) -> tuple[Reference, bool]:
         for field_name, value, pattern in (("equipment_type", equipment_type, EQUIPMENT_TYPE), ("label", label, LABEL)):
             if not pattern.fullmatch(value) or value == GENERIC:
                 raise ImageRejected(
@@ -160,7 +170,7 @@ class VisionEngine:
             self.load({equipment_type})
         return ref, created
 
-    def delete(self, reference_id: str):
+    def delete(self, reference_id: str) -> Reference | None:
         ref = self.store.delete(reference_id)
         if ref is not None:
             self.load({ref.equipment_type})
@@ -182,12 +192,12 @@ class VisionEngine:
     def decode(self, data: bytes) -> Image.Image:
         return decode_image(data, self.limits)
 
-    def features(self, images: list[Image.Image]) -> list:
+    def features(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """One forward pass for a batch of decoded images (what the dynamic batcher calls)."""
         return list(self.extractor.patch_features(images))
 
     def score(
-        self, image: Image.Image, feature_map, equipment_type: str = "", include_heatmap: bool = False
+        self, image: Image.Image, feature_map: torch.Tensor, equipment_type: str = "", include_heatmap: bool = False
     ) -> VisionFindings:
         from services.vision.patchcore import heatmap_png, regions
 

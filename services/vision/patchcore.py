@@ -65,7 +65,10 @@ class FeatureExtractor:
 
     def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
         arrays = [
-            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32)
+            np.asarray(
+                img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR),
+                dtype=np.float32,
+            )
             / 255.0
             for img in images
         ]
@@ -84,6 +87,8 @@ class FeatureExtractor:
                 f8 = h
             if index == self.stride16_block:
                 break
+        if f8 is None:
+            raise RuntimeError("the backbone ended before its stride-8 block")
         f16 = F.interpolate(h, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (f8, f16)]
         return torch.cat(pooled, dim=1).cpu()
@@ -214,7 +219,7 @@ class DefectTyper:
         votes: dict[str, float] = {}
         for sim, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             votes[self.labels[index]] = votes.get(self.labels[index], 0.0) + max(sim, 0.0)
-        label = max(votes, key=votes.get)
+        label = max(votes, key=lambda name: votes[name])
         share = votes[label] / (sum(votes.values()) or 1.0)
         best = max(
             sim for sim, i in zip(top.values.tolist(), top.indices.tolist(), strict=True) if self.labels[i] == label
@@ -226,7 +231,7 @@ def heatmap_png(image: Image.Image, scores: torch.Tensor, threshold: float) -> b
     """The anomaly map over the photo: red where patches pass the threshold."""
     w, h = image.size
     heat = np.clip(scores.numpy() / (threshold * 1.5), 0, 1)
-    heat_img = Image.fromarray((heat * 255).astype(np.uint8), "L").resize((w, h), Image.BILINEAR)
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8), "L").resize((w, h), Image.Resampling.BILINEAR)
     red = Image.new("RGB", (w, h), (255, 0, 0))
     overlay = Image.composite(red, image.convert("RGB"), heat_img.point(lambda v: int(v * 0.6)))
     buf = io.BytesIO()

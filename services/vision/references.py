@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,11 +59,11 @@ class ReferenceStore:
         self.images.mkdir(parents=True, exist_ok=True)
         self._lock_path = root / ".lock"
         self._refs: dict[str, Reference] = {}
-        self._stamp: tuple | None = None  # the index file as last read: (inode, size, mtime_ns)
+        self._stamp: tuple[int, int, int] | None = None  # the index file as last read: (inode, size, mtime_ns)
         self.refresh()
 
     @contextlib.contextmanager
-    def _exclusive(self):
+    def _exclusive(self) -> Iterator[None]:
         """This process's threads and every other process on the root, one writer at a time."""
         with self._lock, open(self._lock_path, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -71,7 +72,7 @@ class ReferenceStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _index_stamp(self) -> tuple | None:
+    def _index_stamp(self) -> tuple[int, int, int] | None:
         try:
             st = self.index_path.stat()
         except FileNotFoundError:

@@ -108,13 +108,16 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
     settings = settings or VisionSettings()
     servicer = VisionServicer()
 
-    tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Task[None]] = []
 
     async def sync_references() -> None:
         while True:
             await asyncio.sleep(settings.reference_sync_s)
+            engine = servicer.engine
+            if engine is None:  # a provider without reference images
+                return
             try:
-                changed = await asyncio.to_thread(servicer.engine.sync)
+                changed = await asyncio.to_thread(engine.sync)
                 if changed:
                     log.info("reference sets changed by another replica: %s", sorted(changed))
             except Exception:

@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from copilot.runtime import convert
 from copilot.runtime.errors import abort_invalid
+from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import vision_pb2, vision_pb2_grpc
@@ -41,21 +42,23 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.provider: VisionProvider | None = None  # attached by warm-up
         self.engine: VisionEngine | None = None  # the reference engine, when the provider uses one
 
-    async def _provider(self, context) -> VisionProvider:
+    async def _provider(self, context: Context) -> VisionProvider:
         if self.provider is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "vision model is still loading")
         return self.provider
 
-    async def _engine(self, context) -> VisionEngine:
-        await self._provider(context)
+    async def _engine(self, context: Context) -> VisionEngine:
+        provider = await self._provider(context)
         if self.engine is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"reference images are used by the patchcore provider, not {self.provider.name}",
+                f"reference images are used by the patchcore provider, not {provider.name}",
             )
         return self.engine
 
-    async def AnalyzeImage(self, request: vision_pb2.AnalyzeImageRequest, context) -> vision_pb2.AnalyzeImageResponse:
+    async def AnalyzeImage(
+        self, request: vision_pb2.AnalyzeImageRequest, context: Context
+    ) -> vision_pb2.AnalyzeImageResponse:
         provider = await self._provider(context)
         with tracer.start_as_current_span("vision.analyze") as span:
             span.set_attributes(
@@ -97,7 +100,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             )
             return convert.findings_to_pb(findings)
 
-    async def RegisterReference(self, request, context) -> vision_pb2.RegisterReferenceResponse:
+    async def RegisterReference(self, request, context: Context) -> vision_pb2.RegisterReferenceResponse:
         engine = await self._engine(context)
         try:
             ref, created = await asyncio.to_thread(
@@ -107,7 +110,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             await abort_invalid(context, [exc.violation])
         return vision_pb2.RegisterReferenceResponse(reference=_reference_pb(ref), created=created)
 
-    async def ListReferences(self, request, context) -> vision_pb2.ListReferencesResponse:
+    async def ListReferences(self, request, context: Context) -> vision_pb2.ListReferencesResponse:
         engine = await self._engine(context)
         after = ""
         if request.page_token:
@@ -124,7 +127,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         token = encode_page_token("ListReferences", page[-1].reference_id) if len(remaining) > len(page) else ""
         return vision_pb2.ListReferencesResponse(references=[_reference_pb(r) for r in page], next_page_token=token)
 
-    async def DeleteReference(self, request, context) -> vision_pb2.DeleteReferenceResponse:
+    async def DeleteReference(self, request, context: Context) -> vision_pb2.DeleteReferenceResponse:
         engine = await self._engine(context)
         ref = await asyncio.to_thread(engine.delete, request.reference_id)
         if ref is None:

@@ -80,4 +80,7 @@ def connected(addr: str, token: str, *, role: str = "technician") -> Iterator[tu
 def enum_label(message: Message, field: str, prefix: str) -> str:
     """`STAGE_STATE_DEGRADED` -> `degraded`: the enum value of `field` for tables."""
     value = getattr(message, field)
-    return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[value].name.removeprefix(prefix).lower()
+    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
+    if enum is None:
+        raise TypeError(f"{field} is not an enum field")
+    return str(enum.values_by_number[value].name).removeprefix(prefix).lower()

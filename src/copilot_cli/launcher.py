@@ -49,7 +49,7 @@ def health_status(
     """grpc.health.v1 status of a server, or None when it does not answer (plaintext unless `channel` is given)."""
     with channel or grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # set in __init__
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError:
@@ -63,7 +63,14 @@ class ServiceProcess:
     port: int
     env: dict[str, str]
     log_path: Path
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def handle(self) -> subprocess.Popen[bytes]:
+        """The running (or exited) process; a service that was never spawned has none."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.process
 
     @property
     def module(self) -> str:
@@ -171,7 +178,7 @@ class Mesh:
         from copilot.runtime.auth import Role, mint_token, signing_secret
 
         secret = self.extra_env.get("AUTH_JWT_SECRET") or signing_secret(self.dev_secret_file, create=True)
-        return mint_token(subject or f"{role}-local", Role.parse(role), secret=secret)
+        return mint_token(subject or f"{role}-local", Role.named(role), secret=secret)
 
     def start(self) -> None:
         if self.auth_mode == "dev":
@@ -194,7 +201,7 @@ class Mesh:
             for name in sorted(pending):
                 proc = self.services[name]
                 if not proc.alive:
-                    raise RuntimeError(f"{name} exited with {proc.process.returncode}; log:\n{self.log_tail(name)}")
+                    raise RuntimeError(f"{name} exited with {proc.handle.returncode}; log:\n{self.log_tail(name)}")
                 if health_status(self.address(name), timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
                     ready[name] = time.monotonic() - started
                     pending.discard(name)
@@ -212,8 +219,8 @@ class Mesh:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.services[name]
         if proc.alive:
-            proc.process.send_signal(sig)
-            proc.process.wait(timeout=30)
+            proc.handle.send_signal(sig)
+            proc.handle.wait(timeout=30)
 
     def restart(self, name: str) -> None:
         self.kill(name)
@@ -225,17 +232,17 @@ class Mesh:
             self.supervisor.stop()
         for proc in self.services.values():
             if proc.alive:
-                proc.process.send_signal(signal.SIGTERM)
+                proc.handle.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         codes: dict[str, int | None] = {}
         for name, proc in self.services.items():
             if proc.process is None:
                 continue
             try:
-                codes[name] = proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                codes[name] = proc.handle.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.process.kill()
-                codes[name] = proc.process.wait()
+                proc.handle.kill()
+                codes[name] = proc.handle.wait()
         return codes
 
     def supervise(
@@ -330,7 +337,7 @@ class Supervisor:
     ) -> None:
         self.mesh, self.policy, self.on_event = mesh, policy, on_event
         self.status = {
-            name: ServiceStatus(name, mesh.address(name), pid=proc.process.pid if proc.process else None)
+            name: ServiceStatus(name, mesh.address(name), pid=proc.handle.pid if proc.process else None)
             for name, proc in mesh.services.items()
         }
         self.events: deque[SupervisorEvent] = deque(maxlen=500)  # the latest, for callers and tests
@@ -396,12 +403,12 @@ class Supervisor:
                 return False
             proc.spawn()
             status.restarts += 1
-            status.state, status.pid, status.started_at = State.STARTING, proc.process.pid, now
+            status.state, status.pid, status.started_at = State.STARTING, proc.handle.pid, now
             status.serving_since, status.missed_checks, status.next_check = None, 0, now
             self._emit(status, "restarted", f"pid {status.pid}")
             return True
         if not proc.alive:
-            code = proc.process.returncode if proc.process is not None else None
+            code = proc.handle.returncode if proc.process is not None else None
             return self._crashed(proc, status, now, exit_reason(code))
         if now < status.next_check:
             return False
@@ -428,8 +435,8 @@ class Supervisor:
 
     def _hung(self, proc: ServiceProcess, status: ServiceStatus, now: float, reason: str) -> bool:
         self._emit(status, "hung", reason)
-        proc.process.kill()
-        proc.process.wait(timeout=30)
+        proc.handle.kill()
+        proc.handle.wait(timeout=30)
         return self._crashed(proc, status, now, f"killed: {reason}")
 
     def _crashed(self, proc: ServiceProcess, status: ServiceStatus, now: float, reason: str) -> bool:

@@ -34,14 +34,17 @@ def token(
     if parsed is None:
         raise typer.BadParameter("--role is technician, engineer or admin")
     settings = AuthSettings()
-    signer = (
-        {"private_key": private_key.read_text()}
-        if private_key is not None
-        else {"secret": secret_file.read_text().strip() if secret_file else signing_secret(create=True)}
-    )
+    pem = private_key.read_text() if private_key is not None else ""
+    secret = "" if pem else (secret_file.read_text().strip() if secret_file else signing_secret(create=True))
     try:
         value = mint_token(
-            subject or f"{role}-cli", parsed, ttl_s=ttl, issuer=settings.issuer, audience=settings.audience, **signer
+            subject or f"{role}-cli",
+            parsed,
+            secret=secret,
+            private_key=pem,
+            ttl_s=ttl,
+            issuer=settings.issuer,
+            audience=settings.audience,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

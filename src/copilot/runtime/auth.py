@@ -53,6 +53,14 @@ class Role(enum.IntEnum):
     def parse(cls, value: object) -> Role | None:
         return cls.__members__.get(str(value).upper()) if isinstance(value, str) else None
 
+    @classmethod
+    def named(cls, value: str) -> Role:
+        """The role called `value`; ValueError for any other name."""
+        role = cls.parse(value)
+        if role is None:
+            raise ValueError(f"unknown role {value!r}: technician, engineer or admin")
+        return role
+
 
 @dataclass(frozen=True)
 class Principal:

@@ -252,7 +252,7 @@ def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
     )
 
 
-def stage_to_pb(stage: d.Stage) -> int:
+def stage_to_pb(stage: d.Stage) -> copilot_pb2.Stage:
     return _STAGE[stage]
 
 
