@@ -14,7 +14,7 @@ PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # (which keys the wheel by version, not by these flags).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install protos run up test lint breaking bench images pods pods-down clean
+.PHONY: install protos run up test check lint breaking bench images pods pods-down clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -38,15 +38,24 @@ run: install
 up: install
 	$(BIN)/copilot up
 
+# Protos (buf), Python lint and formatting (ruff), types (mypy: strict on the shared runtime and agent cores).
 lint: install
 	$(BIN)/buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Compare the protos with main's (run on a branch before merging).
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'
 
+# The full suite CI runs: lint, then every test (real processes, the fault suite, the containers).
 test: install lint
 	$(BIN)/pytest
+
+# The fast loop while editing: lint, then the unit and contract tests that load no model weights.
+check: install lint
+	$(BIN)/pytest -m "not models" tests/unit tests/contract
 
 bench: install
 	$(BIN)/copilot bench

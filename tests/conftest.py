@@ -72,3 +72,24 @@ def vision_engine(tmp_path_factory, feature_extractor):
     engine.seed_starter_set()
     engine.load()
     return engine
+
+
+#: Fixtures that load model weights or build reference sets: a test using one (directly or through another
+#: fixture) is marked `models` and left out of `make check`, the fast loop.
+MODEL_FIXTURES = frozenset(
+    {
+        "embedder",
+        "knowledge_base",
+        "feature_extractor",
+        "vision_engine",
+        "vision_server",
+        "knowledge_server",
+        "copilot_server",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.models)

@@ -71,7 +71,7 @@ def _policy(attempts: int) -> dict[str, Any]:
     from tenacity import retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
     def wait(state: Any) -> float:
-        backoff = wait_exponential_jitter(initial=0.5, max=MAX_BACKOFF_S)(state)
+        backoff = wait_exponential_jitter(multiplier=0.5, max=MAX_BACKOFF_S)(state)
         exc = state.outcome.exception() if state.outcome else None
         return max(backoff, _retry_after(exc.response)) if isinstance(exc, RetryableStatus) else backoff
 

@@ -17,7 +17,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from opentelemetry import trace
@@ -40,12 +40,13 @@ OPEN_SERVICES = frozenset(
 )
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
-Context = grpc.aio.ServicerContext[Any, Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
-Before = Callable[[Any, Context], Awaitable[Any]]
-After = Callable[[Any, Context, BaseException | None], Awaitable[None]]
-RequestFilter = Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]
+# grpc's classes are generic only in their stubs, so the aliases are strings (resolved by the type checker)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+Before: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+After: TypeAlias = "Callable[[Any, Context, BaseException | None], Awaitable[None]]"
+RequestFilter: TypeAlias = "Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]"
 
 
 def service_of(method: str) -> str:
