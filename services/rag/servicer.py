@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from copilot.domain import FieldViolation
@@ -37,8 +36,7 @@ _OUTCOMES = {
 
 
 def document_to_pb(doc: StoredDocument) -> knowledge_pb2.Document:
-    ingested = timestamp_pb2.Timestamp()
-    ingested.FromDatetime(doc.ingested_at)
+    ingested = convert.timestamp_to_pb(doc.ingested_at)
     return knowledge_pb2.Document(
         document_id=doc.document_id,
         title=doc.title,

@@ -20,9 +20,9 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from copilot.domain import utc_now
 from copilot.images import sniff_mime_type
 
 LABEL = re.compile(r"[a-z][a-z0-9-]{1,39}")
@@ -147,7 +147,7 @@ class ReferenceStore:
                 sha256=digest,
                 width=width,
                 height=height,
-                created_at=datetime.now(UTC).isoformat(),
+                created_at=utc_now().isoformat(),
                 file=file,
             )
             self._refs[ref.reference_id] = ref

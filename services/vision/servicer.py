@@ -7,7 +7,6 @@ import time
 from datetime import datetime
 
 import grpc
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from copilot.runtime import convert
@@ -18,14 +17,14 @@ from copilot.runtime.pagination import decode_page_token, encode_page_token, inv
 from copilot.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
+from services.vision.references import Reference
 
 tracer = trace.get_tracer(__name__)
 DEFAULT_PAGE = 50
 
 
-def _reference_pb(ref) -> vision_pb2.ReferenceImage:
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(datetime.fromisoformat(ref.created_at))
+def _reference_pb(ref: Reference) -> vision_pb2.ReferenceImage:
+    created = convert.timestamp_to_pb(datetime.fromisoformat(ref.created_at))
     return vision_pb2.ReferenceImage(
         reference_id=ref.reference_id,
         equipment_type=ref.equipment_type,

@@ -4,9 +4,9 @@ once), one way of reporting a failed RPC, and the enum labels shown in tables.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import grpc
 import typer
@@ -16,6 +16,8 @@ from rich.console import Console
 from copilot.client import open_channel, resolve_token
 from copilot.runtime.config import DEFAULT_PORTS, data_dir
 from copilot.runtime.errors import field_violations
+
+T = TypeVar("T")
 
 console = Console(stderr=True)  # progress, tables about the run, errors
 out = Console()  # the command's result
@@ -75,6 +77,20 @@ def connected(addr: str, token: str, *, role: str = "technician") -> Iterator[tu
 
     with rpc_errors(), open_channel(addr) as channel:
         yield channel, auth_metadata(resolve_token(token, role=role))
+
+
+def paged(
+    fetch: Callable[[str, int], tuple[Sequence[T], str]], limit: int | None = None, page_size: int = 100
+) -> list[T]:
+    """Every item of a List method, page after page: `fetch(page_token, page_size)` gives (items, next token)."""
+    found: list[T] = []
+    token = ""
+    while limit is None or len(found) < limit:
+        items, token = fetch(token, page_size if limit is None else min(page_size, limit - len(found)))
+        found.extend(items)
+        if not token:
+            break
+    return found
 
 
 def enum_label(message: Message, field: str, prefix: str) -> str:

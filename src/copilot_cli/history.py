@@ -12,7 +12,7 @@ from rich.table import Table
 
 from copilot.runtime.convert import timestamp_to_pb
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
-from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out
+from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged
 from copilot_cli.diagnose import print_diagnosis
 
 RequestId = Annotated[str, typer.Argument(help="the diagnosis' request id")]
@@ -31,24 +31,22 @@ def incidents(
     token: Token = "",
 ) -> None:
     """List past diagnoses, newest first (ListIncidents)."""
-    found: list[copilot_pb2.Incident] = []
     with connected(addr, token) as (channel, metadata):
         stub = copilot_pb2_grpc.CopilotServiceStub(channel)
-        page_token = ""
-        while len(found) < limit:
+
+        def fetch(page_token: str, size: int) -> tuple[list[copilot_pb2.Incident], str]:
             request = copilot_pb2.ListIncidentsRequest(
                 plant_id=plant,
                 equipment_id=equipment,
                 start_time=timestamp_to_pb(since) if since else None,  # naive: UTC
                 end_time=timestamp_to_pb(until) if until else None,
-                page_size=min(100, limit - len(found)),
+                page_size=size,
                 page_token=page_token,
             )
             page = stub.ListIncidents(request, metadata=metadata, timeout=30)
-            found.extend(page.incidents)
-            page_token = page.next_page_token
-            if not page_token:
-                break
+            return list(page.incidents), page.next_page_token
+
+        found = paged(fetch, limit)
     if as_json:
         out.print_json(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in found]))
         return

@@ -23,6 +23,7 @@ from copilot_cli.common import (
     console,
     describe_rpc_error,
     out,
+    paged,
 )
 
 
@@ -103,19 +104,17 @@ def docs(
     token: Token = "",
 ) -> None:
     """List the documents loaded in the knowledge service."""
-    documents: list[knowledge_pb2.Document] = []
     with connected(addr, token) as (channel, metadata):
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
-        page_token = ""
-        while True:
+
+        def fetch(page_token: str, size: int) -> tuple[list[knowledge_pb2.Document], str]:
             request = knowledge_pb2.ListDocumentsRequest(
-                page_size=200, page_token=page_token, equipment_type=equipment_type, plant_id=plant
+                page_size=size, page_token=page_token, equipment_type=equipment_type, plant_id=plant
             )
             page = stub.ListDocuments(request, timeout=30, metadata=metadata)
-            documents.extend(page.documents)
-            page_token = page.next_page_token
-            if not page_token:
-                break
+            return list(page.documents), page.next_page_token
+
+        documents = paged(fetch, page_size=200)
     if as_json:
         out.print_json(json.dumps([MessageToDict(d, preserving_proto_field_name=True) for d in documents]))
         return

@@ -51,7 +51,7 @@ def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
 def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
     """A protobuf Timestamp (an aware datetime is converted to UTC; a naive one is taken as UTC)."""
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
+    stamp.FromDatetime(d.as_utc(value))
     return stamp
 
 
