@@ -178,29 +178,13 @@ def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
         return done
 
     addr = ["--addr", mesh.address("orchestrator")]
-    shown = copilot(
-        "diagnose",
-        "--plant",
-        "PUNE-IN",
-        "--equipment",
-        "CNC-CLI-9",
-        "--problem",
-        PROBLEM,
-        "--request-id",
-        "cli-stream-1",
-        *addr,
-    )
+    request = ["diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM]
+    shown = copilot(*request, "--request-id", "cli-stream-1", *addr)
     assert "SUMMARY" in shown.stdout and "request cli-stream-1" in shown.stdout
     assert "knowledge" in shown.stderr and "report" in shown.stderr  # the live stage table
     again = json.loads(
         copilot(
-            "diagnose",
-            "--plant",
-            "PUNE-IN",
-            "--equipment",
-            "CNC-CLI-9",
-            "--problem",
-            PROBLEM,
+            *request,
             "--request-id",
             "cli-stream-1",
             "--json",
