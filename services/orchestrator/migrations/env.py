@@ -5,7 +5,7 @@ connection it passes in `config.attributes["connection"]`), or by hand:
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from services.orchestrator.history import Base
 
@@ -15,7 +15,7 @@ target_metadata = Base.metadata
 PG_LOCK_KEY = 724_901_003
 
 
-def run_migrations(connection) -> None:  # type: ignore[no-untyped-def]
+def run_migrations(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(text(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})"))
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)

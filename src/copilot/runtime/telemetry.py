@@ -69,6 +69,7 @@ def shutdown_telemetry() -> None:
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    # opentelemetry-instrumentation-grpc ships no annotations
     interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
     return [interceptor]
 
