@@ -8,9 +8,10 @@ generic set (all types' references) with lower confidence.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,11 +20,15 @@ from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
+from services.vision.cache import ModelCache
 from services.vision.references import EQUIPMENT_TYPE, LABEL, Reference, ReferenceStore
 
 #: What findings name as their model: PatchCore over patchcore.BACKBONE (written out here so that importing this
 #: module does not import torch).
-MODEL_NAME = "patchcore/efficientnet-lite0"
+log = logging.getLogger(__name__)
+
+BACKBONE_NAME = "efficientnet-lite0"
+MODEL_NAME = f"patchcore/{BACKBONE_NAME}"
 
 if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
     import torch
@@ -66,6 +71,26 @@ class TypeModel:
     good_images: int
     labelled_images: int
 
+    def state(self) -> dict[str, Any]:
+        """Tensors, numbers and strings only (what the cache stores and reads back with weights_only)."""
+        return {
+            "patches": self.bank.patches,
+            "threshold": self.bank.threshold,
+            "labels": list(self.typer.labels),
+            "prototypes": self.typer.prototypes,
+            "k": self.typer.k,
+            "good_images": self.good_images,
+            "labelled_images": self.labelled_images,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TypeModel:
+        from services.vision.patchcore import DefectTyper, MemoryBank
+
+        bank = MemoryBank(state["patches"], float(state["threshold"]), int(state["good_images"]))
+        typer = DefectTyper(list(state["labels"]), state["prototypes"], int(state["k"]))
+        return cls(bank, typer, int(state["good_images"]), int(state["labelled_images"]))
+
 
 class VisionEngine:
     """Reference-based defect analysis. `load()` builds a model per equipment type from the reference store;
@@ -85,9 +110,12 @@ class VisionEngine:
         self.store = store
         self.limits = limits or ImageLimits()
         self.tuning = tuning or EngineTuning()
-        self._features: dict[str, torch.Tensor] = {}  # reference id -> feature map
+        # reference id -> feature map, held only while models are being built (the cache keeps them on disk)
+        self._features: dict[str, torch.Tensor] = {}
         self._models: dict[str, TypeModel] = {}
         self._lock = threading.Lock()
+        self.cache = ModelCache(store.root, BACKBONE_NAME, extractor.image_size)
+        self.built = 0  # models built (not read from the cache) since this engine started
 
     # --- references -----------------------------------------------------------------------------
 
@@ -108,12 +136,45 @@ class VisionEngine:
         return added
 
     def _feature_maps(self, refs: list[Reference]) -> None:
-        missing = [r for r in refs if r.reference_id not in self._features]
+        """Feature maps of `refs` into self._features: from the cache, else computed (and cached)."""
+        missing = []
+        for ref in refs:
+            if ref.reference_id in self._features:
+                continue
+            cached = self.cache.feature(ref.sha256)
+            if cached is not None:
+                self._features[ref.reference_id] = cached
+            else:
+                missing.append(ref)
         for start in range(0, len(missing), 16):
             batch = missing[start : start + 16]
             maps = self.extractor.patch_features([decode_image(self.store.read(r), self.limits) for r in batch])
             for ref, fmap in zip(batch, maps, strict=True):
                 self._features[ref.reference_id] = fmap
+                self.cache.put_feature(ref.sha256, fmap)
+
+    def _model_key(self, refs: list[Reference]) -> str:
+        return self.cache.model_key(
+            ((r.sha256, r.label) for r in refs), self.tuning.coreset_ratio, self.tuning.coreset_max
+        )
+
+    def _model(self, refs: list[Reference]) -> TypeModel | None:
+        """The model of these references: read from the cache, else built from their features (and cached)."""
+        if not any(r.good for r in refs):
+            return None
+        key = self._model_key(refs)
+        state = self.cache.model(key)
+        if state is not None:
+            try:
+                return TypeModel.from_state(state)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring a cached vision model of another shape (%s): rebuilding it", exc)
+        self._feature_maps(refs)
+        built = self._build(refs)
+        if built is not None:
+            self.built += 1
+            self.cache.put_model(key, built.state())
+        return built
 
     def _build(self, refs: list[Reference]) -> TypeModel | None:
         from services.vision.patchcore import DefectTyper, MemoryBank, region_prototype
@@ -133,9 +194,6 @@ class VisionEngine:
         """(Re)build the models of the given equipment types (all when None) and the generic model."""
         with self._lock:
             refs = self.store.all()
-            live = {r.reference_id for r in refs}
-            self._features = {k: v for k, v in self._features.items() if k in live}
-            self._feature_maps(refs)
             by_type: dict[str, list[Reference]] = {}
             for ref in refs:
                 by_type.setdefault(ref.equipment_type, []).append(ref)
@@ -144,18 +202,21 @@ class VisionEngine:
                 if name not in by_type and name != GENERIC:
                     del models[name]
             for name, type_refs in by_type.items():
-                if equipment_types is None or name in equipment_types:
-                    built = self._build(type_refs)
+                if equipment_types is None or name in equipment_types or name not in models:
+                    built = self._model(type_refs)
                     if built is None:
                         models.pop(name, None)
                     else:
                         models[name] = built
-            generic = self._build(refs) if refs else None
+            generic = self._model(refs) if refs else None
             if generic is None:
                 models.pop(GENERIC, None)
             else:
                 models[GENERIC] = generic
             self._models = models  # atomic swap
+            self._features.clear()  # the cache has them; a rebuild reads them back
+            keep = {self._model_key(type_refs) for type_refs in by_type.values()} | {self._model_key(refs)}
+            self.cache.prune(keep, {r.sha256 for r in refs})
             return models
 
     def register(self, equipment_type: str, label: str, data: bytes) -> tuple[Reference, bool]:

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from copilot.domain import DefectType
 
-BACKBONE = "efficientnet-lite0"
+BACKBONE = "efficientnet-lite0"  # also named in core.BACKBONE_NAME (which must not import torch)
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

@@ -1,0 +1,108 @@
+"""Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
+in seconds instead of recomputing every reference image and memory bank:
+
+    <root>/cache/features/<backbone>-<size>/<sha256>.pt   the patch feature map of one reference image
+    <root>/cache/models/<key>.pt                          a built equipment-type model (memory bank + typer)
+
+A model's key is the SHA-256 of everything it is built from: the cache format, the backbone, the image size,
+the coreset settings and each reference's content hash and label. A reference set that changes gets a new
+key; an unchanged one is read back as it was built. Everything here can be rebuilt from the images: a file
+that is missing, unreadable or of another format is logged, ignored and written again, never trusted over
+the images. Writes go to a temporary file renamed into place, so replicas sharing the root never read half a
+file; a cache that cannot be written (a read-only volume) only costs the rebuild next time.
+
+Bump FORMAT when what a model is built from changes in code (the keys then change and old files are
+unused; `prune` removes model files no current key names)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported when the cache is used, not when the module is
+    import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class ModelCache:
+    def __init__(self, root: Path, backbone: str, image_size: int) -> None:
+        self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}"
+        self.models_dir = root / "cache" / "models"
+        self.backbone = backbone
+        self.image_size = image_size
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def model_key(self, references: Iterable[tuple[str, str]], coreset_ratio: float, coreset_max: int) -> str:
+        """`references`: (sha256, label) of every reference image the model is built from."""
+        digest = hashlib.sha256(f"{FORMAT}|{self.backbone}|{self.image_size}|{coreset_ratio}|{coreset_max}".encode())
+        for sha, label in sorted(references):
+            digest.update(f"|{sha}:{label}".encode())
+        return digest.hexdigest()
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def feature(self, sha256: str) -> torch.Tensor | None:
+        import torch
+
+        state = self._read(self.features_dir / f"{sha256}.pt")
+        feature = state.get("feature") if state is not None else None
+        return feature if isinstance(feature, torch.Tensor) else None
+
+    def model(self, key: str) -> dict[str, Any] | None:
+        """The state `put_model` wrote under `key`, or None."""
+        return self._read(self.models_dir / f"{key}.pt")
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a damaged or foreign file: rebuilt from the images
+            log.warning("ignoring unreadable vision cache file %s: %s", path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            return None
+        return state
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def put_feature(self, sha256: str, feature: torch.Tensor) -> None:
+        self._write(self.features_dir / f"{sha256}.pt", {"feature": feature.contiguous()})
+
+    def put_model(self, key: str, state: dict[str, Any]) -> None:
+        self._write(self.models_dir / f"{key}.pt", state)
+
+    def _write(self, path: Path, state: dict[str, Any]) -> None:
+        import torch
+
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({**state, "format": FORMAT}, temporary)
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("vision cache not written (%s): the next start rebuilds this", exc)
+            temporary.unlink(missing_ok=True)
+
+    def prune(self, keep_keys: set[str], keep_features: set[str]) -> int:
+        """Remove model files no current key names and features of images no longer referenced."""
+        removed = 0
+        for directory, keep in ((self.models_dir, keep_keys), (self.features_dir, keep_features)):
+            if not directory.is_dir():
+                continue
+            for path in directory.glob("*.pt"):
+                if path.stem not in keep:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed

@@ -1,0 +1,52 @@
+"""The vision model cache: a restarted engine reads its models back instead of rebuilding them, an unchanged
+reference set keeps its key, a damaged cache file is rebuilt from the images."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.vision import samples
+from services.vision.core import VisionEngine
+from services.vision.references import ReferenceStore
+
+pytestmark = pytest.mark.models
+
+
+def _engine(root, feature_extractor) -> VisionEngine:
+    engine = VisionEngine(feature_extractor, ReferenceStore(root))
+    for seed in range(4):
+        engine.store.add(
+            "blue-panel", "good", samples.to_bytes(samples.painted_panel(256, seed, (40, 60, 160))), 256, 256
+        )
+    scratched = samples.draw_scratch(samples.painted_panel(256, 9, (40, 60, 160)), seed=2)
+    engine.store.add("blue-panel", "scratch", samples.to_bytes(scratched), 256, 256)
+    return engine
+
+
+def test_a_restarted_engine_reads_its_models_back_and_scores_the_same(tmp_path, feature_extractor):
+    first = _engine(tmp_path, feature_extractor)
+    first.load()
+    assert first.built == 1  # blue-panel; the generic set has the same references, so the same key
+    photo = samples.to_bytes(samples.draw_scratch(samples.painted_panel(256, 11, (40, 60, 160)), seed=5))
+    before = first.analyze(photo, "blue-panel")
+
+    again = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    again.load()
+    assert again.built == 0
+    after = again.analyze(photo, "blue-panel")
+    assert after.anomaly_score == before.anomaly_score
+    assert [(d.type, d.confidence) for d in after.defects] == [(d.type, d.confidence) for d in before.defects]
+
+
+def test_a_changed_reference_set_is_rebuilt_and_a_damaged_file_is_not_trusted(tmp_path, feature_extractor):
+    engine = _engine(tmp_path, feature_extractor)
+    engine.load()
+    ref, _ = engine.register("blue-panel", "good", samples.to_bytes(samples.painted_panel(256, 21, (40, 60, 160))))
+    assert engine.built == 2  # the new reference set has a new key
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 1  # the old key's file was pruned
+    for path in (tmp_path / "cache" / "models").glob("*.pt"):
+        path.write_bytes(b"not a torch file")
+    reopened = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    reopened.load()
+    assert reopened.built == 1 and reopened.reference_sets()["blue-panel"].good_images == 5
+    assert ref.reference_id in {r.reference_id for r in reopened.store.all()}
