@@ -165,3 +165,17 @@ def test_roles_are_ordered_and_the_policy_names_the_lowest_role_a_method_needs()
 def test_mint_refuses_subjects_that_would_not_authenticate():
     with pytest.raises(ValueError):
         mint_token("has spaces", Role.TECHNICIAN, secret=SECRET)
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
+    auth = authenticator(leeway_s=0)
+    token = f"Bearer {mint_token('anna', Role.ENGINEER, secret=SECRET, ttl_s=1)}"
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **kw: calls.append(1) or real_decode(*a, **kw))
+    assert auth.authenticate(token).subject == auth.authenticate(token).subject == "anna"
+    assert len(calls) == 1  # verified once
+    time.sleep(1.2)
+    assert "expired" in refused(auth, token).message  # not served from memory past its exp
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert refused(auth, forged).code is grpc.StatusCode.UNAUTHENTICATED  # a different string is verified anew

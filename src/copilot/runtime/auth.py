@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,8 @@ class Authenticator:
                 "AUTH_MODE=jwt needs AUTH_JWT_SECRET(_FILE) (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256); "
                 "AUTH_MODE=dev accepts the seed's technician-<id> tokens instead"
             )
+        # token -> (principal, expiry): a token verified once is not verified again until it expires
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         if self.settings.mode == "dev":
             log.warning("AUTH_MODE=dev: unsigned 'Bearer technician-<id>' tokens are accepted; never use in production")
 
@@ -141,6 +144,23 @@ class Authenticator:
                 grpc.StatusCode.UNAUTHENTICATED,
                 "token is not a dev token (technician-<id>) and no JWT key is configured",
             )
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+        principal, expires = self._verify(token)
+        self._verified[token] = (principal, expires)
+        if len(self._verified) > self.VERIFIED_TOKENS:
+            self._verified.popitem(last=False)
+        return principal
+
+    #: signed tokens whose verification is remembered (the oldest is forgotten first)
+    VERIFIED_TOKENS = 4096
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of a signed token and the time it stops being valid (exp + leeway)."""
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
@@ -165,7 +185,7 @@ class Authenticator:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not SUBJECT.match(subject):
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token subject is not a valid id")
-        return Principal(subject, role)
+        return Principal(subject, role), float(claims["exp"]) + self.settings.leeway_s
 
 
 def mint_token(
