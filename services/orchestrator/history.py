@@ -173,7 +173,9 @@ class IncidentStore:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True)
+        # a pooled PostgreSQL connection may have been closed by the server: check it on checkout (SQLite's
+        # connections are files, never dropped)
+        self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
 
             @event.listens_for(self.engine, "connect")

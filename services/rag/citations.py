@@ -19,7 +19,7 @@ class Verified:
     unsupported_steps: int
 
 
-def _coverage(words: set[str], chunk: SopChunk) -> float:
+def _coverage(words: frozenset[str], chunk: SopChunk) -> float:
     return len(words & content_words(chunk.text)) / len(words) if words else 0.0
 
 

@@ -4,6 +4,7 @@ and SOP lines (guidance, citation checks) or between problem descriptions (simil
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # hyphenated terms stay whole: "weld-porosity", "e-stop", "m8-bolt"
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -52,6 +53,8 @@ STOP_WORDS = frozenset(
 )
 
 
-def content_words(text: str) -> set[str]:
-    """Lower-cased words of three characters or more, stop words left out."""
-    return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS}
+@lru_cache(maxsize=8192)
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words of three characters or more, stop words left out (remembered for the texts seen most
+    recently: problem descriptions and SOP lines recur on every request)."""
+    return frozenset(w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS)
