@@ -82,6 +82,27 @@ class IncidentRow(Base):
     # The DiagnoseResponse exactly as answered (serialized protobuf), replayed for idempotent retries.
     response: Mapped[bytes] = mapped_column(LargeBinary)
 
+    @classmethod
+    def of(cls, incident: StoredIncident) -> IncidentRow:
+        return cls(
+            request_id=incident.request_id,
+            created_at=incident.created_at,
+            plant_id=incident.plant_id,
+            equipment_id=incident.equipment_id,
+            equipment_type=incident.equipment_type,
+            problem_description=incident.problem_description,
+            image_sha256=incident.image_sha256 or None,
+            image_mime_type=incident.image_mime_type,
+            input_fingerprint=incident.input_fingerprint,
+            principal=incident.principal,
+            trace_id=incident.trace_id,
+            confidence=incident.confidence,
+            requires_manual_review=incident.requires_manual_review,
+            referenced_sop_ids=list(incident.referenced_sop_ids),
+            stages=list(incident.stages),
+            response=incident.response,
+        )
+
 
 class FeedbackRow(Base):
     __tablename__ = "feedback"
@@ -212,26 +233,7 @@ class IncidentStore:
                     session.flush()
                 except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
                     session.rollback()
-            session.add(
-                IncidentRow(
-                    request_id=incident.request_id,
-                    created_at=incident.created_at,
-                    plant_id=incident.plant_id,
-                    equipment_id=incident.equipment_id,
-                    equipment_type=incident.equipment_type,
-                    problem_description=incident.problem_description,
-                    image_sha256=incident.image_sha256 or None,
-                    image_mime_type=incident.image_mime_type,
-                    input_fingerprint=incident.input_fingerprint,
-                    principal=incident.principal,
-                    trace_id=incident.trace_id,
-                    confidence=incident.confidence,
-                    requires_manual_review=incident.requires_manual_review,
-                    referenced_sop_ids=list(incident.referenced_sop_ids),
-                    stages=list(incident.stages),
-                    response=incident.response,
-                )
-            )
+            session.add(IncidentRow.of(incident))
             try:
                 session.commit()
             except IntegrityError:

@@ -158,11 +158,11 @@ class VisionEngine:
             ((r.sha256, r.label) for r in refs), self.tuning.coreset_ratio, self.tuning.coreset_max
         )
 
-    def _model(self, refs: list[Reference]) -> TypeModel | None:
-        """The model of these references: read from the cache, else built from their features (and cached)."""
+    def _model(self, refs: list[Reference], key: str) -> TypeModel | None:
+        """The model of these references (cache key `key`): read from the cache, else built from their
+        features (and cached)."""
         if not any(r.good for r in refs):
             return None
-        key = self._model_key(refs)
         state = self.cache.model(key)
         if state is not None:
             try:
@@ -201,22 +201,23 @@ class VisionEngine:
             for name in list(models):
                 if name not in by_type and name != GENERIC:
                     del models[name]
+            keys = {name: self._model_key(type_refs) for name, type_refs in by_type.items()}
+            keys[GENERIC] = self._model_key(refs)
             for name, type_refs in by_type.items():
                 if equipment_types is None or name in equipment_types or name not in models:
-                    built = self._model(type_refs)
+                    built = self._model(type_refs, keys[name])
                     if built is None:
                         models.pop(name, None)
                     else:
                         models[name] = built
-            generic = self._model(refs) if refs else None
+            generic = self._model(refs, keys[GENERIC]) if refs else None
             if generic is None:
                 models.pop(GENERIC, None)
             else:
                 models[GENERIC] = generic
             self._models = models  # atomic swap
             self._features.clear()  # the cache has them; a rebuild reads them back
-            keep = {self._model_key(type_refs) for type_refs in by_type.values()} | {self._model_key(refs)}
-            self.cache.prune(keep, {r.sha256 for r in refs})
+            self.cache.prune(set(keys.values()), {r.sha256 for r in refs})
             return models
 
     def register(self, equipment_type: str, label: str, data: bytes) -> tuple[Reference, bool]:

@@ -13,8 +13,8 @@ import typer
 from google.protobuf.message import Message
 from rich.console import Console
 
-from copilot.client import open_channel, resolve_token
-from copilot.runtime.config import DEFAULT_PORTS, data_dir
+from copilot.client import auth_metadata, open_channel, resolve_token
+from copilot.runtime.config import DEFAULT_PORTS
 from copilot.runtime.errors import field_violations
 
 T = TypeVar("T")
@@ -43,10 +43,6 @@ DataDir = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
-def default_data_dir() -> Path:
-    return data_dir()
-
-
 def report_rpc_error(exc: grpc.RpcError) -> None:
     """The status code, its message and each field violation, the same way for every command."""
     code = exc.code()
@@ -73,8 +69,6 @@ def rpc_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def connected(addr: str, token: str, *, role: str = "technician") -> Iterator[tuple[grpc.Channel, tuple]]:
     """An open channel and the authorization metadata for it; RPC failures inside end the command (exit 2)."""
-    from copilot.client import auth_metadata
-
     with rpc_errors(), open_channel(addr) as channel:
         yield channel, auth_metadata(resolve_token(token, role=role))
 

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from copilot.runtime.config import DEFAULT_PORTS
-from copilot_cli.common import AsJson, DataDir, console, default_data_dir, out
+from copilot.runtime.config import data_dir as default_data_dir
+from copilot_cli.common import AsJson, DataDir, console, out
 from copilot_cli.launcher import SupervisorEvent
 
 DEMO_PROBLEM = "Pump housing overheating during operation and a visible crack near the outlet flange"

@@ -231,26 +231,7 @@ def test_a_history_created_before_migrations_is_adopted_with_its_incidents(tmp_p
     Base.metadata.create_all(engine)  # how the history was created before it had migrations
     old, _ = incident("old-1")
     with Session(engine) as session:
-        session.add(
-            IncidentRow(
-                request_id=old.request_id,
-                created_at=old.created_at,
-                plant_id=old.plant_id,
-                equipment_id=old.equipment_id,
-                equipment_type="",
-                problem_description=old.problem_description,
-                image_sha256=None,
-                image_mime_type="",
-                input_fingerprint=old.input_fingerprint,
-                principal="anna",
-                trace_id="",
-                confidence=0.7,
-                requires_manual_review=False,
-                referenced_sop_ids=["SOP-123"],
-                stages=[],
-                response=b"\x08\x01",
-            )
-        )
+        session.add(IncidentRow.of(old))
         session.commit()
     engine.dispose()
     store = IncidentStore(url)
