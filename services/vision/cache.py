@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported when the cache is used, not when the modu
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: regions by hysteresis (labelled prototypes changed)
 
 
 class ModelCache:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from copilot.domain import BoundingBox, Defect, FieldViolation, VisionFindings
+from copilot.domain import AnomalyMap, BoundingBox, Defect, FieldViolation, VisionFindings
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
@@ -58,7 +58,14 @@ class EngineTuning:
     image_size: int = 256
     coreset_ratio: float = 0.1
     coreset_max: int = 20_000
-    generic_confidence_factor: float = 0.8  # an unknown equipment type is scored less surely
+    #: Answers against the generic set (an equipment type without references of its own) are guesses: their
+    #: confidences are scaled into [0, ceiling], below the 0.5 that asks for manual review.
+    generic_confidence_ceiling: float = 0.49
+    #: A surface whose lower-quartile patch is this far towards the threshold is unlike the references as a whole
+    #: (a defect, however large, leaves most of the surface as it was). Measured against the generic set:
+    #: familiar kinds 0.52-0.57 (the shipped crack photo, a quarter of it defective, 0.65), unseen kinds 0.91-1.55.
+    unfamiliar_quartile: float = 0.8
+    unfamiliar_confidence: float = 0.2
     max_defects: int = 5
 
 
@@ -261,43 +268,40 @@ class VisionEngine:
     def score(
         self, image: Image.Image, feature_map: torch.Tensor, equipment_type: str = "", include_heatmap: bool = False
     ) -> VisionFindings:
-        from services.vision.patchcore import heatmap_png, regions
+        from services.vision.patchcore import heatmap_png
 
         models = self._models
         reference_set = equipment_type if equipment_type in models else GENERIC
         model = models.get(reference_set)
         if model is None:
             raise NoReferenceImages("no reference images are registered")
+        generic = reference_set == GENERIC
         bank = model.bank
         scores = bank.patch_scores(feature_map)
         peak = float(scores.max())
         anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
-        factor = 1.0 if reference_set == equipment_type else self.tuning.generic_confidence_factor
+        typical = float(scores.flatten().quantile(0.25)) / bank.threshold
+        ceiling = self.tuning.generic_confidence_ceiling if generic else 1.0
+        against = _against(equipment_type, reference_set)
         defects = []
-        if peak > bank.threshold:
-            for region in regions(feature_map, scores, bank.threshold)[: self.tuning.max_defects]:
-                label, type_confidence = model.typer.classify(region.feature)
-                strength = _sigmoid((region.score - bank.threshold) / (0.1 * bank.threshold))
-                box = BoundingBox(*(round(v, 4) for v in region.box))
-                defects.append(
-                    Defect(
-                        type=label,
-                        confidence=round(factor * (0.5 * strength + 0.5 * type_confidence), 4),
-                        description=(
-                            f"{label.replace('-', ' ').capitalize()} at x {box.x_min:.2f}-{box.x_max:.2f}, "
-                            f"y {box.y_min:.2f}-{box.y_max:.2f} ({region.area:.1%} of the image, "
-                            f"anomaly {region.score / bank.threshold:.2f}x threshold)."
-                        ),
-                        box=box,
-                    )
-                )
-        if defects:
-            confidence = sum(d.confidence for d in defects) / len(defects)
-            names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in defects)
-            description = f"{len(defects)} defect(s) against the {reference_set} references: {names}."
+        if typical >= self.tuning.unfamiliar_quartile:
+            # the whole surface is off the references: boxes would only outline the texture
+            confidence = self.tuning.unfamiliar_confidence
+            description = (
+                f"Cannot judge defects: the surface as a whole is unlike {against} (three quarters of it above "
+                f"{typical:.2f}x the threshold). Register good reference images of this equipment type "
+                "(RegisterReference) for a real answer."
+            )
         else:
-            confidence = factor * (1.0 - anomaly)
-            description = f"No defect: the surface matches the {reference_set} good references."
+            if peak > bank.threshold:
+                defects = self._defects(model, feature_map, scores, ceiling)
+            if defects:
+                confidence = sum(d.confidence for d in defects) / len(defects)
+                names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in defects)
+                description = f"{len(defects)} defect(s) against {against}: {names}."
+            else:
+                confidence = ceiling * (1.0 - anomaly)
+                description = f"No defect: the surface matches {against}."
         return VisionFindings(
             defects=tuple(defects),
             confidence=round(confidence, 4),
@@ -308,12 +312,57 @@ class VisionEngine:
             height=image.size[1],
             heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
             reference_set=reference_set,
+            generic=generic,
+            anomaly_map=anomaly_map(scores, bank.threshold),
         )
+
+    def _defects(
+        self, model: TypeModel, feature_map: torch.Tensor, scores: torch.Tensor, ceiling: float
+    ) -> list[Defect]:
+        from services.vision.patchcore import regions
+
+        threshold = model.bank.threshold
+        defects = []
+        for region in regions(feature_map, scores, threshold)[: self.tuning.max_defects]:
+            label, type_confidence = model.typer.classify(region.feature)
+            strength = _sigmoid((region.score - threshold) / (0.1 * threshold))
+            box = BoundingBox(*(round(v, 4) for v in region.box))
+            defects.append(
+                Defect(
+                    type=label,
+                    confidence=round(ceiling * (0.5 * strength + 0.5 * type_confidence), 4),
+                    description=(
+                        f"{label.replace('-', ' ').capitalize()} at x {box.x_min:.2f}-{box.x_max:.2f}, "
+                        f"y {box.y_min:.2f}-{box.y_max:.2f} ({region.area:.1%} of the image, "
+                        f"anomaly {region.score / threshold:.2f}x threshold)."
+                    ),
+                    box=box,
+                )
+            )
+        return defects
 
     def analyze(self, data: bytes, equipment_type: str = "", include_heatmap: bool = False) -> VisionFindings:
         """Decode, extract and score one image without batching (unit tests, in-process use)."""
         image = self.decode(data)
         return self.score(image, self.features([image])[0], equipment_type, include_heatmap)
+
+
+def _against(equipment_type: str, reference_set: str) -> str:
+    """What the answer was scored against, in words."""
+    if reference_set != GENERIC:
+        return f"the {reference_set} good references"
+    if equipment_type:
+        return (
+            f"the generic references (equipment type '{equipment_type}' has no reference images of its own, "
+            "so this is a guess)"
+        )
+    return "the generic references (no equipment type given, so this is a guess)"
+
+
+def anomaly_map(scores: torch.Tensor, threshold: float) -> AnomalyMap:
+    """The patch scores as multiples of the threshold (what the response carries)."""
+    h, w = scores.shape
+    return AnomalyMap(w, h, tuple(round(float(v), 4) for v in (scores / threshold).flatten().tolist()))
 
 
 def _sigmoid(x: float) -> float:

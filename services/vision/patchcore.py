@@ -141,9 +141,11 @@ class MemoryBank:
             threshold = float(torch.cdist(all_patches, bank).min(dim=1).values.max()) * 1.5 + 1e-6
             return cls(bank, threshold, len(good_maps))
         # two folds: each half is scored against a bank built from the other half
-        halves = [good_maps[0::2], good_maps[1::2]]
+        folds = 2
         scores = []
-        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
+        for k in range(folds):
+            train = [m for i, m in enumerate(good_maps) if i % folds != k]
+            held_out = good_maps[k::folds]
             fold = coreset(torch.cat([flatten(m) for m in train]), ratio, max_size)
             scores += [float(torch.cdist(flatten(m), fold).min(dim=1).values.max()) for m in held_out]
         s = np.asarray(scores)
@@ -159,31 +161,123 @@ class Region:
     area: float  # fraction of the image
 
 
-def regions(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, min_patches: int = 2) -> list[Region]:
-    """Connected groups of patches whose score passes the threshold."""
-    s = scores.numpy()
-    mask = s > threshold
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+@dataclass(frozen=True)
+class RegionTuning:
+    """How anomalous patches become one region per defect (multiples of the decision threshold)."""
+
+    grow: float = 0.9  # hysteresis: a region grows from its seeds through neighbours above this
+    border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
+    saddle: float = 0.55  # ... and not below this share of its seed's peak
+    merge_gap: int = 1  # regions whose boxes are at most this many patches apart are one defect
+    min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
+    box_level: float = 0.6  # the box is drawn where the map passes this share of the region's peak (or 1x)
+
+
+REGIONS = RegionTuning()
+
+
+def regions(
+    feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, tuning: RegionTuning = REGIONS
+) -> list[Region]:
+    """One region per defect, strongest first.
+
+    * Hysteresis: patches above the threshold seed a region, which grows through neighbours above
+      `grow` x threshold, so a thin crack whose middle dips below the threshold stays one region.
+    * A morphological closing bridges one-patch gaps along the defect before the regions are labelled.
+    * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
+      padding makes border patches less like the references on surfaces it has seen little of.
+    * Regions whose boxes (nearly) touch are merged: pieces of one scratch, a cluster of pits.
+    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes the
+      threshold, so it hugs the defect instead of the patch grid.
+    """
+    s = scores.numpy().astype(np.float64)
     h, w = s.shape
+    seeds = s > threshold
+    ring = np.ones_like(seeds)
+    ring[1:-1, 1:-1] = False
+    seeds &= ~ring | (s > tuning.border_seed * threshold)
+    if not seeds.any():
+        return []
+    seed_labels, _ = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
+    grown_regions = []
+    for index in range(1, int(seed_labels.max()) + 1):
+        seed = seed_labels == index
+        # grow down to grow x threshold, but not below `saddle` x the seed's peak: two strong defects that touch
+        # through a weaker ridge (a crack running into corrosion) stay two
+        level = max(tuning.grow * threshold, tuning.saddle * float(s[seed].max()))
+        above = ndimage.binary_closing(np.pad(s > level, 1, mode="edge"), structure=np.ones((3, 3), dtype=bool))
+        labels, _ = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
+        grown_regions.append(np.isin(labels, np.unique(labels[seed])))
+    groups = _merge_close(_union_overlapping(grown_regions), tuning.merge_gap)
+    fine = _interpolated(s)
     found = []
-    for index, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
+    for component in groups:
+        core = component & seeds
+        peak = float(s[core].max())
+        if core.sum() < tuning.min_patches and peak < threshold * 1.5:
             continue
-        component = labels == index
-        if component.sum() < min_patches and s[component].max() < threshold * 1.5:
-            continue
-        ys, xs = sl
-        selected = torch.from_numpy(component)
-        feature = feature_map[:, selected].mean(dim=1)
         found.append(
             Region(
-                (xs.start / w, ys.start / h, xs.stop / w, ys.stop / h),
-                float(s[component].max()),
-                feature,
+                _tight_box(fine, component, max(tuning.grow, tuning.box_level * peak / threshold) * threshold, (h, w)),
+                peak,
+                feature_map[:, torch.from_numpy(core)].mean(dim=1),
                 float(component.mean()),
             )
         )
     return sorted(found, key=lambda r: r.score, reverse=True)
+
+
+def _union_overlapping(components: list[np.ndarray]) -> list[np.ndarray]:
+    return _merge_close(components, 0)
+
+
+def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:
+    """Union components that share a cell or lie at most `gap` cells apart, until none do."""
+    merged = list(components)
+    i = 0
+    while i < len(merged):
+        near = ndimage.binary_dilation(merged[i], iterations=gap) if gap > 0 else merged[i]
+        j = next((j for j in range(len(merged)) if j != i and (near & merged[j]).any()), None)
+        if j is None:
+            i += 1
+            continue
+        merged[min(i, j)] = merged[i] | merged[j]
+        del merged[max(i, j)]
+        i = 0
+    return merged
+
+
+def _cells_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+_FINE = 4  # interpolation steps per patch for tight boxes
+
+
+def _interpolated(s: np.ndarray) -> np.ndarray:
+    """The score map at _FINE x its resolution, bilinear between patch centres (edges held)."""
+    fine: np.ndarray = ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)
+    return fine
+
+
+def _tight_box(
+    fine: np.ndarray, component: np.ndarray, level: float, shape: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    h, w = shape
+    x0, y0, x1, y1 = _cells_box(component)
+    window = fine[y0 * _FINE : (y1 + 1) * _FINE, x0 * _FINE : (x1 + 1) * _FINE]
+    inside = np.kron(component[y0 : y1 + 1, x0 : x1 + 1], np.ones((_FINE, _FINE), dtype=bool)) & (window > level)
+    if not inside.any():  # grown only: the cells themselves
+        return (x0 / w, y0 / h, (x1 + 1) / w, (y1 + 1) / h)
+    ys, xs = np.nonzero(inside)
+    fw, fh = w * _FINE, h * _FINE
+    return (
+        float(x0 * _FINE + xs.min()) / fw,
+        float(y0 * _FINE + ys.min()) / fh,
+        float(x0 * _FINE + xs.max() + 1) / fw,
+        float(y0 * _FINE + ys.max() + 1) / fh,
+    )
 
 
 def region_prototype(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, top: int = 6) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from datetime import datetime
 
@@ -97,6 +98,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     "app.reference_set": findings.reference_set,
                 }
             )
+            if not request.include_anomaly_map:
+                findings = dataclasses.replace(findings, anomaly_map=None)
             return convert.findings_to_pb(findings)
 
     async def RegisterReference(self, request, context: Context) -> vision_pb2.RegisterReferenceResponse:

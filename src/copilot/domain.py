@@ -69,6 +69,21 @@ class Defect:
 
 
 @dataclass(frozen=True)
+class AnomalyMap:
+    """The raw anomaly map: one value per image patch, row-major, `width` x `height` cells laid evenly over the
+    whole image. A value is the patch's anomaly divided by the reference set's decision threshold, so 1.0 is
+    the threshold whatever the model or reference set."""
+
+    width: int
+    height: int
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.values) != self.width * self.height:
+            raise ValueError(f"{len(self.values)} values for a {self.width}x{self.height} map")
+
+
+@dataclass(frozen=True)
 class VisionFindings:
     defects: tuple[Defect, ...]
     confidence: float
@@ -79,6 +94,10 @@ class VisionFindings:
     height: int = 0
     heatmap_png: bytes = b""
     reference_set: str = ""
+    #: True when the equipment type has no references of its own and the generic set (every type's good
+    #: references) was used: defects are then only guesses and carry a low confidence.
+    generic: bool = False
+    anomaly_map: AnomalyMap | None = None
 
 
 @dataclass(frozen=True)

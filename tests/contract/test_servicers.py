@@ -109,6 +109,26 @@ async def test_vision_heatmap_on_request(vision_server, crack_photo):
             )
         )
     assert reply.heatmap_png.startswith(b"\x89PNG") and reply.reference_set == "brushed-steel"
+    assert not reply.HasField("anomaly_map") and not reply.generic_reference_set
+
+
+async def test_vision_raw_anomaly_map_on_request(vision_server, crack_photo):
+    async with channel_to(vision_server) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        image = common_pb2.Image(data=crack_photo)
+        reply = await stub.AnalyzeImage(
+            vision_pb2.AnalyzeImageRequest(image=image, equipment_type="brushed-steel", include_anomaly_map=True)
+        )
+        generic = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=image, equipment_type="gearbox"))
+    grid = reply.anomaly_map
+    assert grid.width == grid.height == 32 and len(grid.values) == 32 * 32
+    # above the threshold (1.0) under each defect box, at it nowhere else far from them
+    for defect in reply.defects:
+        x = int((defect.box.x_min + defect.box.x_max) / 2 * grid.width)
+        y = int((defect.box.y_min + defect.box.y_max) / 2 * grid.height)
+        assert grid.values[y * grid.width + x] > 1.0
+    assert min(grid.values) < 1.0 and reply.heatmap_png == b""
+    assert generic.generic_reference_set and generic.reference_set == "generic" and generic.confidence < 0.5
 
 
 # --- knowledge --------------------------------------------------------------------------------------

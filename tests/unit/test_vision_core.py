@@ -40,7 +40,8 @@ def test_unknown_equipment_type_uses_the_generic_set_with_lower_confidence(visio
     known = vision_engine.analyze(crack_photo, "brushed-steel")
     unknown = vision_engine.analyze(crack_photo, "gearbox-casing")
     assert unknown.reference_set == GENERIC and set(_types(unknown)) >= {"crack", "corrosion"}
-    assert unknown.confidence < known.confidence
+    assert unknown.confidence < known.confidence and unknown.generic and not known.generic
+    assert unknown.confidence < 0.5 and all(d.confidence < 0.5 for d in unknown.defects)
 
 
 def test_held_out_generated_set_quality(vision_engine):

@@ -103,7 +103,17 @@ def findings_to_pb(f: d.VisionFindings) -> vision_pb2.AnalyzeImageResponse:
         height=f.height,
         heatmap_png=f.heatmap_png,
         reference_set=f.reference_set,
+        anomaly_map=anomaly_map_to_pb(f.anomaly_map) if f.anomaly_map is not None else None,
+        generic_reference_set=f.generic,
     )
+
+
+def anomaly_map_to_pb(m: d.AnomalyMap) -> vision_pb2.AnomalyMap:
+    return vision_pb2.AnomalyMap(width=m.width, height=m.height, values=m.values)
+
+
+def anomaly_map_from_pb(m: vision_pb2.AnomalyMap) -> d.AnomalyMap:
+    return d.AnomalyMap(width=m.width, height=m.height, values=tuple(m.values))
 
 
 def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
@@ -116,6 +126,8 @@ def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
         width=m.width,
         height=m.height,
         reference_set=m.reference_set,
+        generic=m.generic_reference_set,
+        anomaly_map=anomaly_map_from_pb(m.anomaly_map) if m.HasField("anomaly_map") else None,
     )
 
 
