@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     inspect,
@@ -102,6 +104,45 @@ class IncidentRow(Base):
             stages=list(incident.stages),
             response=incident.response,
         )
+
+
+#: A word longer than this is indexed cut to this length (the column's width).
+WORD_LENGTH = 64
+
+
+class IncidentWordRow(Base):
+    """The similar-incident index: one row per content word of an incident's problem description, written with the
+    incident. `words` is how many distinct content words the description has (for the Jaccard overlap without
+    reading the incident). The primary key serves the lookup: newest postings of a word on one equipment."""
+
+    __tablename__ = "incident_words"
+
+    plant_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    equipment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    word: Mapped[str] = mapped_column(String(WORD_LENGTH), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("incidents.request_id"), primary_key=True)
+    words: Mapped[int] = mapped_column(Integer)
+
+    @classmethod
+    def of(cls, incident: StoredIncident) -> builtins.list[IncidentWordRow]:
+        return [
+            cls(
+                plant_id=incident.plant_id,
+                equipment_id=incident.equipment_id,
+                word=word,
+                created_at=incident.created_at,
+                request_id=incident.request_id,
+                words=len(words),
+            )
+            for words in [indexed_words(incident.problem_description)]
+            for word in sorted(words)
+        ]
+
+
+def indexed_words(text: str) -> frozenset[str]:
+    """The content words of a description as the index holds them."""
+    return frozenset(w[:WORD_LENGTH] for w in content_words(text))
 
 
 class FeedbackRow(Base):
@@ -235,6 +276,8 @@ class IncidentStore:
                     session.rollback()
             session.add(IncidentRow.of(incident))
             try:
+                session.flush()  # the incident first: the index rows refer to it
+                session.add_all(IncidentWordRow.of(incident))
                 session.commit()
             except IntegrityError:
                 session.rollback()
@@ -361,45 +404,66 @@ class IncidentStore:
         *,
         exclude: str = "",
         limit: int = 3,
-        scan: int = 200,
+        per_word: int = 64,
+        max_words: int = 24,
     ) -> builtins.list[PastIncident]:
         """Earlier incidents on the same equipment whose problem shares words with this one (Jaccard >= 0.2),
-        most overlap first (ties: newest first), among the newest `scan`. Reads only the columns it needs."""
-        words = content_words(problem_description)
+        most overlap first (ties: newest first). Read through the word index: for each of the description's
+        content words (the longest `max_words`), its newest `per_word` incidents on this equipment, so the cost is
+        bounded whatever the size of the history, and an old incident is found as long as its words are not each
+        in `per_word` newer ones."""
+        words = indexed_words(problem_description)
         if not words or limit <= 0:
             return []
-        query = (
-            select(
-                IncidentRow.request_id,
-                IncidentRow.created_at,
-                IncidentRow.problem_description,
-                IncidentRow.referenced_sop_ids,
+        asked = sorted(words, key=lambda w: (-len(w), w))[:max_words]
+        # one small statement of a fixed shape per word (compiled once, an index range scan each)
+        postings = (
+            select(IncidentWordRow.request_id, IncidentWordRow.created_at, IncidentWordRow.words)
+            .where(
+                IncidentWordRow.plant_id == plant_id,
+                IncidentWordRow.equipment_id == equipment_id,
+                IncidentWordRow.word == bindparam("word"),
             )
-            .where(IncidentRow.plant_id == plant_id, IncidentRow.equipment_id == equipment_id)
-            .order_by(IncidentRow.created_at.desc(), IncidentRow.request_id.desc())
-            .limit(scan)
+            .order_by(IncidentWordRow.created_at.desc())
+            .limit(per_word)
         )
+        shared: Counter[str] = Counter()
+        seen: dict[str, tuple[datetime, int]] = {}
         with self._session() as session:
+            connection = session.connection()
+            for word in asked:
+                for request_id, created_at, other in connection.execute(postings, {"word": word}):
+                    shared[request_id] += 1
+                    seen[request_id] = (created_at, other)
             scored = []
-            for request_id, created_at, problem, sop_ids in session.execute(query):
-                if request_id == exclude:
-                    continue
-                other = content_words(problem)
-                overlap = len(words & other) / len(words | other) if other else 0.0
-                if overlap >= 0.2:
-                    scored.append((overlap, as_utc(created_at), request_id, problem, tuple(sop_ids or ())))
-            scored.sort(key=lambda row: (-row[0], -row[1].timestamp()))
-            best = scored[:limit]
-            notes = self._feedback_of(session, [row[2] for row in best])
+            for request_id, count in shared.items():
+                created_at, other = seen[request_id]
+                overlap = count / (len(words) + other - count)
+                if overlap >= 0.2 and request_id != exclude:
+                    scored.append((overlap, as_utc(created_at), request_id))
+            scored.sort(key=lambda row: (-row[0], -row[1].timestamp(), row[2]))
+            best = [row[2] for row in scored[:limit]]
+            rows = {
+                request_id: (created_at, problem, tuple(sop_ids or ()))
+                for request_id, created_at, problem, sop_ids in connection.execute(
+                    select(
+                        IncidentRow.request_id,
+                        IncidentRow.created_at,
+                        IncidentRow.problem_description,
+                        IncidentRow.referenced_sop_ids,
+                    ).where(IncidentRow.request_id.in_(best))
+                )
+            }
+            notes = self._feedback_of(session, best)
         return [
             PastIncident(
                 request_id,
-                created_at,
-                problem,
-                sop_ids,
+                as_utc(rows[request_id][0]),
+                rows[request_id][1],
+                rows[request_id][2],
                 next((f.resolution_notes for f in reversed(notes[request_id]) if f.resolution_notes), ""),
             )
-            for _, created_at, request_id, problem, sop_ids in best
+            for request_id in best
         ]
 
     def feedback_export(self) -> builtins.list[dict[str, Any]]:

@@ -182,6 +182,40 @@ def test_list_pages_filters_and_similar_incidents(database_url):
         store.close()
 
 
+def test_similar_incidents_come_from_the_whole_history_at_bounded_cost(database_url):
+    """An old incident is found behind 250 newer ones on the same equipment (the newest-200 scan this replaced
+    missed it), and a word every incident shares is read at most `per_word` deep."""
+    from sqlalchemy.orm import Session
+
+    from services.orchestrator.history import IncidentRow, IncidentWordRow
+
+    store = IncidentStore(database_url)
+    try:
+        store.save(incident("old", problem="Hydraulic press ram drifts down slowly under load", minutes_ago=500)[0])
+        newer = [
+            incident(f"new-{n}", problem=f"Conveyor belt unit{n:03d} squeals at startup", minutes_ago=400 - n)[0]
+            for n in range(250)
+        ]
+        with Session(store.engine) as session:  # bulk, as save() writes them
+            session.add_all([IncidentRow.of(i) for i in newer])
+            session.flush()
+            session.add_all([row for i in newer for row in IncidentWordRow.of(i)])
+            session.commit()
+        (found,) = store.similar("PUNE-IN", "CNC-A-102", "press ram drifts under load")
+        assert found.request_id == "old" and found.problem_description.startswith("Hydraulic press")
+        assert found.created_at.tzinfo is not None
+        # "conveyor", "belt", "squeals", "startup" are in all 250: only the newest per_word of each are read, so
+        # new-7 (all five words) shares just "unit007" within that depth
+        question = "Conveyor belt unit007 squeals at startup"
+        shallow = store.similar("PUNE-IN", "CNC-A-102", question, limit=5, per_word=50)
+        assert len(shallow) == 5 and all(int(p.request_id.split("-")[1]) >= 200 for p in shallow)
+        deep = store.similar("PUNE-IN", "CNC-A-102", question, limit=2, per_word=300)
+        assert [p.request_id for p in deep] == ["new-7", "new-249"]  # every word shared, then the newest
+        assert store.similar("PUNE-IN", "OTHER-9", "press ram drifts under load") == []
+    finally:
+        store.close()
+
+
 async def test_the_orchestrator_runs_on_postgres(postgres_url):
     """The whole edge on a Postgres URL: a diagnosis is stored, replayed on retry, listed and given feedback."""
     from copilot.client import aio_channel, diagnose_request
@@ -224,11 +258,12 @@ def test_a_history_created_before_migrations_is_adopted_with_its_incidents(tmp_p
     from sqlalchemy import create_engine, text
     from sqlalchemy.orm import Session
 
-    from services.orchestrator.history import Base, IncidentRow
+    from services.orchestrator.history import Base, FeedbackRow, ImageRow, IncidentRow
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = create_engine(url)
-    Base.metadata.create_all(engine)  # how the history was created before it had migrations
+    # how the history was created before it had migrations (the baseline's tables)
+    Base.metadata.create_all(engine, tables=[ImageRow.__table__, IncidentRow.__table__, FeedbackRow.__table__])
     old, _ = incident("old-1")
     with Session(engine) as session:
         session.add(IncidentRow.of(old))
@@ -237,6 +272,8 @@ def test_a_history_created_before_migrations_is_adopted_with_its_incidents(tmp_p
     store = IncidentStore(url)
     try:
         assert store.get("old-1").referenced_sop_ids == ("SOP-123",)
+        # revision 0002 indexed the words of the incidents already there
+        assert [p.request_id for p in store.similar("PUNE-IN", "CNC-A-102", old.problem_description)] == ["old-1"]
         with store.engine.connect() as connection:
             assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == _head_revision()
     finally:
