@@ -107,11 +107,19 @@ def _sentences(count: int, rng: random.Random) -> list[str]:
     return out
 
 
+def _contains_scan(store, code: str, limit: int) -> list[str]:
+    """The identifier lookup before the index: Chroma's full-text `$contains` over every chunk's text."""
+    variants = list(dict.fromkeys((code, code.upper(), code.lower())))
+    where_document = {"$or": [{"$contains": v} for v in variants]} if len(variants) > 1 else {"$contains": code}
+    return list(store.chunks.get(where_document=where_document, limit=limit, include=[])["ids"])
+
+
 def run_retrieval(
     queries: int, output: Path, console: Console, sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
 ) -> dict:
     from services.rag.core import KnowledgeBase, minilm_embedder, open_store
     from services.rag.corpus import Chunk, SopDocument, chunk_document, starter_corpus
+    from services.rag.store import identifiers
 
     rng = random.Random(7)
     embedder = minilm_embedder()
@@ -147,6 +155,8 @@ def run_retrieval(
         kb = KnowledgeBase(store, embedder)
         stored = 0
         doc_size = 1000
+        codes = [identifiers(t)[-1] for t in base_texts[:200]]  # "PR-0007": each in ~1 of 2,000 chunks
+        found_code = 0
         for size in sorted(sizes):
             build_started = time.perf_counter()
             while stored < size:
@@ -176,19 +186,43 @@ def run_retrieval(
                 started = time.perf_counter()
                 store.query(embedding, 12)
                 vector_only.append((time.perf_counter() - started) * 1000)
+            # identifier queries: a fault code that is in the store, through the whole retrieval, and the lookup alone
+            # by the identifier index against the full-text `$contains` scan it replaced (same store, same codes)
+            with_code, indexed, scanned = [], [], []
+            for i in range(queries):
+                code = codes[i % len(codes)]
+                q = f"{rng.choice(EQUIPMENT)} shows fault {code}"
+                started = time.perf_counter()
+                top = kb.retrieve(q)
+                with_code.append((time.perf_counter() - started) * 1000)
+                found_code += bool(top) and code in top[0].text
+                started = time.perf_counter()
+                store.lexical([code], 20)
+                indexed.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                _contains_scan(store, code, 20)
+                scanned.append((time.perf_counter() - started) * 1000)
             results["sizes"][str(size)] = {
                 "chunks": store.chunk_count(),
                 "build_s": round(build_s, 1),
                 "retrieve": percentiles(latencies),
+                "retrieve_identifier_queries": percentiles(with_code),
+                "identifier_top1_has_code": round(found_code / queries, 3),
                 "vector_search": percentiles(vector_only),
+                "identifier_index_lookup": percentiles(indexed),
+                "contains_scan_lookup": percentiles(scanned),
             }
+            found_code = 0
 
     table = Table(
         "chunks",
         "retrieve p50 ms",
         "retrieve p99 ms",
+        "with a code p50 ms",
+        "with a code p99 ms",
         "vector search p50 ms",
         "vector search p99 ms",
+        "code lookup: index / $contains p50 ms",
         "store build s",
         title=f"retrieval ({queries} queries per size; MiniLM query embedding included)",
     )
@@ -197,8 +231,11 @@ def run_retrieval(
             f"{int(size):,}",
             f"{r['retrieve']['p50_ms']:.1f}",
             f"{r['retrieve']['p99_ms']:.1f}",
+            f"{r['retrieve_identifier_queries']['p50_ms']:.1f}",
+            f"{r['retrieve_identifier_queries']['p99_ms']:.1f}",
             f"{r['vector_search']['p50_ms']:.1f}",
             f"{r['vector_search']['p99_ms']:.1f}",
+            f"{r['identifier_index_lookup']['p50_ms']:.1f} / {r['contains_scan_lookup']['p50_ms']:.1f}",
             f"{r['build_s']:.0f}",
         )
     console.print(table)

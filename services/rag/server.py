@@ -126,6 +126,7 @@ def build(
         documents = (starter_corpus() if settings.load_starter_corpus else []) + (
             load_folder(settings.corpus_dir) if settings.corpus_dir else []
         )
+        store.index_identifiers()  # a store written before the identifier index: metadata only, once
         loaded.ensure_documents(documents)
         loaded.retrieve("warm-up query", 1)
         servicer.knowledge = loaded

@@ -36,6 +36,25 @@ def identifiers(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(0) for m in _IDENTIFIER.finditer(text) if len(m.group(0)) >= 3))
 
 
+_SEPARATOR = re.compile(r"[-./]")
+#: Catalog records of documents whose chunks carry their identifiers (format 1: written before they did).
+INDEX_FORMAT = 2
+
+
+def chunk_identifiers(document_id: str, text: str) -> list[str]:
+    """What an identifier query finds a chunk by (upper case): its document's id, every identifier in its text,
+    and each identifier's leading parts ("PN-7781-A" is also found as "PN-7781"). Stored as chunk metadata, so the
+    lookup is an index match in Chroma instead of a full-text scan of every chunk."""
+    found = {document_id.upper()}
+    for ident in identifiers(text):
+        upper = ident.upper()
+        found.add(upper)
+        for cut in _SEPARATOR.finditer(upper):
+            if cut.start() >= 3 and any(ch.isdigit() for ch in upper[: cut.start()]):
+                found.add(upper[: cut.start()])
+    return sorted(found)
+
+
 @dataclass(frozen=True)
 class StoredDocument:
     document_id: str
@@ -202,6 +221,7 @@ class DocumentStore:
                                 "position": c.position,
                                 "equipment_types": scope_types,
                                 "plant_ids": scope_plants,
+                                "identifiers": chunk_identifiers(c.document_id, c.text),
                             }
                             for c in chunks[part]
                         ],
@@ -221,6 +241,7 @@ class DocumentStore:
                 "content_hash": doc.content_hash,
                 "size_bytes": doc.size_bytes,
                 "ingested_at": time.time(),
+                "index_format": INDEX_FORMAT,
             }
             try:
                 self.catalog.upsert(ids=[doc.document_id], embeddings=[[1.0]], metadatas=[record])  # the switch
@@ -281,16 +302,18 @@ class DocumentStore:
     def lexical(
         self, terms: Sequence[str], limit: int, equipment_type: str = "", plant_id: str = ""
     ) -> builtins.list[tuple[SopChunk, builtins.list[float]]]:
-        """Chunks containing any of the exact terms (as written, upper or lower case), with their vectors."""
-        variants = list(dict.fromkeys(v for t in terms for v in (t, t.upper(), t.lower())))
-        if not variants:
+        """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors."""
+        wanted = list(dict.fromkeys(t.upper() for t in terms))
+        if not wanted:
             return []
-        where_document = (
-            {"$contains": variants[0]} if len(variants) == 1 else {"$or": [{"$contains": v} for v in variants]}
+        match: dict[str, Any] = (
+            {"identifiers": {"$contains": wanted[0]}}
+            if len(wanted) == 1
+            else {"$or": [{"identifiers": {"$contains": t}} for t in wanted]}
         )
+        scope = _scope_where(equipment_type, plant_id)
         found = self.chunks.get(
-            where=_scope_where(equipment_type, plant_id),
-            where_document=where_document,
+            where=match if scope is None else {"$and": [scope, match]},
             limit=limit,
             include=["documents", "metadatas", "embeddings"],
         )
@@ -300,6 +323,32 @@ class DocumentStore:
                 found["ids"], found["documents"], found["metadatas"], found["embeddings"], strict=True
             )
         ]
+
+    def index_identifiers(self) -> int:
+        """Give the chunks of documents stored before identifiers were indexed their identifiers (metadata only:
+        nothing is embedded again). Run at start by every replica; idempotent. Returns the documents upgraded."""
+        found = self.catalog.get(include=["metadatas"])
+        upgraded = 0
+        for document_id, meta in zip(found["ids"], found["metadatas"], strict=True):
+            if int(meta.get("index_format", 1)) >= INDEX_FORMAT:
+                continue
+            with self._write_lock:
+                chunks = self.chunks.get(where={"sop_id": document_id}, include=["documents"])
+                ids = chunks["ids"]
+                for start in range(0, len(ids), 1000):
+                    part = slice(start, start + 1000)
+                    self.chunks.update(
+                        ids=ids[part],
+                        metadatas=[
+                            {"identifiers": chunk_identifiers(document_id, t)} for t in chunks["documents"][part]
+                        ],
+                    )
+                # update merges keys: the live version named in the record stays as another writer left it
+                self.catalog.update(ids=[document_id], metadatas=[{"index_format": INDEX_FORMAT}])
+            upgraded += 1
+        if upgraded:
+            log.info("indexed the identifiers of %d documents stored before the identifier index", upgraded)
+        return upgraded
 
 
 def _chunk(chunk_id: str, text: str, meta: Mapping[str, Any], score: float) -> SopChunk:

@@ -215,3 +215,40 @@ def test_an_equipment_type_no_document_declares_does_not_narrow_the_search(knowl
     assert unknown == unscoped and "PUMP-330" in unknown
     assert knowledge_base.scope_type("industrial-robot") == "industrial-robot"
     assert knowledge_base.scope_type("brushed-steel") == ""
+
+
+def test_identifiers_are_indexed_per_chunk():
+    from services.rag.store import chunk_identifiers
+
+    found = chunk_identifiers("HYD-210", "Alarm E-0452: replace seal PN-7781-A (see sop-123), code ab12 and X1.")
+    assert found == sorted({"HYD-210", "HYD", "E-0452", "PN-7781-A", "PN-7781", "SOP-123"} - {"HYD"})
+
+
+def test_identifier_lookup_is_an_index_match_in_any_case(knowledge_base):
+    store = knowledge_base.store
+    for term in ("E-0452", "e-0452"):
+        (hit, *_), *_ = [store.lexical([term], 20)]
+        assert hit[0].sop_id == "HYD-210" and "E-0452" in hit[0].text and len(hit[1]) == 384
+    assert {c.sop_id for c, _ in store.lexical(["HYD-210"], 50)} == {"HYD-210"}  # the document id
+    assert store.lexical(["E-045"], 20) == []  # a fragment is not an identifier
+    assert store.lexical(["E-0452"], 20, equipment_type="boiler") == []  # scope still applies
+
+
+def test_a_store_written_before_the_identifier_index_is_upgraded_in_place(tmp_path, embedder):
+    from services.rag.core import KnowledgeBase, open_store
+    from services.rag.corpus import starter_corpus
+
+    kb = KnowledgeBase(open_store(tmp_path), embedder)
+    kb.ensure_documents(starter_corpus())
+    store = kb.store
+    # as an older release left it: no identifiers on the chunks, format 1 in the catalog
+    ids = store.chunks.get(include=[])["ids"]
+    store.chunks.update(ids=ids, metadatas=[{"identifiers": None}] * len(ids))
+    documents = store.catalog.get(include=[])["ids"]
+    store.catalog.update(ids=documents, metadatas=[{"index_format": 1}] * len(documents))
+    assert store.lexical(["E-0452"], 20) == []
+    live_before = store.live_versions(documents)
+    assert store.index_identifiers() == len(documents)
+    assert store.lexical(["E-0452"], 20)[0][0].sop_id == "HYD-210"
+    assert store.live_versions(documents) == live_before and store.index_identifiers() == 0
+    assert kb.retrieve("the press shows alarm E-0452", 3)[0].sop_id == "HYD-210"
