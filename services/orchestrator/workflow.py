@@ -274,6 +274,8 @@ class DiagnosisWorkflow:
             stage_notes=notes,
             image_analyzed=vision is not None,
             related_incidents=await related if related is not None else (),
+            vision_summary=vision.description[:2000] if vision else "",
+            vision_confidence=min(1.0, max(0.0, vision.confidence)) if vision else 0.0,
         )
         report, status = await self._call(
             Stage.REPORT,

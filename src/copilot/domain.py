@@ -180,6 +180,8 @@ class ReportInputs:
     stage_notes: tuple[str, ...] = ()
     image_analyzed: bool = False
     related_incidents: tuple[PastIncident, ...] = ()
+    vision_summary: str = ""
+    vision_confidence: float = 0.0
 
 
 @dataclass(frozen=True)

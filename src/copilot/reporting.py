@@ -50,13 +50,23 @@ def summarize(i: ReportInputs) -> str:
     parts = [
         f"Equipment {i.equipment_id} at plant {i.plant_id} was reported with: {i.problem_description.rstrip('.')}."
     ]
+    inconclusive = i.image_analyzed and i.vision_summary and i.vision_confidence < MANUAL_REVIEW_THRESHOLD
     if i.defects:
         names = ", ".join(f"{d.label} ({d.confidence:.0%})" for d in i.defects)
-        parts.append(f"Visual inspection found {len(i.defects)} defect(s): {names}.")
-    elif i.image_analyzed:
+        parts.append(
+            f"Visual inspection found {len(i.defects)} possible defect(s): {names}."
+            if inconclusive
+            else f"Visual inspection found {len(i.defects)} defect(s): {names}."
+        )
+    elif i.image_analyzed and not inconclusive:
         parts.append("Visual inspection of the supplied image found no visible defect.")
-    else:
+    elif not i.image_analyzed:
         parts.append("No image was analysed.")
+    if inconclusive:
+        parts.append(
+            f"The image analysis is not conclusive (confidence {i.vision_confidence:.0%}): "
+            f"{i.vision_summary.rstrip('.')}. Inspect the equipment on site."
+        )
     sops = _unique(s for step in i.guidance for s in step.sop_ids)
     if sops:
         parts.append(f"{len(i.guidance)} corrective step(s) are drawn from {', '.join(sops)}.")

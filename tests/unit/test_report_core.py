@@ -83,3 +83,19 @@ def test_different_inputs_give_different_reports():
     b = compose_report(_inputs(equipment_id="WELD-R-9", guidance=(), citations=()), now=NOW)
     assert a.rendered_text != b.rendered_text
     assert "WELD-R-9" in b.summary and "No plant SOP matched" in b.summary
+
+
+def test_an_inconclusive_image_analysis_is_not_reported_as_a_sound_part():
+    unsure = "Cannot judge defects: the surface as a whole is unlike the generic references."
+    report = compose_report(
+        _inputs(defects=(), vision_summary=unsure, vision_confidence=0.2, confidence_score=0.35), now=NOW
+    )
+    assert "found no visible defect" not in report.summary
+    assert "not conclusive (confidence 20%): Cannot judge defects" in report.summary
+    assert "Inspect the equipment on site." in report.summary
+    guessed = compose_report(
+        _inputs(vision_summary="1 defect(s) against the generic references", vision_confidence=0.45), now=NOW
+    )
+    assert "1 possible defect(s): crack (87%)" in guessed.summary and "not conclusive" in guessed.summary
+    sure = compose_report(_inputs(defects=(), vision_summary="No defect.", vision_confidence=0.9), now=NOW)
+    assert "found no visible defect" in sure.summary and "not conclusive" not in sure.summary

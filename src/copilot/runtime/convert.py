@@ -210,6 +210,8 @@ def report_inputs_to_pb(i: d.ReportInputs) -> report_pb2.ComposeReportRequest:
         stage_notes=list(i.stage_notes),
         related_incidents=[past_incident_to_pb(x) for x in i.related_incidents],
         image_analyzed=i.image_analyzed,
+        vision_summary=i.vision_summary,
+        vision_confidence=i.vision_confidence,
     )
 
 
@@ -228,6 +230,8 @@ def report_inputs_from_pb(m: report_pb2.ComposeReportRequest) -> d.ReportInputs:
         stage_notes=tuple(m.stage_notes),
         related_incidents=tuple(past_incident_from_pb(x) for x in m.related_incidents),
         image_analyzed=m.image_analyzed,
+        vision_summary=m.vision_summary,
+        vision_confidence=m.vision_confidence,
     )
 
 
