@@ -193,11 +193,10 @@ def defect_regions(mask: np.ndarray, kind: str = "") -> list[tuple[np.ndarray, t
     pixels, end-exclusive."""
     from scipy import ndimage
 
-    grown = (
-        mask.any() & np.ones_like(mask)
-        if kind == "pit"
-        else ndimage.binary_dilation(mask, iterations=SAME_DEFECT_PX // 2)
-    )
+    if kind == "pit":
+        grown = np.full_like(mask, mask.any())
+    else:
+        grown = ndimage.binary_dilation(mask, iterations=SAME_DEFECT_PX // 2)
     labels, _ = ndimage.label(grown)
     found = []
     for index, sl in enumerate(ndimage.find_objects(labels), start=1):

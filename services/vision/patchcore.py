@@ -141,11 +141,9 @@ class MemoryBank:
             threshold = float(torch.cdist(all_patches, bank).min(dim=1).values.max()) * 1.5 + 1e-6
             return cls(bank, threshold, len(good_maps))
         # two folds: each half is scored against a bank built from the other half
-        folds = 2
+        halves = [good_maps[0::2], good_maps[1::2]]
         scores = []
-        for k in range(folds):
-            train = [m for i, m in enumerate(good_maps) if i % folds != k]
-            held_out = good_maps[k::folds]
+        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
             fold = coreset(torch.cat([flatten(m) for m in train]), ratio, max_size)
             scores += [float(torch.cdist(flatten(m), fold).min(dim=1).values.max()) for m in held_out]
         s = np.asarray(scores)
@@ -166,9 +164,9 @@ class RegionTuning:
     """How anomalous patches become one region per defect (multiples of the decision threshold)."""
 
     grow: float = 0.9  # hysteresis: a region grows from its seeds through neighbours above this
-    border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
     saddle: float = 0.55  # ... and not below this share of its seed's peak
-    merge_gap: int = 1  # regions whose boxes are at most this many patches apart are one defect
+    border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
+    merge_gap: int = 1  # regions that share a patch or lie at most this many patches apart are one defect
     min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
     box_level: float = 0.6  # the box is drawn where the map passes this share of the region's peak (or 1x)
 
@@ -182,13 +180,14 @@ def regions(
     """One region per defect, strongest first.
 
     * Hysteresis: patches above the threshold seed a region, which grows through neighbours above
-      `grow` x threshold, so a thin crack whose middle dips below the threshold stays one region.
+      `grow` x threshold, so a thin crack whose middle dips below the threshold stays one region; never below
+      `saddle` x the seed's own peak, so two strong defects joined by a weaker ridge stay two.
     * A morphological closing bridges one-patch gaps along the defect before the regions are labelled.
     * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
       padding makes border patches less like the references on surfaces it has seen little of.
-    * Regions whose boxes (nearly) touch are merged: pieces of one scratch, a cluster of pits.
-    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes the
-      threshold, so it hugs the defect instead of the patch grid.
+    * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
+    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes
+      max(`grow` x threshold, `box_level` x the region's peak), so it hugs the defect instead of the patch grid.
     """
     s = scores.numpy().astype(np.float64)
     h, w = s.shape
@@ -208,7 +207,7 @@ def regions(
         above = ndimage.binary_closing(np.pad(s > level, 1, mode="edge"), structure=np.ones((3, 3), dtype=bool))
         labels, _ = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
         grown_regions.append(np.isin(labels, np.unique(labels[seed])))
-    groups = _merge_close(_union_overlapping(grown_regions), tuning.merge_gap)
+    groups = _merge_close(grown_regions, tuning.merge_gap)
     fine = _interpolated(s)
     found = []
     for component in groups:
@@ -225,10 +224,6 @@ def regions(
             )
         )
     return sorted(found, key=lambda r: r.score, reverse=True)
-
-
-def _union_overlapping(components: list[np.ndarray]) -> list[np.ndarray]:
-    return _merge_close(components, 0)
 
 
 def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:

@@ -227,8 +227,8 @@ def test_identifiers_are_indexed_per_chunk():
 def test_identifier_lookup_is_an_index_match_in_any_case(knowledge_base):
     store = knowledge_base.store
     for term in ("E-0452", "e-0452"):
-        (hit, *_), *_ = [store.lexical([term], 20)]
-        assert hit[0].sop_id == "HYD-210" and "E-0452" in hit[0].text and len(hit[1]) == 384
+        chunk, vector = store.lexical([term], 20)[0]
+        assert chunk.sop_id == "HYD-210" and "E-0452" in chunk.text and len(vector) == 384
     assert {c.sop_id for c, _ in store.lexical(["HYD-210"], 50)} == {"HYD-210"}  # the document id
     assert store.lexical(["E-045"], 20) == []  # a fragment is not an identifier
     assert store.lexical(["E-0452"], 20, equipment_type="boiler") == []  # scope still applies
