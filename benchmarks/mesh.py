@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
-from copilot.domain import Defect, DiagnosisInput, Guidance, IncidentReport, ReportInputs, VisionFindings
+from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
 from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.diagnose import sample_photo
 from copilot_cli.launcher import Mesh
@@ -100,27 +101,169 @@ def _time_mesh(address: str, n: int, image: bytes | None) -> list[float]:
     return times
 
 
-def _time_in_process(agents: InProcessAgents, n: int, image: bytes | None) -> list[float]:
+def _time_in_process(agents: InProcessAgents, history_dir: Path, n: int, image: bytes | None) -> list[float]:
+    """The orchestrator's own diagnosis path (recorder, workflow, similar-incident lookup, incident stored before
+    the answer) over the agent cores called in-process: the same work as a Diagnose through the mesh, history
+    included in both, without processes, gRPC, auth, validation or interceptors."""
+    from services.orchestrator.history import IncidentStore
+    from services.orchestrator.recorder import DiagnosisRecorder
+    from services.orchestrator.server import related_incidents
     from services.orchestrator.workflow import DiagnosisWorkflow
 
-    workflow = DiagnosisWorkflow(agents)
+    history = IncidentStore(f"sqlite:///{history_dir / 'incidents.db'}")
+    recorder = DiagnosisRecorder(DiagnosisWorkflow(agents, related_incidents=related_incidents(history, 3)), history)
 
     async def go() -> list[float]:
         times = []
         for i in range(n + 3):
-            request = DiagnosisInput("PUNE-IN", "CNC-A-102", PROBLEMS[i % len(PROBLEMS)], image_data=image or b"")
+            request = diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i % len(PROBLEMS)], image)
             started = time.perf_counter()
-            await workflow.run(request)
+            await recorder.diagnose(request, None, "technician-bench")
             if i >= 3:
                 times.append((time.perf_counter() - started) * 1000)
         return times
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        history.close()
 
 
-def _throughput(address: str, clients: int, total: int, image: bytes | None = None) -> dict:
+class TraceSink:
+    """A minimal OTLP/gRPC trace receiver in this process (what Jaeger's collector is to the mesh): keeps
+    (service, span name, trace id, start, end) of every exported span."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        from copilot_cli.launcher import free_port
+
+        self.spans: list[tuple[str, str, bytes, int, int]] = []
+        sink = self
+
+        class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource_spans in request.resource_spans:
+                    service = next(
+                        (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"),
+                        "",
+                    )
+                    for scope in resource_spans.scope_spans:
+                        sink.spans.extend(
+                            (service, span.name, span.trace_id, span.start_time_unix_nano, span.end_time_unix_nano)
+                            for span in scope.spans
+                        )
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Receiver(), self.server)
+        self.port = free_port()
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{self.port}",
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
+        }
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def hop_breakdown(spans: Sequence[tuple[str, str, bytes, int, int]]) -> dict[str, float]:
+    """p50 ms of where a text Diagnose's time goes, from its trace: per agent call, the orchestrator's client span
+    minus the agent's server span (both gRPC stacks and the wire) and the agent's server span minus its core span
+    (its interceptors); the orchestrator's own time (its server span minus its calls to agents)."""
+    by_trace: dict[bytes, dict[tuple[str, str], int]] = {}
+    for service, name, trace_id, start, end in spans:
+        by_trace.setdefault(trace_id, {})[(service.removeprefix("copilot-"), name)] = end - start
+    parts: dict[str, list[float]] = {}
+    calls = {
+        "knowledge": ("/copilot.v1.KnowledgeService/Advise", "knowledge.advise"),
+        "report": ("/copilot.v1.ReportService/ComposeReport", "report.compose"),
+    }
+    for durations in by_trace.values():
+        edge = durations.get(("orchestrator", "/copilot.v1.CopilotService/Diagnose"))
+        needed = [(side, rpc) for agent, (rpc, _) in calls.items() for side in (agent, "orchestrator")]
+        if edge is None or any(key not in durations for key in needed):
+            continue
+        parts.setdefault("orchestrator_server_span", []).append(edge)
+        own = edge
+        for agent, (rpc, core) in calls.items():
+            client, server = durations[("orchestrator", rpc)], durations[(agent, rpc)]
+            own -= client
+            parts.setdefault(f"{agent}_core", []).append(durations.get((agent, core), server))
+            parts.setdefault(f"{agent}_interceptors", []).append(server - durations.get((agent, core), server))
+            parts.setdefault(f"{agent}_grpc_and_wire", []).append(client - server)
+        parts.setdefault("orchestrator_own", []).append(own)
+    return {k: round(statistics.median(v) / 1e6, 2) for k, v in parts.items()} | {
+        "traces": len(parts.get("orchestrator_own", []))
+    }
+
+
+def _tracing_cost(mesh: Mesh, n: int, console: Console) -> dict:
+    """Text throughput at 8 clients with every span exported over OTLP (to a receiver in this process, on the
+    same cores) against the default (spans made, not exported); the trace-derived hop breakdown of single calls."""
+    sink = TraceSink()
+    names = ["orchestrator", "knowledge", "report"]
+    result: dict = {}
+    try:
+        for label, env in (("exported", sink.env), ("not_exported", {})):
+            for name in names:
+                proc = mesh.services[name]
+                for key in sink.env:
+                    proc.env.pop(key, None)
+                proc.env.update(env)
+                mesh.restart(name)
+            mesh.wait_ready(names=names)
+            address = mesh.address("orchestrator")
+            with console.status(f"tracing {label}: throughput at 8 clients…"):
+                _time_mesh(address, 10, None)
+                pids = {name: mesh.services[name].handle.pid for name in names}
+                result[label] = _throughput(address, 8, max(4 * n, 64), None, pids)
+            if label == "exported":
+                sink.spans.clear()
+                _time_mesh(address, n, None)
+                time.sleep(6)  # the batch span processor exports every 5 s
+                result["hop_breakdown_p50_ms"] = hop_breakdown(sink.spans)
+    finally:
+        sink.stop()
+    result["throughput_ratio"] = round(result["exported"]["per_s"] / result["not_exported"]["per_s"], 3)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _throughput(
+    address: str, clients: int, total: int, image: bytes | None = None, processes: dict[str, int] | None = None
+) -> dict:
     """`total` text diagnoses spread over `clients` concurrent callers on one asyncio channel: diagnoses/s,
-    latency percentiles and every non-OK status (there should be none)."""
+    latency percentiles and every non-OK status (there should be none); with `processes` (name -> pid), the CPU
+    each spent per diagnosis (ms), which is what bounds throughput once the cores are busy."""
+    before = {name: _cpu_seconds(pid) for name, pid in (processes or {}).items()}
+    result = _throughput_run(address, clients, total, image)
+    cpu = {}
+    for name, pid in (processes or {}).items():
+        start, end = before[name], _cpu_seconds(pid)
+        if start is not None and end is not None and result["n"]:
+            cpu[name] = round((end - start) * 1000 / result["n"], 2)
+    if cpu:
+        result["cpu_ms_per_diagnosis"] = cpu
+    return result
+
+
+def _throughput_run(address: str, clients: int, total: int, image: bytes | None) -> dict:
     from collections import Counter
 
     async def go() -> dict:
@@ -193,10 +336,11 @@ def run(n: int, output: Path, console: Console) -> dict:
             with console.status(f"{max(10, n // 5)} photo diagnoses through the mesh…"):
                 results["mesh_photo"] = percentiles(_time_mesh(mesh.address("orchestrator"), max(10, n // 5), photo))
             results["throughput_text"] = []
+            pids = {name: proc.handle.pid for name, proc in mesh.services.items() if name != "vision"}
             for clients in (1, 8, 32):
                 with console.status(f"throughput: {clients} concurrent clients…"):
                     results["throughput_text"].append(
-                        _throughput(mesh.address("orchestrator"), clients, max(4 * n, 8 * clients))
+                        _throughput(mesh.address("orchestrator"), clients, max(4 * n, 8 * clients), None, pids)
                     )
             with console.status("photo diagnoses with vision and knowledge in parallel…"):
                 _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="true")
@@ -210,6 +354,7 @@ def run(n: int, output: Path, console: Console) -> dict:
                 results["throughput_photo_sequential"] = _throughput(
                     mesh.address("orchestrator"), 4, max(20, n // 2), photo
                 )
+            results["tracing"] = _tracing_cost(mesh, n, console)
         finally:
             mesh.stop()
         restarted = time.monotonic()
@@ -221,8 +366,8 @@ def run(n: int, output: Path, console: Console) -> dict:
             mesh.stop()
         with console.status("same cores in-process…"):
             agents = InProcessAgents(data / "inproc")
-            results["inproc_text"] = percentiles(_time_in_process(agents, n, None))
-            results["inproc_photo"] = percentiles(_time_in_process(agents, max(10, n // 5), photo))
+            results["inproc_text"] = percentiles(_time_in_process(agents, data / "inproc", n, None))
+            results["inproc_photo"] = percentiles(_time_in_process(agents, data / "inproc", max(10, n // 5), photo))
     for kind in ("text", "photo"):
         mesh_p, local_p = results[f"mesh_{kind}"], results[f"inproc_{kind}"]
         results[f"{kind}_overhead"] = {
@@ -254,7 +399,7 @@ def run(n: int, output: Path, console: Console) -> dict:
             f"p99 ratio {o['p99_ratio']:.2f}×)"
         )
     throughput = Table(title="text-only Diagnose throughput through the mesh (one asyncio channel)")
-    for column in ("clients", "diagnoses", "per s", "p50 ms", "p99 ms", "errors"):
+    for column in ("clients", "diagnoses", "per s", "p50 ms", "p99 ms", "errors", "CPU ms per diagnosis"):
         throughput.add_column(column)
     for r in results["throughput_text"]:
         throughput.add_row(
@@ -264,6 +409,7 @@ def run(n: int, output: Path, console: Console) -> dict:
             f"{r['p50_ms']:.1f}",
             f"{r['p99_ms']:.1f}",
             str(sum(r["errors"].values())),
+            ", ".join(f"{k} {v:.1f}" for k, v in r.get("cpu_ms_per_diagnosis", {}).items()),
         )
     console.print(throughput)
     sequential, parallel = results["throughput_photo_sequential"], results["throughput_photo_parallel"]
@@ -278,6 +424,12 @@ def run(n: int, output: Path, console: Console) -> dict:
         f"{results['mesh_photo']['p50_ms']:.0f} vs {results['mesh_photo_parallel']['p50_ms']:.0f} ms (1 client); "
         f"{sequential['per_s']:.1f} vs {parallel['per_s']:.1f} diagnoses/s (4 clients)"
     )
+    tracing = results["tracing"]
+    console.print(
+        f"tracing: every span exported over OTLP {tracing['exported']['per_s']:.1f} vs not exported "
+        f"{tracing['not_exported']['per_s']:.1f} diagnoses/s at 8 clients ({tracing['throughput_ratio']:.3f}×)"
+    )
+    console.print(f"where a text Diagnose's time goes (p50 ms, from its trace): {tracing['hop_breakdown_p50_ms']}")
     console.print(
         f"cold start of the mesh (empty store): {results['cold_start_s']:.1f}s "
         f"{results['cold_start_per_service_s']}; restart with the store in place: {results['warm_start_s']:.1f}s"

@@ -8,8 +8,8 @@ The tables are declared once, below; their schema evolves through the Alembic re
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,15 +26,17 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    bindparam,
     create_engine,
     event,
+    insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.selectable import TextualSelect
 
 from copilot.domain import DiagnosisInput, PastIncident, as_utc
 
@@ -86,7 +88,12 @@ class IncidentRow(Base):
 
     @classmethod
     def of(cls, incident: StoredIncident) -> IncidentRow:
-        return cls(
+        return cls(**cls.values(incident))
+
+    @staticmethod
+    def values(incident: StoredIncident) -> dict[str, Any]:
+        """The row's columns (for a Core insert: the ORM's unit of work costs more than the insert itself)."""
+        return dict(
             request_id=incident.request_id,
             created_at=incident.created_at,
             plant_id=incident.plant_id,
@@ -126,8 +133,13 @@ class IncidentWordRow(Base):
 
     @classmethod
     def of(cls, incident: StoredIncident) -> builtins.list[IncidentWordRow]:
+        return [cls(**values) for values in cls.values(incident)]
+
+    @staticmethod
+    def values(incident: StoredIncident) -> builtins.list[dict[str, Any]]:
+        words = indexed_words(incident.problem_description)
         return [
-            cls(
+            dict(
                 plant_id=incident.plant_id,
                 equipment_id=incident.equipment_id,
                 word=word,
@@ -135,7 +147,6 @@ class IncidentWordRow(Base):
                 request_id=incident.request_id,
                 words=len(words),
             )
-            for words in [indexed_words(incident.problem_description)]
             for word in sorted(words)
         ]
 
@@ -231,6 +242,43 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+@functools.lru_cache(maxsize=64)
+def _similar_statement(n_asked: int, per_word: int, limit: int) -> TextualSelect:
+    """The similar-incident lookup as one statement (one per number of asked words, plain SQL that SQLite and
+    PostgreSQL both run, so nothing is compiled per call): for each word `:w0` … its newest `per_word` postings on
+    the equipment (an index range scan each); per incident the words it shares and the Jaccard overlap with the
+    `:n_words` of the description; the best `limit` at >= 0.2 (ties: newest first) with their problem, SOPs and
+    newest resolution notes. Only those rows leave the database."""
+    postings = "\n    UNION ALL\n    ".join(
+        f"SELECT request_id, words FROM (SELECT request_id, words FROM incident_words "
+        f"WHERE plant_id = :plant_id AND equipment_id = :equipment_id AND word = :w{i} "
+        f"ORDER BY created_at DESC LIMIT {int(per_word)}) AS p{i}"
+        for i in range(n_asked)
+    )
+    sql = f"""
+WITH postings AS (
+    {postings}
+), scored AS (
+    SELECT request_id, CAST(COUNT(*) AS FLOAT) / (:n_words + MAX(words) - COUNT(*)) AS overlap
+    FROM postings WHERE request_id <> :exclude GROUP BY request_id
+)
+SELECT s.request_id, i.created_at, i.problem_description, i.referenced_sop_ids,
+    (SELECT f.resolution_notes FROM feedback AS f
+     WHERE f.request_id = s.request_id AND f.resolution_notes <> ''
+     ORDER BY f.submitted_at DESC, f.id DESC LIMIT 1) AS resolution_notes
+FROM scored AS s JOIN incidents AS i ON i.request_id = s.request_id
+WHERE s.overlap >= 0.2
+ORDER BY s.overlap DESC, i.created_at DESC, s.request_id
+LIMIT {int(limit)}"""
+    return text(sql).columns(
+        request_id=String,
+        created_at=DateTime(timezone=True),
+        problem_description=Text,
+        referenced_sop_ids=JSON,
+        resolution_notes=Text,
+    )
+
+
 class IncidentStore:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -258,36 +306,41 @@ class IncidentStore:
     # --- writes ---------------------------------------------------------------------------------
 
     def save(self, incident: StoredIncident, image: bytes = b"") -> StoredIncident:
-        """Insert the incident (and its image once per hash). A second save under the same request id returns
-        the stored incident when the request is the same, else raises RequestIdConflict."""
-        with self._session() as session:
-            if image and session.get(ImageRow, incident.image_sha256) is None:
-                session.add(
-                    ImageRow(
-                        sha256=incident.image_sha256,
-                        mime_type=incident.image_mime_type,
-                        size_bytes=len(image),
-                        data=image,
-                    )
-                )
-                try:
-                    session.flush()
-                except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
-                    session.rollback()
-            session.add(IncidentRow.of(incident))
-            try:
-                session.flush()  # the incident first: the index rows refer to it
-                session.add_all(IncidentWordRow.of(incident))
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                existing = self.get(incident.request_id)
-                if existing is None:
-                    raise
-                if existing.input_fingerprint != incident.input_fingerprint:
-                    raise RequestIdConflict(incident.request_id) from None
-                return existing
+        """Insert the incident and its word-index rows in one transaction (the image first, once per hash). A
+        second save under the same request id returns the stored incident when the request is the same, else
+        raises RequestIdConflict."""
+        if image:
+            self._save_image(incident, image)
+        words = IncidentWordRow.values(incident)
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(IncidentRow), IncidentRow.values(incident))
+                if words:
+                    connection.execute(insert(IncidentWordRow), words)
+        except IntegrityError:
+            existing = self.get(incident.request_id)
+            if existing is None:
+                raise
+            if existing.input_fingerprint != incident.input_fingerprint:
+                raise RequestIdConflict(incident.request_id) from None
+            return existing
         return incident
+
+    def _save_image(self, incident: StoredIncident, image: bytes) -> None:
+        """Content-addressed: stored once, committed on its own (an image whose incident then fails to store is
+        kept; it is the same bytes whoever sends them again)."""
+        with self._session() as session:
+            if session.get(ImageRow, incident.image_sha256) is not None:
+                return
+            session.add(
+                ImageRow(
+                    sha256=incident.image_sha256, mime_type=incident.image_mime_type, size_bytes=len(image), data=image
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
+                session.rollback()
 
     def add_feedback(self, request_id: str, feedback: StoredFeedback) -> bool:
         with self._session() as session:
@@ -416,54 +469,19 @@ class IncidentStore:
         if not words or limit <= 0:
             return []
         asked = sorted(words, key=lambda w: (-len(w), w))[:max_words]
-        # one small statement of a fixed shape per word (compiled once, an index range scan each)
-        postings = (
-            select(IncidentWordRow.request_id, IncidentWordRow.created_at, IncidentWordRow.words)
-            .where(
-                IncidentWordRow.plant_id == plant_id,
-                IncidentWordRow.equipment_id == equipment_id,
-                IncidentWordRow.word == bindparam("word"),
-            )
-            .order_by(IncidentWordRow.created_at.desc())
-            .limit(per_word)
-        )
-        shared: Counter[str] = Counter()
-        seen: dict[str, tuple[datetime, int]] = {}
-        with self._session() as session:
-            connection = session.connection()
-            for word in asked:
-                for request_id, created_at, other in connection.execute(postings, {"word": word}):
-                    shared[request_id] += 1
-                    seen[request_id] = (created_at, other)
-            scored = []
-            for request_id, count in shared.items():
-                created_at, other = seen[request_id]
-                overlap = count / (len(words) + other - count)
-                if overlap >= 0.2 and request_id != exclude:
-                    scored.append((overlap, as_utc(created_at), request_id))
-            scored.sort(key=lambda row: (-row[0], -row[1].timestamp(), row[2]))
-            best = [row[2] for row in scored[:limit]]
-            rows = {
-                request_id: (created_at, problem, tuple(sop_ids or ()))
-                for request_id, created_at, problem, sop_ids in connection.execute(
-                    select(
-                        IncidentRow.request_id,
-                        IncidentRow.created_at,
-                        IncidentRow.problem_description,
-                        IncidentRow.referenced_sop_ids,
-                    ).where(IncidentRow.request_id.in_(best))
-                )
-            }
-            notes = self._feedback_of(session, best)
+        params: dict[str, Any] = {f"w{i}": word for i, word in enumerate(asked)}
+        params.update(plant_id=plant_id, equipment_id=equipment_id, n_words=len(words), exclude=exclude)
+        with self.engine.connect() as connection:
+            rows = connection.execute(_similar_statement(len(asked), per_word, limit), params).all()
         return [
             PastIncident(
-                request_id,
-                as_utc(rows[request_id][0]),
-                rows[request_id][1],
-                rows[request_id][2],
-                next((f.resolution_notes for f in reversed(notes[request_id]) if f.resolution_notes), ""),
+                row.request_id,
+                as_utc(row.created_at),
+                row.problem_description,
+                tuple(row.referenced_sop_ids or ()),
+                row.resolution_notes or "",
             )
-            for request_id in best
+            for row in rows
         ]
 
     def feedback_export(self) -> builtins.list[dict[str, Any]]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
+from copilot.domain import DiagnosisInput, PastIncident
 from copilot.images import ImageLimits
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
@@ -17,7 +19,7 @@ from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.history import IncidentStore
 from services.orchestrator.servicer import CopilotServicer
 from services.orchestrator.validation import image_violations
-from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
+from services.orchestrator.workflow import DiagnosisWorkflow, RelatedIncidents, StageTimeouts
 
 SERVICE_NAME = COPILOT_SERVICE
 DIAGNOSIS_METHODS = {f"/{SERVICE_NAME}/{name}" for name in ("Diagnose", "StreamDiagnose", "DiagnoseBatch")}
@@ -57,6 +59,24 @@ def _cost(method: str, request) -> int:
     return len(getattr(request, "requests", ())) or 1 if method.endswith("/DiagnoseBatch") else 1
 
 
+def related_incidents(history: IncidentStore, limit: int) -> RelatedIncidents | None:
+    """The workflow's similar-incident lookup over the history (in a worker thread); None when `limit` is 0."""
+    if not limit:
+        return None
+
+    async def related(request: DiagnosisInput, request_id: str) -> Sequence[PastIncident]:
+        return await asyncio.to_thread(
+            history.similar,
+            request.plant_id,
+            request.equipment_id,
+            request.problem_description,
+            exclude=request_id,
+            limit=limit,
+        )
+
+    return related
+
+
 def build(
     settings: OrchestratorSettings | None = None, *, clients: AgentClients | None = None
 ) -> tuple[ServiceSpec, OrchestratorSettings]:
@@ -75,22 +95,11 @@ def build(
         tls=settings.tls,
     )
     history = IncidentStore(settings.database_url)
-
-    async def related(request, request_id):
-        return await asyncio.to_thread(
-            history.similar,
-            request.plant_id,
-            request.equipment_id,
-            request.problem_description,
-            exclude=request_id,
-            limit=settings.related_incidents,
-        )
-
     workflow = DiagnosisWorkflow(
         clients,
         StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s, settings.report_timeout_s),
         parallel=settings.parallel_stages,
-        related_incidents=related if settings.related_incidents else None,
+        related_incidents=related_incidents(history, settings.related_incidents),
     )
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     servicer = CopilotServicer(
