@@ -77,9 +77,15 @@ class DiagnosisRecorder:
         return copy
 
     async def events(
-        self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
+        self,
+        request: copilot_pb2.DiagnoseRequest,
+        deadline: float | None,
+        principal: str,
+        *,
+        stage_events: bool = True,
     ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
-        """Stage events, then the final result; the diagnosis is stored before the result is sent.
+        """Stage events (unless `stage_events` is False: a unary call has no use for them), then the final
+        result; the diagnosis is stored before the result is sent.
 
         With a request_id the call is idempotent: while one call with that id runs, retries wait for its answer
         (the check-and-register below has no await in between, so exactly one call leads); afterwards the stored
@@ -117,7 +123,7 @@ class DiagnosisRecorder:
                     response = await self._store(request, diagnosis_input, own_fingerprint, event, principal)
                     outcome.set_result(response)
                     yield copilot_pb2.StreamDiagnoseResponse(request_id=request_id, result=response)
-                else:
+                elif stage_events:
                     yield event_to_pb(event)
         finally:
             if not outcome.done():
@@ -172,7 +178,7 @@ class DiagnosisRecorder:
         self, request: copilot_pb2.DiagnoseRequest, deadline: float | None, principal: str
     ) -> copilot_pb2.DiagnoseResponse:
         result = None
-        async for event in self.events(request, deadline, principal):
+        async for event in self.events(request, deadline, principal, stage_events=False):
             if event.WhichOneof("event") == "result":
                 result = event.result
         if result is None:

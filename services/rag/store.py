@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHUNKS = "manufacturing_sops"
 CATALOG = "manufacturing_documents"
+IDENTIFIERS = "manufacturing_identifiers"
 ANY = "*"  # scope value of documents that apply to every equipment type / plant
 # Identifiers worth an exact match: error codes, part numbers, document ids ("E-0452", "PN-7781-A", "SOP-123").
 _IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9._/-]*\d)[A-Za-z][A-Za-z0-9]*(?:[-./][A-Za-z0-9]+)+\b|\b[A-Z]{1,4}\d{2,}\b")
@@ -37,14 +38,17 @@ def identifiers(text: str) -> list[str]:
 
 
 _SEPARATOR = re.compile(r"[-./]")
-#: Catalog records of documents whose chunks carry their identifiers (format 1: written before they did).
-INDEX_FORMAT = 2
+#: Catalog records of documents whose chunks carry their identifiers and are in the identifier index (format 1:
+#: written before chunks carried them; 2: before the identifier index collection).
+INDEX_FORMAT = 3
+#: Attempts at a posting-list update that another replica may overwrite at the same moment (read back, merge again).
+POSTING_ATTEMPTS = 3
 
 
 def chunk_identifiers(document_id: str, text: str) -> list[str]:
     """What an identifier query finds a chunk by (upper case): its document's id, every identifier in its text,
-    and each identifier's leading parts ("PN-7781-A" is also found as "PN-7781"). Stored as chunk metadata, so the
-    lookup is an index match in Chroma instead of a full-text scan of every chunk."""
+    and each identifier's leading parts ("PN-7781-A" is also found as "PN-7781"). Kept on the chunk (metadata) and
+    in the identifier index (identifier -> chunk ids), so a lookup is a key lookup, not a scan of every chunk."""
     found = {document_id.upper()}
     for ident in identifiers(text):
         upper = ident.upper()
@@ -150,6 +154,9 @@ class DocumentStore:
         )
         # Chroma stores records with vectors; the catalog's is a constant placeholder nobody queries by.
         self.catalog = client.get_or_create_collection(CATALOG, embedding_function=None)
+        # The identifier index: record id = identifier (upper case), document = the ids of the chunks carrying it,
+        # one per line. Read by key; written by the replica that ingests or deletes the document.
+        self.identifier_index = client.get_or_create_collection(IDENTIFIERS, embedding_function=None)
         self._write_lock = threading.Lock()  # one writer per process; Chroma serialises across processes
 
     # --- catalog --------------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class DocumentStore:
                     "give the new content a new version"
                 )
             new_ids = [c.chunk_id for c in chunks]
+            chunk_idents = [chunk_identifiers(c.document_id, c.text) for c in chunks]
             scope_types = list(doc.equipment_types) or [ANY]
             scope_plants = list(doc.plant_ids) or [ANY]
             try:
@@ -221,9 +229,9 @@ class DocumentStore:
                                 "position": c.position,
                                 "equipment_types": scope_types,
                                 "plant_ids": scope_plants,
-                                "identifiers": chunk_identifiers(c.document_id, c.text),
+                                "identifiers": idents,
                             }
-                            for c in chunks[part]
+                            for c, idents in zip(chunks[part], chunk_idents[part], strict=True)
                         ],
                     )
             except Exception:
@@ -243,11 +251,17 @@ class DocumentStore:
                 "ingested_at": time.time(),
                 "index_format": INDEX_FORMAT,
             }
+            previous = self._indexed_identifiers(doc.document_id, current)  # read before the switch replaces it
             try:
                 self.catalog.upsert(ids=[doc.document_id], embeddings=[[1.0]], metadatas=[record])  # the switch
             except Exception:
                 self._delete_quietly(new_ids)
                 raise
+            postings: dict[str, builtins.list[str]] = {}
+            for chunk_id, idents in zip(new_ids, chunk_idents, strict=True):
+                for ident in idents:
+                    postings.setdefault(ident, []).append(chunk_id)
+            self._post(doc.document_id, postings, previous)
             removed = 0
             if current is not None:
                 removed = self._delete_version_chunks(doc.document_id, keep_version=doc.version)
@@ -259,10 +273,60 @@ class DocumentStore:
     def delete(self, document_id: str) -> int | None:
         """Remove a document; None when it was not loaded. The catalog goes first, so queries stop at once."""
         with self._write_lock:
-            if self.get(document_id) is None:
+            current = self.get(document_id)
+            if current is None:
                 return None
+            indexed = self._indexed_identifiers(document_id, current)
             self.catalog.delete(ids=[document_id])
+            self._post(document_id, {}, indexed)
             return self._delete_version_chunks(document_id, keep_version=None)
+
+    def _indexed_identifiers(self, document_id: str, current: StoredDocument | None) -> builtins.list[str]:
+        """The identifiers under which the live version's chunks are in the index (from their metadata; read on
+        writes only, so that catalog reads on the query path stay small)."""
+        if current is None:
+            return []
+        found = self.chunks.get(
+            where={"$and": [{"sop_id": document_id}, {"version": current.version}]}, include=["metadatas"]
+        )
+        return sorted({i for m in found["metadatas"] for i in (m.get("identifiers") or [])})
+
+    def _post(self, document_id: str, postings: Mapping[str, Sequence[str]], previous: Sequence[str]) -> None:
+        """Make the index list, for this document, exactly `postings` (identifier -> its chunk ids): the
+        document's entries under `previous` and the new identifiers are rewritten, other documents' entries kept.
+        Another replica may rewrite one of these records at the same moment (Chroma has no compare-and-set), so
+        each write is read back and merged again when it lost; a lost entry costs only the exact-match boost."""
+        keys = sorted(set(postings) | set(previous))
+        prefix = f"{document_id}@"
+        for start in range(0, len(keys), 1000):
+            part = keys[start : start + 1000]
+            for _ in range(POSTING_ATTEMPTS):
+                found = self.identifier_index.get(ids=part, include=["documents"])
+                lists = {i: (d or "").split("\n") for i, d in zip(found["ids"], found["documents"], strict=True)}
+                wanted = {
+                    key: [c for c in lists.get(key, []) if c and not c.startswith(prefix)] + list(postings.get(key, []))
+                    for key in part
+                }
+                empty = [key for key, ids in wanted.items() if not ids]
+                kept = {key: ids for key, ids in wanted.items() if ids}
+                if kept:
+                    self.identifier_index.upsert(
+                        ids=list(kept),
+                        documents=["\n".join(ids) for ids in kept.values()],
+                        embeddings=[[1.0]] * len(kept),
+                    )
+                if empty:
+                    self.identifier_index.delete(ids=empty)
+                check = self.identifier_index.get(ids=part, include=["documents"])
+                now = {i: set((d or "").split("\n")) for i, d in zip(check["ids"], check["documents"], strict=True)}
+                if all(set(postings.get(key, [])) <= now.get(key, set()) for key in part) and all(
+                    not any(c.startswith(prefix) and c not in postings.get(key, []) for c in now.get(key, ()))
+                    for key in part
+                ):
+                    break
+            else:
+                log.warning("identifier index: %s lost a concurrent update; the next start re-indexes it", document_id)
+                self.catalog.update(ids=[document_id], metadatas=[{"index_format": 2}])
 
     def _delete_version_chunks(self, document_id: str, keep_version: str | None) -> int:
         where: dict[str, Any] = {"sop_id": document_id}
@@ -302,53 +366,71 @@ class DocumentStore:
     def lexical(
         self, terms: Sequence[str], limit: int, equipment_type: str = "", plant_id: str = ""
     ) -> builtins.list[tuple[SopChunk, builtins.list[float]]]:
-        """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors."""
+        """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors, in the
+        scope: key lookups in the identifier index, then the chunks by id (chunks of a version being replaced may
+        come too; the caller keeps live versions only)."""
         wanted = list(dict.fromkeys(t.upper() for t in terms))
         if not wanted:
             return []
-        match: dict[str, Any] = (
-            {"identifiers": {"$contains": wanted[0]}}
-            if len(wanted) == 1
-            else {"$or": [{"identifiers": {"$contains": t}} for t in wanted]}
-        )
-        scope = _scope_where(equipment_type, plant_id)
-        found = self.chunks.get(
-            where=match if scope is None else {"$and": [scope, match]},
-            limit=limit,
-            include=["documents", "metadatas", "embeddings"],
-        )
-        return [
-            (_chunk(i, t, m, 0.0), list(e))
-            for i, t, m, e in zip(
-                found["ids"], found["documents"], found["metadatas"], found["embeddings"], strict=True
+        postings = self.identifier_index.get(ids=wanted, include=["documents"])
+        chunk_ids = list(dict.fromkeys(c for d in postings["documents"] for c in (d or "").split("\n") if c))
+        found: builtins.list[tuple[SopChunk, builtins.list[float]]] = []
+        batch = max(limit * 2, 50)
+        for start in range(0, len(chunk_ids), batch):
+            got = self.chunks.get(
+                ids=chunk_ids[start : start + batch], include=["documents", "metadatas", "embeddings"]
             )
-        ]
+            for i, t, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"], strict=True):
+                if _in_scope(m, equipment_type, plant_id):
+                    found.append((_chunk(i, t, m, 0.0), list(e)))
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
     def index_identifiers(self) -> int:
-        """Give the chunks of documents stored before identifiers were indexed their identifiers (metadata only:
-        nothing is embedded again). Run at start by every replica; idempotent. Returns the documents upgraded."""
+        """Bring documents stored by earlier releases into the identifier index: format 1 (chunks without their
+        identifiers) gets them as chunk metadata, formats 1 and 2 get their postings and the document's
+        identifier list. Metadata only: nothing is embedded again. Run at start by every replica; idempotent.
+        Returns the documents upgraded."""
         found = self.catalog.get(include=["metadatas"])
         upgraded = 0
         for document_id, meta in zip(found["ids"], found["metadatas"], strict=True):
-            if int(meta.get("index_format", 1)) >= INDEX_FORMAT:
+            old_format = int(meta.get("index_format", 1))
+            if old_format >= INDEX_FORMAT:
                 continue
             with self._write_lock:
-                chunks = self.chunks.get(where={"sop_id": document_id}, include=["documents"])
+                version = meta["version"]
+                chunks = self.chunks.get(
+                    where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
+                )
                 ids = chunks["ids"]
-                for start in range(0, len(ids), 1000):
-                    part = slice(start, start + 1000)
-                    self.chunks.update(
-                        ids=ids[part],
-                        metadatas=[
-                            {"identifiers": chunk_identifiers(document_id, t)} for t in chunks["documents"][part]
-                        ],
-                    )
+                idents = [
+                    chunk_identifiers(document_id, t) if old_format < 2 else list(m.get("identifiers") or [])
+                    for t, m in zip(chunks["documents"], chunks["metadatas"], strict=True)
+                ]
+                if old_format < 2:
+                    for start in range(0, len(ids), 1000):
+                        part = slice(start, start + 1000)
+                        self.chunks.update(ids=ids[part], metadatas=[{"identifiers": i} for i in idents[part]])
+                postings: dict[str, builtins.list[str]] = {}
+                for chunk_id, chunk_idents in zip(ids, idents, strict=True):
+                    for ident in chunk_idents:
+                        postings.setdefault(ident, []).append(chunk_id)
+                self._post(document_id, postings, [])
                 # update merges keys: the live version named in the record stays as another writer left it
                 self.catalog.update(ids=[document_id], metadatas=[{"index_format": INDEX_FORMAT}])
             upgraded += 1
         if upgraded:
             log.info("indexed the identifiers of %d documents stored before the identifier index", upgraded)
         return upgraded
+
+
+def _in_scope(meta: Mapping[str, Any], equipment_type: str, plant_id: str) -> bool:
+    """The scope filter of `_scope_where`, on one chunk's metadata."""
+    types, plants = meta.get("equipment_types") or [ANY], meta.get("plant_ids") or [ANY]
+    return (not equipment_type or equipment_type in types or ANY in types) and (
+        not plant_id or plant_id in plants or ANY in plants
+    )
 
 
 def _chunk(chunk_id: str, text: str, meta: Mapping[str, Any], score: float) -> SopChunk:

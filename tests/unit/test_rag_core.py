@@ -241,9 +241,10 @@ def test_a_store_written_before_the_identifier_index_is_upgraded_in_place(tmp_pa
     kb = KnowledgeBase(open_store(tmp_path), embedder)
     kb.ensure_documents(starter_corpus())
     store = kb.store
-    # as an older release left it: no identifiers on the chunks, format 1 in the catalog
+    # as an older release left it: no identifiers on the chunks, no identifier index, format 1 in the catalog
     ids = store.chunks.get(include=[])["ids"]
     store.chunks.update(ids=ids, metadatas=[{"identifiers": None}] * len(ids))
+    store.identifier_index.delete(ids=store.identifier_index.get(include=[])["ids"])
     documents = store.catalog.get(include=[])["ids"]
     store.catalog.update(ids=documents, metadatas=[{"index_format": 1}] * len(documents))
     assert store.lexical(["E-0452"], 20) == []
@@ -252,3 +253,51 @@ def test_a_store_written_before_the_identifier_index_is_upgraded_in_place(tmp_pa
     assert store.lexical(["E-0452"], 20)[0][0].sop_id == "HYD-210"
     assert store.live_versions(documents) == live_before and store.index_identifiers() == 0
     assert kb.retrieve("the press shows alarm E-0452", 3)[0].sop_id == "HYD-210"
+
+
+def test_a_store_from_before_the_identifier_index_collection_gets_its_postings(tmp_path, embedder):
+    """Format 2 (identifiers on the chunks, no index collection): postings from the chunk metadata, no embedding."""
+    from services.rag.core import KnowledgeBase, open_store
+    from services.rag.corpus import starter_corpus
+
+    kb = KnowledgeBase(open_store(tmp_path), embedder)
+    kb.ensure_documents(starter_corpus())
+    store = kb.store
+    store.identifier_index.delete(ids=store.identifier_index.get(include=[])["ids"])
+    documents = store.catalog.get(include=[])["ids"]
+    store.catalog.update(ids=documents, metadatas=[{"index_format": 2}] * len(documents))
+    assert store.lexical(["E-0452"], 20) == []
+    assert store.index_identifiers() == len(documents)
+    assert [c.sop_id for c, _ in store.lexical(["e-0452"], 20)] == ["HYD-210"]
+    assert store.index_identifiers() == 0
+
+
+def test_the_identifier_index_follows_replacements_and_deletions(tmp_path, embedder):
+    kb = KnowledgeBase(open_store(tmp_path), embedder)
+    store = kb.store
+
+    def load(document_id: str, version: str, step: str, equipment: str = "") -> None:
+        kb.ingest_document(
+            f"# {document_id}\n\n## Faults\n\n1. {step}\n".encode(),
+            DocumentMeta(
+                document_id,
+                version=version,
+                equipment_types=(equipment,) if equipment else (),
+                filename=f"{document_id}.md",
+            ),
+        )
+
+    load("PUMP-9", "1", "Alarm E-7001: replace seal PN-5501-B.")
+    load("VALVE-2", "1", "Alarm E-7001 on the valve block.", equipment="press")
+    assert {c.sop_id for c, _ in store.lexical(["E-7001"], 20)} == {"PUMP-9", "VALVE-2"}
+    assert [c.version for c, _ in store.lexical(["pn-5501"], 20)] == ["1"]  # a leading part of PN-5501-B
+    assert [c.sop_id for c, _ in store.lexical(["E-7001"], 20, equipment_type="boiler")] == ["PUMP-9"]  # scope
+
+    load("PUMP-9", "2", "Alarm E-7002: replace seal PN-5501-C.")
+    assert [c.sop_id for c, _ in store.lexical(["E-7001"], 20)] == ["VALVE-2"]  # the old version's entry is gone
+    assert [(c.sop_id, c.version) for c, _ in store.lexical(["E-7002", "PN-5501"], 20)] == [("PUMP-9", "2")]
+    assert store.identifier_index.get(ids=["PN-5501-B"])["ids"] == []  # no empty posting list is left
+
+    store.delete("VALVE-2")
+    assert store.lexical(["E-7001"], 20) == []
+    assert store.identifier_index.get(ids=["E-7001", "VALVE-2"])["ids"] == []
