@@ -41,6 +41,11 @@ _SEPARATOR = re.compile(r"[-./]")
 #: Catalog records of documents whose chunks carry their identifiers and are in the identifier index (format 1:
 #: written before chunks carried them; 2: before the identifier index collection).
 INDEX_FORMAT = 3
+#: Identifiers longer than this are not indexed; of a longer code only the first leading parts are.
+MAX_IDENTIFIER_CHARS = 64
+MAX_IDENTIFIER_PARTS = 4
+#: A query's identifiers looked up at most (a description full of codes is not a lookup of each).
+MAX_QUERY_IDENTIFIERS = 16
 #: Attempts at a posting-list update that another replica may overwrite at the same moment (read back, merge again).
 POSTING_ATTEMPTS = 3
 
@@ -52,8 +57,10 @@ def chunk_identifiers(document_id: str, text: str) -> list[str]:
     found = {document_id.upper()}
     for ident in identifiers(text):
         upper = ident.upper()
+        if len(upper) > MAX_IDENTIFIER_CHARS:  # not a code someone types (a path, a hash, hostile input)
+            continue
         found.add(upper)
-        for cut in _SEPARATOR.finditer(upper):
+        for cut in list(_SEPARATOR.finditer(upper))[:MAX_IDENTIFIER_PARTS]:
             if cut.start() >= 3 and any(ch.isdigit() for ch in upper[: cut.start()]):
                 found.add(upper[: cut.start()])
     return sorted(found)
@@ -369,7 +376,8 @@ class DocumentStore:
         """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors, in the
         scope: key lookups in the identifier index, then the chunks by id (chunks of a version being replaced may
         come too; the caller keeps live versions only)."""
-        wanted = list(dict.fromkeys(t.upper() for t in terms))
+        wanted = [t for t in dict.fromkeys(t.upper() for t in terms) if len(t) <= MAX_IDENTIFIER_CHARS]
+        wanted = wanted[:MAX_QUERY_IDENTIFIERS]
         if not wanted:
             return []
         postings = self.identifier_index.get(ids=wanted, include=["documents"])

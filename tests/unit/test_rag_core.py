@@ -222,6 +222,16 @@ def test_identifiers_are_indexed_per_chunk():
 
     found = chunk_identifiers("HYD-210", "Alarm E-0452: replace seal PN-7781-A (see sop-123), code ab12 and X1.")
     assert found == sorted({"HYD-210", "HYD", "E-0452", "PN-7781-A", "PN-7781", "SOP-123"} - {"HYD"})
+    # a hostile token is not an identifier anyone types: bounded, never one index entry per prefix
+    hostile = "A1" + "-B2" * 5000
+    assert chunk_identifiers("HYD-210", f"see {hostile} and X12-34-56-78-90-11-22") == [
+        "HYD-210",
+        "X12",
+        "X12-34",
+        "X12-34-56",
+        "X12-34-56-78",
+        "X12-34-56-78-90-11-22",
+    ]
 
 
 def test_identifier_lookup_is_an_index_match_in_any_case(knowledge_base):
