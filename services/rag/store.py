@@ -1,4 +1,5 @@
-"""The document store: two Chroma collections, one of chunks (with embeddings) and one catalog of documents.
+"""The document store: three Chroma collections, the chunks (with embeddings), a catalog of documents and an
+index of the identifiers (error codes, part numbers) in the chunks.
 
 The catalog record of a document names its live version; a query keeps only chunks of live versions. A new
 version is written beside the old one, then the catalog flips, then the old chunks are deleted, so a query
@@ -268,7 +269,8 @@ class DocumentStore:
             for chunk_id, idents in zip(new_ids, chunk_idents, strict=True):
                 for ident in idents:
                     postings.setdefault(ident, []).append(chunk_id)
-            self._post(doc.document_id, postings, previous)
+            if not self._post(doc.document_id, postings, previous):  # the next start indexes it again
+                self.catalog.update(ids=[doc.document_id], metadatas=[{"index_format": 2}])
             removed = 0
             if current is not None:
                 removed = self._delete_version_chunks(doc.document_id, keep_version=doc.version)
@@ -298,11 +300,12 @@ class DocumentStore:
         )
         return sorted({i for m in found["metadatas"] for i in (m.get("identifiers") or [])})
 
-    def _post(self, document_id: str, postings: Mapping[str, Sequence[str]], previous: Sequence[str]) -> None:
+    def _post(self, document_id: str, postings: Mapping[str, Sequence[str]], previous: Sequence[str]) -> bool:
         """Make the index list, for this document, exactly `postings` (identifier -> its chunk ids): the
         document's entries under `previous` and the new identifiers are rewritten, other documents' entries kept.
         Another replica may rewrite one of these records at the same moment (Chroma has no compare-and-set), so
-        each write is read back and merged again when it lost; a lost entry costs only the exact-match boost."""
+        each write is read back and merged again when it lost; a lost entry costs only the exact-match boost.
+        False when it still lost after POSTING_ATTEMPTS (logged)."""
         keys = sorted(set(postings) | set(previous))
         prefix = f"{document_id}@"
         for start in range(0, len(keys), 1000):
@@ -332,8 +335,9 @@ class DocumentStore:
                 ):
                     break
             else:
-                log.warning("identifier index: %s lost a concurrent update; the next start re-indexes it", document_id)
-                self.catalog.update(ids=[document_id], metadatas=[{"index_format": 2}])
+                log.warning("identifier index: the entries of %s lost a concurrent update", document_id)
+                return False
+        return True
 
     def _delete_version_chunks(self, document_id: str, keep_version: str | None) -> int:
         where: dict[str, Any] = {"sop_id": document_id}
@@ -396,10 +400,10 @@ class DocumentStore:
         return found[:limit]
 
     def index_identifiers(self) -> int:
-        """Bring documents stored by earlier releases into the identifier index: format 1 (chunks without their
-        identifiers) gets them as chunk metadata, formats 1 and 2 get their postings and the document's
-        identifier list. Metadata only: nothing is embedded again. Run at start by every replica; idempotent.
-        Returns the documents upgraded."""
+        """Bring documents stored by earlier releases (or whose index entries lost a concurrent update) into the
+        identifier index: format 1 (chunks without their identifiers) gets them as chunk metadata, formats 1 and 2
+        get their entries, from the live version's chunks. Metadata only: nothing is embedded again. Run at start
+        by every replica; idempotent. Returns the documents upgraded."""
         found = self.catalog.get(include=["metadatas"])
         upgraded = 0
         for document_id, meta in zip(found["ids"], found["metadatas"], strict=True):
@@ -424,7 +428,8 @@ class DocumentStore:
                 for chunk_id, chunk_idents in zip(ids, idents, strict=True):
                     for ident in chunk_idents:
                         postings.setdefault(ident, []).append(chunk_id)
-                self._post(document_id, postings, [])
+                if not self._post(document_id, postings, []):
+                    continue  # stays in its old format: the next start tries again
                 # update merges keys: the live version named in the record stays as another writer left it
                 self.catalog.update(ids=[document_id], metadatas=[{"index_format": INDEX_FORMAT}])
             upgraded += 1

@@ -311,3 +311,28 @@ def test_the_identifier_index_follows_replacements_and_deletions(tmp_path, embed
     store.delete("VALVE-2")
     assert store.lexical(["E-7001"], 20) == []
     assert store.identifier_index.get(ids=["E-7001", "VALVE-2"])["ids"] == []
+
+
+def test_index_entries_that_lose_a_concurrent_update_are_redone_at_the_next_start(tmp_path, embedder):
+    """Chroma has no compare-and-set: when another replica's write keeps overtaking ours (simulated: our posting
+    writes are lost), the document is marked for re-indexing, and the next start's pass restores its entries."""
+    kb = KnowledgeBase(open_store(tmp_path), embedder)
+    store = kb.store
+    real = store.identifier_index
+
+    class Overtaken:  # every upsert of ours is undone by "another replica" before we read it back
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def upsert(self, **kwargs):
+            return None
+
+    store.identifier_index = Overtaken()
+    kb.ingest_document(
+        b"# Pump\n\n## Faults\n\n1. Alarm E-8100: replace seal.\n", DocumentMeta("PUMP-7", filename="p.md")
+    )
+    store.identifier_index = real
+    assert store.lexical(["E-8100"], 20) == []  # the exact-match boost is lost for now, the document is not
+    assert kb.retrieve("pump alarm, replace the seal", 3)[0].sop_id == "PUMP-7"
+    assert store.index_identifiers() == 1
+    assert [c.sop_id for c, _ in store.lexical(["E-8100"], 20)] == ["PUMP-7"]
