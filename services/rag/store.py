@@ -265,11 +265,9 @@ class DocumentStore:
             except Exception:
                 self._delete_quietly(new_ids)
                 raise
-            postings: dict[str, builtins.list[str]] = {}
-            for chunk_id, idents in zip(new_ids, chunk_idents, strict=True):
-                for ident in idents:
-                    postings.setdefault(ident, []).append(chunk_id)
-            if not self._post(doc.document_id, postings, previous):  # the next start indexes it again
+            if not self._post(
+                doc.document_id, _postings(new_ids, chunk_idents), previous
+            ):  # the next start indexes it again
                 self.catalog.update(ids=[doc.document_id], metadatas=[{"index_format": 2}])
             removed = 0
             if current is not None:
@@ -328,11 +326,12 @@ class DocumentStore:
                 if empty:
                     self.identifier_index.delete(ids=empty)
                 check = self.identifier_index.get(ids=part, include=["documents"])
-                now = {i: set((d or "").split("\n")) for i, d in zip(check["ids"], check["documents"], strict=True)}
-                if all(set(postings.get(key, [])) <= now.get(key, set()) for key in part) and all(
-                    not any(c.startswith(prefix) and c not in postings.get(key, []) for c in now.get(key, ()))
-                    for key in part
-                ):
+                # this document's entries as they now stand, per identifier: exactly what was written, or it lost
+                ours = {
+                    i: {c for c in (d or "").split("\n") if c.startswith(prefix)}
+                    for i, d in zip(check["ids"], check["documents"], strict=True)
+                }
+                if all(ours.get(key, set()) == set(postings.get(key, ())) for key in part):
                     break
             else:
                 log.warning("identifier index: the entries of %s lost a concurrent update", document_id)
@@ -424,11 +423,7 @@ class DocumentStore:
                     for start in range(0, len(ids), 1000):
                         part = slice(start, start + 1000)
                         self.chunks.update(ids=ids[part], metadatas=[{"identifiers": i} for i in idents[part]])
-                postings: dict[str, builtins.list[str]] = {}
-                for chunk_id, chunk_idents in zip(ids, idents, strict=True):
-                    for ident in chunk_idents:
-                        postings.setdefault(ident, []).append(chunk_id)
-                if not self._post(document_id, postings, []):
+                if not self._post(document_id, _postings(ids, idents), []):
                     continue  # stays in its old format: the next start tries again
                 # update merges keys: the live version named in the record stays as another writer left it
                 self.catalog.update(ids=[document_id], metadatas=[{"index_format": INDEX_FORMAT}])
@@ -436,6 +431,15 @@ class DocumentStore:
         if upgraded:
             log.info("indexed the identifiers of %d documents stored before the identifier index", upgraded)
         return upgraded
+
+
+def _postings(chunk_ids: Sequence[str], identifiers_per_chunk: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """identifier -> the ids of the chunks carrying it (chunk order kept)."""
+    postings: dict[str, list[str]] = {}
+    for chunk_id, idents in zip(chunk_ids, identifiers_per_chunk, strict=True):
+        for ident in idents:
+            postings.setdefault(ident, []).append(chunk_id)
+    return postings
 
 
 def _in_scope(meta: Mapping[str, Any], equipment_type: str, plant_id: str) -> bool:
