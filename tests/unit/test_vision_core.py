@@ -167,3 +167,32 @@ def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature
     assert mine.sync() == {"pump-housing"}
     assert "pump-housing" in mine.reference_sets()
     assert mine.sync() == set()
+
+
+def _tinted(image: Image.Image, gains: tuple[float, float, float], disc: tuple[int, int, int] | None = None) -> bytes:
+    """`image` with its channels scaled by `gains`, everywhere or (with `disc` = x, y, radius) inside a disc only."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    scaled = np.clip(pixels * np.asarray(gains, dtype=np.float32), 0, 255)
+    if disc is not None:
+        ys, xs = np.mgrid[: pixels.shape[0], : pixels.shape[1]]
+        inside = (xs - disc[0]) ** 2 + (ys - disc[1]) ** 2 <= disc[2] ** 2
+        scaled = np.where(inside[:, :, None], scaled, pixels)
+    return samples.to_bytes(Image.fromarray(scaled.astype(np.uint8)), "PNG")
+
+
+def test_a_local_tint_is_a_defect_and_a_global_white_balance_is_not(vision_engine):
+    """The chroma and luminance groups score a patch's colour relative to its own image: a bluish heat tint on
+    part of the surface is found where it is; the same tint over the whole photo (another camera's white balance)
+    is not a defect."""
+    surface = samples.make_surface("brushed-steel", 4242)
+    shifted = vision_engine.analyze(_tinted(surface, (0.9, 0.97, 1.06)), "brushed-steel")
+    assert shifted.defects == (), shifted.description
+    # a tint of a few per cent (what the texture features alone did not find), 80 px across
+    tint = vision_engine.analyze(_tinted(surface, (0.96, 0.99, 1.04), disc=(150, 90, 40)), "brushed-steel")
+    assert tint.defects, tint.description
+    box = tint.defects[0].box
+    w, h = surface.size
+    assert box.x_min * w < 150 < box.x_max * w and box.y_min * h < 90 < box.y_max * h
+    assert (box.x_max - box.x_min) * w < 140 and (box.y_max - box.y_min) * h < 140  # the disc, not the image

@@ -1,7 +1,7 @@
 """Localisation gate (issue #15): defects drawn by a third party's generator (defect-synthesis, with masks) on the
 starter surfaces and on two surface kinds the project never saw (photographs shipped with scikit-image). The
-thresholds are what the engine measurably reaches (README "Vision localisation"), below the issue's targets where
-it does not reach them yet."""
+thresholds are the issue's targets where the engine reaches them, and what it measurably reaches where not (README
+"Vision localisation": boxes per surface)."""
 
 from __future__ import annotations
 
@@ -26,19 +26,27 @@ def test_localisation_on_foreign_defects(results, surface):
     r = results[(surface, False)]
     assert r.reference_set == surface
     assert r.image_auroc >= 0.98, r
-    assert r.pixel_auroc >= 0.9 and r.pro >= 0.9, r
+    assert r.pixel_auroc >= 0.97 and r.pro >= 0.93, r
     assert r.false_positive_rate <= 0.05, r
     # one box per defect: thin cracks and scratches no longer come back in pieces
     assert r.boxes_per_defect <= 1.3, r
     assert r.per_kind["crack"]["boxes_per_defect"] <= 1.3 and r.per_kind["scratch"]["boxes_per_defect"] <= 1.3, r
-    assert r.box_hit_rate >= (0.9 if surface in ev.STARTER_SURFACES else 0.5), r
+    assert r.box_hit_rate >= 0.8, r  # at most 3 of 15 defective images without a box at IoU >= 0.3
 
 
-def test_all_surfaces_together_reach_the_box_target_on_most_images(results):
+def test_all_surfaces_together_reach_the_box_target(results):
     own = [results[(s, False)] for s in (*ev.STARTER_SURFACES, *ev.UNSEEN_SURFACES)]
     defect_images = sum(k["images"] for r in own for k in r.per_kind.values())
     hits = sum(round(k["box_hit_rate"] * k["images"]) for r in own for k in r.per_kind.values())
-    assert hits / defect_images >= 0.75, own
+    assert hits / defect_images >= 0.9, own
+
+
+def test_a_discolouration_is_found_where_the_texture_is_unchanged(results):
+    """Oil stains and burns on the unseen grey surfaces change the colour more than the texture: the chroma and
+    luminance groups find them (before them: 1 of 6 stains found on the two unseen surfaces)."""
+    for surface in ev.UNSEEN_SURFACES:
+        kinds = results[(surface, False)].per_kind
+        assert kinds["stain"]["detection_rate"] >= 2 / 3 and kinds["burn"]["box_hit_rate"] >= 2 / 3, kinds
 
 
 @pytest.mark.parametrize("surface", ev.UNSEEN_SURFACES)
