@@ -277,7 +277,7 @@ def regions(
       padding makes border patches less like the references on surfaces it has seen little of.
     * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
     * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes the
-      level the region grew to (`grow` x threshold), so it hugs the defect instead of the patch grid. (A level
+      level regions grow through (`grow` x threshold), so it hugs the defect instead of the patch grid. (A level
       relative to the region's peak, as before the colour groups, cut a burn's or stain's box down to its darkest
       core: a discolouration scores many times the threshold where it is strongest.)
     """
