@@ -16,6 +16,7 @@ unused; `prune` removes model files no current key names)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -91,9 +92,10 @@ class ModelCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({**state, "format": FORMAT}, temporary)
             os.replace(temporary, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
             log.warning("vision cache not written (%s): the next start rebuilds this", exc)
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
 
     def prune(self, keep_keys: set[str], keep_features: set[str]) -> int:
         """Remove model files no current key names and features of images no longer referenced."""

@@ -67,6 +67,10 @@ class EngineTuning:
     unfamiliar_quartile: float = 0.8
     unfamiliar_confidence: float = 0.2
     max_defects: int = 5
+    #: After a RegisterReference or DeleteReference, the generic model (every type's references: the costly one,
+    #: seconds with the starter set) is rebuilt once no further change came for this long, in the background; the
+    #: call returns once its own type's model is rebuilt. Until then types without references use the previous one.
+    generic_rebuild_delay_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,12 @@ class VisionEngine:
         # reference id -> feature map, held only while models are being built (the cache keeps them on disk)
         self._features: dict[str, torch.Tensor] = {}
         self._models: dict[str, TypeModel] = {}
+        self._generic_key = ""  # the cache key of the generic model in self._models
         self._lock = threading.Lock()
+        self._timer_lock = threading.Lock()
+        self._generic_timer: threading.Timer | None = None
+        self._generic_settled = threading.Event()  # cleared while a generic rebuild is scheduled or running
+        self._generic_settled.set()
         self.cache = ModelCache(store.root, BACKBONE_NAME, extractor.image_size)
         self.built = 0  # models built (not read from the cache) since this engine started
 
@@ -196,8 +205,9 @@ class VisionEngine:
             typer.add(ref.label, region_prototype(fmap, bank.patch_scores(fmap), bank.threshold))
         return TypeModel(bank, typer, len(goods), len(labelled))
 
-    def load(self, equipment_types: set[str] | None = None) -> dict[str, TypeModel]:
-        """(Re)build the models of the given equipment types (all when None) and the generic model."""
+    def load(self, equipment_types: set[str] | None = None, generic: bool = True) -> dict[str, TypeModel]:
+        """(Re)build the models of the given equipment types (all when None) and, unless `generic` is False, the
+        generic model (when False, the one in memory is kept as it is)."""
         with self._lock:
             refs = self.store.all()
             by_type: dict[str, list[Reference]] = {}
@@ -216,15 +226,43 @@ class VisionEngine:
                         models.pop(name, None)
                     else:
                         models[name] = built
-            generic = self._model(refs, keys[GENERIC]) if refs else None
-            if generic is None:
-                models.pop(GENERIC, None)
-            else:
-                models[GENERIC] = generic
+            if generic or GENERIC not in models:
+                built = self._model(refs, keys[GENERIC]) if refs else None
+                if built is None:
+                    models.pop(GENERIC, None)
+                else:
+                    models[GENERIC] = built
+                self._generic_key = keys[GENERIC]
             self._models = models  # atomic swap
             self._features.clear()  # the cache has them; a rebuild reads them back
-            self.cache.prune(set(keys.values()), {r.sha256 for r in refs})
+            self.cache.prune(set(keys.values()) | {self._generic_key}, {r.sha256 for r in refs})
             return models
+
+    def _generic_later(self) -> None:
+        """Rebuild the generic model once no reference changed for `generic_rebuild_delay_s` (a burst of
+        registrations costs one rebuild, not one each)."""
+        with self._timer_lock:
+            if self._generic_timer is not None:
+                self._generic_timer.cancel()
+            self._generic_settled.clear()
+            self._generic_timer = threading.Timer(self.tuning.generic_rebuild_delay_s, self._rebuild_generic)
+            self._generic_timer.daemon = True
+            self._generic_timer.start()
+
+    def _rebuild_generic(self) -> None:
+        try:
+            self.load(set())
+        except Exception:  # the previous generic model keeps serving; the next change or start tries again
+            log.exception("rebuilding the generic vision model failed")
+        finally:
+            with self._timer_lock:
+                if self._generic_timer is threading.current_thread():  # no later change scheduled another
+                    self._generic_timer = None
+                    self._generic_settled.set()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no generic rebuild is scheduled or running; False when `timeout` passed first."""
+        return self._generic_settled.wait(timeout)
 
     def register(self, equipment_type: str, label: str, data: bytes) -> tuple[Reference, bool]:
         for field_name, value, pattern in (("equipment_type", equipment_type, EQUIPMENT_TYPE), ("label", label, LABEL)):
@@ -235,13 +273,15 @@ class VisionEngine:
         image = decode_image(data, self.limits)
         ref, created = self.store.add(equipment_type, label, data, *image.size)
         if created:
-            self.load({equipment_type})
+            self.load({equipment_type}, generic=False)
+            self._generic_later()
         return ref, created
 
     def delete(self, reference_id: str) -> Reference | None:
         ref = self.store.delete(reference_id)
         if ref is not None:
-            self.load({ref.equipment_type})
+            self.load({ref.equipment_type}, generic=False)
+            self._generic_later()
         return ref
 
     def sync(self) -> set[str]:

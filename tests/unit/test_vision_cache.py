@@ -42,6 +42,7 @@ def test_a_changed_reference_set_is_rebuilt_and_a_damaged_file_is_not_trusted(tm
     engine = _engine(tmp_path, feature_extractor)
     engine.load()
     ref, _ = engine.register("blue-panel", "good", samples.to_bytes(samples.painted_panel(256, 21, (40, 60, 160))))
+    assert engine.settle(timeout=120)  # the generic model is rebuilt in the background
     assert engine.built == 2  # the new reference set has a new key
     assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 1  # the old key's file was pruned
     for path in (tmp_path / "cache" / "models").glob("*.pt"):
@@ -50,3 +51,26 @@ def test_a_changed_reference_set_is_rebuilt_and_a_damaged_file_is_not_trusted(tm
     reopened.load()
     assert reopened.built == 1 and reopened.reference_sets()["blue-panel"].good_images == 5
     assert ref.reference_id in {r.reference_id for r in reopened.store.all()}
+
+
+def test_a_cache_that_cannot_be_written_costs_a_rebuild_not_the_service(
+    tmp_path, feature_extractor, monkeypatch, caplog
+):
+    """A full disk: torch.save raises RuntimeError (not OSError). The models are built and serve; nothing half
+    written is left behind; the next start builds them again."""
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 918")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    engine = _engine(tmp_path, feature_extractor)
+    engine.load()
+    assert engine.reference_sets()["blue-panel"].good_images == 4
+    assert "vision cache not written" in caplog.text
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    monkeypatch.undo()
+    again = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    again.load()
+    assert again.built == 1  # built from the images (generic: the same references, the same key)
+    assert list((tmp_path / "cache" / "models").glob("*.pt"))  # and cached this time

@@ -153,6 +153,26 @@ def test_replicas_sharing_a_reference_store_lose_no_write_and_see_each_other(tmp
     assert second.refresh() == {"pump-housing"} and second.get(ref.reference_id) is None
 
 
+def test_a_burst_of_registrations_rebuilds_the_generic_model_once(tmp_path, feature_extractor):
+    """A plant engineer registering a new type's references one call each waits for that type's model only; the
+    generic model (every reference: seconds) is rebuilt once, after the burst, in the background."""
+    from services.vision.core import EngineTuning
+
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path), tuning=EngineTuning(generic_rebuild_delay_s=5))
+    engine.seed_starter_set()
+    engine.load()
+    generic_before, built = engine.reference_sets()[GENERIC], engine.built
+    for seed in range(3):
+        image = samples.painted_panel(256, seed=90 + seed, colour=(160, 40, 40))
+        engine.register("red-panel", "good", samples.to_bytes(image, "PNG"))
+    assert engine.built == built + 3  # the type's own model, each time
+    assert engine.reference_sets()["red-panel"].good_images == 3
+    assert engine.reference_sets()[GENERIC] is generic_before  # meanwhile, types without references: as before
+    assert engine.settle(timeout=120)
+    assert engine.built == built + 4  # then the generic model, once
+    assert engine.reference_sets()[GENERIC].good_images == generic_before.good_images + 3
+
+
 def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature_extractor, clean_photo):
     from services.vision.core import VisionEngine
     from services.vision.references import ReferenceStore
