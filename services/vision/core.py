@@ -260,6 +260,18 @@ class VisionEngine:
                     self._generic_timer = None
                     self._generic_settled.set()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """At shutdown: cancel a scheduled generic rebuild (the next start builds that model) and wait up to
+        `timeout` for one that is running."""
+        with self._timer_lock:
+            timer, self._generic_timer = self._generic_timer, None
+            if timer is not None:
+                timer.cancel()
+        if timer is not None:
+            timer.join(timeout)
+            if not timer.is_alive():
+                self._generic_settled.set()
+
     def settle(self, timeout: float | None = None) -> bool:
         """Wait until no generic rebuild is scheduled or running; False when `timeout` passed first."""
         return self._generic_settled.wait(timeout)

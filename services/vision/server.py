@@ -133,6 +133,8 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
             task.cancel()
         if servicer.provider is not None:
             await servicer.provider.close()
+        if servicer.engine is not None:
+            await asyncio.to_thread(servicer.engine.close)
 
     spec = ServiceSpec(
         name="vision",

@@ -173,6 +173,23 @@ def test_a_burst_of_registrations_rebuilds_the_generic_model_once(tmp_path, feat
     assert engine.reference_sets()[GENERIC].good_images == generic_before.good_images + 3
 
 
+def test_a_scheduled_generic_rebuild_is_cancelled_at_shutdown(tmp_path, feature_extractor, clean_photo):
+    from services.vision.core import EngineTuning
+
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path), tuning=EngineTuning(generic_rebuild_delay_s=60))
+    engine.seed_starter_set()
+    engine.load()
+    generic, built = engine.reference_sets()[GENERIC], engine.built
+    engine.register("pump-housing", "good", clean_photo)
+    assert not engine.settle(timeout=0.1)  # scheduled
+    engine.close()
+    assert engine.settle(timeout=1) and engine.built == built + 1
+    assert engine.reference_sets()[GENERIC] is generic  # not rebuilt: the next start does it
+    restarted = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    restarted.load()
+    assert restarted.reference_sets()[GENERIC].good_images == generic.good_images + 1
+
+
 def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature_extractor, clean_photo):
     from services.vision.core import VisionEngine
     from services.vision.references import ReferenceStore
