@@ -79,7 +79,9 @@ class ModelCache:
     # --- writes ---------------------------------------------------------------------------------
 
     def put_feature(self, sha256: str, feature: torch.Tensor) -> None:
-        self._write(self.features_dir / f"{sha256}.pt", {"feature": feature.contiguous()})
+        # a copy: `feature` is usually one image's view into a batch's tensor, and torch.save writes a view's whole
+        # storage (the batch of 16: 15 MB a file instead of 1)
+        self._write(self.features_dir / f"{sha256}.pt", {"feature": feature.clone()})
 
     def put_model(self, key: str, state: dict[str, Any]) -> None:
         self._write(self.models_dir / f"{key}.pt", state)

@@ -38,6 +38,15 @@ def test_a_restarted_engine_reads_its_models_back_and_scores_the_same(tmp_path, 
     assert [(d.type, d.confidence) for d in after.defects] == [(d.type, d.confidence) for d in before.defects]
 
 
+def test_a_cached_feature_map_holds_one_image(tmp_path, feature_extractor):
+    """Feature maps are computed in batches; each file holds its own image's map, not the batch's storage."""
+    engine = _engine(tmp_path, feature_extractor)
+    engine.load()
+    files = list((tmp_path / "cache" / "features").rglob("*.pt"))
+    one_map = 236 * 32 * 32 * 4  # channels x patches x float32
+    assert len(files) == 5 and all(p.stat().st_size < 1.2 * one_map for p in files), [p.stat().st_size for p in files]
+
+
 def test_a_changed_reference_set_is_rebuilt_and_a_damaged_file_is_not_trusted(tmp_path, feature_extractor):
     engine = _engine(tmp_path, feature_extractor)
     engine.load()
