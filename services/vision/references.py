@@ -6,7 +6,8 @@ shipped starter set.
 
 Several vision processes may share one root (replicas on one host, or pods on a ReadWriteMany volume): writes
 take an exclusive `flock` on <root>/.lock and merge the index as it is on disk, and `refresh()` picks up what
-other processes wrote (the vision service calls it every VISION_REFERENCE_SYNC_S)."""
+other processes wrote (the vision service calls it every VISION_REFERENCE_SYNC_S). Seeding is one write under
+that lock, so replicas starting together on a fresh store see it empty or whole."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,31 +129,51 @@ class ReferenceStore:
 
     def add(self, equipment_type: str, label: str, data: bytes, width: int, height: int) -> tuple[Reference, bool]:
         """Store an image; the same bytes with the same type and label return the existing reference."""
-        digest = hashlib.sha256(data).hexdigest()
         with self._exclusive():
             self.refresh()  # what other processes added meanwhile
-            for ref in self._refs.values():
-                if (ref.sha256, ref.equipment_type, ref.label) == (digest, equipment_type, label):
-                    return ref, False
-            file = f"{digest}.{_EXT[sniff_mime_type(data) or 'image/png']}"
-            target = self.images / file
-            if not target.exists():
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-            ref = Reference(
-                reference_id=f"ref-{uuid.uuid4().hex[:12]}",
-                equipment_type=equipment_type,
-                label=label,
-                sha256=digest,
-                width=width,
-                height=height,
-                created_at=utc_now().isoformat(),
-                file=file,
-            )
-            self._refs[ref.reference_id] = ref
-            self._write_index()
-            return ref, True
+            ref, created = self._put(equipment_type, label, data, width, height)
+            if created:
+                self._write_index()
+            return ref, created
+
+    def seed(self, images: Iterable[tuple[str, str, bytes, int, int]]) -> int:
+        """Add (equipment_type, label, data, width, height) images in one index write, only if the store is empty
+        as it is on disk: replicas starting together on one fresh store seed it once, and none of them ever reads
+        a half-seeded set (each would build models of it, then rebuild them all when it saw the rest). Returns
+        how many were added (0: the store already held references)."""
+        with self._exclusive():
+            self.refresh()
+            if self._refs:
+                return 0
+            added = sum(self._put(*image)[1] for image in images)
+            if added:
+                self._write_index()
+            return added
+
+    def _put(self, equipment_type: str, label: str, data: bytes, width: int, height: int) -> tuple[Reference, bool]:
+        """Under the exclusive lock: the image file and the in-memory entry (the caller writes the index)."""
+        digest = hashlib.sha256(data).hexdigest()
+        for ref in self._refs.values():
+            if (ref.sha256, ref.equipment_type, ref.label) == (digest, equipment_type, label):
+                return ref, False
+        file = f"{digest}.{_EXT[sniff_mime_type(data) or 'image/png']}"
+        target = self.images / file
+        if not target.exists():
+            tmp = target.with_suffix(".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        ref = Reference(
+            reference_id=f"ref-{uuid.uuid4().hex[:12]}",
+            equipment_type=equipment_type,
+            label=label,
+            sha256=digest,
+            width=width,
+            height=height,
+            created_at=utc_now().isoformat(),
+            file=file,
+        )
+        self._refs[ref.reference_id] = ref
+        return ref, True
 
     def delete(self, reference_id: str) -> Reference | None:
         with self._exclusive():

@@ -51,7 +51,7 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
                 return [stub.Diagnose(request, metadata=auth_metadata("technician-1"), timeout=30) for _ in range(n)]
 
             warm = diagnose_many(12)
-            assert all(r.stages[0].state == copilot_pb2.STAGE_STATE_OK for r in warm)
+            assert all(r.stages[0].state == copilot_pb2.STAGE_STATE_OK for r in warm), [r.stages[0].error for r in warm]
             spread = {name: analyzed(mesh, name) for name in REPLICAS}
             assert all(count >= 2 for count in spread.values()), spread  # round_robin used every replica
 

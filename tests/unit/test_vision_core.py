@@ -4,6 +4,7 @@ types, reference persistence, and the image checks."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -51,6 +52,40 @@ def test_held_out_generated_set_quality(vision_engine):
     assert result.auroc >= 0.95, result
     assert result.detection_rate >= 0.9 and result.false_positive_rate <= 0.25, result
     assert result.type_accuracy >= 0.8, result
+
+
+def test_a_batch_is_scored_as_its_images_one_by_one(vision_engine, crack_photo, clean_photo, monkeypatch):
+    """measure() scores a batch of mixed equipment types with one search per reference set, in slices of rows;
+    every image's scores and findings are what it gets alone."""
+    from dataclasses import astuple, replace
+
+    import torch
+
+    from services.vision import patchcore
+
+    items = [
+        (vision_engine.decode(crack_photo), "brushed-steel"),
+        (vision_engine.decode(clean_photo), "gearbox-casing"),  # no references of its own: the generic set
+        (vision_engine.decode(clean_photo), "brushed-steel"),
+        (vision_engine.decode(crack_photo), ""),
+    ]
+    alone = [vision_engine.measure([item])[0] for item in items]
+    monkeypatch.setattr(patchcore, "_DISTANCES_AT_ONCE", 5000)  # slices of a few rows
+    together = vision_engine.measure(items)
+    assert [m.reference_set for m in together] == ["brushed-steel", GENERIC, "brushed-steel", GENERIC]
+    for one, batched, (image, equipment_type) in zip(alone, together, items, strict=True):
+        assert one.scores is not None and batched.scores is not None
+        assert torch.allclose(one.scores, batched.scores, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(one.feature_map, batched.feature_map, atol=1e-4)
+        mine, its_own = (vision_engine.score(image, m, equipment_type) for m in (batched, one))
+        assert [d.type for d in mine.defects] == [d.type for d in its_own.defects]
+        for a, b in zip(mine.defects, its_own.defects, strict=True):
+            assert max(abs(x - y) for x, y in zip(astuple(a.box), astuple(b.box), strict=True)) < 1e-3
+    assert together[0].model is vision_engine.reference_sets()["brushed-steel"]
+    # the findings are read from the measured scores (scored once, where the banks are)
+    calm = replace(together[0], scores=torch.full_like(together[0].scores, 0.2))
+    assert vision_engine.score(items[0][0], calm, "brushed-steel").defects == ()
+    assert next(iter(together[0].model.bank.groups)).patches.device.type == "cpu"  # where the backbone runs
 
 
 def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):
@@ -151,6 +186,45 @@ def test_replicas_sharing_a_reference_store_lose_no_write_and_see_each_other(tmp
     assert not created_again and again.reference_id == ref.reference_id
     first.delete(ref.reference_id)
     assert second.refresh() == {"pump-housing"} and second.get(ref.reference_id) is None
+
+
+def test_replicas_starting_together_seed_a_fresh_store_once_and_never_see_half_of_it(tmp_path, clean_photo):
+    """Three replicas starting on one empty store: one seeds it, in one index write; a replica reading the store
+    meanwhile sees it empty or whole (a half-seeded set made it build models, then rebuild them all when it saw
+    the rest: the competing builds right after a cold start of three replicas)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.vision.references import ReferenceStore
+
+    images = [("pump-housing", f"good-{n}", clean_photo + bytes([n]), 64, 64) for n in range(40)]
+
+    def slowly():  # the starter images are decoded while the lock is held: give the readers time to look
+        for image in images:
+            time.sleep(0.002)
+            yield image
+
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        reader = ReferenceStore(tmp_path)
+        while not done.is_set():
+            reader.refresh()
+            seen.add(len(reader))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            added = list(pool.map(lambda _: ReferenceStore(tmp_path).seed(slowly()), range(3)))
+    finally:
+        done.set()
+        watcher.join()
+    assert sorted(added) == [0, 0, 40]
+    assert seen <= {0, 40}, sorted(seen)
+    assert len(ReferenceStore(tmp_path)) == 40
+    assert ReferenceStore(tmp_path).seed(images) == 0  # a store with references is never seeded again
 
 
 def test_a_burst_of_registrations_rebuilds_the_generic_model_once(tmp_path, feature_extractor):

@@ -103,7 +103,7 @@ class _Device:
 
 
 class _RecordingEngine:
-    """Stands in for VisionEngine around the provider: records the batch sizes and threads of each forward."""
+    """Stands in for VisionEngine around the provider: records the batch sizes and threads of each model path."""
 
     def __init__(self, device):
         import threading
@@ -112,15 +112,15 @@ class _RecordingEngine:
         self.forwards: list[tuple[int, str]] = []
         self._threading = threading
 
-    def decode(self, data):
-        return data
+    def prepare(self, data):
+        return data, data
 
-    def features(self, images):
-        self.forwards.append((len(images), self._threading.current_thread().name))
-        return [f"map-{i}" for i in range(len(images))]
+    def measure(self, items):
+        self.forwards.append((len(items), self._threading.current_thread().name))
+        return [f"measured-{i}" for i in range(len(items))]
 
-    def score(self, image, feature_map, equipment_type, include_heatmap):
-        return feature_map
+    def score(self, image, measured, equipment_type, include_heatmap):
+        return measured
 
 
 async def test_on_a_gpu_every_forward_runs_on_one_model_thread_and_warm_up_covers_batch_shapes():
@@ -136,7 +136,7 @@ async def test_on_a_gpu_every_forward_runs_on_one_model_thread_and_warm_up_cover
     await provider.close()
 
     batched = _RecordingEngine("cuda")
-    provider = PatchCoreProvider(batched, DynamicBatcher(batched.features, max_batch=4, max_wait_s=0))
+    provider = PatchCoreProvider(batched, DynamicBatcher(batched.measure, max_batch=4, max_wait_s=0))
     provider.warm_up("img", max_batch=4)
     assert [size for size, _ in batched.forwards] == [1, 2, 3, 4]
     await provider.close()
@@ -146,3 +146,31 @@ async def test_on_a_gpu_every_forward_runs_on_one_model_thread_and_warm_up_cover
     await asyncio.gather(*(provider.analyze(b"x", "", False) for _ in range(6)))
     assert not any(thread.startswith("vision-model") for _, thread in cpu.forwards)  # the shared pool on a CPU
     await provider.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "on"),
+    [
+        ({}, "cpu", False),  # a CPU: measured slower with batching
+        ({}, "cuda", True),  # a GPU: measured faster from 4 clients up
+        ({"VISION_BATCHING": "false"}, "cuda", False),
+        ({"VISION_BATCHING": "true"}, "cpu", True),
+        ({"VISION_BATCHING": "auto"}, "cuda:1", True),
+    ],
+)
+def test_batching_is_on_by_default_only_on_a_gpu(monkeypatch, env, device, on):
+    from services.vision.server import VisionSettings
+
+    for name, value in {"VISION_DEVICE": device, **env}.items():
+        monkeypatch.setenv(name, value)
+    assert VisionSettings().batching_on() is on
+
+
+def test_a_batching_setting_that_is_not_a_choice_is_refused(monkeypatch):
+    from pydantic import ValidationError
+
+    from services.vision.server import VisionSettings
+
+    monkeypatch.setenv("VISION_BATCHING", "sometimes")
+    with pytest.raises(ValidationError, match="batching"):
+        VisionSettings()
