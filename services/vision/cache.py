@@ -17,11 +17,12 @@ unused; `prune` removes model files no current key names)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,26 @@ class ModelCache:
 
     # --- writes ---------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def building(self, key: str) -> Iterator[None]:
+        """Held while the model of `key` is built: replicas sharing the root that need the same model wait for the
+        one building it and read what it wrote (three replicas cold-starting on one store, or picking up one
+        registration, build each model once instead of three times on the same cores). An exclusive `flock` on
+        <models>/.<key>.lock, released by the kernel if the builder dies; where the lock file cannot be made (a
+        read-only cache) the model is built without it."""
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.models_dir / f".{key}.lock", "a+")  # noqa: SIM115 - closed below
+        except OSError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def put_feature(self, sha256: str, feature: torch.Tensor) -> None:
         # a copy: `feature` is usually one image's view into a batch's tensor, and torch.save writes a view's whole
         # storage (the batch of 16: 15 MB a file instead of 1)
@@ -109,4 +130,8 @@ class ModelCache:
                 if path.stem not in keep:
                     path.unlink(missing_ok=True)
                     removed += 1
+        if self.models_dir.is_dir():
+            for path in self.models_dir.glob(".*.lock"):
+                if path.name[1 : -len(".lock")] not in keep_keys:
+                    path.unlink(missing_ok=True)
         return removed

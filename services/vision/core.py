@@ -202,21 +202,32 @@ class VisionEngine:
 
     def _model(self, refs: list[Reference], key: str) -> TypeModel | None:
         """The model of these references (cache key `key`): read from the cache, else built from their
-        features (and cached)."""
+        features (and cached), by one process at a time (another replica building it meanwhile: read)."""
         if not any(r.good for r in refs):
             return None
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        with self.cache.building(key):
+            cached = self._cached(key)  # built by another replica while this one waited
+            if cached is not None:
+                return cached
+            self._feature_maps(refs)
+            built = self._build(refs)
+            if built is not None:
+                self.built += 1
+                self.cache.put_model(key, built.state())
+            return built
+
+    def _cached(self, key: str) -> TypeModel | None:
         state = self.cache.model(key)
-        if state is not None:
-            try:
-                return TypeModel.from_state(state)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring a cached vision model of another shape (%s): rebuilding it", exc)
-        self._feature_maps(refs)
-        built = self._build(refs)
-        if built is not None:
-            self.built += 1
-            self.cache.put_model(key, built.state())
-        return built
+        if state is None:
+            return None
+        try:
+            return TypeModel.from_state(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a cached vision model of another shape (%s): rebuilding it", exc)
+            return None
 
     def _build(self, refs: list[Reference]) -> TypeModel | None:
         from services.vision.patchcore import DefectTyper, MemoryBank, region_prototype
@@ -283,13 +294,14 @@ class VisionEngine:
             log.exception("rebuilding the generic vision model failed")
         finally:
             with self._timer_lock:
-                if self._generic_timer is threading.current_thread():  # no later change scheduled another
+                # settled unless a later change scheduled another rebuild (None: close() took this one)
+                if self._generic_timer in (None, threading.current_thread()):
                     self._generic_timer = None
                     self._generic_settled.set()
 
     def close(self, timeout: float = 5.0) -> None:
         """At shutdown: cancel a scheduled generic rebuild (the next start builds that model) and wait up to
-        `timeout` for one that is running."""
+        `timeout` for one that is running (one that ends later still marks the engine settled)."""
         with self._timer_lock:
             timer, self._generic_timer = self._generic_timer, None
             if timer is not None:
@@ -312,23 +324,29 @@ class VisionEngine:
         image = decode_image(data, self.limits)
         ref, created = self.store.add(equipment_type, label, data, *image.size)
         if created:
-            self.load({equipment_type}, generic=False)
-            self._generic_later()
+            self._changed(equipment_type)
         return ref, created
 
     def delete(self, reference_id: str) -> Reference | None:
         ref = self.store.delete(reference_id)
         if ref is not None:
-            self.load({ref.equipment_type}, generic=False)
-            self._generic_later()
+            self._changed(ref.equipment_type)
         return ref
+
+    def _changed(self, equipment_type: str) -> None:
+        """A reference of `equipment_type` was added or deleted here: its model now, the generic one later."""
+        self.load({equipment_type}, generic=False)
+        self._generic_later()
 
     def sync(self) -> set[str]:
         """Rebuild the models of the equipment types whose references another process (a replica sharing the
-        store) changed; returns those types."""
+        store) changed, and the generic model once such changes settle; returns those types. The models are
+        usually read back from the cache: the replica that made the change built them, and one that is still
+        building a model holds its build lock (ModelCache.building), so the others wait for it and read it."""
         changed = self.store.refresh()
-        if changed:
-            self.load(changed)
+        if changed:  # as for a change made here: those types now, the generic model once the changes settle
+            self.load(changed, generic=False)
+            self._generic_later()
         return changed
 
     def reference_sets(self) -> dict[str, TypeModel]:

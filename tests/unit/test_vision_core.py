@@ -232,7 +232,7 @@ def test_a_burst_of_registrations_rebuilds_the_generic_model_once(tmp_path, feat
     generic model (every reference: seconds) is rebuilt once, after the burst, in the background."""
     from services.vision.core import EngineTuning
 
-    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path), tuning=EngineTuning(generic_rebuild_delay_s=5))
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path), tuning=EngineTuning(generic_rebuild_delay_s=15))
     engine.seed_starter_set()
     engine.load()
     generic_before, built = engine.reference_sets()[GENERIC], engine.built
@@ -264,6 +264,22 @@ def test_a_scheduled_generic_rebuild_is_cancelled_at_shutdown(tmp_path, feature_
     assert restarted.reference_sets()[GENERIC].good_images == generic.good_images + 1
 
 
+def test_a_generic_rebuild_that_outlasts_shutdown_still_settles(tmp_path, feature_extractor, clean_photo):
+    from services.vision.core import EngineTuning
+
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path), tuning=EngineTuning(generic_rebuild_delay_s=0))
+    engine.seed_starter_set()
+    engine.load()
+    engine.register("pump-housing", "good", clean_photo)
+    deadline = time.monotonic() + 10
+    while not engine._lock.locked() and time.monotonic() < deadline:  # the rebuild is under way (seconds)
+        time.sleep(0.005)
+    assert engine._lock.locked()
+    engine.close(timeout=0.01)
+    assert not engine.settle(timeout=0)  # still running after close() gave up waiting ...
+    assert engine.settle(timeout=120)  # ... and marked settled when it ends
+
+
 def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature_extractor, clean_photo):
     from services.vision.core import VisionEngine
     from services.vision.references import ReferenceStore
@@ -274,10 +290,30 @@ def test_the_engine_rebuilds_the_types_another_replica_changed(tmp_path, feature
     other = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
     other.load()
     assert "pump-housing" not in mine.reference_sets()
+    built, goods = mine.built, mine.reference_sets()[GENERIC].good_images
     other.register("pump-housing", "good", clean_photo)
     assert mine.sync() == {"pump-housing"}
     assert "pump-housing" in mine.reference_sets()
     assert mine.sync() == set()
+    assert mine.built == built  # the other replica built it: read from the cache
+    assert mine.settle(timeout=120) and other.settle(timeout=120)  # the generic model, once the change settled
+    assert mine.reference_sets()[GENERIC].good_images == other.reference_sets()[GENERIC].good_images == goods + 1
+    mine.close()
+    other.close()
+
+
+def test_replicas_loading_one_store_together_build_each_model_once(tmp_path, feature_extractor):
+    """Replicas cold-starting on one store: the first to need a model builds it under its build lock, the other
+    waits and reads it back (not every model built by every replica on the same cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    first.seed_starter_set()
+    second = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda engine: engine.load(), (first, second)))
+    assert set(first.reference_sets()) == set(second.reference_sets())
+    assert first.built + second.built == len(first.reference_sets())  # each model once
 
 
 def _tinted(image: Image.Image, gains: tuple[float, float, float], disc: tuple[int, int, int] | None = None) -> bytes:
