@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
 from copilot.domain import DefectType
 
@@ -316,6 +315,8 @@ def regions(
       relative to the region's peak, as before the colour groups, cut a burn's or stain's box down to its darkest
       core: a discolouration scores many times the threshold where it is strongest.)
     """
+    from scipy import ndimage  # imported after the service is ready (VisionSettings: warm-up), not at start
+
     s = scores.numpy().astype(np.float64)
     h, w = s.shape
     seeds = s > threshold
@@ -355,6 +356,8 @@ def regions(
 
 def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:
     """Union components that share a cell or lie at most `gap` cells apart, until none do."""
+    from scipy import ndimage
+
     merged = list(components)
     i = 0
     while i < len(merged):
@@ -379,6 +382,8 @@ _FINE = 4  # interpolation steps per patch for tight boxes
 
 def _interpolated(s: np.ndarray) -> np.ndarray:
     """The score map at _FINE x its resolution, bilinear between patch centres (edges held)."""
+    from scipy import ndimage
+
     fine: np.ndarray = ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)
     return fine
 
