@@ -84,8 +84,8 @@ class ModelCache:
         """Held while the model of `key` is built: replicas sharing the root that need the same model wait for the
         one building it and read what it wrote (three replicas cold-starting on one store, or picking up one
         registration, build each model once instead of three times on the same cores). An exclusive `flock` on
-        <models>/.<key>.lock, released by the kernel if the builder dies; where the lock file cannot be made (a
-        read-only cache) the model is built without it."""
+        <models>/.<key>.lock, released by the kernel if the builder dies; where the lock file cannot be made or
+        locked (a read-only cache, a filesystem without locks) the model is built without it."""
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
             handle = open(self.models_dir / f".{key}.lock", "a+")  # noqa: SIM115 - closed below
@@ -93,7 +93,12 @@ class ModelCache:
             yield
             return
         with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as exc:  # a filesystem without locks (ENOLCK): replicas may build the model twice
+                log.warning("vision model built without its build lock (%s)", exc)
+                yield
+                return
             try:
                 yield
             finally:

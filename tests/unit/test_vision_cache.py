@@ -3,6 +3,8 @@ reference set keeps its key, a damaged cache file is rebuilt from the images."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from services.vision import samples
@@ -83,3 +85,45 @@ def test_a_cache_that_cannot_be_written_costs_a_rebuild_not_the_service(
     again.load()
     assert again.built == 1  # built from the images (generic: the same references, the same key)
     assert list((tmp_path / "cache" / "models").glob("*.pt"))  # and cached this time
+
+
+def test_the_build_lock_lets_one_builder_in_and_never_stops_a_build(tmp_path, monkeypatch, caplog):
+    """ModelCache.building: one holder per key at a time (separate opens stand for separate replicas); a
+    filesystem without locks or a cache that cannot be written still builds."""
+    import fcntl
+    import threading
+
+    from services.vision.cache import ModelCache
+
+    first, second = ModelCache(tmp_path, "b", 256), ModelCache(tmp_path, "b", 256)
+    inside, order = threading.Event(), []
+
+    def hold() -> None:
+        with first.building("k"):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(5)
+    with second.building("other-key"):  # another key is not held up
+        order.append("other key")
+    with second.building("k"):  # waits for the first
+        order.append("second in")
+    holder.join()
+    assert order == ["other key", "first done", "second in"]
+
+    def no_locks(*_args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with first.building("k"):
+        order.append("built without a lock")
+    assert "without its build lock" in caplog.text
+    monkeypatch.undo()
+    read_only = ModelCache(tmp_path / "file", "b", 256)
+    (tmp_path / "file").write_text("not a folder")
+    with read_only.building("k"):
+        order.append("built without a lock file")
+    assert order[-2:] == ["built without a lock", "built without a lock file"]
