@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,7 +41,7 @@ def percentile(values: list[float], q: int) -> float:
     return round(statistics.quantiles(sorted(values), n=100, method="inclusive")[q - 1], 2)
 
 
-async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: int) -> dict:
+async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: int, warm: bool = True) -> dict:
     times: list[float] = []
 
     async def run(count: int) -> None:
@@ -54,7 +56,8 @@ async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: i
 
         await asyncio.gather(*(caller() for _ in range(clients)))
 
-    await run(max(8, 2 * clients))  # warm at this concurrency: pool threads, batch shapes
+    if warm:
+        await run(max(8, 2 * clients))  # warm at this concurrency: pool threads, batch shapes
     times.clear()
     began = time.perf_counter()
     await run(total)
@@ -108,6 +111,9 @@ async def main(args) -> dict:
                         flush=True,
                     )
                 await provider.close()
+        if args.processes > 1:  # the processes read the models this one built from the store's cache
+            levels = [c for c in clients_levels if c >= args.processes]
+            result["processes_runs"] = several_processes(args, folder, levels)
     by = {(r["banks"], r["batching"], r["clients"]): r for r in result["runs"]}
     ratios = result["ratios"] = []
     for banks in placements:
@@ -136,6 +142,17 @@ async def main(args) -> dict:
                         "p99_ratio": round(a["p99_ms"] / b["p99_ms"], 2),
                     }
                 )
+    for row in result.get("processes_runs", []):
+        one = by[(args.device, row["batching"], row["clients"])]
+        ratios.append(
+            {
+                "compare": f"{args.processes} processes / 1",
+                "batching": row["batching"],
+                "clients": row["clients"],
+                "throughput_ratio": round(row["images_per_s"] / one["images_per_s"], 2),
+                "p99_ratio": round(row["p99_ms"] / one["p99_ms"], 2),
+            }
+        )
     for r in ratios:
         where = f"banks {r['banks']}" if "banks" in r else f"batching {'on' if r['batching'] else 'off'}"
         print(
@@ -143,6 +160,80 @@ async def main(args) -> dict:
             f"p99 {r['p99_ratio']:.2f}x"
         )
     return result
+
+
+def _process(args, folder: str, batching: bool, clients: int, total: int, barrier, results) -> None:
+    """One of several vision processes on one device (what several replicas per GPU would be): its own engine on
+    the shared store (models read from the cache), warmed, then measured in step with the others."""
+
+    async def go() -> dict:
+        threads = max(1, len(os.sched_getaffinity(0)) // args.processes)
+        engine = VisionEngine(FeatureExtractor(threads=threads, device=args.device), ReferenceStore(Path(folder)))
+        engine.load()
+        batcher = (
+            DynamicBatcher(engine.measure, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+            if batching
+            else None
+        )
+        provider = PatchCoreProvider(engine, batcher)
+        photo = (ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg").read_bytes()
+        provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
+        await load(provider, photo, clients, max(8, 2 * clients), warm=False)
+        barrier.wait()
+        row = await load(provider, photo, clients, total, warm=False)
+        await provider.close()
+        return row
+
+    try:
+        results.put(asyncio.run(go()))
+    except Exception as exc:  # the parent reports it
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        with contextlib.suppress(Exception):
+            barrier.abort()
+
+
+def several_processes(args, folder: str, clients_levels: list[int]) -> list[dict]:
+    """The same load spread over `args.processes` processes on one device: images/s summed over them."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for batching in (False, True):
+        for clients in clients_levels:
+            per_process = max(1, clients // args.processes)
+            barrier, results = context.Barrier(args.processes), context.Queue()
+            workers = [
+                context.Process(
+                    target=_process,
+                    args=(args, folder, batching, per_process, args.images // args.processes, barrier, results),
+                )
+                for _ in range(args.processes)
+            ]
+            for worker in workers:
+                worker.start()
+            outcomes = [results.get(timeout=600) for _ in workers]
+            for worker in workers:
+                worker.join(timeout=60)
+            failed = [o["error"] for o in outcomes if "error" in o]
+            if failed:
+                raise RuntimeError(f"a vision process failed: {failed}")
+            row = {
+                "processes": args.processes,
+                "banks": args.device,
+                "batching": batching,
+                "clients": per_process * args.processes,
+                "images_per_s": round(sum(o["images_per_s"] for o in outcomes), 2),
+                "p50_ms": round(statistics.median(o["p50_ms"] for o in outcomes), 2),
+                "p99_ms": max(o["p99_ms"] for o in outcomes),
+            }
+            rows.append(row)
+            print(
+                f"{args.device} {args.processes} processes batching={'on ' if batching else 'off'} "
+                f"clients={row['clients']:2d} {row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  "
+                f"p99 {row['p99_ms']:7.1f} ms",
+                flush=True,
+            )
+    return rows
 
 
 if __name__ == "__main__":
@@ -153,6 +244,12 @@ if __name__ == "__main__":
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also measure the load spread over this many vision processes on the device (banks there too)",
+    )
     parser.add_argument(
         "--banks",
         default="",
