@@ -224,10 +224,6 @@ class MemoryBank:
     good_images: int
     threshold: float = 1.0
 
-    @property
-    def device(self) -> torch.device:
-        return self.groups[0].patches.device
-
     def to(self, device: torch.device) -> MemoryBank:
         """This bank with its patches on `device` (itself when they are there already)."""
         moved = tuple(g.to(device) for g in self.groups)
@@ -315,7 +311,7 @@ def regions(
       relative to the region's peak, as before the colour groups, cut a burn's or stain's box down to its darkest
       core: a discolouration scores many times the threshold where it is strongest.)
     """
-    from scipy import ndimage  # imported after the service is ready (VisionSettings: warm-up), not at start
+    from scipy import ndimage  # not at import: the vision service loads it once it serves (server.warm_up)
 
     s = scores.numpy().astype(np.float64)
     h, w = s.shape

@@ -145,7 +145,11 @@ class ReferenceStore:
             self.refresh()
             if self._refs:
                 return 0
-            added = sum(self._put(*image)[1] for image in images)
+            try:
+                added = sum(self._put(*image)[1] for image in images)
+            except BaseException:  # nothing was written to the index: neither is anything kept in memory
+                self._refs.clear()
+                raise
             if added:
                 self._write_index()
             return added

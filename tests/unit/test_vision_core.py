@@ -343,3 +343,15 @@ def test_a_local_tint_is_a_defect_and_a_global_white_balance_is_not(vision_engin
     w, h = surface.size
     assert box.x_min * w < 150 < box.x_max * w and box.y_min * h < 90 < box.y_max * h
     assert (box.x_max - box.x_min) * w < 140 and (box.y_max - box.y_min) * h < 140  # the disc, not the image
+
+
+def test_a_seed_that_fails_part_way_leaves_the_store_empty(tmp_path, clean_photo):
+    def images():
+        yield "pump-housing", "good", clean_photo, 64, 64
+        raise OSError("a starter image could not be read")
+
+    store = ReferenceStore(tmp_path)
+    with pytest.raises(OSError, match="could not be read"):
+        store.seed(images())
+    assert len(store) == 0 and len(ReferenceStore(tmp_path)) == 0
+    assert store.seed([("pump-housing", "good", clean_photo, 64, 64)]) == 1  # and a later start seeds it
