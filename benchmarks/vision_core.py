@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+PHOTO = ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg"
 
 from PIL import Image  # noqa: E402
 
@@ -39,6 +39,18 @@ from services.vision.references import ReferenceStore  # noqa: E402
 
 def percentile(values: list[float], q: int) -> float:
     return round(statistics.quantiles(sorted(values), n=100, method="inclusive")[q - 1], 2)
+
+
+def warmed_provider(engine: VisionEngine, args, batching: bool) -> PatchCoreProvider:
+    """The provider as the vision service builds it, batching on or off, warmed for every batch size."""
+    batcher = (
+        DynamicBatcher(engine.measure, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+        if batching
+        else None
+    )
+    provider = PatchCoreProvider(engine, batcher)
+    provider.warm_up(Image.open(PHOTO).convert("RGB"), args.max_batch)
+    return provider
 
 
 async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: int, warm: bool = True) -> dict:
@@ -73,7 +85,7 @@ async def load(provider: PatchCoreProvider, photo: bytes, clients: int, total: i
 async def main(args) -> dict:
     import torch
 
-    photo = (ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg").read_bytes()
+    photo = PHOTO.read_bytes()
     clients_levels = [int(c) for c in args.clients.split(",")]
     placements = args.banks.split(",") if args.banks else [args.device]
     with tempfile.TemporaryDirectory() as folder:
@@ -94,13 +106,7 @@ async def main(args) -> dict:
             engine.seed_starter_set()
             engine.load()
             for batching in (False, True):
-                batcher = (
-                    DynamicBatcher(engine.measure, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
-                    if batching
-                    else None
-                )
-                provider = PatchCoreProvider(engine, batcher)
-                provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
+                provider = warmed_provider(engine, args, batching)
                 for clients in clients_levels:
                     row = await load(provider, photo, clients, args.images)
                     result["runs"].append({"banks": banks, "batching": batching, **row})
@@ -170,14 +176,8 @@ def _process(args, folder: str, batching: bool, clients: int, total: int, barrie
         threads = max(1, len(os.sched_getaffinity(0)) // args.processes)
         engine = VisionEngine(FeatureExtractor(threads=threads, device=args.device), ReferenceStore(Path(folder)))
         engine.load()
-        batcher = (
-            DynamicBatcher(engine.measure, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
-            if batching
-            else None
-        )
-        provider = PatchCoreProvider(engine, batcher)
-        photo = (ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg").read_bytes()
-        provider.warm_up(Image.open(io.BytesIO(photo)).convert("RGB"), args.max_batch)
+        provider = warmed_provider(engine, args, batching)
+        photo = PHOTO.read_bytes()
         await load(provider, photo, clients, max(8, 2 * clients), warm=False)
         barrier.wait()
         row = await load(provider, photo, clients, total, warm=False)

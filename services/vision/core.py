@@ -162,11 +162,9 @@ class VisionEngine:
     # --- references -----------------------------------------------------------------------------
 
     def seed_starter_set(self) -> int:
-        """Load the shipped starter images into an empty store (one index write: see ReferenceStore.seed)."""
+        """Load the shipped starter images into an empty store (one index write, only when the store is empty on
+        disk; the images are read only then: see ReferenceStore.seed)."""
         from services.vision.starter import starter_dir
-
-        if len(self.store):
-            return 0
 
         def images() -> Iterator[tuple[str, str, bytes, int, int]]:
             for folder in sorted(p for p in starter_dir().iterdir() if p.is_dir()):

@@ -64,19 +64,15 @@ class VisionSettings(ServerSettings, HostedModelSettings):
     model_path: str = ""  # blip2-local: the BLIP-2 weights folder
 
     def batching_on(self) -> bool:
-        if self.batching == "auto":
-            return self.device != "cpu" and (self.device != "auto" or _cuda_available())
+        if self.batching == "auto":  # on where the backbone runs on a GPU
+            from services.vision.patchcore import resolve_device
+
+            return self.device != "cpu" and (self.device != "auto" or resolve_device("auto").type != "cpu")
         return self.batching
 
 
 def _import(module: str) -> None:
     importlib.import_module(module)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
