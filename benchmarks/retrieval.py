@@ -178,7 +178,7 @@ def run_retrieval(
                 vectors = base[picks] + noise
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
                 doc = SopDocument(doc_id, "Synthetic manual", "1", ())
-                store.ingest(doc, chunks, vectors.tolist())
+                store.ingest(doc, chunks, vectors.tolist(), embedder.model_id)
                 stored += n
             build_s = time.perf_counter() - build_started
             for q in QUERIES[:3]:  # warm the index and caches

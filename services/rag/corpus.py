@@ -132,7 +132,12 @@ class Chunk:
 
     @property
     def embedding_text(self) -> str:
-        return f"{self.title} - {self.section}\n{self.text}"
+        return embedding_text(self.title, self.section, self.text)
+
+
+def embedding_text(title: str, section: str, text: str) -> str:
+    """What a chunk's vector is made of: its document's title and section heading, then its text."""
+    return f"{title} - {section}\n{text}"
 
 
 # --- parsing --------------------------------------------------------------------------------------

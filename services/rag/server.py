@@ -15,6 +15,7 @@ from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerS
 from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import knowledge_pb2_grpc
+from services.rag.core import EmbedderKind
 from services.rag.corpus import load_folder, starter_corpus
 from services.rag.servicer import KnowledgeServicer
 
@@ -36,9 +37,10 @@ class KnowledgeSettings(ServerSettings, HostedModelSettings):
     load_starter_corpus: bool = True  # the shipped SOP library (idempotent: unchanged documents are skipped)
     top_k: int = Field(3, ge=1, le=20)
     min_score: float = Field(0.30, ge=0.0, le=1.0)
-    # MiniLM: "onnx" (ONNX Runtime, the default: the same embeddings, ~1/2 the CPU per query, ~1 s to load) or
-    # "torch" (sentence-transformers through langchain-huggingface)
-    embedder: Literal["onnx", "torch"] = "onnx"
+    # MiniLM: "onnx-int8" (ONNX Runtime, int8 weights, the default: ~1/2 the CPU per query of "onnx", ~1 s to
+    # load), "onnx" (ONNX Runtime, float: the sentence-transformers embeddings) or "torch" (sentence-transformers
+    # through langchain-huggingface). A store embedded by another of them is embedded again at start.
+    embedder: EmbedderKind = "onnx-int8"
     onnx_dir: Path = Field(default_factory=lambda: data_dir() / "models")  # the exported graph (once)
     embedder_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per forward pass")
     hybrid: bool = True  # exact-identifier boost (error codes, part numbers); chosen by `copilot eval`
@@ -127,6 +129,7 @@ def build(
             load_folder(settings.corpus_dir) if settings.corpus_dir else []
         )
         store.index_identifiers()  # a store written before the identifier index: metadata only, once
+        loaded.reembed()  # documents another model embedded (a store of an earlier release: once)
         loaded.ensure_documents(documents)
         loaded.retrieve("warm-up query", 1)
         servicer.knowledge = loaded

@@ -15,14 +15,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from copilot.domain import SopChunk
-from services.rag.corpus import Chunk, DocumentFormat, SopDocument
+from services.rag.corpus import Chunk, DocumentFormat, SopDocument, embedding_text
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ CHUNKS = "manufacturing_sops"
 CATALOG = "manufacturing_documents"
 IDENTIFIERS = "manufacturing_identifiers"
 ANY = "*"  # scope value of documents that apply to every equipment type / plant
+#: The model every document was embedded with before catalog records named theirs.
+LEGACY_EMBEDDER = "all-MiniLM-L6-v2"
 # Identifiers worth an exact match: error codes, part numbers, document ids ("E-0452", "PN-7781-A", "SOP-123").
 _IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9._/-]*\d)[A-Za-z][A-Za-z0-9]*(?:[-./][A-Za-z0-9]+)+\b|\b[A-Z]{1,4}\d{2,}\b")
 
@@ -205,8 +207,11 @@ class DocumentStore:
 
     # --- writes ---------------------------------------------------------------------------------
 
-    def ingest(self, doc: SopDocument, chunks: Sequence[Chunk], embeddings: Sequence[Sequence[float]]) -> IngestResult:
-        """Write a parsed, chunked and embedded document (see the module docstring for the atomicity)."""
+    def ingest(
+        self, doc: SopDocument, chunks: Sequence[Chunk], embeddings: Sequence[Sequence[float]], embedder: str
+    ) -> IngestResult:
+        """Write a parsed, chunked and embedded document (see the module docstring for the atomicity); `embedder`
+        names the model that made the embeddings (kept in the catalog, see `reembed`)."""
         with self._write_lock:
             current = self.get(doc.document_id)
             if current is not None and current.version == doc.version:
@@ -258,6 +263,7 @@ class DocumentStore:
                 "size_bytes": doc.size_bytes,
                 "ingested_at": time.time(),
                 "index_format": INDEX_FORMAT,
+                "embedder": embedder,
             }
             previous = self._indexed_identifiers(doc.document_id, current)  # read before the switch replaces it
             try:
@@ -397,6 +403,39 @@ class DocumentStore:
             if len(found) >= limit:
                 break
         return found[:limit]
+
+    def reembed(self, embedder: str, embed: Callable[[builtins.list[str]], builtins.list[builtins.list[float]]]) -> int:
+        """Embed again with `embed` the live chunks of every document whose catalog record names another model than
+        `embedder` (records without one were written by releases that embedded with the float MiniLM). Vectors of
+        two models are not comparable, so a query must meet vectors of its own model. Ids, text and metadata stay;
+        a document is marked only once all its chunks are done, so a start that stops part way resumes at the next
+        one, and a document replaced meanwhile is left to its writer's record. Run at start by every replica;
+        idempotent. Returns the documents embedded again."""
+        found = self.catalog.get(include=["metadatas"])
+        redone = 0
+        for document_id, meta in zip(found["ids"], found["metadatas"], strict=True):
+            if meta.get("embedder", LEGACY_EMBEDDER) == embedder:
+                continue
+            with self._write_lock:
+                version = meta["version"]
+                chunks = self.chunks.get(
+                    where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
+                )
+                texts = [
+                    embedding_text(m["title"], m["section"], t)
+                    for t, m in zip(chunks["documents"], chunks["metadatas"], strict=True)
+                ]
+                for start in range(0, len(texts), 1000):
+                    part = slice(start, start + 1000)
+                    self.chunks.update(ids=chunks["ids"][part], embeddings=embed(texts[part]))
+                current = self.get(document_id)
+                if current is None or current.version != version:
+                    continue  # replaced or deleted meanwhile: the new version is its writer's
+                self.catalog.update(ids=[document_id], metadatas=[{"embedder": embedder}])
+            redone += 1
+        if redone:
+            log.info("embedded the chunks of %d documents again with %s", redone, embedder)
+        return redone
 
     def index_identifiers(self) -> int:
         """Bring documents stored by earlier releases (or whose index entries lost a concurrent update) into the

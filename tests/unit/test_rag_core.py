@@ -336,3 +336,72 @@ def test_index_entries_that_lose_a_concurrent_update_are_redone_at_the_next_star
     assert kb.retrieve("pump alarm, replace the seal", 3)[0].sop_id == "PUMP-7"
     assert store.index_identifiers() == 1
     assert [c.sop_id for c, _ in store.lexical(["E-8100"], 20)] == ["PUMP-7"]
+
+
+def _vectors(store, document_id):
+    import numpy as np
+
+    found = store.chunks.get(where={"sop_id": document_id}, include=["embeddings"])
+    return dict(zip(found["ids"], np.asarray(found["embeddings"]), strict=True))
+
+
+def test_a_store_embedded_by_another_model_is_embedded_again_with_this_one(tmp_path, embedder):
+    """Vectors of two models are not comparable: documents the float MiniLM embedded (or a release that recorded
+    no model at all) are embedded again by the int8 one, ids and metadata unchanged, once."""
+    import numpy as np
+
+    from services.rag.core import minilm_embedder
+    from services.rag.corpus import embedding_text
+
+    float32 = minilm_embedder(kind="onnx")
+    assert float32.model_id != embedder.model_id
+    old = KnowledgeBase(open_store(tmp_path), float32)
+    old.ensure_documents(starter_corpus())
+    store = old.store
+    documents = store.catalog.get(include=[])["ids"]
+    store.catalog.update(ids=documents[:3], metadatas=[{"embedder": None}] * 3)  # as releases before the record
+    before = _vectors(store, "HYD-210")
+    metadata_before = store.chunks.get(include=["metadatas", "documents"])
+
+    new = KnowledgeBase(open_store(tmp_path), embedder)
+    assert new.reembed() == len(documents)
+    after = _vectors(store, "HYD-210")
+    assert after.keys() == before.keys()
+    found = store.chunks.get(where={"sop_id": "HYD-210"}, include=["documents", "metadatas"])
+    expected = embedder.embed_documents(
+        [
+            embedding_text(m["title"], m["section"], t)
+            for t, m in zip(found["documents"], found["metadatas"], strict=True)
+        ]
+    )
+    assert np.allclose(np.array([after[i] for i in found["ids"]]), np.array(expected), atol=1e-5)
+    assert not np.allclose(after[found["ids"][0]], before[found["ids"][0]], atol=1e-3)
+    assert store.chunks.get(include=["metadatas", "documents"]) == metadata_before
+    assert new.reembed() == 0 and old.ensure_documents(starter_corpus()) == 0
+    assert new.retrieve("Press won't build tonnage and shows E-0452", 1)[0].sop_id == "HYD-210"
+    # a document ingested by this model needs nothing
+    new.ingest_document(b"# Pump\n\n## Faults\n\n1. Replace the seal.\n", DocumentMeta("PUMP-3", filename="p.md"))
+    assert new.reembed() == 0
+
+
+def test_a_document_replaced_while_it_is_embedded_again_is_left_to_its_writer(tmp_path, embedder):
+    from services.rag.core import minilm_embedder
+
+    float32 = minilm_embedder(kind="onnx")
+    old = KnowledgeBase(open_store(tmp_path), float32)
+    meta = DocumentMeta("PUMP-4", version="1", filename="p.md")
+    old.ingest_document(b"# Pump\n\n## Faults\n\n1. Replace the seal.\n", meta)
+    other_replica = KnowledgeBase(open_store(tmp_path), float32)  # its own store object, its own write lock
+    new = KnowledgeBase(open_store(tmp_path), embedder)
+
+    def embed_while_replaced(texts):
+        other_replica.ingest_document(
+            b"# Pump\n\n## Faults\n\n1. Replace the seal and the bearing.\n",
+            DocumentMeta("PUMP-4", version="2", filename="p.md"),
+        )
+        return embedder.embed_documents(texts)
+
+    assert new.store.reembed(embedder.model_id, embed_while_replaced) == 0
+    record = new.store.catalog.get(ids=["PUMP-4"], include=["metadatas"])["metadatas"][0]
+    assert record["version"] == "2" and record["embedder"] == float32.model_id  # the writer's, not ours
+    assert new.reembed() == 1  # the next start does the new version
