@@ -120,3 +120,6 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
         for _, attrs in server_spans
     ), server_spans
     assert not any("Bearer" in str(value) for _, s in spans for value in attributes(s).values())
+    # the launcher polled every service's health until SERVING: those probes make no span and no INFO log line
+    assert not any("grpc.health" in s.name for _, s in servicer.spans), {s.name for _, s in servicer.spans}
+    assert not any(line.get("rpc.method", "").startswith("/grpc.health") for line in lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,9 +36,8 @@ current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextV
     "current_authorization", default=None
 )
 
-OPEN_SERVICES = frozenset(
-    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-)
+HEALTH = "grpc.health.v1.Health"
+OPEN_SERVICES = frozenset({HEALTH, "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 
 
 # grpc's classes are generic only in their stubs, so the aliases are strings (resolved by the type checker)
@@ -81,13 +81,17 @@ def wrap_handler(
                 await after(state, context, error)
 
     async def run_stream(
-        behaviour: Callable[[Any, Context], AsyncIterator[Any]], seen: Any, request: Any, context: Context
+        behaviour: Callable[[Any, Context], Any], seen: Any, request: Any, context: Context
     ) -> AsyncIterator[Any]:
         state = await before(seen, context)
         error = None
         try:
-            async for item in behaviour(request, context):
-                yield item
+            responses = behaviour(request, context)
+            if inspect.isawaitable(responses):  # a coroutine that sends with context.write (grpc's Health/Watch)
+                await responses
+            else:
+                async for item in responses:
+                    yield item
         except BaseException as exc:
             error = exc
             raise
@@ -100,27 +104,43 @@ def wrap_handler(
 
     deserializer = request_deserializer or handler.request_deserializer
     serializer = handler.response_serializer
-    # the handler's behaviours are typed for the blocking server; on the asyncio server they are coroutines
+    # the handler's behaviours are typed for the blocking server; on the asyncio server they are coroutines.
+    # The wrappers are real coroutine / async generator functions: the asyncio server looks at the function to
+    # know whether to await it (a lambda returning a coroutine is taken for a blocking behaviour).
     behaviours: Any = handler
     if (uu := behaviours.unary_unary) is not None:
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            return await run_unary(uu, request, request, context)
+
         return grpc.unary_unary_rpc_method_handler(
-            lambda r, c: run_unary(uu, r, r, c), request_deserializer=deserializer, response_serializer=serializer
+            unary_unary, request_deserializer=deserializer, response_serializer=serializer
         )
     if (us := behaviours.unary_stream) is not None:
+
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async for item in run_stream(us, request, request, context):
+                yield item
+
         return grpc.unary_stream_rpc_method_handler(
-            lambda r, c: run_stream(us, r, r, c), request_deserializer=deserializer, response_serializer=serializer
+            unary_stream, request_deserializer=deserializer, response_serializer=serializer
         )
     if (su := behaviours.stream_unary) is not None:
+
+        async def stream_unary(iterator: AsyncIterator[Any], context: Context) -> Any:
+            return await run_unary(su, None, requests(iterator, context), context)
+
         return grpc.stream_unary_rpc_method_handler(
-            lambda it, c: run_unary(su, None, requests(it, c), c),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
+            stream_unary, request_deserializer=deserializer, response_serializer=serializer
         )
     ss = behaviours.stream_stream
+
+    async def stream_stream(iterator: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async for item in run_stream(ss, None, requests(iterator, context), context):
+            yield item
+
     return grpc.stream_stream_rpc_method_handler(
-        lambda it, c: run_stream(ss, None, requests(it, c), c),
-        request_deserializer=deserializer,
-        response_serializer=serializer,
+        stream_stream, request_deserializer=deserializer, response_serializer=serializer
     )
 
 
@@ -161,8 +181,11 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
             meters.rpc_in_flight.add(-1, {"rpc.method": method})
             meters.rpc_requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.name})
             meters.rpc_duration.record(elapsed, {"rpc.method": method})
+            # a successful health check (a probe every few seconds) is not worth a line at INFO
+            level = logging.DEBUG if code is grpc.StatusCode.OK and service_of(method) == HEALTH else logging.INFO
             principal = current_principal.get()
-            log.info(
+            log.log(
+                level,
                 "rpc %s %s",
                 method,
                 code.name,

@@ -5,6 +5,7 @@ instrumentation that carries the trace context in metadata."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
@@ -68,10 +69,24 @@ def shutdown_telemetry() -> None:
         _meter_provider.shutdown()
 
 
+class _UntracedHealthChecks(grpc.aio.ServerInterceptor):
+    """Health checks (kubelet probes every few seconds, the launcher's polling) make no spans: a trace per probe
+    would bury the diagnoses SREs look for in Jaeger. (The instrumentation's own `filter_` breaks unary calls it
+    filters out on the asyncio server, so the tracing interceptor is skipped here instead.)"""
+
+    def __init__(self, tracing: grpc.aio.ServerInterceptor) -> None:
+        self.tracing = tracing
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(handler_call_details)
+        return await self.tracing.intercept_service(continuation, handler_call_details)
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     # opentelemetry-instrumentation-grpc ships no annotations
     interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
-    return [interceptor]
+    return [_UntracedHealthChecks(interceptor)]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
