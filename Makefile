@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/copilot/v1/*.proto protos/buf/validate/*.proto)
 GENERATED := src/copilot/v1/__init__.py
+INTEROP := tests/interop/node_modules/.package-lock.json
 # pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # llama-cpp-python (the `local` generator) compiles from source. Not for the build machine's own CPU
@@ -16,7 +17,15 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 .PHONY: install protos run up test check lint breaking bench images pods pods-down clean
 
-install: $(STAMP) $(GENERATED)
+install: $(STAMP) $(GENERATED) $(INTEROP)
+
+# The Node.js client of the interop test (tests/interop), where npm is installed; without it that test skips.
+$(INTEROP): tests/interop/package.json tests/interop/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "npm not found: the Node.js interop test will be skipped"; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -3,10 +3,14 @@ while the orchestrator keeps answering."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import signal
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +19,7 @@ from copilot.client import auth_metadata, diagnose_request
 from copilot.runtime.errors import field_violations
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
 from copilot_cli.launcher import Mesh
+from tests.conftest import SAMPLES, token
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +92,42 @@ def test_bad_requests_get_precise_errors(stub):
         stub.Diagnose(diagnose_request("PUNE-IN", "CNC-A-102", PROBLEM), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert call(stub).report.summary  # and it keeps serving
+
+
+INTEROP = Path(__file__).resolve().parents[1] / "interop"
+
+
+def test_a_nodejs_client_diagnoses_through_the_published_protos(mesh):
+    """Another language's client: Node.js with @grpc/grpc-js, loading protos/ at run time, a JWT in the
+    authorization header, the field violations decoded from grpc-status-details-bin as google.rpc.BadRequest."""
+    node = shutil.which("node")
+    if node is None or not (INTEROP / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip("Node.js or the interop client's packages are not installed (`make install` runs npm ci)")
+    run = subprocess.run(
+        [
+            node,
+            str(INTEROP / "diagnose.mjs"),
+            mesh.address("orchestrator"),
+            token(),
+            str(SAMPLES / "pump-housing-crack.jpg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    diagnosis = seen["diagnose"]
+    assert diagnosis["stages"] == [[s, "STAGE_STATE_OK"] for s in ("STAGE_VISION", "STAGE_KNOWLEDGE", "STAGE_REPORT")]
+    assert "crack" in {kind for kind, _, _ in diagnosis["defects"]}
+    assert all(0 <= confidence <= 1 and boxed for _, confidence, boxed in diagnosis["defects"])
+    assert diagnosis["referenced_sop_ids"] and 0 <= diagnosis["confidence_score"] <= 1
+    assert abs(diagnosis["generated_at_seconds"] - time.time()) < 300
+    assert diagnosis["rendered_starts"] == "MANUFACTURING INCIDENT REPORT"
+    assert re.fullmatch(r"[0-9a-f]{32}", diagnosis["trace_id"])
+    assert seen["invalid"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert set(seen["invalid"]["fields"]) == {"plant_id", "equipment_id", "problem_description"}
+    assert seen["unauthenticated_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 @pytest.mark.parametrize("agent", ["vision", "knowledge", "report"])
