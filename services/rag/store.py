@@ -23,6 +23,7 @@ from typing import Any
 
 from copilot.domain import SopChunk
 from services.rag.corpus import Chunk, DocumentFormat, SopDocument, embedding_text
+from services.rag.onnx_embedder import MODEL_IDS
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ CHUNKS = "manufacturing_sops"
 CATALOG = "manufacturing_documents"
 IDENTIFIERS = "manufacturing_identifiers"
 ANY = "*"  # scope value of documents that apply to every equipment type / plant
-#: The model every document was embedded with before catalog records named theirs.
-LEGACY_EMBEDDER = "all-MiniLM-L6-v2"
+#: The model every document was embedded with before catalog records named theirs: the float MiniLM.
+LEGACY_EMBEDDER = MODEL_IDS["fp32"]
 # Identifiers worth an exact match: error codes, part numbers, document ids ("E-0452", "PN-7781-A", "SOP-123").
 _IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9._/-]*\d)[A-Za-z][A-Za-z0-9]*(?:[-./][A-Za-z0-9]+)+\b|\b[A-Z]{1,4}\d{2,}\b")
 
