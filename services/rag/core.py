@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -197,10 +198,11 @@ class KnowledgeBase:
         except VersionConflict as exc:
             raise DocumentRejected([FieldViolation("metadata.version", str(exc))]) from None
 
-    def reembed(self) -> int:
+    def reembed(self, stop: threading.Event | None = None) -> int:
         """Embed again, with this knowledge base's model, the documents another model embedded (a store written
-        before the int8 model became the default, or by a replica configured otherwise); returns how many."""
-        return self.store.reembed(self.embedder.model_id, self.embedder.embed_documents)
+        before the int8 model became the default, or by a replica configured otherwise); returns how many.
+        `stop` (set) ends the pass between two documents; the next pass goes on from there."""
+        return self.store.reembed(self.embedder.model_id, self.embedder.embed_documents, stop)
 
     def ensure_documents(self, documents: Sequence[SopDocument]) -> int:
         """Load documents idempotently; returns the number of chunks written."""

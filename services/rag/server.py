@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -21,6 +23,8 @@ from services.rag.servicer import KnowledgeServicer
 
 if TYPE_CHECKING:
     from services.rag.core import KnowledgeBase
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = KNOWLEDGE_SERVICE
 
@@ -129,15 +133,31 @@ def build(
             load_folder(settings.corpus_dir) if settings.corpus_dir else []
         )
         store.index_identifiers()  # a store written before the identifier index: metadata only, once
-        loaded.reembed()  # documents another model embedded (a store of an earlier release: once)
         loaded.ensure_documents(documents)
         loaded.retrieve("warm-up query", 1)
         servicer.knowledge = loaded
 
+    stopping = threading.Event()
+    background: list[asyncio.Task[None]] = []
+
+    async def reembed(loaded: KnowledgeBase) -> None:
+        """Documents another model embedded (a store of an earlier release: once), while the replica serves: a
+        large store takes minutes, longer than a startup probe waits; until a document is done its chunks are
+        found by vectors of the other MiniLM (cosine ~0.99 of this one's)."""
+        try:
+            await asyncio.to_thread(loaded.reembed, stopping)  # logs what it did
+        except Exception:  # the next start goes on from the last document done
+            log.exception("embedding the store again failed")
+
     async def warm_up() -> None:
         await asyncio.to_thread(load, asyncio.get_running_loop())
+        if servicer.knowledge is not None:
+            background.append(asyncio.create_task(reembed(servicer.knowledge)))
 
     async def close() -> None:
+        stopping.set()  # between two documents; what is done stays done
+        for task in background:
+            await task
         for embedder in batched:
             await embedder.close()
 

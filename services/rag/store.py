@@ -405,18 +405,26 @@ class DocumentStore:
                 break
         return found[:limit]
 
-    def reembed(self, embedder: str, embed: Callable[[builtins.list[str]], builtins.list[builtins.list[float]]]) -> int:
+    def reembed(
+        self,
+        embedder: str,
+        embed: Callable[[builtins.list[str]], builtins.list[builtins.list[float]]],
+        stop: threading.Event | None = None,
+    ) -> int:
         """Embed again with `embed` the live chunks of every document whose catalog record names another model than
         `embedder` (records without one were written by releases that embedded with the float MiniLM). Vectors of
         two models are not comparable, so a query must meet vectors of its own model. Ids, text and metadata stay;
         a document is marked only once all its chunks are done, so a start that stops part way resumes at the next
-        one, and a document replaced meanwhile is left to its writer's record. Run at start by every replica;
-        idempotent. Returns the documents embedded again."""
+        one, and a document replaced meanwhile is left to its writer's record; `stop` (set) ends the pass between
+        two documents. Run in the background by every replica once it serves; idempotent. Returns the documents
+        embedded again."""
         found = self.catalog.get(include=["metadatas"])
         redone = 0
         for document_id, meta in zip(found["ids"], found["metadatas"], strict=True):
             if meta.get("embedder", LEGACY_EMBEDDER) == embedder:
                 continue
+            if stop is not None and stop.is_set():
+                break
             with self._write_lock:
                 version = meta["version"]
                 chunks = self.chunks.get(

@@ -405,3 +405,26 @@ def test_a_document_replaced_while_it_is_embedded_again_is_left_to_its_writer(tm
     record = new.store.catalog.get(ids=["PUMP-4"], include=["metadatas"])["metadatas"][0]
     assert record["version"] == "2" and record["embedder"] == float32.model_id  # the writer's, not ours
     assert new.reembed() == 1  # the next start does the new version
+
+
+def test_a_stopped_pass_embeds_nothing_more_and_the_next_one_goes_on(tmp_path, embedder):
+    import threading
+
+    from services.rag.core import minilm_embedder
+
+    old = KnowledgeBase(open_store(tmp_path), minilm_embedder(kind="onnx"))
+    for n in range(3):
+        old.ingest_document(
+            f"# Pump {n}\n\n## Faults\n\n1. Replace seal {n}.\n".encode(), DocumentMeta(f"PUMP-{n}", filename="p.md")
+        )
+    new = KnowledgeBase(open_store(tmp_path), embedder)
+    stop = threading.Event()
+    calls = []
+
+    def embed_then_stop(texts):
+        calls.append(texts)
+        stop.set()  # shutdown asked while the first document is being embedded
+        return embedder.embed_documents(texts)
+
+    assert new.store.reembed(embedder.model_id, embed_then_stop, stop) == 1 and len(calls) == 1
+    assert new.reembed() == 2  # the next pass does the rest
