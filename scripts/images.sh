@@ -46,9 +46,15 @@ echo "{" > "$REPORT.tmp"
 first=1
 for service in "${services[@]}"; do
     image="manufacturing-copilot/$service:$TAG"
+    previous=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
     started=$(date +%s%N)
     podman build "${args[@]}" --target "$service" --tag "$image" . >".copilot-data/build-$service.log" 2>&1 || {
         tail -40 ".copilot-data/build-$service.log" >&2; echo "building $image failed" >&2; exit 1; }
+    # the image this tag named before is left untagged by the rebuild: remove it (GBs a rebuild otherwise; one a
+    # container still uses, or another image builds on, stays). The build cache of the stages is kept.
+    if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
+        podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
     millis=$(( ($(date +%s%N) - started) / 1000000 ))
     seconds=$((millis / 1000)).$(( (millis % 1000) / 100 ))
     size=$(podman image inspect --format '{{.Size}}' "$image")

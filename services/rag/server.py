@@ -41,9 +41,9 @@ class KnowledgeSettings(ServerSettings, HostedModelSettings):
     load_starter_corpus: bool = True  # the shipped SOP library (idempotent: unchanged documents are skipped)
     top_k: int = Field(3, ge=1, le=20)
     min_score: float = Field(0.30, ge=0.0, le=1.0)
-    # MiniLM: "onnx-int8" (ONNX Runtime, int8 weights, the default: ~1/2 the CPU per query of "onnx", ~1 s to
+    # MiniLM: "onnx-int8" (ONNX Runtime, int8 weights, the default: ~2/3 the CPU per query of "onnx", ~1 s to
     # load), "onnx" (ONNX Runtime, float: the sentence-transformers embeddings) or "torch" (sentence-transformers
-    # through langchain-huggingface). A store embedded by another of them is embedded again at start.
+    # through langchain-huggingface). What another of them embedded is embedded again once the replica serves.
     embedder: EmbedderKind = "onnx-int8"
     onnx_dir: Path = Field(default_factory=lambda: data_dir() / "models")  # the exported graph (once)
     embedder_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per forward pass")

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from copilot import __version__
+from copilot.runtime.interceptors import HEALTH
 
 _provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
@@ -78,7 +79,7 @@ class _UntracedHealthChecks(grpc.aio.ServerInterceptor):
         self.tracing = tracing
 
     async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+        if handler_call_details.method.startswith(f"/{HEALTH}/"):
             return await continuation(handler_call_details)
         return await self.tracing.intercept_service(continuation, handler_call_details)
 
