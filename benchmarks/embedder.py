@@ -58,7 +58,7 @@ def in_process(folder: Path) -> dict:
 
 
 def mesh_ab(folder: Path, rounds: int, diagnoses: int, console: Console) -> dict:
-    from benchmarks.mesh import _throughput
+    from benchmarks.mesh import _throughput, restart_with
     from copilot_cli.launcher import Mesh
 
     mesh = Mesh.on_free_ports(data_dir=folder / "mesh", extra_env={"ORCHESTRATOR_RATE_LIMIT": "1000000/minute"})
@@ -69,10 +69,7 @@ def mesh_ab(folder: Path, rounds: int, diagnoses: int, console: Console) -> dict
         for _ in range(rounds):
             for kind in KINDS:
                 with console.status(f"knowledge on {kind}: restart, then 8 and 32 clients…"):
-                    knowledge = mesh.services["knowledge"]
-                    knowledge.env["KNOWLEDGE_EMBEDDER"] = kind
-                    mesh.restart("knowledge")
-                    mesh.wait_ready(names=["knowledge"])
+                    restart_with(mesh, "knowledge", KNOWLEDGE_EMBEDDER=kind)
                     pids = {name: proc.handle.pid for name, proc in mesh.services.items() if name != "vision"}
                     address = mesh.address("orchestrator")
                     _throughput(address, 8, 100, None)  # warm the new process

@@ -305,11 +305,11 @@ def _throughput_run(address: str, clients: int, total: int, image: bytes | None)
     return asyncio.run(go())
 
 
-def _restart_orchestrator(mesh: Mesh, **env: str) -> None:
-    proc = mesh.services["orchestrator"]
-    proc.env.update(env)
-    mesh.restart("orchestrator")
-    mesh.wait_ready(names=["orchestrator"])
+def restart_with(mesh: Mesh, name: str, **env: str) -> None:
+    """Restart one service of the mesh with `env` added to its environment; back once it serves."""
+    mesh.services[name].env.update(env)
+    mesh.restart(name)
+    mesh.wait_ready(names=[name])
 
 
 def run(n: int, output: Path, console: Console) -> dict:
@@ -343,14 +343,14 @@ def run(n: int, output: Path, console: Console) -> dict:
                         _throughput(mesh.address("orchestrator"), clients, max(4 * n, 8 * clients), None, pids)
                     )
             with console.status("photo diagnoses with vision and knowledge in parallel…"):
-                _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="true")
+                restart_with(mesh, "orchestrator", ORCHESTRATOR_PARALLEL_STAGES="true")
                 results["mesh_photo_parallel"] = percentiles(
                     _time_mesh(mesh.address("orchestrator"), max(10, n // 5), photo)
                 )
                 results["throughput_photo_parallel"] = _throughput(
                     mesh.address("orchestrator"), 4, max(20, n // 2), photo
                 )
-                _restart_orchestrator(mesh, ORCHESTRATOR_PARALLEL_STAGES="false")
+                restart_with(mesh, "orchestrator", ORCHESTRATOR_PARALLEL_STAGES="false")
                 results["throughput_photo_sequential"] = _throughput(
                     mesh.address("orchestrator"), 4, max(20, n // 2), photo
                 )

@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STORE_ENV = {"vision": "VISION_REFERENCE_DIR", "rag": "KNOWLEDGE_CHROMA_PATH"}
 
 
-def start_once(service: str, root: Path, store: Path, log: Path, timeout: float = 300) -> float:
+def spawn(
+    service: str, root: Path, store: Path, log: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m services.<service>` of the checkout at `root` on `store`, on a free port: (process, address)."""
     port = free_port()
     prefix = "KNOWLEDGE" if service == "rag" else service.upper()
     env = {
@@ -43,18 +46,31 @@ def start_once(service: str, root: Path, store: Path, log: Path, timeout: float 
         STORE_ENV[service]: str(store),
         "PYTHONPATH": os.pathsep.join([str(root), str(root / "src"), os.environ.get("PYTHONPATH", "")]),
         "AUTH_MODE": os.environ.get("AUTH_MODE", "dev"),  # a replica start needs no client to authenticate
+        **(extra_env or {}),
     }
-    began = time.monotonic()
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT
         )
+    return process, f"127.0.0.1:{port}"
+
+
+def wait_serving(process: subprocess.Popen[bytes], address: str, log: Path, what: str, timeout: float = 300) -> None:
+    """Until the server at `address` reports SERVING; RuntimeError with its log's end if it exits or times out."""
+    began = time.monotonic()
+    while health_status(address, timeout=0.5) != health_pb2.HealthCheckResponse.SERVING:
+        if process.poll() is not None or time.monotonic() - began > timeout:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what} did not reach SERVING; its log ends:\n{tail}")
+        time.sleep(0.02)
+
+
+def start_once(service: str, root: Path, store: Path, log: Path, timeout: float = 300) -> float:
+    """Seconds from spawning the service to SERVING (then it is stopped)."""
+    began = time.monotonic()
+    process, address = spawn(service, root, store, log)
     try:
-        while health_status(f"127.0.0.1:{port}", timeout=0.5) != health_pb2.HealthCheckResponse.SERVING:
-            if process.poll() is not None or time.monotonic() - began > timeout:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{service} from {root} did not reach SERVING; its log ends:\n{tail}")
-            time.sleep(0.02)
+        wait_serving(process, address, log, f"{service} from {root}", timeout)
         return time.monotonic() - began
     finally:
         process.terminate()

@@ -198,13 +198,15 @@ class DocumentStore:
             if doc is None:
                 return []
             version = doc.version
-        found = self.chunks.get(
-            where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
-        )
+        found = self._version_chunks(document_id, version, ["documents", "metadatas"])
         chunks = [
             _chunk(i, t, m, 0.0) for i, t, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
         ]
         return sorted(chunks, key=lambda c: c.position)
+
+    def _version_chunks(self, document_id: str, version: str, include: builtins.list[str]) -> Any:
+        """The chunk records of one version of a document (what `include` asks for), in no particular order."""
+        return self.chunks.get(where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=include)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -300,9 +302,7 @@ class DocumentStore:
         writes only, so that catalog reads on the query path stay small)."""
         if current is None:
             return []
-        found = self.chunks.get(
-            where={"$and": [{"sop_id": document_id}, {"version": current.version}]}, include=["metadatas"]
-        )
+        found = self._version_chunks(document_id, current.version, ["metadatas"])
         return sorted({i for m in found["metadatas"] for i in (m.get("identifiers") or [])})
 
     def _post(self, document_id: str, postings: Mapping[str, Sequence[str]], previous: Sequence[str]) -> bool:
@@ -427,9 +427,7 @@ class DocumentStore:
                 break
             with self._write_lock:
                 version = meta["version"]
-                chunks = self.chunks.get(
-                    where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
-                )
+                chunks = self._version_chunks(document_id, version, ["documents", "metadatas"])
                 texts = [
                     embedding_text(m["title"], m["section"], t)
                     for t, m in zip(chunks["documents"], chunks["metadatas"], strict=True)
@@ -459,9 +457,7 @@ class DocumentStore:
                 continue
             with self._write_lock:
                 version = meta["version"]
-                chunks = self.chunks.get(
-                    where={"$and": [{"sop_id": document_id}, {"version": version}]}, include=["documents", "metadatas"]
-                )
+                chunks = self._version_chunks(document_id, version, ["documents", "metadatas"])
                 ids = chunks["ids"]
                 idents = [
                     chunk_identifiers(document_id, t) if old_format < 2 else list(m.get("identifiers") or [])

@@ -5,18 +5,15 @@ background, and a later start has nothing left to do."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
+from benchmarks.replica_start import spawn, wait_serving
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
-from copilot_cli.launcher import free_port, health_status
 from services.rag.core import KnowledgeBase, minilm_embedder, open_store
 from services.rag.corpus import starter_corpus
 from tests.conftest import ROOT, token
@@ -24,25 +21,10 @@ from tests.conftest import ROOT, token
 pytestmark = [pytest.mark.integration, pytest.mark.models]
 
 
-def _start(store: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "KNOWLEDGE_PORT": str(port),
-        "KNOWLEDGE_METRICS_PORT": "0",
-        "KNOWLEDGE_CHROMA_PATH": str(store),
-        "KNOWLEDGE_ONNX_DIR": str(store.parent / "models"),
-    }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.rag"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while health_status(address, timeout=0.5) != health_pb2.HealthCheckResponse.SERVING:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.1)
+def _start(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    process, address = spawn("rag", ROOT, store, log, {"KNOWLEDGE_ONNX_DIR": str(store.parent / "models")})
+    wait_serving(process, address, log, "knowledge", timeout=120)
+    return process, address
 
 
 def _messages(log: Path) -> list[str]:
@@ -57,11 +39,10 @@ def test_a_store_of_an_earlier_release_is_embedded_again_while_the_replica_serve
     old.store.catalog.update(ids=documents, metadatas=[{"embedder": None}] * len(documents))  # as releases before
     del old
 
-    port, log = free_port(), tmp_path / "knowledge.log"
-    proc = _start(store, port, log)
+    log = tmp_path / "knowledge.log"
+    proc, address = _start(store, log)
     try:
-        _wait_serving(f"127.0.0.1:{port}", proc, log)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(address) as channel:
             reply = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
                 knowledge_pb2.AdviseRequest(problem_description="Press won't build tonnage and shows E-0452"),
                 metadata=(("authorization", f"Bearer {token()}"),),
@@ -80,9 +61,8 @@ def test_a_store_of_an_earlier_release_is_embedded_again_while_the_replica_serve
     records = open_store(store).catalog.get(include=["metadatas"])["metadatas"]
     assert {r["embedder"] for r in records} == {"all-MiniLM-L6-v2-int8"}
     second_log = tmp_path / "second.log"
-    proc = _start(store, port := free_port(), second_log)
+    proc, _ = _start(store, second_log)
     try:
-        _wait_serving(f"127.0.0.1:{port}", proc, second_log)
         time.sleep(1)
         assert not any("again" in m for m in _messages(second_log))
     finally:
