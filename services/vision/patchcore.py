@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -289,6 +291,12 @@ class RegionTuning:
     border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
     merge_gap: int = 1  # regions that share a patch or lie at most this many patches apart are one defect
     min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
+    box_share: float = 0.3  # a box is drawn where the map passes this share of the region's peak ...
+    box_cap: float = 1.3  # ... but at most this (x threshold), and at least `grow`
+    core_share: float = 0.7  # a region's cores: where it passes this share of its peak and `core_floor` ...
+    core_floor: float = 1.4
+    core_gap: float = 3.5  # ... cores further apart than this (patches) are separate defects in one halo
+    join_overlap: float = 0.25  # parts whose boxes share this much of the smaller box are one defect again
 
 
 REGIONS = RegionTuning()
@@ -331,23 +339,89 @@ def regions(
         above = ndimage.binary_closing(np.pad(s > level, 1, mode="edge"), structure=np.ones((3, 3), dtype=bool))
         labels, _ = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
         grown_regions.append(np.isin(labels, np.unique(labels[seed])))
-    groups = _merge_close(grown_regions, tuning.merge_gap)
     fine = _interpolated(s)
-    found = []
-    for component in groups:
+
+    def box(component: np.ndarray) -> tuple[float, float, float, float]:
         core = component & seeds
-        peak = float(s[core].max())
-        if core.sum() < tuning.min_patches and peak < threshold * 1.5:
-            continue
-        found.append(
-            Region(
-                _tight_box(fine, component, tuning.grow * threshold, (h, w)),
-                peak,
-                feature_map[:, torch.from_numpy(core)].mean(dim=1),
-                float(component.mean()),
+        peak = float(s[core if core.any() else component].max())
+        return _tight_box(fine, component, _box_level(peak, threshold, tuning), (h, w))
+
+    found = []
+    for merged in _merge_close(grown_regions, tuning.merge_gap):
+        for component, drawn in _apart(_split_cores(fine, merged, threshold, tuning), box, tuning.join_overlap):
+            core = component & seeds
+            if not core.any():
+                continue
+            peak = float(s[core].max())
+            if core.sum() < tuning.min_patches and peak < threshold * 1.5:
+                continue
+            found.append(
+                Region(drawn, peak, feature_map[:, torch.from_numpy(core)].mean(dim=1), float(component.mean()))
             )
-        )
     return sorted(found, key=lambda r: r.score, reverse=True)
+
+
+Box = tuple[float, float, float, float]
+
+
+def _apart(parts: list[np.ndarray], box: Callable[[np.ndarray], Box], overlap: float) -> list[tuple[np.ndarray, Box]]:
+    """The parts of a region with their boxes, parts whose boxes share more than `overlap` of the smaller one
+    joined: pieces of one branching crack or pit cluster whose cores a fainter stretch separates lie in each
+    other's box; separate defects overlap at most by their halos."""
+    drawn = [(part, box(part)) for part in parts]
+    joined = True
+    while joined and len(drawn) > 1:
+        joined = False
+        for i, j in itertools.combinations(range(len(drawn)), 2):
+            (a, p), (b, q) = drawn[i], drawn[j]
+            shared = max(0.0, min(p[2], q[2]) - max(p[0], q[0])) * max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+            if shared > overlap * min(_area(p), _area(q)):
+                union = a | b
+                drawn[i] = (union, box(union))
+                del drawn[j]
+                joined = True
+                break
+    return drawn
+
+
+def _area(box: Box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _split_cores(fine: np.ndarray, component: np.ndarray, threshold: float, tuning: RegionTuning) -> list[np.ndarray]:
+    """A region split into one part per defect when its halo joined several: the backbone's receptive field
+    spreads each defect's score a few patches around it, so two scratches a few patches apart meet above the
+    threshold. Cores are where the interpolated map passes `core_share` x the region's peak and `core_floor` x the
+    threshold (a faint defect's pieces above the threshold are noise, not cores);
+    cores within `core_gap` patches of each other are one defect (a crack whose middle is fainter stays one); when
+    several remain, each patch of the region goes to the nearest core."""
+    from scipy import ndimage
+
+    cells = np.kron(component, np.ones((_FINE, _FINE), dtype=bool))
+    peak = float(fine[cells].max())
+    cores = cells & (fine > max(tuning.core_floor * threshold, tuning.core_share * peak))
+    labels, count = ndimage.label(cores, structure=np.ones((3, 3), dtype=bool))
+    if count < 2:
+        return [component]
+    gap = max(1, round(tuning.core_gap * _FINE / 2))
+    defects = _merge_close([ndimage.binary_dilation(labels == i, iterations=gap) for i in range(1, count + 1)], 0)
+    if len(defects) < 2:
+        return [component]
+    owner = np.zeros(labels.shape, dtype=np.int32)
+    for index, near in enumerate(defects, start=1):
+        owner[near & cores] = index
+    nearest = ndimage.distance_transform_edt(owner == 0, return_distances=False, return_indices=True)
+    owner = owner[nearest[0], nearest[1]]
+    centres = owner[_FINE // 2 :: _FINE, _FINE // 2 :: _FINE]  # the owner at each patch centre
+    return [component & (centres == index) for index in range(1, len(defects) + 1)]
+
+
+def _box_level(peak: float, threshold: float, tuning: RegionTuning) -> float:
+    """The level a region's box is drawn at: a share of its peak, so that a strong defect's box hugs the defect
+    rather than the halo the backbone's receptive field spreads around it (a pit cluster at 6x the threshold, a
+    crack at 3x), capped so that a discolouration whose core scores many times the threshold keeps its fainter
+    ring (a burn's heat tint), and never below the level regions grow through."""
+    return threshold * max(tuning.grow, min(tuning.box_share * peak / threshold, tuning.box_cap))
 
 
 def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:

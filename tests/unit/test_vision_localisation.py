@@ -31,7 +31,7 @@ def test_localisation_on_foreign_defects(results, surface):
     # one box per defect: thin cracks and scratches no longer come back in pieces
     assert r.boxes_per_defect <= 1.3, r
     assert r.per_kind["crack"]["boxes_per_defect"] <= 1.3 and r.per_kind["scratch"]["boxes_per_defect"] <= 1.3, r
-    assert r.box_hit_rate >= 0.8, r  # at most 3 of 15 defective images without a box at IoU >= 0.3
+    assert r.box_hit_rate >= 0.85, r  # at most 2 of 15 defective images without a box at IoU >= 0.3
 
 
 def test_all_surfaces_together_reach_the_box_target(results):

@@ -1,0 +1,84 @@
+"""Region extraction on anomaly maps shaped like the backbone's (each defect's score spread a few patches around it):
+one box per defect, separate defects apart even where their halos meet, boxes drawn at a share of a strong
+defect's peak. Measured on the third-party defects: tests/unit/test_vision_localisation.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from services.vision.patchcore import RegionTuning, regions
+
+THRESHOLD = 1.0
+
+
+def _map(marks: list[tuple[slice, slice, float]], reach: float = 7.0, exponential: bool = False) -> torch.Tensor:
+    """A 32x32 patch score map: background 0.6x the threshold; around each mark the score falls off with the
+    distance to it (a patch is as anomalous as the nearest defect makes it): linearly over `reach` patches, as on a
+    brushed-steel scratch at 2x the threshold (1.4x two patches away, 1.0x four, 0.6x seven), or exponentially
+    with `reach` patches per e-fold, as around a pit cluster at 6x."""
+    scores = np.full((32, 32), 0.6)
+    for rows, cols, strength in marks:
+        outside = np.ones((32, 32), dtype=bool)
+        outside[rows, cols] = False
+        distance = ndimage.distance_transform_edt(outside)
+        share = np.exp(-distance / reach) if exponential else 1.0 - np.minimum(distance / reach, 1.0)
+        scores = np.maximum(scores, 0.6 + (strength - 0.6) * share)
+    return torch.from_numpy(scores).float()
+
+
+def _found(scores: torch.Tensor, tuning: RegionTuning | None = None) -> list[tuple[float, float, float, float]]:
+    features = torch.zeros(4, *scores.shape)
+    return [r.box for r in regions(features, scores, THRESHOLD, tuning or RegionTuning())]
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def test_two_scratches_whose_halos_meet_are_two_defects():
+    scores = _map([(slice(6, 26), slice(9, 10), 2.2), (slice(8, 24), slice(19, 20), 2.2)])
+    assert float(scores[16, 9:20].min()) > THRESHOLD  # joined above the threshold: one region before the split
+    assert len(_found(scores, RegionTuning(core_gap=99))) == 1
+    boxes = sorted(_found(scores))
+    assert len(boxes) == 2, boxes
+    left, right = boxes
+    assert left[0] <= 9 / 32 and left[2] >= 10 / 32 and left[2] < 19 / 32  # each around its own scratch
+    assert right[0] <= 19 / 32 and right[2] >= 20 / 32 and right[0] > 10 / 32
+    assert _overlap(left, right) < 0.25 * (right[2] - right[0]) * (right[3] - right[1])
+
+
+def test_a_crack_with_a_fainter_stretch_stays_one_defect():
+    crack = [
+        (slice(4, 12), slice(15, 16), 4.0),
+        (slice(12, 17), slice(15, 16), 1.5),
+        (slice(17, 28), slice(15, 16), 4.0),
+    ]
+    scores = _map(crack)
+    assert len(_found(scores)) == 1
+    assert len(_found(scores, RegionTuning(core_gap=0.5, join_overlap=1.0))) == 2  # its two strong stretches
+
+
+def test_a_pit_cluster_is_one_box():
+    pits = [
+        (slice(r, r + 2), slice(c, c + 2), s)
+        for r, c, s in [(10, 10, 8.0), (13, 15, 6.0), (16, 11, 7.0), (12, 19, 5.0)]
+    ]
+    scores = _map(pits)
+    assert len(_found(scores)) == 1
+    assert len(_found(scores, RegionTuning(core_gap=0.5, join_overlap=1.0))) > 1  # cores apart, boxes joined
+
+
+def test_a_strong_defects_box_hugs_it_rather_than_its_halo():
+    scores = _map([(slice(10, 20), slice(14, 16), 8.0)], reach=1.5, exponential=True)
+    tight = _found(scores)[0]
+    halo = _found(scores, RegionTuning(box_share=0.0))[0]  # drawn where the map passes 0.9x, as before
+    assert tight[2] - tight[0] <= (halo[2] - halo[0]) - 2 / 32  # a patch narrower on each side
+    assert tight[0] <= 14 / 32 and tight[2] >= 16 / 32 and tight[1] <= 10 / 32 and tight[3] >= 20 / 32
+
+
+def test_a_faint_defect_is_not_split_by_noise():
+    rng = np.random.default_rng(3)
+    scores = _map([(slice(6, 26), slice(15, 16), 1.3)]) + torch.from_numpy(rng.normal(0, 0.05, (32, 32))).float()
+    assert len(_found(scores)) == 1
