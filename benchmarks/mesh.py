@@ -236,6 +236,28 @@ def _tracing_cost(mesh: Mesh, n: int, console: Console) -> dict:
     return result
 
 
+def _round_trip_floor(mesh: Mesh, names: Sequence[str], calls: int = 300) -> dict[str, float]:
+    """p50 ms of a gRPC health Check to each service from one asyncio client, sequentially: the cost of a round
+    trip through grpc's Python asyncio stacks on both sides with no work, no tracing and the shared interceptors'
+    cheapest path. A text Diagnose makes three such hops one after another (client -> orchestrator -> knowledge,
+    then -> report), so three of these bound from below what the mesh can add over the same cores in-process."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def one(address: str) -> float:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(30):
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                times.append((time.perf_counter() - started) * 1000)
+            return round(statistics.median(times), 3)
+
+    return {name: asyncio.run(one(mesh.address(name))) for name in names}
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
     try:
@@ -331,6 +353,8 @@ def run(n: int, output: Path, console: Console) -> dict:
                 per_service = mesh.wait_ready()
             results["cold_start_s"] = round(time.monotonic() - started, 2)
             results["cold_start_per_service_s"] = {k: round(v, 2) for k, v in per_service.items()}
+            with console.status("gRPC round trips with no work (health checks)…"):
+                results["round_trip_floor_p50_ms"] = _round_trip_floor(mesh, ["orchestrator", "knowledge", "report"])
             with console.status(f"{n} text-only diagnoses through the mesh…"):
                 results["mesh_text"] = percentiles(_time_mesh(mesh.address("orchestrator"), n, None))
             with console.status(f"{max(10, n // 5)} photo diagnoses through the mesh…"):
@@ -398,6 +422,13 @@ def run(n: int, output: Path, console: Console) -> dict:
             f"{kind}: mesh adds {o['p50_added_ms']:.1f} ms at p50 (p50 ratio {o['p50_ratio']:.2f}×, "
             f"p99 ratio {o['p99_ratio']:.2f}×)"
         )
+    floor = results["round_trip_floor_p50_ms"]
+    results["text_overhead"]["floor_three_hops_ms"] = round(sum(floor.values()), 2)
+    console.print(
+        f"gRPC round trip with no work (health Check, p50 ms): {floor}; a text Diagnose's three hops in a row: "
+        f"{results['text_overhead']['floor_three_hops_ms']:.1f} ms of the "
+        f"{results['text_overhead']['p50_added_ms']:.1f} ms the mesh adds"
+    )
     throughput = Table(title="text-only Diagnose throughput through the mesh (one asyncio channel)")
     for column in ("clients", "diagnoses", "per s", "p50 ms", "p99 ms", "errors", "CPU ms per diagnosis"):
         throughput.add_column(column)
