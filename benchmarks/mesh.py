@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -245,7 +246,7 @@ def _round_trip_floor(mesh: Mesh, names: Sequence[str], calls: int = 300) -> dic
 
     async def one(address: str) -> float:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+            stub: Any = health_pb2_grpc.HealthStub(channel)  # its methods are set in __init__ (untyped)
             for _ in range(30):
                 await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
             times = []
