@@ -274,9 +274,12 @@ class MemoryBank:
         )
 
 
+Box = tuple[float, float, float, float]  # normalised x_min, y_min, x_max, y_max
+
+
 @dataclass(frozen=True)
 class Region:
-    box: tuple[float, float, float, float]  # normalised x_min, y_min, x_max, y_max
+    box: Box
     score: float  # peak patch score
     feature: torch.Tensor  # mean feature of the region's patches
     area: float  # fraction of the image
@@ -314,10 +317,13 @@ def regions(
     * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
       padding makes border patches less like the references on surfaces it has seen little of.
     * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
-    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes the
-      level regions grow through (`grow` x threshold), so it hugs the defect instead of the patch grid. (A level
-      relative to the region's peak, as before the colour groups, cut a burn's or stain's box down to its darkest
-      core: a discolouration scores many times the threshold where it is strongest.)
+    * A region whose halo joined separate defects (two scratches a few patches apart) is split at its cores
+      (`_split_cores`), and parts whose boxes overlap are joined again (`_apart`).
+    * The box is drawn where the anomaly map, interpolated between patch centres as a heatmap is, passes
+      `_box_level`: `box_share` of the region's peak, between `grow` and `box_cap` x threshold, so it hugs the
+      defect instead of the patch grid or the defect's halo. (A level relative to the peak alone, as before the
+      colour groups, cut a burn's or stain's box down to its darkest core: a discolouration scores many times the
+      threshold where it is strongest.)
     """
     from scipy import ndimage  # not at import: the vision service loads it once it serves (server.warm_up)
 
@@ -341,7 +347,7 @@ def regions(
         grown_regions.append(np.isin(labels, np.unique(labels[seed])))
     fine = _interpolated(s)
 
-    def box(component: np.ndarray) -> tuple[float, float, float, float]:
+    def box(component: np.ndarray) -> Box:
         core = component & seeds
         peak = float(s[core if core.any() else component].max())
         return _tight_box(fine, component, _box_level(peak, threshold, tuning), (h, w))
@@ -359,9 +365,6 @@ def regions(
                 Region(drawn, peak, feature_map[:, torch.from_numpy(core)].mean(dim=1), float(component.mean()))
             )
     return sorted(found, key=lambda r: r.score, reverse=True)
-
-
-Box = tuple[float, float, float, float]
 
 
 def _apart(parts: list[np.ndarray], box: Callable[[np.ndarray], Box], overlap: float) -> list[tuple[np.ndarray, Box]]:
@@ -458,9 +461,7 @@ def _interpolated(s: np.ndarray) -> np.ndarray:
     return fine
 
 
-def _tight_box(
-    fine: np.ndarray, component: np.ndarray, level: float, shape: tuple[int, int]
-) -> tuple[float, float, float, float]:
+def _tight_box(fine: np.ndarray, component: np.ndarray, level: float, shape: tuple[int, int]) -> Box:
     h, w = shape
     x0, y0, x1, y1 = _cells_box(component)
     window = fine[y0 * _FINE : (y1 + 1) * _FINE, x0 * _FINE : (x1 + 1) * _FINE]
