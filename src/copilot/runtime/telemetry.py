@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from copilot import __version__
-from copilot.runtime.interceptors import HEALTH
+from copilot.runtime.interceptors import HEALTH, service_of
 
 _provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
@@ -79,7 +79,7 @@ class _UntracedHealthChecks(grpc.aio.ServerInterceptor):
         self.tracing = tracing
 
     async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        if handler_call_details.method.startswith(f"/{HEALTH}/"):
+        if service_of(handler_call_details.method) == HEALTH:
             return await continuation(handler_call_details)
         return await self.tracing.intercept_service(continuation, handler_call_details)
 
