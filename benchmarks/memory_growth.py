@@ -24,13 +24,13 @@ import json, resource, sys, tempfile
 from pathlib import Path
 from services.vision.samples import make_surface, to_bytes
 from services.vision.core import VisionEngine
-from services.vision.patchcore import FeatureExtractor
+from services.vision.backbone import feature_extractor
 from services.vision.references import ReferenceStore
 
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 
-engine = VisionEngine(FeatureExtractor(), ReferenceStore(Path(tempfile.mkdtemp())))
+engine = VisionEngine(feature_extractor(), ReferenceStore(Path(tempfile.mkdtemp())))
 engine.seed_starter_set(); engine.load()
 rows = [(len(engine.store), rss())]
 for step in STEPS:

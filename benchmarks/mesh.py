@@ -54,11 +54,11 @@ class InProcessAgents:
     def __init__(self, store: Path) -> None:
         from services.rag.core import KnowledgeBase, minilm_embedder, open_store
         from services.rag.corpus import starter_corpus
+        from services.vision.backbone import feature_extractor
         from services.vision.core import VisionEngine
-        from services.vision.patchcore import FeatureExtractor
         from services.vision.references import ReferenceStore
 
-        self.vision = VisionEngine(FeatureExtractor(), ReferenceStore(store / "vision"))
+        self.vision = VisionEngine(feature_extractor(), ReferenceStore(store / "vision"))
         self.vision.seed_starter_set()
         self.vision.load()
         self.knowledge = KnowledgeBase(open_store(store), minilm_embedder())

@@ -2,8 +2,9 @@
 decode, the model path (backbone forward and the memory banks' nearest-neighbour search, one per image or one
 per batch through the shared DynamicBatcher), regions and typing — at 1, 4 and 16 concurrent callers, batching
 off and on, on a chosen device, with the banks where the backbone runs or (--banks cpu,cuda) compared between
-two places. Needs torch, numpy, scipy, pillow, pydantic-settings and the two EfficientNet packages, so it also
-runs on the GPU machine:
+two places, the backbone through ONNX Runtime or torch (--runtime; auto: ONNX on a CPU, torch on a GPU). Needs
+torch, onnxruntime, numpy, scipy, pillow, pydantic-settings and the two EfficientNet packages, so it also runs on
+the GPU machine:
 
     python benchmarks/vision_core.py --device cuda --banks cpu,cuda --images 192 --output vision-core-cuda.json
 
@@ -31,8 +32,8 @@ from PIL import Image  # noqa: E402
 
 from copilot.runtime.batching import DynamicBatcher  # noqa: E402
 from copilot.runtime.config import data_dir  # noqa: E402
+from services.vision.backbone import feature_extractor  # noqa: E402
 from services.vision.core import VisionEngine  # noqa: E402
-from services.vision.patchcore import FeatureExtractor  # noqa: E402
 from services.vision.providers import PatchCoreProvider  # noqa: E402
 from services.vision.references import ReferenceStore  # noqa: E402
 
@@ -89,14 +90,15 @@ async def main(args) -> dict:
     clients_levels = [int(c) for c in args.clients.split(",")]
     placements = args.banks.split(",") if args.banks else [args.device]
     with tempfile.TemporaryDirectory() as folder:
-        extractor = FeatureExtractor(threads=args.threads or None, device=args.device)
+        extractor = feature_extractor(threads=args.threads or None, device=args.device, runtime=args.runtime)
         result = {
             "device": args.device,
             "device_name": torch.cuda.get_device_name()
             if args.device.startswith("cuda")
             else platform.processor() or platform.machine(),
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "runtime": type(extractor).__name__,
+            "threads": args.threads or len(os.sched_getaffinity(0)),
             "images_per_run": args.images,
             "max_batch": args.max_batch,
             "runs": [],
@@ -174,7 +176,8 @@ def _process(args, folder: str, batching: bool, clients: int, total: int, barrie
 
     async def go() -> dict:
         threads = max(1, len(os.sched_getaffinity(0)) // args.processes)
-        engine = VisionEngine(FeatureExtractor(threads=threads, device=args.device), ReferenceStore(Path(folder)))
+        extractor = feature_extractor(threads=threads, device=args.device, runtime=args.runtime)
+        engine = VisionEngine(extractor, ReferenceStore(Path(folder)))
         engine.load()
         provider = warmed_provider(engine, args, batching)
         photo = PHOTO.read_bytes()
@@ -241,6 +244,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"], help="the backbone's runtime")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")

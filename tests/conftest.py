@@ -57,9 +57,9 @@ def clean_photo() -> bytes:
 
 @pytest.fixture(scope="session")
 def feature_extractor():
-    from services.vision.patchcore import FeatureExtractor
+    from services.vision import backbone
 
-    return FeatureExtractor()
+    return backbone.feature_extractor()
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,16 @@
 """Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
 in seconds instead of recomputing every reference image and memory bank:
 
-    <root>/cache/features/<backbone>-<size>/<sha256>.pt   the patch feature map of one reference image
-    <root>/cache/models/<key>.pt                          a built equipment-type model (memory bank + typer)
+    <root>/cache/features/<backbone>-<size>/<sha256>.npz  the patch feature map of one reference image
+    <root>/cache/models/<key>.npz                         a built equipment-type model (memory bank + typer)
 
 A model's key is the SHA-256 of everything it is built from: the cache format, the backbone, the image size,
 the coreset settings and each reference's content hash and label. A reference set that changes gets a new
 key; an unchanged one is read back as it was built. Everything here can be rebuilt from the images: a file
 that is missing, unreadable or of another format is logged, ignored and written again, never trusted over
 the images. Writes go to a temporary file renamed into place, so replicas sharing the root never read half a
-file; a cache that cannot be written (a read-only volume) only costs the rebuild next time.
+file; a cache that cannot be written (a read-only volume) only costs the rebuild next time. Files are numpy
+archives read without pickle: the arrays, and the rest of a model's state as JSON beside them.
 
 Bump FORMAT when what a model is built from changes in code (the keys then change and old files are
 unused; `prune` removes model files no current key names)."""
@@ -19,19 +20,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import uuid
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # torch is imported when the cache is used, not when the module is
-    import torch
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group
+# 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group;
+# 4: numpy archives instead of torch files, the coreset drawn by numpy
+FORMAT = 4
+SUFFIX = ".npz"
 
 
 class ModelCache:
@@ -52,25 +57,24 @@ class ModelCache:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def feature(self, sha256: str) -> torch.Tensor | None:
-        import torch
-
-        state = self._read(self.features_dir / f"{sha256}.pt")
+    def feature(self, sha256: str) -> np.ndarray | None:
+        state = self._read(self.features_dir / f"{sha256}{SUFFIX}")
         feature = state.get("feature") if state is not None else None
-        return feature if isinstance(feature, torch.Tensor) else None
+        return feature if isinstance(feature, np.ndarray) else None
 
     def model(self, key: str) -> dict[str, Any] | None:
         """The state `put_model` wrote under `key`, or None."""
-        return self._read(self.models_dir / f"{key}.pt")
+        return self._read(self.models_dir / f"{key}{SUFFIX}")
 
     def _read(self, path: Path) -> dict[str, Any] | None:
-        import torch
-
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            state = _unpack(json.loads(str(arrays.pop("state"))), arrays)
         except FileNotFoundError:
             return None
-        except Exception as exc:  # a damaged or foreign file: rebuilt from the images
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            # a damaged or foreign file: rebuilt from the images
             log.warning("ignoring unreadable vision cache file %s: %s", path, exc)
             return None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -104,34 +108,36 @@ class ModelCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def put_feature(self, sha256: str, feature: torch.Tensor) -> None:
-        # a copy: `feature` is usually one image's view into a batch's tensor, and torch.save writes a view's whole
-        # storage (the batch of 16: 15 MB a file instead of 1)
-        self._write(self.features_dir / f"{sha256}.pt", {"feature": feature.clone()})
+    def put_feature(self, sha256: str, feature: np.ndarray) -> None:
+        self._write(self.features_dir / f"{sha256}{SUFFIX}", {"feature": feature})
 
     def put_model(self, key: str, state: dict[str, Any]) -> None:
-        self._write(self.models_dir / f"{key}.pt", state)
+        self._write(self.models_dir / f"{key}{SUFFIX}", state)
 
     def _write(self, path: Path, state: dict[str, Any]) -> None:
-        import torch
-
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        arrays: dict[str, np.ndarray] = {}
         try:
+            rest = json.dumps(_pack({**state, "format": FORMAT}, arrays))
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**state, "format": FORMAT}, temporary)
+            contents: dict[str, Any] = {"state": np.array(rest), **arrays}
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **contents)
             os.replace(temporary, path)
-        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        except OSError as exc:  # a full disk, a read-only volume
             log.warning("vision cache not written (%s): the next start rebuilds this", exc)
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
 
     def prune(self, keep_keys: set[str], keep_features: set[str]) -> int:
-        """Remove model files no current key names and features of images no longer referenced."""
+        """Remove model files no current key names and features of images no longer referenced. Files of earlier
+        formats (`.pt`, FORMAT <= 3) are left alone: replicas of the previous release may share the store during a
+        rolling upgrade (delete them once none runs)."""
         removed = 0
         for directory, keep in ((self.models_dir, keep_keys), (self.features_dir, keep_features)):
             if not directory.is_dir():
                 continue
-            for path in directory.glob("*.pt"):
+            for path in directory.glob(f"*{SUFFIX}"):
                 if path.stem not in keep:
                     path.unlink(missing_ok=True)
                     removed += 1
@@ -140,3 +146,28 @@ class ModelCache:
                 if path.name[1 : -len(".lock")] not in keep_keys:
                     path.unlink(missing_ok=True)
         return removed
+
+
+def _pack(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """`value` as JSON, each array in it replaced by {"array": name} and kept in `arrays` under that name."""
+    if isinstance(value, np.ndarray):
+        name = f"a{len(arrays)}"
+        arrays[name] = value
+        return {"array": name}
+    if isinstance(value, dict):
+        return {str(k): _pack(v, arrays) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pack(v, arrays) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _unpack(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"array"}:
+            return arrays[value["array"]]
+        return {k: _unpack(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, arrays) for v in value]
+    return value

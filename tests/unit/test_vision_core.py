@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -59,8 +60,6 @@ def test_a_batch_is_scored_as_its_images_one_by_one(vision_engine, crack_photo, 
     every image's scores and findings are what it gets alone."""
     from dataclasses import astuple, replace
 
-    import torch
-
     from services.vision import patchcore
 
     items = [
@@ -75,17 +74,17 @@ def test_a_batch_is_scored_as_its_images_one_by_one(vision_engine, crack_photo, 
     assert [m.reference_set for m in together] == ["brushed-steel", GENERIC, "brushed-steel", GENERIC]
     for one, batched, (image, equipment_type) in zip(alone, together, items, strict=True):
         assert one.scores is not None and batched.scores is not None
-        assert torch.allclose(one.scores, batched.scores, rtol=1e-4, atol=1e-4)
-        assert torch.allclose(one.feature_map, batched.feature_map, atol=1e-4)
+        assert np.allclose(one.scores, batched.scores, rtol=1e-4, atol=1e-4)
+        assert np.allclose(one.feature_map, batched.feature_map, atol=1e-4)
         mine, its_own = (vision_engine.score(image, m, equipment_type) for m in (batched, one))
         assert [d.type for d in mine.defects] == [d.type for d in its_own.defects]
         for a, b in zip(mine.defects, its_own.defects, strict=True):
             assert max(abs(x - y) for x, y in zip(astuple(a.box), astuple(b.box), strict=True)) < 1e-3
     assert together[0].model is vision_engine.reference_sets()["brushed-steel"]
     # the findings are read from the measured scores (scored once, where the banks are)
-    calm = replace(together[0], scores=torch.full_like(together[0].scores, 0.2))
+    calm = replace(together[0], scores=np.full_like(together[0].scores, 0.2))
     assert vision_engine.score(items[0][0], calm, "brushed-steel").defects == ()
-    assert next(iter(together[0].model.bank.groups)).patches.device.type == "cpu"  # where the backbone runs
+    assert isinstance(next(iter(together[0].model.bank.groups)).patches, np.ndarray)  # where the backbone runs
 
 
 def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):

@@ -5,7 +5,6 @@ defect's peak. Measured on the third-party defects: tests/unit/test_vision_local
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from services.vision.patchcore import RegionTuning, regions
@@ -13,7 +12,7 @@ from services.vision.patchcore import RegionTuning, regions
 THRESHOLD = 1.0
 
 
-def _map(marks: list[tuple[slice, slice, float]], reach: float = 7.0, exponential: bool = False) -> torch.Tensor:
+def _map(marks: list[tuple[slice, slice, float]], reach: float = 7.0, exponential: bool = False) -> np.ndarray:
     """A 32x32 patch score map: background 0.6x the threshold; around each mark the score falls off with the
     distance to it (a patch is as anomalous as the nearest defect makes it): linearly over `reach` patches, as on a
     brushed-steel scratch at 2x the threshold (1.4x two patches away, 1.0x four, 0.6x seven), or exponentially
@@ -25,11 +24,11 @@ def _map(marks: list[tuple[slice, slice, float]], reach: float = 7.0, exponentia
         distance = ndimage.distance_transform_edt(outside)
         share = np.exp(-distance / reach) if exponential else 1.0 - np.minimum(distance / reach, 1.0)
         scores = np.maximum(scores, 0.6 + (strength - 0.6) * share)
-    return torch.from_numpy(scores).float()
+    return scores.astype(np.float32)
 
 
-def _found(scores: torch.Tensor, tuning: RegionTuning | None = None) -> list[tuple[float, float, float, float]]:
-    features = torch.zeros(4, *scores.shape)
+def _found(scores: np.ndarray, tuning: RegionTuning | None = None) -> list[tuple[float, float, float, float]]:
+    features = np.zeros((4, *scores.shape), dtype=np.float32)
     return [r.box for r in regions(features, scores, THRESHOLD, tuning or RegionTuning())]
 
 
@@ -80,5 +79,5 @@ def test_a_strong_defects_box_hugs_it_rather_than_its_halo():
 
 def test_a_faint_defect_is_not_split_by_noise():
     rng = np.random.default_rng(3)
-    scores = _map([(slice(6, 26), slice(15, 16), 1.3)]) + torch.from_numpy(rng.normal(0, 0.05, (32, 32))).float()
+    scores = _map([(slice(6, 26), slice(15, 16), 1.3)]) + rng.normal(0, 0.05, (32, 32)).astype(np.float32)
     assert len(_found(scores)) == 1

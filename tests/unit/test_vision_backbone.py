@@ -1,0 +1,92 @@
+"""The vision backbone through ONNX Runtime: the same patch features as the torch path it is exported from, and a
+CPU replica that builds its models and analyses a photo without importing torch."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.vision import backbone, samples
+
+pytestmark = pytest.mark.models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_onnx_graph_gives_the_torch_features(tmp_path, crack_photo):
+    onnx = backbone.feature_extractor(onnx_dir=tmp_path, threads=1)
+    torch_path = backbone.feature_extractor(runtime="torch", threads=1)
+    assert isinstance(onnx, backbone.OnnxFeatureExtractor) and isinstance(torch_path, backbone.TorchFeatureExtractor)
+    images = [
+        Image.open(io.BytesIO(crack_photo)),
+        samples.make_surface("brushed-steel", 3),
+        samples.make_defect("painted-panel", "scratch", 4),
+    ]
+    batch = onnx.features(images)
+    assert batch.shape == (3, 236, 32, 32) and batch.dtype == np.float32
+    assert np.abs(batch - torch_path.patch_features(images)).max() < 1e-3
+    # one image alone is what it is in a batch (the graph's batch axis is dynamic)
+    assert np.abs(onnx.features(images[1:2])[0] - batch[1]).max() < 1e-4
+    # the graph is exported once: a second extractor on the folder reads the file
+    again = backbone.feature_extractor(onnx_dir=tmp_path)
+    assert again.path == onnx.path and len(list(tmp_path.glob("*.onnx"))) == 1
+
+
+def test_a_folder_that_cannot_be_written_exports_to_the_temporary_directory(tmp_path, monkeypatch):
+    read_only = tmp_path / "read-only"
+    export = backbone.export
+
+    def refusing(target: Path, image_size: int = 256) -> Path:
+        if target.parent == read_only:
+            raise PermissionError(13, "Read-only file system", str(target))
+        return export(target, image_size)
+
+    monkeypatch.setattr(backbone, "export", refusing)
+    monkeypatch.setattr(backbone.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = backbone.prepare(read_only, 128)
+    assert path.parent == tmp_path / "tmp" / "copilot-models" and path.exists()
+    assert backbone.prepare(read_only, 128) == path  # found there the next time
+
+
+def test_a_cpu_replica_builds_and_analyses_without_torch(tmp_path, crack_photo):
+    """What a new vision pod does on a CPU: models built (or read from the cache) and a photo analysed, with the
+    graph in place (the image exports it at build time) — and torch never imported."""
+    models = tmp_path / "models"
+    backbone.prepare(models)  # in this process: the export needs torch
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from services.vision.backbone import feature_extractor
+        from services.vision.core import VisionEngine
+        from services.vision.references import ReferenceStore
+
+        engine = VisionEngine(feature_extractor(onnx_dir=Path({str(models)!r}), threads=1),
+                              ReferenceStore(Path({str(tmp_path / "refs")!r})))
+        engine.seed_starter_set()
+        engine.load()
+        found = engine.analyze(Path({str(tmp_path / "crack.jpg")!r}).read_bytes(), "brushed-steel")
+        assert {{d.type for d in found.defects}} >= {{"crack"}}, found
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        print("torch modules:", loaded)
+        assert not loaded
+        """
+    )
+    (tmp_path / "crack.jpg").write_bytes(crack_photo)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch modules: []" in done.stdout
