@@ -58,7 +58,8 @@ class InProcessAgents:
         from services.vision.core import VisionEngine
         from services.vision.references import ReferenceStore
 
-        self.vision = VisionEngine(feature_extractor(), ReferenceStore(store / "vision"))
+        # one intra-op thread, as the vision service runs its backbone without batching (VISION_THREADS=0)
+        self.vision = VisionEngine(feature_extractor(threads=1), ReferenceStore(store / "vision"))
         self.vision.seed_starter_set()
         self.vision.load()
         self.knowledge = KnowledgeBase(open_store(store), minilm_embedder())

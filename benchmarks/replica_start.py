@@ -1,5 +1,5 @@
 """How fast a new replica of an agent is ready to serve, with its store in place (what lets the HPA add pods in
-a burst): seconds from spawning `python -m services.<agent>` to grpc.health SERVING.
+a burst): seconds from spawning `python -m services.<agent>` to grpc.health SERVING, and its resident memory then.
 
     python -m benchmarks.replica_start [--service vision] [--starts 7] [--compare-root ../other-checkout]
         [--out .copilot-data/bench/replica-start.json]
@@ -65,16 +65,27 @@ def wait_serving(process: subprocess.Popen[bytes], address: str, log: Path, what
         time.sleep(0.02)
 
 
-def start_once(service: str, root: Path, store: Path, log: Path, timeout: float = 300) -> float:
-    """Seconds from spawning the service to SERVING (then it is stopped)."""
+def start_once(service: str, root: Path, store: Path, log: Path, timeout: float = 300) -> tuple[float, int]:
+    """Seconds from spawning the service to SERVING, and its resident memory then (MiB; then it is stopped)."""
     began = time.monotonic()
     process, address = spawn(service, root, store, log)
     try:
         wait_serving(process, address, log, f"{service} from {root}", timeout)
-        return time.monotonic() - began
+        return time.monotonic() - began, _resident_mib(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _resident_mib(pid: int) -> int:
+    """VmRSS of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:
@@ -88,15 +99,18 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory() as folder:
         store, logs = Path(folder) / "store", Path(folder)
-        first = start_once(args.service, ROOT, store, logs / "first.log")
+        first, _ = start_once(args.service, ROOT, store, logs / "first.log")
         console.print(f"first start (fills the store): {first:.2f} s")
         times: dict[str, list[float]] = {name: [] for name in roots}
+        resident: dict[str, list[int]] = {name: [] for name in roots}
         for n in range(args.starts):
             for name, root in roots.items():
-                times[name].append(start_once(args.service, root, store, logs / f"{name}-{n}.log"))
-                console.print(f"{name} start {n + 1}: {times[name][-1]:.2f} s", highlight=False)
+                seconds, mib = start_once(args.service, root, store, logs / f"{name}-{n}.log")
+                times[name].append(seconds)
+                resident[name].append(mib)
+                console.print(f"{name} start {n + 1}: {seconds:.2f} s, {mib} MiB resident", highlight=False)
     table = Table(title=f"{args.service} replica: seconds to SERVING, store in place")
-    for column in ("code", "starts", "min", "median", "max"):
+    for column in ("code", "starts", "min", "median", "max", "MiB resident (median)"):
         table.add_column(column)
     result: dict[str, object] = {"service": args.service, "first_start_s": round(first, 2), "runs": {}}
     for name, values in times.items():
@@ -106,10 +120,16 @@ def main() -> None:
             "min_s": round(min(values), 2),
             "median_s": round(statistics.median(values), 2),
             "max_s": round(max(values), 2),
+            "resident_mib_at_serving": resident[name],
         }
         result["runs"][name] = summary  # type: ignore[index]
         table.add_row(
-            name, str(len(values)), f"{min(values):.2f}", f"{statistics.median(values):.2f}", f"{max(values):.2f}"
+            name,
+            str(len(values)),
+            f"{min(values):.2f}",
+            f"{statistics.median(values):.2f}",
+            f"{max(values):.2f}",
+            str(statistics.median(resident[name])),
         )
     if len(times) == 2:
         result["median_ratio_this_over_other"] = round(
