@@ -80,7 +80,10 @@ def feature_extractor(
     runtime: Runtime = "auto",
 ) -> Extractor:
     """The backbone for `device`: ONNX Runtime on a CPU (`auto`, `onnx`), torch on a GPU or when asked (`torch`).
-    `threads`: the runtime's intra-op threads (None: every CPU this process may use)."""
+    `threads`: the runtime's intra-op threads (None: every CPU this process may use). `device="auto"` asks torch
+    whether it sees a GPU; on a machine without one it is the CPU, and ONNX Runtime."""
+    if device == "auto":
+        device = str(resolve_device("auto"))
     if runtime == "auto":
         runtime = "onnx" if device == "cpu" else "torch"
     if runtime == "onnx":

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_onnx_graph_gives_the_torch_features(tmp_path, crack_photo):
+    import torch
+
     onnx = backbone.feature_extractor(onnx_dir=tmp_path, threads=1)
     torch_path = backbone.feature_extractor(runtime="torch", threads=1)
     assert isinstance(onnx, backbone.OnnxFeatureExtractor) and isinstance(torch_path, backbone.TorchFeatureExtractor)
@@ -37,6 +39,9 @@ def test_the_onnx_graph_gives_the_torch_features(tmp_path, crack_photo):
     # the graph is exported once: a second extractor on the folder reads the file
     again = backbone.feature_extractor(onnx_dir=tmp_path)
     assert again.path == onnx.path and len(list(tmp_path.glob("*.onnx"))) == 1
+    # VISION_DEVICE=auto on a machine whose torch sees no GPU: the CPU, through ONNX Runtime
+    if not torch.cuda.is_available():
+        assert isinstance(backbone.feature_extractor(device="auto", onnx_dir=tmp_path), backbone.OnnxFeatureExtractor)
 
 
 def test_a_folder_that_cannot_be_written_exports_to_the_temporary_directory(tmp_path, monkeypatch):
