@@ -21,14 +21,15 @@ from copilot.domain import AnomalyMap, BoundingBox, Defect, FieldViolation, Visi
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
-from services.vision.backbone import BACKBONE as BACKBONE_NAME
+from services.vision.backbone import BACKBONE
 from services.vision.cache import ModelCache
+from services.vision.patchcore import as_numpy
 from services.vision.references import EQUIPMENT_TYPE, LABEL, Reference, ReferenceStore
 
 log = logging.getLogger(__name__)
 
 #: What findings name as their model: PatchCore over the backbone.
-MODEL_NAME = f"patchcore/{BACKBONE_NAME}"
+MODEL_NAME = f"patchcore/{BACKBONE}"
 
 if TYPE_CHECKING:
     from services.vision.backbone import Extractor
@@ -153,7 +154,7 @@ class VisionEngine:
         self._generic_timer: threading.Timer | None = None
         self._generic_settled = threading.Event()  # cleared while a generic rebuild is scheduled or running
         self._generic_settled.set()
-        self.cache = ModelCache(store.root, BACKBONE_NAME, extractor.image_size)
+        self.cache = ModelCache(store.root, BACKBONE, extractor.image_size)
         self.built = 0  # models built (not read from the cache) since this engine started
 
     # --- references -----------------------------------------------------------------------------
@@ -373,7 +374,7 @@ class VisionEngine:
             rows = [i for i, c in enumerate(chosen) if c == name]
             for i, row_scores in zip(rows, model.bank.batch_scores(maps[rows]), strict=True):
                 scores[i] = row_scores
-        on_cpu = maps if isinstance(maps, np.ndarray) else maps.cpu().numpy()
+        on_cpu = as_numpy(maps)
         return [Measurement(on_cpu[i], scores[i], name, models.get(name)) for i, name in enumerate(chosen)]
 
     def score(

@@ -27,16 +27,13 @@ import io
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from copilot.domain import DefectType
 from services.vision.backbone import BACKBONE, TEXTURE_CHANNELS
-
-if TYPE_CHECKING:  # banks on a GPU only: the CPU path is numpy
-    pass
 
 __all__ = ["BACKBONE", "FEATURE_GROUPS", "DefectTyper", "GroupBank", "MemoryBank", "Region", "regions"]
 
@@ -79,6 +76,11 @@ def coreset(features: np.ndarray, ratio: float, max_size: int, seed: int = 0) ->
         chosen.append(nxt)
         np.minimum(distance, norms - 2 * reduced @ reduced[nxt] + norms[nxt], out=distance)
     return features[chosen]
+
+
+def as_numpy(values: Any) -> np.ndarray:
+    """`values` as a numpy array on the CPU: itself when it is one, else a torch tensor brought back from its device."""
+    return values if isinstance(values, np.ndarray) else values.cpu().numpy()
 
 
 def flatten(feature_map: np.ndarray) -> np.ndarray:
@@ -130,19 +132,13 @@ class GroupBank:
         """This bank with its patches where `device` scores them: numpy for "cpu", a tensor on a GPU."""
         patches = self.patches
         if device == "cpu":
-            if isinstance(patches, np.ndarray):
-                return self
-            return replace(self, patches=patches.cpu().numpy())
+            return self if isinstance(patches, np.ndarray) else replace(self, patches=as_numpy(patches))
         import torch
 
         target = torch.device(device)
         if isinstance(patches, np.ndarray):
             return replace(self, patches=torch.from_numpy(patches).to(target))
         return self if patches.device == target else replace(self, patches=patches.to(target))
-
-    def cpu_patches(self) -> np.ndarray:
-        patches = self.patches
-        return patches if isinstance(patches, np.ndarray) else patches.cpu().numpy()
 
     @classmethod
     def build(
@@ -190,17 +186,15 @@ class MemoryBank:
         nearest-neighbour search per group for the whole batch, where the banks are; the scores come back as numpy."""
         b, c, h, w = feature_maps.shape
         if isinstance(self.groups[0].patches, np.ndarray):  # banks on the CPU
-            maps = feature_maps if isinstance(feature_maps, np.ndarray) else feature_maps.cpu().numpy()
-            patches = maps.transpose(0, 2, 3, 1).reshape(-1, c)
+            patches = as_numpy(feature_maps).transpose(0, 2, 3, 1).reshape(-1, c)
             scores: np.ndarray = np.max([g.distances(patches) / g.threshold for g in self.groups], axis=0)
             return scores.reshape(b, h, w)
         import torch
 
         with torch.inference_mode():
-            patches = torch.as_tensor(feature_maps).permute(0, 2, 3, 1).reshape(-1, c)
-            stacked = torch.stack([g.distances(patches) / g.threshold for g in self.groups]).max(dim=0).values
-            result: np.ndarray = stacked.reshape(b, h, w).cpu().numpy()
-            return result
+            on_device = torch.as_tensor(feature_maps).permute(0, 2, 3, 1).reshape(-1, c)
+            stacked = torch.stack([g.distances(on_device) / g.threshold for g in self.groups]).max(dim=0).values
+            return as_numpy(stacked.reshape(b, h, w))
 
     @classmethod
     def build(cls, good_maps: list[np.ndarray], ratio: float = 0.1, max_size: int = 20_000) -> MemoryBank:
@@ -218,7 +212,12 @@ class MemoryBank:
     def state(self) -> list[dict[str, object]]:
         """Arrays and numbers only (what the model cache stores)."""
         return [
-            {"start": g.channels.start, "stop": g.channels.stop, "patches": g.cpu_patches(), "threshold": g.threshold}
+            {
+                "start": g.channels.start,
+                "stop": g.channels.stop,
+                "patches": as_numpy(g.patches),
+                "threshold": g.threshold,
+            }
             for g in self.groups
         ]
 
