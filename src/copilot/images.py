@@ -69,7 +69,9 @@ def open_checked(data: bytes, limits: ImageLimits, field: str = "image.data") ->
         raise ImageRejected(
             FieldViolation(field, f"image has more than {limits.max_pixels} pixels (decompression bomb guard)")
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # its message names the in-memory file object: not for the caller
+        raise ImageRejected(FieldViolation(field, f"cannot read the {mime} image header")) from exc
+    except (OSError, ValueError) as exc:
         raise ImageRejected(FieldViolation(field, f"cannot read the {mime} image header: {exc}")) from exc
     if width <= 0 or height <= 0 or width * height > limits.max_pixels:
         raise ImageRejected(

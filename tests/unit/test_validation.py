@@ -100,6 +100,7 @@ def _png(width: int, height: int) -> bytes:
 def test_image_checks(data, fragment):
     (violation,) = _check(data)
     assert violation.field == "image.data" and fragment in violation.description
+    assert "0x" not in violation.description and "BytesIO" not in violation.description  # no in-memory object named
 
 
 @pytest.mark.parametrize(("side", "fragment"), [(8_000, "8000x8000 pixels"), (20_000, "more than 40000000 pixels")])
