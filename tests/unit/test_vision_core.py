@@ -354,3 +354,27 @@ def test_a_seed_that_fails_part_way_leaves_the_store_empty(tmp_path, clean_photo
         store.seed(images())
     assert len(store) == 0 and len(ReferenceStore(tmp_path)) == 0
     assert store.seed([("pump-housing", "good", clean_photo, 64, 64)]) == 1  # and a later start seeds it
+
+
+def test_a_model_build_runs_numpy_blas_on_one_thread(tmp_path, feature_extractor, monkeypatch):
+    """The coreset's many small matrix products kept OpenBLAS's second thread spinning: twice the CPU for the same
+    build time, taken from the replicas and services starting beside it. Requests keep every BLAS thread."""
+    from threadpoolctl import threadpool_info
+
+    from services.vision import patchcore
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    build = patchcore.MemoryBank.build
+    monkeypatch.setattr(
+        patchcore.MemoryBank, "build", staticmethod(lambda *a, **k: seen.append(blas_threads()) or build(*a, **k))
+    )
+    outside = blas_threads()
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path / "refs"))
+    good = samples.to_bytes(samples.painted_panel(256, seed=77, colour=(160, 40, 40)), "PNG")
+    engine.register("red-panel", "good", good)
+    engine.close()
+    assert seen and all(threads == {1} for threads in seen), seen
+    assert blas_threads() == outside  # restored once the build is done
