@@ -211,7 +211,8 @@ class VisionEngine:
                 return cached
             # numpy's BLAS on one thread: the coreset's and the calibration's many small matrix products kept
             # OpenBLAS's second thread spinning (the starter set: 18.5 s of CPU for 9.4 s, against 9.9 s of CPU on
-            # one thread, as fast), CPU that the other replicas and services starting on the node need.
+            # one thread, as fast), CPU that the other replicas and services starting on the node need. The limit is
+            # process-wide: requests served during a rebuild search with one thread too.
             with threadpool_limits(1, user_api="blas"):
                 self._feature_maps(refs)
                 built = self._build(refs)
