@@ -10,8 +10,10 @@ import enum
 import hashlib
 import io
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import date
 from importlib import resources
 from pathlib import Path
 
@@ -179,13 +181,25 @@ def _pdf_text(data: bytes) -> list[str]:
     if not data.startswith(b"%PDF-"):
         raise _reject("content", "is not a PDF (no %PDF- header)")
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError, DeprecationError, PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data))
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError, TypeError) as exc:
-        raise _reject("content", f"is not a readable PDF: {exc}") from None
+    except (
+        PyPdfError,  # unreadable structure, and pypdf's own limits (a stream declaring more bytes than it has)
+        DeprecationError,  # filter names pypdf no longer reads
+        DependencyError,  # encryption that needs a package this service does not install
+        NotImplementedError,  # a filter pypdf does not implement
+        RecursionError,  # objects nested past the interpreter's depth
+        zlib.error,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+    ) as exc:
+        raise _reject("content", f"is not a readable PDF: {exc or type(exc).__name__}") from None
     return pages
 
 
@@ -247,12 +261,27 @@ def _markdown_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
     return title, found
 
 
+#: What a front matter field may hold: one plain value (a list field: a flat list of them). YAML aliases can make a
+#: value a structure whose text is exponentially long: a 1 KB "billion laughs" front matter kept the parser busy
+#: past 10 s and gigabytes when its title or scope was turned into text.
+_SCALARS = (str, int, float, date)
+
+
+def _front_text(front: dict[str, object], key: str) -> str:
+    value = front.get(key)
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, _SCALARS):
+        raise _reject("content", f"front matter '{key}' must be a single value, not a list or mapping")
+    return str(value)
+
+
 def _clean_list(values: object, field_name: str) -> tuple[str, ...]:
-    if values in (None, ""):
+    if values is None or values == "":
         return ()
     if isinstance(values, str):
         items: Iterable[object] = [v.strip() for v in values.split(",")]
-    elif isinstance(values, Iterable):
+    elif isinstance(values, list | tuple) and all(isinstance(v, _SCALARS) for v in values):
         items = values
     else:
         raise _reject(field_name, "must be a list of names or a comma-separated string")
@@ -290,6 +319,8 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
                     front = yaml.safe_load(match.group(1)) or {}
                 except yaml.YAMLError as exc:
                     raise _reject("content", f"front matter is not valid YAML: {exc}") from None
+                except RecursionError:  # PyYAML composes nested collections recursively
+                    raise _reject("content", "front matter is nested too deeply") from None
                 if not isinstance(front, dict):
                     raise _reject("content", "front matter must be a mapping (id, title, version, ...)")
                 text = text[match.end() :]
@@ -302,13 +333,13 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
     if len(raw) > limits.max_sections:
         raise _reject("content", f"has {len(raw)} sections; the limit is {limits.max_sections}")
 
-    document_id = meta.document_id or str(front.get("id") or "")
+    document_id = meta.document_id or _front_text(front, "id")
     if violations := document_id_violations(
         "metadata.document_id", document_id, "is required (or an 'id' in the Markdown front matter)"
     ):
         raise DocumentRejected(violations)
     title = (
-        meta.title or str(front.get("title") or "") or title_guess or Path(meta.filename).stem or document_id
+        meta.title or _front_text(front, "title") or title_guess or Path(meta.filename).stem or document_id
     ).strip()[:200]
     sections = tuple(Section(h[:200], b, i) for i, (h, b) in enumerate(raw))
     draft = SopDocument(
@@ -322,7 +353,7 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
         filename=meta.filename,
         size_bytes=len(data),
     )
-    version = meta.version or str(front.get("version") or "")
+    version = meta.version or _front_text(front, "version")
     if len(version) > 64:
         raise _reject("metadata.version", "must be at most 64 characters")
     # No version given: the content decides, so re-uploading the same file is idempotent and a changed

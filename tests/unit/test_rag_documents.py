@@ -152,3 +152,43 @@ def test_bad_uploads_are_refused_with_the_field_at_fault(data, meta, field, frag
         parse_document(data, meta, DocumentLimits(max_bytes=1024))
     assert refused.value.violations[0].field == field
     assert fragment.lower() in refused.value.violations[0].description.lower()
+
+
+def _alias_bomb(field: str) -> bytes:
+    """A 1 KB front matter whose `field` is an alias to nine levels of ten aliases each: 10^9 leaves once written out
+    as text (before the check, turning it into a title took the parser past 10 s and gigabytes)."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return ("---\n" + "\n".join(levels) + f"\nid: SOP-BOMB\n{field}: *l8\n---\n## Step\n1. Do it.\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "fragment"),
+    [
+        (_alias_bomb("title"), "content", "front matter 'title' must be a single value"),
+        (_alias_bomb("version"), "content", "front matter 'version' must be a single value"),
+        (_alias_bomb("equipment_types"), "metadata.equipment_types", "must be a list of names"),
+        (_alias_bomb("plant_ids"), "metadata.plant_ids", "must be a list of names"),
+        (("---\nid: SOP-1\nx: " + "[" * 5000 + "]" * 5000 + "\n---\n## A\n1. b\n").encode(), "content", "too deeply"),
+    ],
+)
+def test_hostile_front_matter_is_refused_before_it_is_expanded(data, field, fragment):
+    with pytest.raises(DocumentRejected) as refused:
+        parse_document(data, DocumentMeta(filename="bomb.md"))
+    (violation,) = refused.value.violations
+    assert violation.field == field and fragment in violation.description, violation
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [(b"/FlateDecode", b"/FlatHDecode", "Unsupported filter"), (b"/FlateDecode", b"/Fl", "deprecated")],
+)
+def test_a_pdf_pypdf_cannot_decode_is_refused_with_the_field(old, new, fragment):
+    """pypdf raises more than PdfReadError on malformed files (NotImplementedError for an unknown filter, its own
+    DeprecationError, LimitReachedError...): each is a refusal of the content, not an internal error."""
+    data = make_pdf(["Flame failure:\n1. Check the gas valve."]).replace(old, new)
+    with pytest.raises(DocumentRejected) as refused:
+        parse_document(data, DocumentMeta(document_id="KILN-9", filename="kiln.pdf"))
+    (violation,) = refused.value.violations
+    assert violation.field == "content" and "not a readable PDF" in violation.description
+    assert fragment in violation.description
