@@ -234,6 +234,33 @@ def test_identifiers_are_indexed_per_chunk():
     ]
 
 
+def test_a_long_run_of_letters_and_separators_is_scanned_once():
+    """A chunk can be one long step (a window never splits a step): 400 KB of "a-a-a-…" with no digit made the
+    identifier pattern look ahead over the whole run from each of its 200 000 word starts (32 KB took 12 s, this
+    would take hours, holding the GIL). It is scanned in well under a second now; it runs in a child process so
+    that a regression fails at the limit instead of hanging the suite."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "from services.rag.store import chunk_identifiers\n"
+        "text = 'a-' * 200_000 + ' then E-0452 and ' + 'b.' * 200_000 + '7'\n"
+        "print(chunk_identifiers('HYD-210', text))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{root}:{root / 'src'}"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['E-0452', 'HYD-210']"
+
+
 def test_identifier_lookup_is_an_index_match_in_any_case(knowledge_base):
     store = knowledge_base.store
     for term in ("E-0452", "e-0452"):
