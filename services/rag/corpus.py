@@ -199,7 +199,7 @@ def _pdf_text(data: bytes) -> list[str]:
         IndexError,
         AttributeError,
     ) as exc:
-        raise _reject("content", f"is not a readable PDF: {exc or type(exc).__name__}") from None
+        raise _reject("content", f"is not a readable PDF: {str(exc) or type(exc).__name__}") from None
     return pages
 
 
