@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,17 @@ def token(role: str = "technician", subject: str = "") -> str:
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "src" / "copilot_cli" / "samples"
+
+
+def run_python(script: str, *, timeout: float, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter (this venv's) with only the repository on its path: nothing this test process
+    imported, set or allocated is there. A script that outlives `timeout` fails the test (TimeoutExpired)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
+    if home is not None:
+        env["HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

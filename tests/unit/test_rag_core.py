@@ -10,6 +10,7 @@ import pytest
 from copilot.domain import Defect
 from services.rag.core import KnowledgeBase, open_store
 from services.rag.corpus import DocumentMeta, DocumentRejected, parse_markdown, starter_corpus
+from tests.conftest import run_python
 
 SEED_SOPS = {"SOP-123", "MAINT-GUIDE-V2", "SOP-456", "COATING-MANUAL-2024", "SAFETY-SOP-001"}
 
@@ -239,24 +240,12 @@ def test_a_long_run_of_letters_and_separators_is_scanned_once():
     identifier pattern look ahead over the whole run from each of its 200 000 word starts (32 KB took 12 s, this
     would take hours, holding the GIL). It is scanned in well under a second now; it runs in a child process so
     that a regression fails at the limit instead of hanging the suite."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
     script = (
         "from services.rag.store import chunk_identifiers\n"
         "text = 'a-' * 200_000 + ' then E-0452 and ' + 'b.' * 200_000 + '7'\n"
         "print(chunk_identifiers('HYD-210', text))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{root}:{root / 'src'}"},
-    )
+    done = run_python(script, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['E-0452', 'HYD-210']"
 

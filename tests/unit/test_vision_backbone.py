@@ -4,8 +4,6 @@ CPU replica that builds its models and analyses a photo without importing torch.
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,10 +12,9 @@ import pytest
 from PIL import Image
 
 from services.vision import backbone, samples
+from tests.conftest import run_python
 
 pytestmark = pytest.mark.models
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_onnx_graph_gives_the_torch_features(tmp_path, crack_photo):
@@ -85,14 +82,7 @@ def test_a_cpu_replica_builds_and_analyses_without_torch(tmp_path, crack_photo):
         """
     )
     (tmp_path / "crack.jpg").write_bytes(crack_photo)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_python(script, timeout=600, home=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "torch modules: []" in done.stdout
 
@@ -121,13 +111,7 @@ def test_a_model_build_hands_its_arena_memory_back(tmp_path):
         print(round(resident_mib() - before))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "HOME": str(tmp_path)},
-    )
+    done = run_python(script, timeout=120, home=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     kept = int(done.stdout.split()[-1])
     assert kept < 130, f"a batch of 16 left {kept} MiB more resident"
