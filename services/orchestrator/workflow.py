@@ -134,12 +134,15 @@ class DiagnosisWorkflow:
 
     # --- helpers --------------------------------------------------------------------------------
 
+    # The routers are coroutines: LangGraph runs a plain function's branch in the event loop's thread pool, one
+    # thread hand-off per diagnosis for a dictionary lookup.
+
     @staticmethod
-    def _route(state: DiagnosisState) -> str:
+    async def _route(state: DiagnosisState) -> str:
         return "vision" if state["input"].image_data else "knowledge"
 
     @staticmethod
-    def _route_parallel(state: DiagnosisState) -> list[str]:
+    async def _route_parallel(state: DiagnosisState) -> list[str]:
         return ["vision", "knowledge"] if state["input"].image_data else ["knowledge"]
 
     @staticmethod

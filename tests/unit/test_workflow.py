@@ -209,3 +209,30 @@ async def test_related_incidents_reach_the_report_and_a_failing_history_does_not
 
     diagnosis = await DiagnosisWorkflow(FakeAgents(), related_incidents=broken).run(TEXT)
     assert diagnosis.report.summary and all(s.state is not StageState.DEGRADED for s in diagnosis.stages)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("request_input", [TEXT, PHOTO], ids=["text", "photo"])
+async def test_a_run_hands_nothing_to_the_thread_pool(parallel, request_input):
+    """Routing and nodes stay on the event loop: a thread hand-off per diagnosis costs a GIL switch under load."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting(ThreadPoolExecutor):
+        def __init__(self) -> None:
+            super().__init__(max_workers=1)
+            self.submitted: list[object] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    pool = Counting()
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(pool)
+    try:
+        diagnosis = await DiagnosisWorkflow(FakeAgents(), parallel=parallel).run(request_input)
+    finally:
+        pool.shutdown(wait=False)
+    assert diagnosis.report.referenced_sop_ids == ("SOP-123",)
+    assert pool.submitted == []
