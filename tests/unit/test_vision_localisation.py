@@ -85,3 +85,16 @@ def test_metrics_on_known_answers():
     pits = np.zeros((64, 64), bool)
     pits[5:8, 5:8] = pits[50:53, 50:53] = True
     assert len(ev.defect_regions(pits, "pit")) == 1 and len(ev.defect_regions(pits, "crack")) == 2
+
+
+def test_draws_of_a_surface_share_no_image():
+    """`--draws` scores several labelled sets of a surface together: they must be different images, goods and
+    defective ones alike (a draw's seeds span 143; draws are DRAW_STRIDE apart)."""
+    base = 1000 * list(ev.LOCALISATION_SURFACES).index("cast-surface")
+    first, second = (
+        {item.data for item in ev.labelled_set("cast-surface", 10, 3, seed=base + ev.DRAW_STRIDE * draw)}
+        for draw in (0, ev.MAX_DRAWS - 1)
+    )
+    assert len(first) == len(second) == 25 and not first & second
+    with pytest.raises(ValueError, match="draws"):
+        ev.localisation_suite(None, draws=ev.MAX_DRAWS + 1)
