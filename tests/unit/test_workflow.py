@@ -213,26 +213,19 @@ async def test_related_incidents_reach_the_report_and_a_failing_history_does_not
 
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("request_input", [TEXT, PHOTO], ids=["text", "photo"])
-async def test_a_run_hands_nothing_to_the_thread_pool(parallel, request_input):
+async def test_a_run_hands_nothing_to_the_thread_pool(parallel, request_input, monkeypatch):
     """Routing and nodes stay on the event loop: a thread hand-off per diagnosis costs a GIL switch under load."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
 
-    class Counting(ThreadPoolExecutor):
-        def __init__(self) -> None:
-            super().__init__(max_workers=1)
-            self.submitted: list[object] = []
-
-        def submit(self, fn, /, *args, **kwargs):
-            self.submitted.append(fn)
-            return super().submit(fn, *args, **kwargs)
-
-    pool = Counting()
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(pool)
-    try:
-        diagnosis = await DiagnosisWorkflow(FakeAgents(), parallel=parallel).run(request_input)
-    finally:
-        pool.shutdown(wait=False)
+    submitted = []
+    run_in_executor = loop.run_in_executor
+
+    def counting(executor, fn, *args):
+        submitted.append(fn)
+        return run_in_executor(executor, fn, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", counting)
+    diagnosis = await DiagnosisWorkflow(FakeAgents(), parallel=parallel).run(request_input)
     assert diagnosis.report.referenced_sop_ids == ("SOP-123",)
-    assert pool.submitted == []
+    assert submitted == []
