@@ -207,14 +207,22 @@ def hop_breakdown(spans: Sequence[tuple[str, str, bytes, int, int]]) -> dict[str
     }
 
 
+#: the order of the tracing runs: exported (A) and not (B) as A B B A, so that a machine whose speed drifts during
+#: the runs (this one's moves by tens of per cent within minutes) weighs both sides alike
+TRACING_ORDER = ("exported", "not_exported", "not_exported", "exported")
+
+
 def _tracing_cost(mesh: Mesh, n: int, console: Console) -> dict:
     """Text throughput at 8 clients with every span exported over OTLP (to a receiver in this process, on the
-    same cores) against the default (spans made, not exported); the trace-derived hop breakdown of single calls."""
+    same cores) against the default (spans made, not exported), in TRACING_ORDER; the ratio is of the diagnoses/s
+    summed over each side's runs, and of the services' CPU per diagnosis. The trace-derived hop breakdown of
+    single calls comes from the first exported run."""
     sink = TraceSink()
     names = ["orchestrator", "knowledge", "report"]
-    result: dict = {}
+    result: dict = {"order": list(TRACING_ORDER), "runs": []}
     try:
-        for label, env in (("exported", sink.env), ("not_exported", {})):
+        for round_, label in enumerate(TRACING_ORDER):
+            env = sink.env if label == "exported" else {}
             for name in names:
                 proc = mesh.services[name]
                 for key in sink.env:
@@ -223,18 +231,29 @@ def _tracing_cost(mesh: Mesh, n: int, console: Console) -> dict:
                 mesh.restart(name)
             mesh.wait_ready(names=names)
             address = mesh.address("orchestrator")
-            with console.status(f"tracing {label}: throughput at 8 clients…"):
+            with console.status(f"tracing {label} ({round_ + 1} of {len(TRACING_ORDER)}): throughput at 8 clients…"):
                 _time_mesh(address, 10, None)
                 pids = {name: mesh.services[name].handle.pid for name in names}
-                result[label] = _throughput(address, 8, max(4 * n, 64), None, pids)
-            if label == "exported":
+                result["runs"].append({"label": label} | _throughput(address, 8, max(4 * n, 64), None, pids))
+            if label == "exported" and "hop_breakdown_p50_ms" not in result:
                 sink.spans.clear()
                 _time_mesh(address, n, None)
                 time.sleep(6)  # the batch span processor exports every 5 s
                 result["hop_breakdown_p50_ms"] = hop_breakdown(sink.spans)
     finally:
         sink.stop()
-    result["throughput_ratio"] = round(result["exported"]["per_s"] / result["not_exported"]["per_s"], 3)
+    for label in ("exported", "not_exported"):
+        runs = [r for r in result["runs"] if r["label"] == label]
+        result[label] = {
+            "per_s": [r["per_s"] for r in runs],
+            "cpu_ms_per_diagnosis": round(
+                statistics.fmean(sum(r.get("cpu_ms_per_diagnosis", {}).values()) for r in runs), 2
+            ),
+        }
+    exported, not_exported = result["exported"], result["not_exported"]
+    result["throughput_ratio"] = round(sum(exported["per_s"]) / sum(not_exported["per_s"]), 3)
+    if not_exported["cpu_ms_per_diagnosis"]:
+        result["cpu_ratio"] = round(exported["cpu_ms_per_diagnosis"] / not_exported["cpu_ms_per_diagnosis"], 3)
     return result
 
 
@@ -459,8 +478,11 @@ def run(n: int, output: Path, console: Console) -> dict:
     )
     tracing = results["tracing"]
     console.print(
-        f"tracing: every span exported over OTLP {tracing['exported']['per_s']:.1f} vs not exported "
-        f"{tracing['not_exported']['per_s']:.1f} diagnoses/s at 8 clients ({tracing['throughput_ratio']:.3f}×)"
+        f"tracing ({' '.join('A' if x == 'exported' else 'B' for x in tracing['order'])}; A: every span exported over "
+        f"OTLP, B: not exported): {tracing['exported']['per_s']} vs {tracing['not_exported']['per_s']} diagnoses/s "
+        f"at 8 clients ({tracing['throughput_ratio']:.3f}×), services' CPU per diagnosis "
+        f"{tracing['exported']['cpu_ms_per_diagnosis']} vs {tracing['not_exported']['cpu_ms_per_diagnosis']} ms "
+        f"({tracing.get('cpu_ratio', float('nan')):.3f}×)"
     )
     console.print(f"where a text Diagnose's time goes (p50 ms, from its trace): {tracing['hop_breakdown_p50_ms']}")
     console.print(
