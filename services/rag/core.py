@@ -127,6 +127,10 @@ class BatchedQueryEmbedder:
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         return self.batcher.call_in_worker(self.inner.embed_documents, texts)
 
+    async def embed_query_async(self, text: str) -> list[float]:
+        """`embed_query` for a caller on the batcher's own event loop (the servicer): no worker thread in between."""
+        return await self.batcher.submit(text)
+
     def embed_query(self, text: str) -> list[float]:
         try:
             running = asyncio.get_running_loop()
@@ -241,14 +245,29 @@ class KnowledgeBase:
 
     TORN_READ_RETRIES = 3
 
+    async def query_embedding(self, query: str) -> list[float] | None:
+        """On the service's event loop: `query`'s embedding from the embedder that batches concurrent queries there,
+        handed to `retrieve` / `advise` so that their worker thread does not call back into the loop to wait for
+        it (two thread hand-offs fewer per request); None where the embedder does not batch (the worker embeds)."""
+        if isinstance(self.embedder, BatchedQueryEmbedder):
+            return await self.embedder.embed_query_async(query)
+        return None
+
     def retrieve(
-        self, query: str, top_k: int | None = None, equipment_type: str = "", plant_id: str = ""
+        self,
+        query: str,
+        top_k: int | None = None,
+        equipment_type: str = "",
+        plant_id: str = "",
+        embedding: Sequence[float] | None = None,
     ) -> list[SopChunk]:
-        """Top chunks of live document versions, best first, score in [0, 1]."""
+        """Top chunks of live document versions, best first, score in [0, 1]. `embedding`: the query's, when the
+        caller has it already (`query_embedding`)."""
         t = self.tuning
         k = top_k or t.top_k
         equipment_type = self.scope_type(equipment_type)
-        embedding = self.embedder.embed_query(query)
+        if embedding is None:
+            embedding = self.embedder.embed_query(query)
         terms = identifiers(query) if t.hybrid else []
         for _ in range(self.TORN_READ_RETRIES):
             candidates = {
@@ -296,10 +315,12 @@ class KnowledgeBase:
         top_k: int | None = None,
         equipment_type: str = "",
         plant_id: str = "",
+        embedding: Sequence[float] | None = None,
     ) -> Guidance:
+        """`embedding`: that of `build_query(problem_description, defects)`, when the caller has it already."""
         t = self.tuning
         query = self.build_query(problem_description, defects)
-        chunks = self.retrieve(query, top_k, equipment_type, plant_id)
+        chunks = self.retrieve(query, top_k, equipment_type, plant_id, embedding)
         supported = tuple(c for c in chunks if c.score >= t.min_score)
         if not supported:
             return self._fallback(query, (), ())

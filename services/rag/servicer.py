@@ -77,7 +77,12 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         with tracer.start_as_current_span("knowledge.retrieve") as span:
             chunks = await asyncio.to_thread(
-                knowledge.retrieve, request.query, request.top_k or None, request.equipment_type, request.plant_id
+                knowledge.retrieve,
+                request.query,
+                request.top_k or None,
+                request.equipment_type,
+                request.plant_id,
+                await knowledge.query_embedding(request.query),
             )
             span.set_attributes(
                 {
@@ -96,6 +101,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             span.set_attributes(
                 {"app.stage": "knowledge", "app.equipment_id": request.equipment_id, "app.defect_count": len(defects)}
             )
+            embedding = await knowledge.query_embedding(knowledge.build_query(request.problem_description, defects))
             guidance = await asyncio.to_thread(
                 knowledge.advise,
                 request.problem_description,
@@ -103,6 +109,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                 request.top_k or None,
                 request.equipment_type,
                 request.plant_id,
+                embedding,
             )
             meters = copilot_metrics()
             if guidance.citations_removed:

@@ -54,6 +54,29 @@ def test_guidance_cites_the_retrieved_sop_section(knowledge_base, problem, expec
     assert knowledge_base.tuning.fallback_confidence < guidance.confidence <= 0.95
 
 
+async def test_a_served_query_is_embedded_on_the_loop_and_handed_to_the_worker(knowledge_base, monkeypatch):
+    """The service embeds the question through the batcher on its event loop and hands the vector to the worker
+    thread, which no longer calls back into the loop for it (two thread hand-offs fewer per request)."""
+    import asyncio
+
+    from services.rag.core import BatchedQueryEmbedder
+
+    batched = BatchedQueryEmbedder(knowledge_base.embedder, asyncio.get_running_loop())
+    served = KnowledgeBase(knowledge_base.store, batched)
+    called_back = []
+    monkeypatch.setattr(batched, "embed_query", called_back.append)
+    problem = "CNC machine overheating during operation"
+    try:
+        embedding = await served.query_embedding(served.build_query(problem))
+        guidance = await asyncio.to_thread(served.advise, problem, (), None, "", "", embedding)
+    finally:
+        await batched.close()
+    assert called_back == []
+    assert embedding == pytest.approx(knowledge_base.embedder.embed_query(problem), abs=1e-5)
+    assert guidance == knowledge_base.advise(problem)
+    assert await knowledge_base.query_embedding(problem) is None  # an embedder that does not batch: the worker embeds
+
+
 def test_unrelated_question_falls_back_with_low_confidence(knowledge_base):
     guidance = knowledge_base.advise("The customer invoice shows the wrong billing address")
     assert guidance.fallback and guidance.confidence < 0.5
