@@ -347,9 +347,15 @@ def evaluate_localisation(engine, equipment_type: str, images: list[LabelledImag
     )
 
 
-#: seeds between two draws of one surface's labelled set (a draw uses seed .. seed + 142: none shared)
+#: seeds between two surfaces' labelled sets, and between two draws of one surface's (a draw uses seed .. seed + 142)
+SURFACE_STRIDE = 1000
 DRAW_STRIDE = 200
-MAX_DRAWS = 1000 // DRAW_STRIDE  # the next surface's seeds start 1000 further
+MAX_DRAWS = SURFACE_STRIDE // DRAW_STRIDE
+
+
+def draw_seed(surface: str, draw: int = 0) -> int:
+    """The seed of `surface`'s labelled set number `draw` (0: the gated one); no two draws share an image."""
+    return SURFACE_STRIDE * list(LOCALISATION_SURFACES).index(surface) + DRAW_STRIDE * draw
 
 
 def localisation_suite(
@@ -367,9 +373,7 @@ def localisation_suite(
         surface: [
             image
             for draw in range(draws)
-            for image in labelled_set(
-                surface, goods, per_defect, seed=1000 * list(LOCALISATION_SURFACES).index(surface) + DRAW_STRIDE * draw
-            )
+            for image in labelled_set(surface, goods, per_defect, seed=draw_seed(surface, draw))
         ]
         for surface in surfaces
     }

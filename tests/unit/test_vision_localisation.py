@@ -90,9 +90,8 @@ def test_metrics_on_known_answers():
 def test_draws_of_a_surface_share_no_image():
     """`--draws` scores several labelled sets of a surface together: they must be different images, goods and
     defective ones alike (a draw's seeds span 143; draws are DRAW_STRIDE apart)."""
-    base = 1000 * list(ev.LOCALISATION_SURFACES).index("cast-surface")
     first, second = (
-        {item.data for item in ev.labelled_set("cast-surface", 10, 3, seed=base + ev.DRAW_STRIDE * draw)}
+        {item.data for item in ev.labelled_set("cast-surface", 10, 3, seed=ev.draw_seed("cast-surface", draw))}
         for draw in (0, ev.MAX_DRAWS - 1)
     )
     assert len(first) == len(second) == 25 and not first & second
