@@ -251,11 +251,11 @@ class Region:
 class RegionTuning:
     """How anomalous patches become one region per defect (multiples of the decision threshold)."""
 
-    grow: float = 0.9  # hysteresis: a region grows from its seeds through neighbours above this
+    grow: float = 0.8  # hysteresis: a region grows from its seeds through neighbours above this ...
+    half_way: float = 0.5  # ... and above this share of the way from the map's median to its seed's peak ...
     saddle: float = 0.55  # ... and not below this share of its seed's peak
     border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
     merge_gap: int = 1  # regions that share a patch or lie at most this many patches apart are one defect
-    min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
     box_share: float = 0.3  # a box is drawn where the map passes this share of the region's peak ...
     box_cap: float = 1.3  # ... but at most this (x threshold), and at least `grow`
     core_share: float = 0.7  # a region's cores: where it passes this share of its peak and `core_floor` ...
@@ -272,10 +272,15 @@ def regions(
 ) -> list[Region]:
     """One region per defect, strongest first.
 
-    * Hysteresis: patches above the threshold seed a region, which grows through neighbours above
-      `grow` x threshold, so a thin crack whose middle dips below the threshold stays one region; never below
-      `saddle` x the seed's own peak, so two strong defects joined by a weaker ridge stay two.
+    * Hysteresis: patches above the threshold seed a region, which grows through neighbours above its seed's
+      half maximum over the surface's background (`half_way` of the way from the map's median to the seed's peak)
+      and above `grow` x threshold, so a thin crack whose middle dips below the threshold stays one region: on a
+      quiet surface a faint crack's ridge at 0.6-0.9x the threshold stands well above a background of 0.35x and is
+      followed, on a busy one texture at 0.7x next to it is not; never below `saddle` x the seed's own peak, so
+      two strong defects joined by a weaker ridge stay two.
     * A morphological closing bridges one-patch gaps along the defect before the regions are labelled.
+    * One seed patch is enough (a single small pit): the threshold is calibrated with a margin over the largest
+      held-out good patch, and an image whose anomaly score says defective gets the box that says where.
     * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
       padding makes border patches less like the references on surfaces it has seen little of.
     * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
@@ -298,12 +303,13 @@ def regions(
     if not seeds.any():
         return []
     seed_labels, _ = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
+    background = float(np.median(s))
     grown_regions = []
     for index in range(1, int(seed_labels.max()) + 1):
         seed = seed_labels == index
-        # grow down to grow x threshold, but not below `saddle` x the seed's peak: two strong defects that touch
-        # through a weaker ridge (a crack running into corrosion) stay two
-        level = max(tuning.grow * threshold, tuning.saddle * float(s[seed].max()))
+        peak = float(s[seed].max())
+        # the seed's half maximum over the surface's background, `grow` and `saddle` (the docstring's first point)
+        level = max(tuning.grow * threshold, background + tuning.half_way * (peak - background), tuning.saddle * peak)
         above = ndimage.binary_closing(np.pad(s > level, 1, mode="edge"), structure=np.ones((3, 3), dtype=bool))
         labels, _ = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
         grown_regions.append(np.isin(labels, np.unique(labels[seed])))
@@ -320,10 +326,9 @@ def regions(
             core = component & seeds
             if not core.any():
                 continue
-            peak = float(s[core].max())
-            if core.sum() < tuning.min_patches and peak < threshold * 1.5:
-                continue
-            found.append(Region(drawn, peak, feature_map[:, core].mean(axis=1), float(component.mean())))
+            found.append(
+                Region(drawn, float(s[core].max()), feature_map[:, core].mean(axis=1), float(component.mean()))
+            )
     return sorted(found, key=lambda r: r.score, reverse=True)
 
 
