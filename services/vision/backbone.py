@@ -25,6 +25,7 @@ import os
 import tempfile
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -56,9 +57,9 @@ class Extractor(Protocol):
 
     def pixels(self, image: Image.Image) -> np.ndarray: ...
 
-    def features(self, images: list[Image.Image | np.ndarray]) -> Any: ...
+    def features(self, images: Sequence[Image.Image | np.ndarray]) -> Any: ...
 
-    def patch_features(self, images: list[Image.Image | np.ndarray]) -> np.ndarray: ...
+    def patch_features(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray: ...
 
 
 def pixels(image: Image.Image, size: int) -> np.ndarray:
@@ -68,7 +69,28 @@ def pixels(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32) / 255.0
 
 
-def _stacked(images: list[Image.Image | np.ndarray], size: int) -> np.ndarray:
+#: ITU-R BT.601 luma: a pixel's luminance from its RGB
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def exposure(pixels: np.ndarray) -> float:
+    """How an image was exposed: the median luminance of its backbone input (`pixels`, [S, S, 3] in [0, 1]), over
+    every other pixel of every other row (a quarter of the work, the same median within ~0.002)."""
+    return float(np.median(pixels[::2, ::2] @ _LUMA))
+
+
+def exposed_as(pixels: np.ndarray, target: float, gain_bounds: tuple[float, float]) -> np.ndarray:
+    """`pixels` scaled so that their exposure is `target` (a gain within `gain_bounds`, values clipped to [0, 1]);
+    a new array. The texture features are not exposure-invariant (the colour groups are: they are relative to
+    the image's median patch), so a part photographed darker or brighter than its references is matched to them
+    first (the engine's `measure`)."""
+    low, high = gain_bounds
+    gain = min(max(target / max(exposure(pixels), 1e-3), low), high)
+    matched: np.ndarray = pixels * np.float32(gain)
+    return np.minimum(matched, 1.0, out=matched)
+
+
+def _stacked(images: Sequence[Image.Image | np.ndarray], size: int) -> np.ndarray:
     return np.stack([im if isinstance(im, np.ndarray) else pixels(im, size) for im in images])
 
 
@@ -193,15 +215,15 @@ class OnnxFeatureExtractor:
     def pixels(self, image: Image.Image) -> np.ndarray:
         return pixels(image, self.image_size)
 
-    def features(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
+    def features(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """[B, 236, S/8, S/8] patch features of a batch of images (or their `pixels`): one run."""
         return self._run(images)
 
-    def patch_features(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
+    def patch_features(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """`features` for a model build: the run hands its arena memory back when it ends."""
         return self._run(images, self._shrink)
 
-    def _run(self, images: list[Image.Image | np.ndarray], options: Any = None) -> np.ndarray:
+    def _run(self, images: Sequence[Image.Image | np.ndarray], options: Any = None) -> np.ndarray:
         features: np.ndarray = self.session.run(None, {"pixels": _stacked(images, self.image_size)}, options)[0]
         return features
 
@@ -248,12 +270,12 @@ class TorchFeatureExtractor:
     def pixels(self, image: Image.Image) -> np.ndarray:
         return pixels(image, self.image_size)
 
-    def patch_features(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
+    def patch_features(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """[B, 236, S/8, S/8] patch features of a batch of images (one forward pass), on the CPU."""
         features: np.ndarray = self.features(images).cpu().numpy()
         return features
 
-    def features(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
+    def features(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """`patch_features` left on the backbone's device (a memory bank there scores them without a copy)."""
         import torch
 

@@ -34,8 +34,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group;
-# 4: numpy archives instead of torch files, the coreset drawn by numpy
-FORMAT = 4
+# 4: numpy archives instead of torch files, the coreset drawn by numpy; 5: each reference's exposure beside its
+# features, a model's exposure (what queries are matched to)
+FORMAT = 5
 SUFFIX = ".npz"
 
 
@@ -57,10 +58,15 @@ class ModelCache:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def feature(self, sha256: str) -> np.ndarray | None:
+    def feature(self, sha256: str) -> tuple[np.ndarray, float] | None:
+        """The patch feature map of one reference image and its exposure (`backbone.exposure`), or None."""
         state = self._read(self.features_dir / f"{sha256}{SUFFIX}")
-        feature = state.get("feature") if state is not None else None
-        return feature if isinstance(feature, np.ndarray) else None
+        if state is None:
+            return None
+        feature, exposure = state.get("feature"), state.get("exposure")
+        if not isinstance(feature, np.ndarray) or not isinstance(exposure, int | float):
+            return None
+        return feature, float(exposure)
 
     def model(self, key: str) -> dict[str, Any] | None:
         """The state `put_model` wrote under `key`, or None."""
@@ -108,8 +114,8 @@ class ModelCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def put_feature(self, sha256: str, feature: np.ndarray) -> None:
-        self._write(self.features_dir / f"{sha256}{SUFFIX}", {"feature": feature})
+    def put_feature(self, sha256: str, feature: np.ndarray, exposure: float) -> None:
+        self._write(self.features_dir / f"{sha256}{SUFFIX}", {"feature": feature, "exposure": exposure})
 
     def put_model(self, key: str, state: dict[str, Any]) -> None:
         self._write(self.models_dir / f"{key}{SUFFIX}", state)

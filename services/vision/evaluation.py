@@ -7,14 +7,18 @@
   (`defect-synthesis`) over the starter surfaces and surfaces the project has never seen (texture photographs that
   ship with scikit-image), and how honest the answer is for an equipment type without references.
   `python -m services.vision.evaluation` prints it and writes JSON; tests/unit/test_vision_localisation.py gates it.
+* `robustness_suite`: the same labelled sets photographed not quite as the references were (re-encoded as JPEG,
+  15 % darker or brighter): good parts flagged and defects found (`--robustness`; gated as well).
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from copilot.domain import AnomalyMap
 from services.vision import samples
@@ -378,18 +382,86 @@ def localisation_suite(
         for surface in surfaces
     }
     results = [evaluate_localisation(engine, surface, sets[surface]) for surface in unseen]
-    for surface in unseen:
-        for data in reference_images(surface):
-            image = engine.decode(data)
-            engine.store.add(surface, "good", data, *image.size)
-    engine.load(set(unseen))
+    register_references(engine, unseen)
     results += [evaluate_localisation(engine, surface, images) for surface, images in sets.items()]
     return results
 
 
+def register_references(engine, surfaces: tuple[str, ...]) -> None:
+    """12 good references of each of `surfaces` (from the other half of its photograph) into `engine`'s store, and
+    their models built."""
+    for surface in surfaces:
+        for data in reference_images(surface):
+            image = engine.decode(data)
+            engine.store.add(surface, "good", data, *image.size)
+    engine.load(set(surfaces))
+
+
+# --- robustness: parts photographed not quite as their references were -------------------------------------------
+
+
+def _reencoded(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+#: How a photo may differ from the references' and show the same part: a camera's compression, another exposure.
+PERTURBATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "jpeg-90": lambda image: _reencoded(image, 90),
+    "jpeg-60": lambda image: _reencoded(image, 60),
+    "darker-15%": lambda image: ImageEnhance.Brightness(image).enhance(0.85),
+    "brighter-15%": lambda image: ImageEnhance.Brightness(image).enhance(1.15),
+}
+
+
+@dataclass
+class RobustnessEval:
+    surface: str
+    perturbation: str
+    goods: int
+    false_positives: int  # good images with any defect
+    defective: int
+    detected: int  # defective images with any defect
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def robustness_suite(
+    engine, goods: int = 10, per_defect: int = 3, unseen: tuple[str, ...] = UNSEEN_SURFACES, draws: int = 1
+) -> list[RobustnessEval]:
+    """The labelled sets of the starter and `unseen` surfaces, each image changed by each of PERTURBATIONS, scored
+    against the surface's own references (the unseen surfaces' are registered first when missing): good parts must
+    stay good and defects be found when the camera compresses harder or the light changes."""
+    missing = tuple(s for s in unseen if s not in engine.reference_sets())
+    if missing:
+        register_references(engine, missing)
+    results = []
+    for surface in (*STARTER_SURFACES, *unseen):
+        images = [
+            (item.kind, Image.open(io.BytesIO(item.data)).convert("RGB"))
+            for draw in range(draws)
+            for item in labelled_set(surface, goods, per_defect, seed=draw_seed(surface, draw))
+        ]
+        for name, change in PERTURBATIONS.items():
+            result = RobustnessEval(surface, name, 0, 0, 0, 0)
+            for kind, image in images:
+                found = bool(engine.analyze(samples.to_bytes(change(image), "PNG"), surface).defects)
+                if kind == "good":
+                    result.goods += 1
+                    result.false_positives += found
+                else:
+                    result.defective += 1
+                    result.detected += found
+            results.append(result)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.vision.evaluation [--hard] [--draws N]`: the localisation suite on a fresh store with the
-    starter set; prints a table and writes <data dir>/eval/vision-localisation.json."""
+    """`python -m services.vision.evaluation [--hard] [--draws N] [--robustness]`: the localisation suite (and the
+    robustness suite) on a fresh store with the starter set; prints tables and writes
+    <data dir>/eval/vision-localisation.json (and vision-localisation-robustness.json beside it)."""
     import argparse
     import json
     import tempfile
@@ -408,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draws", type=int, default=1, help="disjoint labelled sets per surface, scored together (1: the gated one)"
     )
+    parser.add_argument(
+        "--robustness", action="store_true", help="also the sets re-encoded and re-exposed (PERTURBATIONS)"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     unseen = (*UNSEEN_SURFACES, *HARD_SURFACES) if args.hard else UNSEEN_SURFACES
@@ -416,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.seed_starter_set()
         engine.load()
         results = localisation_suite(engine, unseen=unseen, draws=args.draws)
+        robustness = robustness_suite(engine, unseen=unseen, draws=args.draws) if args.robustness else []
     columns = ["image_auroc", "pixel_auroc", "pro", "box_hit_rate", "boxes_per_defect", "false_positive_rate"]
     table = Table("surface", "references", *columns, "defect conf.", title="vision localisation (defect-synthesis)")
     for r in results:
@@ -439,6 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([r.as_dict() for r in results], indent=2))
     console.print(f"wrote {target}")
+    if robustness:
+        changed = Table("surface", *PERTURBATIONS, title="good parts flagged / defective images found, photos changed")
+        for surface in dict.fromkeys(r.surface for r in robustness):
+            row = [r for r in robustness if r.surface == surface]
+            changed.add_row(surface, *(f"{r.false_positives}/{r.goods} · {r.detected}/{r.defective}" for r in row))
+        console.print(changed)
+        other = target.with_name(f"{target.stem}-robustness.json")
+        other.write_text(json.dumps([r.as_dict() for r in robustness], indent=2))
+        console.print(f"wrote {other}")
     return 0
 
 

@@ -256,7 +256,6 @@ class RegionTuning:
     saddle: float = 0.55  # ... and not below this share of its seed's peak
     border_seed: float = 1.25  # a seed in the outermost ring of patches (padding, edge effects) must pass this
     merge_gap: int = 1  # regions that share a patch or lie at most this many patches apart are one defect
-    min_patches: int = 2  # fewer seed patches make a region only when the peak passes 1.5x
     box_share: float = 0.3  # a box is drawn where the map passes this share of the region's peak ...
     box_cap: float = 1.3  # ... but at most this (x threshold), and at least `grow`
     core_share: float = 0.7  # a region's cores: where it passes this share of its peak and `core_floor` ...
@@ -280,10 +279,10 @@ def regions(
       followed, on a busy one texture at 0.7x next to it is not; never below `saddle` x the seed's own peak, so
       two strong defects joined by a weaker ridge stay two.
     * A morphological closing bridges one-patch gaps along the defect before the regions are labelled.
-    * A region needs `min_patches` seed patches unless its peak passes 1.5x: a lone patch just above the threshold
-      is how an exposure the references were not taken at shows first (a brushed-steel part photographed 15 %
-      darker: 13 of 20 good parts flagged with one patch enough, 1 with two), so a one-patch pit at 1.01x is
-      missed (three of the cast surface's 60 defective images).
+    * One seed patch is enough (a single small pit): the threshold is calibrated with a margin over the largest
+      held-out good patch, and an image whose anomaly score says defective gets the box that says where. (Before
+      queries were matched to their references' exposure, a lone patch just above the threshold was how another
+      exposure showed first: two patches, or one at 1.5x, were needed.)
     * Seeds in the outermost ring of patches count only above `border_seed` x threshold: the backbone's zero
       padding makes border patches less like the references on surfaces it has seen little of.
     * Regions that overlap or lie `merge_gap` patches apart are merged: pieces of one scratch, a cluster of pits.
@@ -329,10 +328,9 @@ def regions(
             core = component & seeds
             if not core.any():
                 continue
-            peak = float(s[core].max())
-            if core.sum() < tuning.min_patches and peak < threshold * 1.5:
-                continue
-            found.append(Region(drawn, peak, feature_map[:, core].mean(axis=1), float(component.mean())))
+            found.append(
+                Region(drawn, float(s[core].max()), feature_map[:, core].mean(axis=1), float(component.mean()))
+            )
     return sorted(found, key=lambda r: r.score, reverse=True)
 
 

@@ -114,17 +114,12 @@ def test_a_busy_surfaces_texture_next_to_a_faint_defect_stays_out_of_its_box():
     assert np.median(scores) + RegionTuning().half_way * (1.1 - np.median(scores)) > 0.85
 
 
-def test_a_lone_patch_just_above_the_threshold_is_not_a_defect():
-    """One patch at 1.02x is how a shift of exposure first shows (README: a brushed-steel part photographed 15 %
-    darker); two such patches, or one at 1.5x, are a defect. The price: a one-patch pit at 1.01x is missed."""
+def test_one_patch_above_the_threshold_is_a_defect():
+    """A small pit passes the threshold on one patch only (the cast surface's black pits at 1.01x): it gets its box
+    (before: two seed patches or 1.5x were needed, and the image was scored defective with no defect named)."""
     scores = np.full((32, 32), 0.35, dtype=np.float32)
     scores[19:22, 9:12] = 0.7
     scores[20, 10] = 1.02
-    assert _found(scores) == []
-    (one,) = _found(scores, RegionTuning(min_patches=1))
-    assert one[0] <= 10 / 32 and one[2] >= 11 / 32 and one[2] - one[0] <= 3 / 32, one
-    scores[20, 11] = 1.02
-    assert len(_found(scores)) == 1
-    scores[20, 11] = 0.7
-    scores[20, 10] = 1.5
-    assert len(_found(scores)) == 1
+    (box,) = _found(scores)
+    assert box[0] <= 10 / 32 and box[2] >= 11 / 32 and box[1] <= 20 / 32 and box[3] >= 21 / 32, box
+    assert box[2] - box[0] <= 3 / 32 and box[3] - box[1] <= 3 / 32, box
