@@ -1,7 +1,7 @@
 """Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
 in seconds instead of recomputing every reference image and memory bank:
 
-    <root>/cache/features/<backbone>-<size>/<sha256>.npz  the patch feature map of one reference image
+    <root>/cache/features/<backbone>-<size>/<sha256>.npz  the patch feature map of one reference image, its exposure
     <root>/cache/models/<key>.npz                         a built equipment-type model (memory bank + typer)
 
 A model's key is the SHA-256 of everything it is built from: the cache format, the backbone, the image size,
