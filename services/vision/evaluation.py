@@ -362,6 +362,15 @@ def draw_seed(surface: str, draw: int = 0) -> int:
     return SURFACE_STRIDE * list(LOCALISATION_SURFACES).index(surface) + DRAW_STRIDE * draw
 
 
+def labelled_draws(surface: str, goods: int, per_defect: int, draws: int) -> list[LabelledImage]:
+    """Draws 0 .. `draws` - 1 of `surface`'s labelled set, together."""
+    return [
+        image
+        for draw in range(draws)
+        for image in labelled_set(surface, goods, per_defect, seed=draw_seed(surface, draw))
+    ]
+
+
 def localisation_suite(
     engine, goods: int = 10, per_defect: int = 3, unseen: tuple[str, ...] = UNSEEN_SURFACES, draws: int = 1
 ) -> list[LocalisationEval]:
@@ -373,14 +382,7 @@ def localisation_suite(
     if not 1 <= draws <= MAX_DRAWS:
         raise ValueError(f"draws must be between 1 and {MAX_DRAWS}")
     surfaces = [*STARTER_SURFACES, *unseen]
-    sets = {
-        surface: [
-            image
-            for draw in range(draws)
-            for image in labelled_set(surface, goods, per_defect, seed=draw_seed(surface, draw))
-        ]
-        for surface in surfaces
-    }
+    sets = {surface: labelled_draws(surface, goods, per_defect, draws) for surface in surfaces}
     results = [evaluate_localisation(engine, surface, sets[surface]) for surface in unseen]
     register_references(engine, unseen)
     results += [evaluate_localisation(engine, surface, images) for surface, images in sets.items()]
@@ -401,9 +403,7 @@ def register_references(engine, surfaces: tuple[str, ...]) -> None:
 
 
 def _reencoded(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(samples.to_bytes(image, "JPEG", quality))).convert("RGB")
 
 
 #: How a photo may differ from the references' and show the same part: a camera's compression, another exposure.
@@ -441,8 +441,7 @@ def robustness_suite(
     for surface in (*STARTER_SURFACES, *unseen):
         images = [
             (item.kind, Image.open(io.BytesIO(item.data)).convert("RGB"))
-            for draw in range(draws)
-            for item in labelled_set(surface, goods, per_defect, seed=draw_seed(surface, draw))
+            for item in labelled_draws(surface, goods, per_defect, draws)
         ]
         for name, change in PERTURBATIONS.items():
             result = RobustnessEval(surface, name, 0, 0, 0, 0)

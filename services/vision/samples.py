@@ -172,9 +172,9 @@ def make_defect(surface: str, defect: str, seed: int, size: int = 256) -> Image.
     return DEFECTS[defect](make_surface(surface, seed, size), seed)
 
 
-def to_bytes(image: Image.Image, fmt: str = "JPEG") -> bytes:
+def to_bytes(image: Image.Image, fmt: str = "JPEG", quality: int = 92) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format=fmt, quality=92)
+    image.save(buf, format=fmt, quality=quality)
     return buf.getvalue()
 
 
