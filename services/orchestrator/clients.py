@@ -33,6 +33,15 @@ class AgentClients(Protocol):
     async def close(self) -> None: ...
 
 
+class AgentCatalog(Protocol):
+    """What the agents hold, for ListEquipment: the machine types the knowledge library's documents are written
+    for, and the vision reference sets."""
+
+    async def sop_types(self, plant_id: str, timeout: float) -> dict[str, list[str]]: ...
+
+    async def reference_sets(self, timeout: float) -> list[str]: ...
+
+
 class GrpcAgentClients:
     """Typed async stubs over one channel per agent (round_robin + retry policy in the service config)."""
 
@@ -86,6 +95,33 @@ class GrpcAgentClients:
     async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport:
         response = await self.report.ComposeReport(convert.report_inputs_to_pb(inputs), timeout=timeout)
         return convert.report_from_pb(response.report)
+
+    async def sop_types(self, plant_id: str, timeout: float) -> dict[str, list[str]]:
+        """Machine type -> ids of the documents in scope at `plant_id` written for it (every page)."""
+        found: dict[str, list[str]] = {}
+        token = ""
+        while True:
+            page = await self.knowledge.ListDocuments(
+                knowledge_pb2.ListDocumentsRequest(page_size=500, page_token=token, plant_id=plant_id), timeout=timeout
+            )
+            for document in page.documents:
+                for equipment_type in document.equipment_types:
+                    found.setdefault(equipment_type, []).append(document.document_id)
+            token = page.next_page_token
+            if not token:
+                return dict(sorted(found.items()))
+
+    async def reference_sets(self, timeout: float) -> list[str]:
+        sets: set[str] = set()
+        token = ""
+        while True:
+            page = await self.vision.ListReferences(
+                vision_pb2.ListReferencesRequest(page_size=500, page_token=token), timeout=timeout
+            )
+            sets.update(r.equipment_type for r in page.references)
+            token = page.next_page_token
+            if not token:
+                return sorted(sets)
 
     async def close(self) -> None:
         for channel in self._channels:

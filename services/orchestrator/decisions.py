@@ -12,6 +12,7 @@ from copilot.domain import (
     GuidanceStep,
     IncidentReport,
     ReportInputs,
+    ReviewKind,
     Stage,
     StageState,
     StageStatus,
@@ -43,14 +44,27 @@ def merge_confidence(stages: list[StageStatus]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
+#: Guidance reviews that send a diagnosis to manual review whatever its confidence: steps that are not written
+#: for this machine, or matched in a language the library does not serve, are not an answer to trust.
+REVIEW_REASONS = {
+    ReviewKind.EQUIPMENT_NOT_COVERED: EscalationReason.EQUIPMENT_NOT_COVERED,
+    ReviewKind.EQUIPMENT_MISMATCH: EscalationReason.EQUIPMENT_MISMATCH,
+    ReviewKind.UNSUPPORTED_LANGUAGE: EscalationReason.UNSUPPORTED_LANGUAGE,
+    ReviewKind.UNKNOWN_EQUIPMENT_WEAK_MATCH: EscalationReason.UNKNOWN_EQUIPMENT_WEAK_MATCH,
+}
+
+
 def escalation_reasons(
     stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
 ) -> tuple[EscalationReason, ...]:
-    """Every reason that applies, most serious first. Only LOW_CONFIDENCE decides manual review (the seed's
-    rule: mean < 0.5); the others tell the reviewer where to look."""
+    """Every reason that applies, most serious first. Manual review is decided by LOW_CONFIDENCE (the seed's
+    rule: mean < 0.5) and by the guidance's own reviews (REVIEW_REASONS); the others tell the reviewer where to
+    look."""
     reasons = []
     if any(s.state is StageState.DEGRADED for s in stages):
         reasons.append(EscalationReason.STAGE_DEGRADED)
+    if guidance is not None:
+        reasons += [REVIEW_REASONS[r.kind] for r in guidance.reviews]
     if confidence < MANUAL_REVIEW_THRESHOLD:
         reasons.append(EscalationReason.LOW_CONFIDENCE)
     if guidance is None or guidance.fallback or not guidance.citations:
@@ -63,8 +77,20 @@ def escalation_reasons(
     return tuple(reasons)
 
 
-def requires_manual_review(confidence: float) -> bool:
-    return confidence < MANUAL_REVIEW_THRESHOLD
+def requires_manual_review(confidence: float, guidance: Guidance | None = None) -> bool:
+    return confidence < MANUAL_REVIEW_THRESHOLD or (guidance is not None and bool(guidance.reviews))
+
+
+def review_notes(stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None) -> tuple[str, ...]:
+    """Why the diagnosis goes to manual review, one sentence each, for the response and the report (empty when it
+    does not)."""
+    if not requires_manual_review(confidence, guidance):
+        return ()
+    notes = [r.message for r in guidance.reviews] if guidance is not None else []
+    if confidence < MANUAL_REVIEW_THRESHOLD:
+        notes.append(f"The diagnosis confidence is {confidence:.0%}, below {MANUAL_REVIEW_THRESHOLD:.0%}.")
+    notes += [f"The {s.stage.value} stage was degraded ({s.error})." for s in stages if s.state is StageState.DEGRADED]
+    return tuple(notes)
 
 
 def fallback_report(inputs: ReportInputs) -> IncidentReport:

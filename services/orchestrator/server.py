@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
 from copilot.domain import DiagnosisInput, PastIncident
+from copilot.equipment import EquipmentRegistry
 from copilot.images import ImageLimits
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.admission import AdmissionInterceptor
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
+from services.orchestrator.equipment import DEFAULT_REGISTRY, EquipmentResolver
 from services.orchestrator.history import IncidentStore
 from services.orchestrator.servicer import CopilotServicer
 from services.orchestrator.validation import image_violations
 from services.orchestrator.workflow import DiagnosisWorkflow, RelatedIncidents, StageTimeouts
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = COPILOT_SERVICE
 DIAGNOSIS_METHODS = {f"/{SERVICE_NAME}/{name}" for name in ("Diagnose", "StreamDiagnose", "DiagnoseBatch")}
 
@@ -46,6 +51,16 @@ class OrchestratorSettings(ServerSettings):
     # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
     database_url: str = Field(default_factory=lambda: f"sqlite:///{data_dir() / 'incidents.db'}")
     related_incidents: int = Field(3, ge=0, le=10, description="past incidents cited in a report's follow-up")
+    equipment_registry: Path | None = Field(
+        DEFAULT_REGISTRY,
+        description="YAML equipment registry (equipment id or pattern -> machine type, reference set); empty: none",
+    )
+
+    @field_validator("equipment_registry", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
     # Backpressure: diagnoses in flight (a batch counts once) and a per-principal rate (a batch of n costs n).
     max_in_flight: int = Field(64, ge=1)
     rate_limit: str = Field("600/minute", description="`limits` syntax, e.g. 10/second; empty disables")
@@ -95,11 +110,14 @@ def build(
         tls=settings.tls,
     )
     history = IncidentStore(settings.database_url)
+    registry = EquipmentRegistry.load(settings.equipment_registry)
+    log.info("equipment registry: %d entries from %s", len(registry.entries), settings.equipment_registry)
     workflow = DiagnosisWorkflow(
         clients,
         StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s, settings.report_timeout_s),
         parallel=settings.parallel_stages,
         related_incidents=related_incidents(history, settings.related_incidents),
+        equipment=EquipmentResolver(registry),
     )
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     servicer = CopilotServicer(
@@ -108,6 +126,7 @@ def build(
         image_limits=limits,
         batch_max_items=settings.batch_max_items,
         batch_concurrency=settings.batch_concurrency,
+        catalog=clients if isinstance(clients, GrpcAgentClients) else None,
     )
 
     async def warm_up() -> None:

@@ -21,6 +21,7 @@ from copilot.runtime.errors import abort_invalid
 from copilot.runtime.interceptors import Context, current_principal
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
+from services.orchestrator.clients import AgentCatalog
 from services.orchestrator.history import (
     IncidentStore,
     StoredFeedback,
@@ -95,8 +96,10 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         image_limits: ImageLimits,
         batch_max_items: int = 32,
         batch_concurrency: int = 4,
+        catalog: AgentCatalog | None = None,
     ) -> None:
         self.workflow = workflow
+        self.catalog = catalog
         self.history = history
         self.image_limits = image_limits
         self.batch_max_items = batch_max_items
@@ -221,3 +224,46 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         if not await asyncio.to_thread(self.history.add_feedback, request.request_id, feedback):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
         return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(feedback))
+
+    async def ListEquipment(
+        self, request: copilot_pb2.ListEquipmentRequest, context: Context
+    ) -> copilot_pb2.ListEquipmentResponse:
+        registry = self.workflow.equipment.registry
+        response = copilot_pb2.ListEquipmentResponse(
+            equipment=[
+                copilot_pb2.RegisteredEquipment(
+                    match=e.match,
+                    plant_id=e.plant_id,
+                    equipment_type=e.equipment_type,
+                    reference_set=e.reference_set,
+                    description=e.description,
+                )
+                for e in registry.for_plant(request.plant_id)
+            ]
+        )
+        if self.catalog is None:
+            response.unavailable.extend(["knowledge: not connected", "vision: not connected"])
+            return response
+        timeout = min(5.0, context.time_remaining() or 5.0)
+        types, sets = await asyncio.gather(
+            self.catalog.sop_types(request.plant_id, timeout),
+            self.catalog.reference_sets(timeout),
+            return_exceptions=True,
+        )
+        if isinstance(types, BaseException):
+            response.unavailable.append(f"knowledge: {_agent_error(types)}")
+        else:
+            response.sop_types.extend(
+                copilot_pb2.SopEquipmentType(equipment_type=t, document_ids=ids) for t, ids in types.items()
+            )
+        if isinstance(sets, BaseException):
+            response.unavailable.append(f"vision: {_agent_error(sets)}")
+        else:
+            response.reference_sets.extend(sets)
+        return response
+
+
+def _agent_error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    return type(exc).__name__

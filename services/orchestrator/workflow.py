@@ -45,7 +45,9 @@ from services.orchestrator.decisions import (
     fallback_report,
     merge_confidence,
     requires_manual_review,
+    review_notes,
 )
+from services.orchestrator.equipment import EquipmentContext, EquipmentResolver
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -81,6 +83,7 @@ class StageTimeouts:
 class DiagnosisState(TypedDict, total=False):
     request_id: str
     input: DiagnosisInput
+    equipment: EquipmentContext  # the machine type for knowledge, the reference set for vision
     deadline: float | None  # absolute, time.monotonic()
     vision: VisionFindings | None
     guidance: Guidance
@@ -112,8 +115,10 @@ class DiagnosisWorkflow:
         *,
         parallel: bool = False,
         related_incidents: RelatedIncidents | None = None,
+        equipment: EquipmentResolver | None = None,
     ) -> None:
         self.clients = clients
+        self.equipment = equipment or EquipmentResolver()
         self.timeouts = timeouts or StageTimeouts()
         self.parallel = parallel
         self.related_incidents = related_incidents
@@ -202,12 +207,13 @@ class DiagnosisWorkflow:
 
     async def _vision(self, state: DiagnosisState) -> dict[str, Any]:
         req = state["input"]
+        reference_set = state["equipment"].reference_set
         findings, status = await self._call(
             Stage.VISION,
             state,
             self.timeouts.vision,
             lambda t: self.clients.analyze_image(
-                req.image_data, req.image_mime_type, req.image_id, req.equipment_id, req.equipment_type, t
+                req.image_data, req.image_mime_type, req.image_id, req.equipment_id, reference_set, t
             ),
             lambda f: (
                 f.confidence,
@@ -220,12 +226,13 @@ class DiagnosisWorkflow:
         req = state["input"]
         vision = state.get("vision")
         defects = vision.defects if vision is not None else ()
+        equipment_type = state["equipment"].equipment_type
         guidance, status = await self._call(
             Stage.KNOWLEDGE,
             state,
             self.timeouts.knowledge,
             lambda t: self.clients.advise(
-                req.problem_description, defects, req.plant_id, req.equipment_id, req.equipment_type, t
+                req.problem_description, defects, req.plant_id, req.equipment_id, equipment_type, t
             ),
             lambda g: (
                 g.confidence,
@@ -258,10 +265,10 @@ class DiagnosisWorkflow:
         req = state["input"]
         stages = state["stages"]
         confidence = merge_confidence(stages)
-        manual = requires_manual_review(confidence)
         related = config.get("configurable", {}).get(RELATED)
         vision = state.get("vision")
         guidance = state.get("guidance") or FALLBACK_GUIDANCE
+        manual = requires_manual_review(confidence, guidance)
         notes = tuple(f"{s.stage.value} stage degraded ({s.error})" for s in stages if s.state is StageState.DEGRADED)
         inputs = ReportInputs(
             request_id=state["request_id"],
@@ -279,6 +286,8 @@ class DiagnosisWorkflow:
             related_incidents=await related if related is not None else (),
             vision_summary=vision.description[:2000] if vision else "",
             vision_confidence=min(1.0, max(0.0, vision.confidence)) if vision else 0.0,
+            review_notes=review_notes(stages, confidence, guidance)[:16],
+            equipment_type=guidance.equipment_type or state["equipment"].equipment_type,
         )
         report, status = await self._call(
             Stage.REPORT,
@@ -324,9 +333,18 @@ class DiagnosisWorkflow:
                 if self.related_incidents is not None
                 else None
             )
+            equipment = self.equipment.resolve(request)
+            span.set_attributes(
+                {
+                    "app.equipment_type": equipment.equipment_type,
+                    "app.equipment_type.source": equipment.type_source,
+                    "app.reference_set": equipment.reference_set,
+                }
+            )
             initial: DiagnosisState = {
                 "request_id": request_id,
                 "input": request,
+                "equipment": equipment,
                 "deadline": deadline,
                 "vision": None,
                 "stages": [],
@@ -361,7 +379,8 @@ class DiagnosisWorkflow:
         if Stage.VISION not in stages:
             stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")
         ordered = [stages[s] for s in (Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT)]
-        reasons = escalation_reasons(ordered, final["confidence"], final.get("guidance"))
+        guidance = final.get("guidance")
+        reasons = escalation_reasons(ordered, final["confidence"], guidance)
         meters = copilot_metrics()
         meters.diagnoses.add(1, {"requires_manual_review": final["requires_manual_review"]})
         meters.diagnosis_confidence.record(final["confidence"])
@@ -386,4 +405,9 @@ class DiagnosisWorkflow:
             safety_disclaimer=SAFETY_DISCLAIMER,
             escalation_reasons=reasons,
             trace_id=format(span.get_span_context().trace_id, "032x"),
+            review_notes=review_notes(ordered, final["confidence"], guidance),
+            equipment_type=(guidance.equipment_type if guidance else "") or final["equipment"].equipment_type,
+            reference_set=final["equipment"].reference_set
+            if Stage.VISION in {s.stage for s in final["stages"]}
+            else "",
         )

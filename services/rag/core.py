@@ -19,7 +19,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-from copilot.domain import Defect, FieldViolation, Guidance, GuidanceStep, SopChunk, SopCitation
+from copilot.domain import (
+    MANUAL_REVIEW_THRESHOLD,
+    Defect,
+    FieldViolation,
+    Guidance,
+    GuidanceReview,
+    GuidanceStep,
+    ReviewKind,
+    SopChunk,
+    SopCitation,
+)
+from copilot.equipment import EquipmentVocabulary, canonical_scope, default_vocabulary
 from copilot.runtime.config import data_dir
 from services.rag.citations import verify
 from services.rag.corpus import (
@@ -33,6 +44,8 @@ from services.rag.corpus import (
     step_lines,
 )
 from services.rag.generators import Draft, ExtractiveGenerator, GenerationRequest, Generator, is_safety
+from services.rag.language import LanguageGuess
+from services.rag.language import detect as detect_language
 from services.rag.store import DocumentStore, IngestResult, StoredDocument, VersionConflict, identifiers, open_client
 
 # Offline by default: nothing in this process may reach a model hub unless the operator says so.
@@ -156,6 +169,32 @@ class AdvisorTuning:
     identifier_boost: float = 0.25
     candidates: int = 12  # vector candidates fetched before filtering stale versions and re-ranking
     fallback_confidence: float = 0.2
+    #: When nothing tells which machine the request is about (no type, none in the equipment id or the problem),
+    #: guidance below this confidence goes to review even above the seed's 0.5: an unscoped match of 0.5-0.6 was
+    #: as often another machine's SOP as the right one on the tuning questions (services/rag/eval).
+    unknown_equipment_min_confidence: float = 0.62
+
+
+@dataclass(frozen=True)
+class EquipmentTarget:
+    """The machine a request is about, as far as the knowledge agent can tell."""
+
+    equipment_type: str = ""  # "" = unknown
+    source: str = ""  # "request" | "equipment-id" | "description" | ""
+    names: frozenset[str] = frozenset()  # every type name that counts as this machine (several machines named: all)
+    covered: bool = False  # some document in scope is written for it
+    phrase: str = ""  # the words that named it, when inferred
+
+    @property
+    def known(self) -> bool:
+        return bool(self.equipment_type)
+
+    def explain(self) -> str:
+        if self.source == "equipment-id":
+            return f"{self.equipment_type} (from the equipment id's '{self.phrase}')"
+        if self.source == "description":
+            return f"{self.equipment_type} (the problem names '{self.phrase}')"
+        return self.equipment_type
 
 
 FALLBACK_STEPS = (
@@ -174,6 +213,7 @@ class KnowledgeBase:
         generator: Generator | None = None,
         chunking: ChunkingPolicy | None = None,
         limits: DocumentLimits | None = None,
+        vocabulary: EquipmentVocabulary | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
@@ -182,7 +222,9 @@ class KnowledgeBase:
         self.extractive = ExtractiveGenerator()
         self.chunking = chunking or ChunkingPolicy()
         self.limits = limits or DocumentLimits()
-        self._scopes: tuple[float, frozenset[str]] | None = None  # (when read, equipment types documents declare)
+        self.vocabulary = vocabulary or default_vocabulary()
+        # (when read, each document's (id, equipment types, plant ids), canonical)
+        self._scopes: tuple[float, tuple[tuple[str, frozenset[str], frozenset[str]], ...]] | None = None
 
     # --- documents ------------------------------------------------------------------------------
 
@@ -213,7 +255,8 @@ class KnowledgeBase:
         return sum(self.ingest(doc).chunks_written for doc in documents)
 
     def list_documents(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
-        return self.store.list(equipment_type, plant_id)
+        """Documents in scope for a machine type (any name that counts as it) and a plant, in any spelling."""
+        return self.store.list(self.vocabulary.same_machine(equipment_type) if equipment_type else "", plant_id)
 
     def get_document(self, document_id: str) -> StoredDocument | None:
         return self.store.get(document_id)
@@ -227,16 +270,75 @@ class KnowledgeBase:
 
     SCOPE_TTL_S = 30.0  # other replicas may change the library (Chroma server mode)
 
-    def scope_type(self, equipment_type: str) -> str:
-        """The equipment type to filter on: "" (no filter) when no document declares it, so that a type the
-        library does not know (e.g. a vision reference set such as `brushed-steel`) does not hide every
-        equipment-specific document."""
-        if not equipment_type:
-            return ""
+    def _library(self) -> tuple[tuple[str, frozenset[str], frozenset[str]], ...]:
         now = time.monotonic()
         if self._scopes is None or now - self._scopes[0] > self.SCOPE_TTL_S:
-            self._scopes = (now, frozenset(t for d in self.store.list() for t in d.equipment_types))
-        return equipment_type if equipment_type in self._scopes[1] else ""
+            documents = self.store.list()
+            self._scopes = (
+                now,
+                tuple(
+                    (
+                        d.document_id,
+                        frozenset(canonical_scope(t) for t in d.equipment_types),
+                        frozenset(canonical_scope(p) for p in d.plant_ids),
+                    )
+                    for d in documents
+                ),
+            )
+        return self._scopes[1]
+
+    def documents_for(self, names: frozenset[str], plant_id: str = "") -> list[str]:
+        """Ids of the documents in scope at `plant_id` written specifically for one of `names`."""
+        plant = canonical_scope(plant_id)
+        return [
+            document_id
+            for document_id, types, plants in self._library()
+            if types & names and (not plant or not plants or plant in plants)
+        ]
+
+    def library_types(self, plant_id: str = "") -> dict[str, list[str]]:
+        """Machine type -> the documents in scope at `plant_id` written for it."""
+        plant = canonical_scope(plant_id)
+        found: dict[str, list[str]] = {}
+        for document_id, types, plants in self._library():
+            if not plant or not plants or plant in plants:
+                for t in sorted(types):
+                    found.setdefault(t, []).append(document_id)
+        return dict(sorted(found.items()))
+
+    def known_type(self, equipment_type: str) -> bool:
+        """A machine type the vocabulary or some document names (a vision reference set such as `brushed-steel`,
+        which earlier releases sent in this field, is neither)."""
+        name = canonical_scope(equipment_type)
+        return self.vocabulary.knows(name) or any(name in types for _, types, _ in self._library())
+
+    def scope_type(self, equipment_type: str) -> frozenset[str]:
+        """The type names a Retrieve restricted to `equipment_type` filters on: empty (no filter) for a word that
+        is not a machine type, so it does not hide every equipment-specific document."""
+        if not equipment_type or not self.known_type(equipment_type):
+            return frozenset()
+        return self.vocabulary.same_machine(equipment_type)
+
+    def equipment_target(
+        self, equipment_type: str = "", equipment_id: str = "", problem: str = "", plant_id: str = ""
+    ) -> EquipmentTarget:
+        """Which machine the request is about: the request's type (the caller's or the equipment registry's), else
+        a machine a word of the equipment id names ("PUMP-A-7"), else the machines the problem names ("the
+        chiller trips"); and whether a document in scope at the plant is written for it."""
+        if equipment_type and self.known_type(equipment_type):
+            name = canonical_scope(equipment_type)
+            names = self.vocabulary.same_machine(name)
+            return EquipmentTarget(name, "request", names, bool(self.documents_for(names, plant_id)))
+        for source, mentions in (
+            ("equipment-id", self.vocabulary.in_equipment_id(equipment_id) if equipment_id else []),
+            ("description", self.vocabulary.mentioned(problem) if problem else []),
+        ):
+            if mentions:
+                names = frozenset(n for m in mentions for n in m.kind.names)
+                covered = [m for m in mentions if self.documents_for(frozenset(m.kind.names), plant_id)]
+                first = (covered or mentions)[0]
+                return EquipmentTarget(first.kind.name, source, names, bool(covered), first.phrase)
+        return EquipmentTarget()
 
     def count(self) -> int:
         return self.store.chunk_count()
@@ -257,15 +359,17 @@ class KnowledgeBase:
         self,
         query: str,
         top_k: int | None = None,
-        equipment_type: str = "",
+        equipment_type: str | frozenset[str] = "",
         plant_id: str = "",
         embedding: Sequence[float] | None = None,
     ) -> list[SopChunk]:
-        """Top chunks of live document versions, best first, score in [0, 1]. `embedding`: the query's, when the
-        caller has it already (`query_embedding`)."""
+        """Top chunks of live document versions, best first, score in [0, 1]. `equipment_type`: a type (the names
+        that count as that machine are searched, see `scope_type`) or the exact set of type names to keep to.
+        `embedding`: the query's, when the caller has it already (`query_embedding`)."""
         t = self.tuning
         k = top_k or t.top_k
-        equipment_type = self.scope_type(equipment_type)
+        if isinstance(equipment_type, str):
+            equipment_type = self.scope_type(equipment_type)
         if embedding is None:
             embedding = self.embedder.embed_query(query)
         terms = identifiers(query) if t.hybrid else []
@@ -316,11 +420,89 @@ class KnowledgeBase:
         equipment_type: str = "",
         plant_id: str = "",
         embedding: Sequence[float] | None = None,
+        equipment_id: str = "",
     ) -> Guidance:
-        """`embedding`: that of `build_query(problem_description, defects)`, when the caller has it already."""
+        """Guidance for the machine the request is about (`equipment_target`): retrieval keeps to documents written
+        for it when some are; when none is (or the language is not served) the closest steps are returned with a
+        review that says why, never as that machine's own procedure. `embedding`: that of
+        `build_query(problem_description, defects)`, when the caller has it already."""
+        target = self.equipment_target(equipment_type, equipment_id, problem_description, plant_id)
+        language = detect_language(problem_description)
+        guidance = self._advise(problem_description, defects, top_k, target, plant_id, embedding)
+        reviews = self._reviews(guidance, target, language, plant_id)
+        return replace(
+            guidance,
+            equipment_type=target.equipment_type,
+            equipment_source=target.source,
+            language=language.code,
+            reviews=reviews,
+        )
+
+    def _reviews(
+        self, guidance: Guidance, target: EquipmentTarget, language: LanguageGuess, plant_id: str
+    ) -> tuple[GuidanceReview, ...]:
+        reviews = []
+        if not language.served:
+            reviews.append(
+                GuidanceReview(
+                    ReviewKind.UNSUPPORTED_LANGUAGE,
+                    f"The problem is written in {language.name}; the SOP library and its search understand English "
+                    "only, so its SOPs were not matched reliably: describe the problem in English, or have it "
+                    "reviewed.",
+                )
+            )
+        cited = {c.sop_id: c for c in guidance.citations}
+        stepped = [cited[i] for step in guidance.steps for i in step.sop_ids if i in cited]
+        foreign = list(
+            dict.fromkeys(c for c in stepped if c.equipment_types and not (set(c.equipment_types) & target.names))
+        )
+        where = f" at plant {plant_id}" if plant_id else ""
+        if target.known and not target.covered:
+            closest = _describe_sources(stepped) if stepped else "no SOP matched the problem"
+            reviews.append(
+                GuidanceReview(
+                    ReviewKind.EQUIPMENT_NOT_COVERED,
+                    f"No SOP in scope{where} is written for {target.explain()}; {closest}. The steps are the "
+                    "closest found, for the reviewer only.",
+                )
+            )
+        elif target.known and foreign:
+            reviews.append(
+                GuidanceReview(
+                    ReviewKind.EQUIPMENT_MISMATCH,
+                    f"{_describe_sources(foreign)}; the request is about {target.explain()}.",
+                )
+            )
+        elif (
+            not target.known
+            and not guidance.fallback
+            and MANUAL_REVIEW_THRESHOLD <= guidance.confidence < self.tuning.unknown_equipment_min_confidence
+        ):
+            reviews.append(
+                GuidanceReview(
+                    ReviewKind.UNKNOWN_EQUIPMENT_WEAK_MATCH,
+                    f"Neither the request nor the equipment id names the machine, and the best SOP match "
+                    f"({_describe_sources(stepped or list(guidance.citations))}) is weak "
+                    f"({guidance.confidence:.0%}): name the equipment type, or have it reviewed.",
+                )
+            )
+        return tuple(reviews)
+
+    def _advise(
+        self,
+        problem_description: str,
+        defects: Sequence[Defect],
+        top_k: int | None,
+        target: EquipmentTarget,
+        plant_id: str,
+        embedding: Sequence[float] | None,
+    ) -> Guidance:
         t = self.tuning
         query = self.build_query(problem_description, defects)
-        chunks = self.retrieve(query, top_k, equipment_type, plant_id, embedding)
+        # a machine some document is written for: only those (and the documents for every machine); a machine none
+        # is written for, or none known: the whole library, and the reviews say what the steps are
+        scope = target.names if target.covered else frozenset()
+        chunks = self.retrieve(query, top_k, scope, plant_id, embedding)
         supported = tuple(c for c in chunks if c.score >= t.min_score)
         if not supported:
             return self._fallback(query, (), ())
@@ -390,5 +572,24 @@ def _unique(chunks: list[SopChunk]) -> list[SopChunk]:
 
 def _citation(chunk: SopChunk) -> SopCitation:
     return SopCitation(
-        sop_id=chunk.sop_id, title=chunk.title, section=chunk.section, score=chunk.score, version=chunk.version
+        sop_id=chunk.sop_id,
+        title=chunk.title,
+        section=chunk.section,
+        score=chunk.score,
+        version=chunk.version,
+        equipment_types=chunk.equipment_types,
     )
+
+
+def _describe_sources(citations: Sequence[SopCitation]) -> str:
+    """ "the closest SOPs found are for air-compressor (COMP-520)" / "... are general procedures (LUB-120)"."""
+    by_type: dict[str, list[str]] = {}
+    for c in citations:
+        key = ", ".join(c.equipment_types[:3]) if c.equipment_types else ""
+        if c.sop_id not in by_type.setdefault(key, []):
+            by_type[key].append(c.sop_id)
+    parts = [
+        f"for {key} ({', '.join(ids)})" if key else f"general procedures ({', '.join(ids)})"
+        for key, ids in by_type.items()
+    ]
+    return "the closest SOPs found are " + "; ".join(parts)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from copilot.domain import FieldViolation
+from copilot.equipment import canonical_scope
 
 _FRONT_MATTER = re.compile(r"^---\r?\n(.*?)\r?\n---\r?\n", re.S)
 _MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
@@ -104,10 +105,11 @@ class SopDocument:
     version: str
     sections: tuple[Section, ...]
     equipment_types: tuple[str, ...] = field(default=())
-    plant_ids: tuple[str, ...] = field(default=())
+    plant_ids: tuple[str, ...] = field(default=())  # canonical (`canonical_scope`): what scopes are compared in
     format: DocumentFormat = DocumentFormat.MARKDOWN
     filename: str = ""
     size_bytes: int = 0
+    plant_labels: tuple[str, ...] = field(default=())  # the plant ids as the uploader wrote them, for listings
 
     @property
     def content_hash(self) -> str:
@@ -276,16 +278,30 @@ def _front_text(front: dict[str, object], key: str) -> str:
     return str(value)
 
 
-def _clean_list(values: object, field_name: str) -> tuple[str, ...]:
+def _scope_items(values: object, field_name: str) -> list[str]:
     if values is None or values == "":
-        return ()
+        return []
     if isinstance(values, str):
         items: Iterable[object] = [v.strip() for v in values.split(",")]
     elif isinstance(values, list | tuple) and all(isinstance(v, _SCALARS) for v in values):
         items = values
     else:
         raise _reject(field_name, "must be a list of names or a comma-separated string")
-    cleaned = tuple(sorted({str(v).strip().lower() for v in items if str(v).strip()} - {"all", "*"}))
+    return [str(v).strip() for v in items if str(v).strip() and canonical_scope(str(v)) not in {"all", "*"}]
+
+
+def _scope_labels(values: object, field_name: str) -> tuple[str, ...]:
+    """The scope values as written (one per canonical value, first spelling kept)."""
+    labels: dict[str, str] = {}
+    for item in _scope_items(values, field_name):
+        labels.setdefault(canonical_scope(item), item)
+    return tuple(labels[k] for k in sorted(labels))
+
+
+def _clean_list(values: object, field_name: str) -> tuple[str, ...]:
+    """Scope values in the one form they are compared in (`copilot.equipment.canonical_scope`): ingest, queries
+    and listings all use it, so "PUNE-IN" at ingest and "PUNE-IN" or "pune-in" at query time are one plant."""
+    cleaned = tuple(sorted({canonical_scope(v) for v in _scope_items(values, field_name)}))
     for value in cleaned:
         if not _SLUG.match(value):
             raise _reject(field_name, f"'{value}' must be kebab-case letters, digits and '-' (up to 64)")
@@ -349,6 +365,7 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
         sections=sections,
         equipment_types=_clean_list(meta.equipment_types or front.get("equipment_types"), "metadata.equipment_types"),
         plant_ids=_clean_list(meta.plant_ids or front.get("plant_ids"), "metadata.plant_ids"),
+        plant_labels=_scope_labels(meta.plant_ids or front.get("plant_ids"), "metadata.plant_ids"),
         format=fmt,
         filename=meta.filename,
         size_bytes=len(data),

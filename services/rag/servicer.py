@@ -110,6 +110,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                 request.equipment_type,
                 request.plant_id,
                 embedding,
+                request.equipment_id,
             )
             meters = copilot_metrics()
             if guidance.citations_removed:
@@ -126,6 +127,10 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
                     "app.generator": guidance.generator,
                     "app.citations_removed": guidance.citations_removed,
                     "app.cached": guidance.cached,
+                    "app.equipment_type": guidance.equipment_type,
+                    "app.equipment_source": guidance.equipment_source,
+                    "app.language": guidance.language,
+                    "app.reviews": [r.kind.value for r in guidance.reviews],
                 }
             )
             return convert.guidance_to_pb(guidance)

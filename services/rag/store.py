@@ -15,13 +15,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from copilot.domain import SopChunk
+from copilot.equipment import canonical_scope
 from services.rag.corpus import Chunk, DocumentFormat, SopDocument, embedding_text
 from services.rag.onnx_embedder import MODEL_IDS
 
@@ -142,14 +143,26 @@ class StoreUnreadable(RuntimeError):
     """The embedded Chroma directory is damaged: the knowledge service will not serve from it."""
 
 
-def _scope_where(equipment_type: str = "", plant_id: str = "") -> dict[str, Any] | None:
+EquipmentScope = str | Collection[str]  # one type, or the names that all count as one machine
+
+
+def _types(equipment_type: EquipmentScope) -> builtins.list[str]:
+    """Scope values in their canonical form (`canonical_scope`): as documents are stored since they have one,
+    and as earlier releases stored them (lower case), so stores written before need no migration."""
+    names = [equipment_type] if isinstance(equipment_type, str) else list(equipment_type)
+    return sorted({canonical_scope(n) for n in names if n and n.strip()})
+
+
+def _scope_where(equipment_type: EquipmentScope = "", plant_id: str = "") -> dict[str, Any] | None:
     clauses: list[dict[str, Any]] = []
-    if equipment_type:
+    types = _types(equipment_type)
+    if types:
         clauses.append(
-            {"$or": [{"equipment_types": {"$contains": equipment_type}}, {"equipment_types": {"$contains": ANY}}]}
+            {"$or": [*({"equipment_types": {"$contains": t}} for t in types), {"equipment_types": {"$contains": ANY}}]}
         )
     if plant_id:
-        clauses.append({"$or": [{"plant_ids": {"$contains": plant_id}}, {"plant_ids": {"$contains": ANY}}]})
+        plant = canonical_scope(plant_id)
+        clauses.append({"$or": [{"plant_ids": {"$contains": plant}}, {"plant_ids": {"$contains": ANY}}]})
     if not clauses:
         return None
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
@@ -161,7 +174,11 @@ def _stored(record_id: str, meta: Mapping[str, Any]) -> StoredDocument:
         title=meta["title"],
         version=meta["version"],
         equipment_types=tuple(t for t in meta.get("equipment_types", []) if t != ANY),
-        plant_ids=tuple(p for p in meta.get("plant_ids", []) if p != ANY),
+        # as the uploader wrote them (`plant_labels`, since scopes are compared canonically); else the stored form
+        plant_ids=tuple(
+            [p for p in meta.get("plant_labels") or () if p != ANY]
+            or [p for p in meta.get("plant_ids", []) if p != ANY]
+        ),
         format=DocumentFormat(meta.get("format", "markdown")),
         filename=meta.get("filename", ""),
         chunk_count=int(meta["chunk_count"]),
@@ -192,7 +209,7 @@ class DocumentStore:
         found = self.catalog.get(ids=[document_id], include=["metadatas"])
         return _stored(found["ids"][0], found["metadatas"][0]) if found["ids"] else None
 
-    def list(self, equipment_type: str = "", plant_id: str = "") -> list[StoredDocument]:
+    def list(self, equipment_type: EquipmentScope = "", plant_id: str = "") -> list[StoredDocument]:
         found = self.catalog.get(where=_scope_where(equipment_type, plant_id), include=["metadatas"])
         return sorted(
             (_stored(i, m) for i, m in zip(found["ids"], found["metadatas"], strict=True)), key=lambda d: d.document_id
@@ -242,8 +259,8 @@ class DocumentStore:
                 )
             new_ids = [c.chunk_id for c in chunks]
             chunk_idents = [chunk_identifiers(c.document_id, c.text) for c in chunks]
-            scope_types = list(doc.equipment_types) or [ANY]
-            scope_plants = list(doc.plant_ids) or [ANY]
+            scope_types = _types(doc.equipment_types) or [ANY]
+            scope_plants = sorted({canonical_scope(p) for p in doc.plant_ids}) or [ANY]
             try:
                 for start in range(0, len(chunks), 1000):  # Chroma caps one write's batch size
                     part = slice(start, start + 1000)
@@ -274,6 +291,7 @@ class DocumentStore:
                 "version": doc.version,
                 "equipment_types": scope_types,
                 "plant_ids": scope_plants,
+                "plant_labels": list(doc.plant_labels) or [ANY],
                 "format": doc.format.value,
                 "filename": doc.filename,
                 "chunk_count": len(chunks),
@@ -380,7 +398,7 @@ class DocumentStore:
     # --- queries --------------------------------------------------------------------------------
 
     def query(
-        self, embedding: Sequence[float], k: int, equipment_type: str = "", plant_id: str = ""
+        self, embedding: Sequence[float], k: int, equipment_type: EquipmentScope = "", plant_id: str = ""
     ) -> builtins.list[SopChunk]:
         """The k nearest chunks of live document versions, cosine similarity as score."""
         result = self.chunks.query(
@@ -397,7 +415,7 @@ class DocumentStore:
         ]
 
     def lexical(
-        self, terms: Sequence[str], limit: int, equipment_type: str = "", plant_id: str = ""
+        self, terms: Sequence[str], limit: int, equipment_type: EquipmentScope = "", plant_id: str = ""
     ) -> builtins.list[tuple[SopChunk, builtins.list[float]]]:
         """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors, in the
         scope: key lookups in the identifier index, then the chunks by id (chunks of a version being replaced may
@@ -502,11 +520,12 @@ def _postings(chunk_ids: Sequence[str], identifiers_per_chunk: Sequence[Sequence
     return postings
 
 
-def _in_scope(meta: Mapping[str, Any], equipment_type: str, plant_id: str) -> bool:
+def _in_scope(meta: Mapping[str, Any], equipment_type: EquipmentScope, plant_id: str) -> bool:
     """The scope filter of `_scope_where`, on one chunk's metadata."""
     types, plants = meta.get("equipment_types") or [ANY], meta.get("plant_ids") or [ANY]
-    return (not equipment_type or equipment_type in types or ANY in types) and (
-        not plant_id or plant_id in plants or ANY in plants
+    wanted = _types(equipment_type)
+    return (not wanted or ANY in types or any(t in types for t in wanted)) and (
+        not plant_id or canonical_scope(plant_id) in plants or ANY in plants
     )
 
 
@@ -520,4 +539,5 @@ def _chunk(chunk_id: str, text: str, meta: Mapping[str, Any], score: float) -> S
         score=round(score, 4),
         version=meta.get("version", ""),
         position=int(meta.get("position", 0)),
+        equipment_types=tuple(t for t in meta.get("equipment_types") or () if t != ANY),
     )

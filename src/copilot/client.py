@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from pydantic_settings import SettingsConfigDict
 
+from copilot.equipment import canonical_scope
 from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, message_size_options
 from copilot.runtime.tls import channel_credentials, channel_options
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
@@ -50,6 +51,12 @@ def resolve_token(token: str | None = None, role: str = "technician", folder: Pa
     return DEV_TOKEN
 
 
+def canonical_plant(plant_id: str) -> str:
+    """A plant code as the public API takes it (upper case: "pune-in" is PUNE-IN); knowledge scopes compare plants
+    in `canonical_scope` form, which is the same plant."""
+    return plant_id.strip().upper()
+
+
 def diagnose_request(
     plant_id: str,
     equipment_id: str,
@@ -58,13 +65,17 @@ def diagnose_request(
     image_id: str | None = None,
     equipment_type: str = "",
     request_id: str = "",
+    reference_set: str = "",
 ) -> copilot_pb2.DiagnoseRequest:
+    """`plant_id` and `equipment_type` are put in the form the API compares them in (plant codes upper case,
+    machine types kebab-case), so "pune-in" and "Centrifugal Pump" reach the same plant and type."""
     request = copilot_pb2.DiagnoseRequest(
-        plant_id=plant_id,
+        plant_id=canonical_plant(plant_id),
         equipment_id=equipment_id,
         problem_description=problem,
-        equipment_type=equipment_type,
+        equipment_type=canonical_scope(equipment_type),
         request_id=request_id,
+        reference_set=reference_set.strip(),
     )
     if image is not None:
         if isinstance(image, Path):

@@ -110,6 +110,8 @@ class SopChunk:
     score: float
     version: str = ""
     position: int = 0
+    #: The machine types the chunk's document is written for; empty = every type (safety, lubrication, LOTO).
+    equipment_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class SopCitation:
     section: str
     score: float
     version: str = ""
+    equipment_types: tuple[str, ...] = ()  # of the cited document; empty = written for every type
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,25 @@ class GuidanceStep:
     sop_ids: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
     unsupported: bool = False  # no retrieved document backs it
+
+
+class ReviewKind(enum.Enum):
+    """Why guidance must not be followed without a person's review, whatever its retrieval score."""
+
+    #: The request's machine type is known and no SOP in scope is written for it.
+    EQUIPMENT_NOT_COVERED = "equipment_not_covered"
+    #: The SOPs the steps come from are written for another machine than the request's.
+    EQUIPMENT_MISMATCH = "equipment_mismatch"
+    #: The problem is described in a language the SOP library and its search do not serve.
+    UNSUPPORTED_LANGUAGE = "unsupported_language"
+    #: Nothing says which machine this is, and the best match is not strong enough to trust without one.
+    UNKNOWN_EQUIPMENT_WEAK_MATCH = "unknown_equipment_weak_match"
+
+
+@dataclass(frozen=True)
+class GuidanceReview:
+    kind: ReviewKind
+    message: str  # one sentence for the reviewer, naming what was found and what was asked
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,14 @@ class Guidance:
     citations_removed: int = 0
     unsupported_steps: int = 0
     cached: bool = False
+    #: The machine type the guidance was scoped to ("" = unknown) and where it came from: "request" (the caller
+    #: or the equipment registry), "equipment-id" (a word of the id, e.g. PUMP-A-7) or "description".
+    equipment_type: str = ""
+    equipment_source: str = ""
+    #: ISO 639-1 code of the problem description's language ("" = too short to tell).
+    language: str = ""
+    #: Reasons this guidance needs a person's review; any one sends the diagnosis to manual review.
+    reviews: tuple[GuidanceReview, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +191,10 @@ class IncidentReport:
     generated_at: datetime
     rendered_text: str
     citations: tuple[SopCitation, ...] = ()
+    #: When the diagnosis goes to manual review: the closest SOP steps, for the reviewer, never as actions.
+    review_steps: tuple[RecommendedAction, ...] = ()
+    #: Why it goes to manual review, one sentence each.
+    review_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,10 @@ class ReportInputs:
     related_incidents: tuple[PastIncident, ...] = ()
     vision_summary: str = ""
     vision_confidence: float = 0.0
+    #: Why the diagnosis goes to manual review (besides a low confidence), one sentence each.
+    review_notes: tuple[str, ...] = ()
+    #: The machine type the diagnosis was made for ("" = unknown).
+    equipment_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,6 +241,10 @@ class EscalationReason(enum.Enum):
     NO_SUPPORTING_SOP = "no_supporting_sop"
     LOW_VISION_CONFIDENCE = "low_vision_confidence"
     UNSUPPORTED_GUIDANCE = "unsupported_guidance"
+    EQUIPMENT_NOT_COVERED = "equipment_not_covered"
+    EQUIPMENT_MISMATCH = "equipment_mismatch"
+    UNSUPPORTED_LANGUAGE = "unsupported_language"
+    UNKNOWN_EQUIPMENT_WEAK_MATCH = "unknown_equipment_weak_match"
 
 
 class Stage(enum.Enum):
@@ -242,7 +284,10 @@ class DiagnosisInput:
     image_data: bytes = b""
     image_mime_type: str = ""
     image_id: str = ""
+    #: The machine type SOPs are chosen for (pump, chiller, cnc-lathe); empty: the equipment registry's.
     equipment_type: str = ""
+    #: The vision reference set the photo is compared with (brushed-steel); empty: the equipment registry's.
+    reference_set: str = ""
 
 
 @dataclass
@@ -255,3 +300,8 @@ class Diagnosis:
     safety_disclaimer: str = ""
     escalation_reasons: tuple[EscalationReason, ...] = ()
     trace_id: str = ""
+    #: Why the diagnosis goes to manual review, one sentence each (empty when it does not).
+    review_notes: tuple[str, ...] = ()
+    #: What the equipment was taken to be: its machine type and the vision reference set used.
+    equipment_type: str = ""
+    reference_set: str = ""

@@ -68,14 +68,23 @@ def summarize(i: ReportInputs) -> str:
             f"{i.vision_summary.rstrip('.')}. Inspect the equipment on site."
         )
     sops = _unique(s for step in i.guidance for s in step.sop_ids)
-    if sops:
+    if sops and i.requires_manual_review:
+        parts.append(
+            f"The closest SOP steps found ({', '.join(sops)}) are listed for the reviewer, not as recommended actions."
+        )
+    elif sops:
         parts.append(f"{len(i.guidance)} corrective step(s) are drawn from {', '.join(sops)}.")
     else:
         parts.append("No plant SOP matched the problem closely enough to cite.")
-    if i.requires_manual_review:
+    if i.requires_manual_review and i.confidence_score < MANUAL_REVIEW_THRESHOLD:
         parts.append(
             f"Diagnosis confidence is {i.confidence_score:.0%}, below {MANUAL_REVIEW_THRESHOLD:.0%}: "
             "manual review by a maintenance engineer is required."
+        )
+    elif i.requires_manual_review:
+        parts.append(
+            f"Diagnosis confidence is {i.confidence_score:.0%}, but manual review by a maintenance engineer is "
+            "required: see REVIEW REQUIRED."
         )
     else:
         parts.append(f"Diagnosis confidence is {i.confidence_score:.0%}.")
@@ -107,7 +116,7 @@ def compose_report(
     i: ReportInputs, now: datetime | None = None, *, written_by_orchestrator: bool = False
 ) -> IncidentReport:
     now = now or utc_now()
-    actions = tuple(RecommendedAction(step.text, step.sop_ids) for step in i.guidance)
+    actions, review_steps = recommended_actions(i)
     safety = _unique([*i.safety_notes, *BASELINE_SAFETY, *(DEFECT_SAFETY.get(d.type, "") for d in i.defects)])
     referenced = _unique([*(s for step in i.guidance for s in step.sop_ids), *(c.sop_id for c in i.citations)])
     summary = summarize(i) + (f" {ORCHESTRATOR_NOTE}" if written_by_orchestrator else "")
@@ -120,9 +129,33 @@ def compose_report(
         follow_up=follow,
         referenced_sop_ids=referenced,
         generated_at=now,
-        rendered_text=render_text(summary, i.defects, actions, safety, follow, referenced, now),
+        rendered_text=render_text(
+            summary, i.defects, actions, safety, follow, referenced, now, review_steps, i.review_notes
+        ),
         citations=i.citations,
+        review_steps=review_steps,
+        review_notes=i.review_notes,
     )
+
+
+HOLD_FOR_REVIEW = (
+    "Keep {equipment} isolated under lockout/tagout and hold the repair until a maintenance engineer has "
+    "reviewed this diagnosis."
+)
+
+
+def recommended_actions(i: ReportInputs) -> tuple[tuple[RecommendedAction, ...], tuple[RecommendedAction, ...]]:
+    """(recommended actions, steps for the reviewer). A diagnosis that needs manual review recommends only what
+    is safe whatever the cause (isolate, hold, escalate: the guidance's steps that cite no SOP); the SOP steps it
+    found may be another machine's or weakly matched, so they go to the reviewer, never to the technician as the
+    recommendation."""
+    steps = tuple(RecommendedAction(step.text, step.sop_ids) for step in i.guidance)
+    if not i.requires_manual_review:
+        return steps, ()
+    generic = tuple(a for a in steps if not a.sop_ids)
+    cited = tuple(a for a in steps if a.sop_ids)
+    hold = RecommendedAction(HOLD_FOR_REVIEW.format(equipment=i.equipment_id))
+    return (generic or (hold,)), cited
 
 
 def render_text(
@@ -133,6 +166,8 @@ def render_text(
     follow_up: Sequence[str],
     referenced_sop_ids: Sequence[str],
     generated_at: datetime,
+    review_steps: Sequence[RecommendedAction] = (),
+    review_notes: Sequence[str] = (),
 ) -> str:
     lines = ["MANUFACTURING INCIDENT REPORT", "", "SUMMARY:", summary, "", "DEFECTS IDENTIFIED:"]
     if defects:
@@ -145,6 +180,12 @@ def render_text(
         lines.append(f"{number}. {action.description}{cite}")
     if not actions:
         lines.append("1. Escalate to a maintenance engineer.")
+    if review_notes or review_steps:
+        lines += ["", "REVIEW REQUIRED:", *[f"- {note}" for note in review_notes]]
+        if review_steps:
+            lines.append("Closest SOP steps found, for the reviewer only (not verified for this equipment or problem):")
+            for action in review_steps:
+                lines.append(f"  - {action.description} [{', '.join(action.sop_ids)}]")
     lines += ["", "SAFETY NOTES:", *[f"- {note}" for note in safety_notes]]
     lines += ["", "FOLLOW-UP REQUIRED:", *[f"- {item}" for item in follow_up]]
     lines += [

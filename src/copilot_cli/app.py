@@ -1,11 +1,11 @@
-"""The `copilot` command: one Typer app, its commands grouped by module (mesh, diagnose, history, knowledge,
-tokens, bench). Each group imports what it needs when it runs, so `copilot health` works in every image."""
+"""The `copilot` command: one Typer app, its commands grouped by module (mesh, diagnose, history, equipment,
+knowledge, tokens, bench). Each group imports what it needs when it runs, so `copilot health` works in every image."""
 
 from __future__ import annotations
 
 import typer
 
-from copilot_cli import bench, diagnose, history, knowledge, mesh, tokens
+from copilot_cli import bench, diagnose, equipment, history, knowledge, mesh, tokens
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manufacturing Copilot mesh")
 
@@ -18,6 +18,7 @@ app.command()(diagnose.diagnose)
 app.command()(history.incidents)
 app.command()(history.incident)
 app.command()(history.feedback)
+app.command()(equipment.equipment)
 # the knowledge library
 app.command()(knowledge.ingest)
 app.command()(knowledge.docs)

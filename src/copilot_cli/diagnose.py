@@ -110,6 +110,12 @@ def print_diagnosis(response: copilot_pb2.DiagnoseResponse, as_json: bool) -> No
         f"request {response.request_id}{' (replayed)' if response.replayed else ''} · confidence "
         f"{response.confidence_score:.2f} · manual review: {review}" + (f" · reasons: {reasons}" if reasons else "")
     )
+    equipment = response.equipment_type or "unknown"
+    if response.reference_set:
+        equipment += f" · reference set {response.reference_set}"
+    out.print(f"equipment type {equipment}", markup=False, highlight=False)
+    for note in response.review_notes:
+        out.print(f"review: {note}", markup=False, highlight=False)
     if response.trace_id:
         out.print(f"[dim]trace {response.trace_id}[/]")
     out.print(f"[dim]{response.safety_disclaimer}[/]")
@@ -124,7 +130,18 @@ def diagnose(
     ] = None,
     image_id: Annotated[str | None, typer.Option("--image-id")] = None,
     equipment_type: Annotated[
-        str, typer.Option("--equipment-type", help="vision reference set, e.g. brushed-steel")
+        str,
+        typer.Option(
+            "--equipment-type",
+            help="machine type the SOPs must be written for, e.g. centrifugal-pump, chiller (default: the equipment "
+            "registry's; `copilot equipment` lists them)",
+        ),
+    ] = "",
+    reference_set: Annotated[
+        str,
+        typer.Option(
+            "--reference-set", help="vision reference set for the photo, e.g. brushed-steel (default: the registry's)"
+        ),
     ] = "",
     request_id: Annotated[
         str, typer.Option("--request-id", help="makes the call idempotent: a retry replays the answer")
@@ -135,7 +152,9 @@ def diagnose(
     timeout: Annotated[float, typer.Option("--timeout", help="seconds for the whole diagnosis")] = 60.0,
 ) -> None:
     """Diagnose through StreamDiagnose, showing each stage live, then print the report."""
-    request = diagnose_request(plant, equipment, problem, image, image_id, equipment_type, request_id=request_id)
+    request = diagnose_request(
+        plant, equipment, problem, image, image_id, equipment_type, request_id=request_id, reference_set=reference_set
+    )
     with rpc_errors():
         response = run_streamed(addr, request, token=resolve_token(token), timeout=timeout, show=not as_json)
     if response is None:

@@ -10,6 +10,7 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
+from copilot.client import canonical_plant
 from copilot.runtime.convert import timestamp_to_pb
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged
@@ -36,7 +37,7 @@ def incidents(
 
         def fetch(page_token: str, size: int) -> tuple[list[copilot_pb2.Incident], str]:
             request = copilot_pb2.ListIncidentsRequest(
-                plant_id=plant,
+                plant_id=canonical_plant(plant),
                 equipment_id=equipment,
                 start_time=timestamp_to_pb(since) if since else None,  # naive: UTC
                 end_time=timestamp_to_pb(until) if until else None,

@@ -171,14 +171,14 @@ def evaluate(
 
     from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
     from services.rag.corpus import starter_corpus
-    from services.rag.evaluation import LABELLED_QUESTIONS, evaluate, load_questions
+    from services.rag.evaluation import LABELLED_QUESTIONS, eval_documents, evaluate, load_questions
 
     source = data or LABELLED_QUESTIONS
     questions = load_questions(source)
     embedder = minilm_embedder()
     with tempfile.TemporaryDirectory() as folder:
         store = open_store(Path(folder))
-        KnowledgeBase(store, embedder).ensure_documents(starter_corpus())
+        KnowledgeBase(store, embedder).ensure_documents([*starter_corpus(), *eval_documents()])
         reports = {
             name: evaluate(KnowledgeBase(store, embedder, AdvisorTuning(hybrid=hybrid)), questions)
             for name, hybrid in (("hybrid", True), ("vector only", False))
@@ -188,6 +188,35 @@ def evaluate(
     for metric in metrics:
         table.add_row(metric, *(f"{getattr(r, metric):.3f}" for r in reports.values()))
     out.print(table)
+    hybrid = reports["hybrid"]
+    kinds = Table(
+        "kind",
+        "split",
+        "questions",
+        "answered (no review)",
+        "of those, citing a right SOP",
+        "sent to review",
+        "review as labelled",
+        title="trust per kind of question (hybrid)",
+    )
+    for kind, splits in hybrid.by_kind.items():
+        for split in ("tune", "holdout"):
+            score = splits[split]
+            if score.questions:
+                kinds.add_row(
+                    kind,
+                    split,
+                    str(score.questions),
+                    f"{score.answered:.2f}",
+                    f"{score.right_of_answered:.2f}",
+                    f"{score.escalated:.2f}",
+                    f"{score.escalation_correct:.2f}",
+                )
+    out.print(kinds)
+    targets = Table("target (issue #30)", "value", title="targets")
+    for name, value in hybrid.targets.items():
+        targets.add_row(name, f"{value:.3f}")
+    out.print(targets)
     target = output or data_dir() / "eval" / "knowledge.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     summary = {name: {**r.summary(), "results": [asdict(x) for x in r.results]} for name, r in reports.items()}

@@ -75,9 +75,8 @@ def up(
         console.print(table)
         if demo and states["orchestrator"] is State.SERVING:
             console.rule("demo diagnosis with the shipped sample photo")
-            request = diagnose_request(
-                "PUNE-IN", "PUMP-A-7", DEMO_PROBLEM, sample_photo(), equipment_type="brushed-steel"
-            )
+            # the equipment registry says what PUMP-A-7 is: a centrifugal pump, brushed-steel reference set
+            request = diagnose_request("PUNE-IN", "PUMP-A-7", DEMO_PROBLEM, sample_photo())
             response = run_streamed(mesh.address("orchestrator"), request, token=mesh.token(), timeout=120)
             if response is not None:
                 print_diagnosis(response, as_json=False)

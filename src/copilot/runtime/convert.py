@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -31,11 +32,25 @@ def defect_from_pb(msg: common_pb2.Defect) -> d.Defect:
 
 
 def citation_to_pb(c: d.SopCitation) -> common_pb2.SopCitation:
-    return common_pb2.SopCitation(sop_id=c.sop_id, title=c.title, section=c.section, score=c.score, version=c.version)
+    return common_pb2.SopCitation(
+        sop_id=c.sop_id,
+        title=c.title,
+        section=c.section,
+        score=c.score,
+        version=c.version,
+        equipment_types=list(c.equipment_types),
+    )
 
 
 def citation_from_pb(m: common_pb2.SopCitation) -> d.SopCitation:
-    return d.SopCitation(sop_id=m.sop_id, title=m.title, section=m.section, score=m.score, version=m.version)
+    return d.SopCitation(
+        sop_id=m.sop_id,
+        title=m.title,
+        section=m.section,
+        score=m.score,
+        version=m.version,
+        equipment_types=tuple(m.equipment_types),
+    )
 
 
 def step_to_pb(s: d.GuidanceStep) -> common_pb2.GuidanceStep:
@@ -55,15 +70,22 @@ def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def _actions_to_pb(actions: tuple[d.RecommendedAction, ...]) -> list[common_pb2.RecommendedAction]:
+    return [common_pb2.RecommendedAction(description=a.description, sop_ids=list(a.sop_ids)) for a in actions]
+
+
+def _actions_from_pb(actions: Iterable[common_pb2.RecommendedAction]) -> tuple[d.RecommendedAction, ...]:
+    return tuple(d.RecommendedAction(description=a.description, sop_ids=tuple(a.sop_ids)) for a in actions)
+
+
 def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
     generated = timestamp_to_pb(r.generated_at.astimezone(UTC))
     return common_pb2.IncidentReport(
         summary=r.summary,
         defects=[defect_to_pb(x) for x in r.defects],
-        recommended_actions=[
-            common_pb2.RecommendedAction(description=a.description, sop_ids=list(a.sop_ids))
-            for a in r.recommended_actions
-        ],
+        recommended_actions=_actions_to_pb(r.recommended_actions),
+        review_steps=_actions_to_pb(r.review_steps),
+        review_notes=list(r.review_notes),
         safety_notes=list(r.safety_notes),
         follow_up=list(r.follow_up),
         referenced_sop_ids=list(r.referenced_sop_ids),
@@ -77,9 +99,9 @@ def report_from_pb(m: common_pb2.IncidentReport) -> d.IncidentReport:
     return d.IncidentReport(
         summary=m.summary,
         defects=tuple(defect_from_pb(x) for x in m.defects),
-        recommended_actions=tuple(
-            d.RecommendedAction(description=a.description, sop_ids=tuple(a.sop_ids)) for a in m.recommended_actions
-        ),
+        recommended_actions=_actions_from_pb(m.recommended_actions),
+        review_steps=_actions_from_pb(m.review_steps),
+        review_notes=tuple(m.review_notes),
         safety_notes=tuple(m.safety_notes),
         follow_up=tuple(m.follow_up),
         referenced_sop_ids=tuple(m.referenced_sop_ids),
@@ -144,6 +166,7 @@ def chunk_to_pb(c: d.SopChunk) -> knowledge_pb2.SopChunk:
         score=c.score,
         version=c.version,
         position=c.position,
+        equipment_types=list(c.equipment_types),
     )
 
 
@@ -157,7 +180,17 @@ def chunk_from_pb(m: knowledge_pb2.SopChunk) -> d.SopChunk:
         score=m.score,
         version=m.version,
         position=m.position,
+        equipment_types=tuple(m.equipment_types),
     )
+
+
+_REVIEW = {
+    d.ReviewKind.EQUIPMENT_NOT_COVERED: knowledge_pb2.GUIDANCE_REVIEW_KIND_EQUIPMENT_NOT_COVERED,
+    d.ReviewKind.EQUIPMENT_MISMATCH: knowledge_pb2.GUIDANCE_REVIEW_KIND_EQUIPMENT_MISMATCH,
+    d.ReviewKind.UNSUPPORTED_LANGUAGE: knowledge_pb2.GUIDANCE_REVIEW_KIND_UNSUPPORTED_LANGUAGE,
+    d.ReviewKind.UNKNOWN_EQUIPMENT_WEAK_MATCH: knowledge_pb2.GUIDANCE_REVIEW_KIND_UNKNOWN_EQUIPMENT_WEAK_MATCH,
+}
+_REVIEW_FROM = {v: k for k, v in _REVIEW.items()}
 
 
 def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
@@ -173,6 +206,10 @@ def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
         citations_removed=g.citations_removed,
         unsupported_steps=g.unsupported_steps,
         cached=g.cached,
+        equipment_type=g.equipment_type,
+        equipment_source=g.equipment_source,
+        language=g.language,
+        reviews=[knowledge_pb2.GuidanceReview(kind=_REVIEW[r.kind], message=r.message) for r in g.reviews],
     )
 
 
@@ -189,6 +226,10 @@ def guidance_from_pb(m: knowledge_pb2.AdviseResponse) -> d.Guidance:
         citations_removed=m.citations_removed,
         unsupported_steps=m.unsupported_steps,
         cached=m.cached,
+        equipment_type=m.equipment_type,
+        equipment_source=m.equipment_source,
+        language=m.language,
+        reviews=tuple(d.GuidanceReview(_REVIEW_FROM[r.kind], r.message) for r in m.reviews if r.kind in _REVIEW_FROM),
     )
 
 
@@ -212,6 +253,8 @@ def report_inputs_to_pb(i: d.ReportInputs) -> report_pb2.ComposeReportRequest:
         image_analyzed=i.image_analyzed,
         vision_summary=i.vision_summary,
         vision_confidence=i.vision_confidence,
+        review_notes=list(i.review_notes),
+        equipment_type=i.equipment_type,
     )
 
 
@@ -232,6 +275,8 @@ def report_inputs_from_pb(m: report_pb2.ComposeReportRequest) -> d.ReportInputs:
         image_analyzed=m.image_analyzed,
         vision_summary=m.vision_summary,
         vision_confidence=m.vision_confidence,
+        review_notes=tuple(m.review_notes),
+        equipment_type=m.equipment_type,
     )
 
 
@@ -248,6 +293,10 @@ _REASON = {
     d.EscalationReason.NO_SUPPORTING_SOP: copilot_pb2.ESCALATION_REASON_NO_SUPPORTING_SOP,
     d.EscalationReason.LOW_VISION_CONFIDENCE: copilot_pb2.ESCALATION_REASON_LOW_VISION_CONFIDENCE,
     d.EscalationReason.UNSUPPORTED_GUIDANCE: copilot_pb2.ESCALATION_REASON_UNSUPPORTED_GUIDANCE,
+    d.EscalationReason.EQUIPMENT_NOT_COVERED: copilot_pb2.ESCALATION_REASON_EQUIPMENT_NOT_COVERED,
+    d.EscalationReason.EQUIPMENT_MISMATCH: copilot_pb2.ESCALATION_REASON_EQUIPMENT_MISMATCH,
+    d.EscalationReason.UNSUPPORTED_LANGUAGE: copilot_pb2.ESCALATION_REASON_UNSUPPORTED_LANGUAGE,
+    d.EscalationReason.UNKNOWN_EQUIPMENT_WEAK_MATCH: copilot_pb2.ESCALATION_REASON_UNKNOWN_EQUIPMENT_WEAK_MATCH,
 }
 _STATE = {
     d.StageState.OK: copilot_pb2.STAGE_STATE_OK,
@@ -265,6 +314,7 @@ def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
         image_mime_type=m.image.mime_type if m.HasField("image") else "",
         image_id=m.image_id if m.HasField("image_id") else "",
         equipment_type=m.equipment_type,
+        reference_set=m.reference_set,
     )
 
 
@@ -288,6 +338,9 @@ def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
         safety_disclaimer=x.safety_disclaimer,
         escalation_reasons=[_REASON[r] for r in x.escalation_reasons],
         trace_id=x.trace_id,
+        review_notes=list(x.review_notes),
+        equipment_type=x.equipment_type,
+        reference_set=x.reference_set,
     )
 
 
