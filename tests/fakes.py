@@ -16,7 +16,12 @@ class FakeAgents:
     """Records each call and the timeout it was given; an agent can be made to fail, hang or be slow. A hung
     or slow call that gets cancelled is recorded in `cancelled`."""
 
-    def __init__(self, vision_conf=0.9, knowledge_conf=0.8, fail=(), hang=(), delay_s: float = 0.0):
+    def __init__(
+        self, vision_conf=0.9, knowledge_conf=0.8, fail=(), hang=(), delay_s: float = 0.0, reviews=(), sop_types=()
+    ):
+        self.reviews = tuple(reviews)  # GuidanceReview the knowledge agent attaches
+        self.sop_types = tuple(sop_types)  # equipment types of the cited SOP
+        self.seen_equipment: dict[str, str] = {}  # agent -> the equipment type / reference set it was given
         self.vision_conf, self.knowledge_conf = vision_conf, knowledge_conf
         self.fail, self.hang = set(fail), set(hang)
         self.delay_s = delay_s
@@ -52,18 +57,22 @@ class FakeAgents:
 
     async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
         await self._maybe("vision", timeout)
+        self.seen_equipment["vision"] = equipment_type
         return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
 
     async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
         await self._maybe("knowledge", timeout)
         self.seen_defects = tuple(defects)
+        self.seen_equipment["knowledge"] = equipment_type
         return Guidance(
             (GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
-            (SopCitation("SOP-123", "CNC", "Cooling", 0.7),),
+            (SopCitation("SOP-123", "CNC", "Cooling", 0.7, equipment_types=self.sop_types),),
             ("Lock out.",),
             self.knowledge_conf,
             False,
             "q",
+            equipment_type=equipment_type,
+            reviews=self.reviews,
         )
 
     async def compose_report(self, inputs, timeout) -> IncidentReport:

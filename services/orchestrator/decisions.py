@@ -58,8 +58,8 @@ def escalation_reasons(
     stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
 ) -> tuple[EscalationReason, ...]:
     """Every reason that applies, most serious first. Manual review is decided by LOW_CONFIDENCE (the seed's
-    rule: mean < 0.5) and by the guidance's own reviews (REVIEW_REASONS); the others tell the reviewer where to
-    look."""
+    rule: mean < 0.5), by the guidance's own reviews (REVIEW_REASONS) and by NO_SUPPORTING_SOP; the others tell
+    the reviewer where to look."""
     reasons = []
     if any(s.state is StageState.DEGRADED for s in stages):
         reasons.append(EscalationReason.STAGE_DEGRADED)
@@ -78,7 +78,11 @@ def escalation_reasons(
 
 
 def requires_manual_review(confidence: float, guidance: Guidance | None = None) -> bool:
-    return confidence < MANUAL_REVIEW_THRESHOLD or (guidance is not None and bool(guidance.reviews))
+    """The seed's rule (mean < 0.5), and guidance that is no answer to trust: a review it carries, or no SOP at all
+    (the fallback steps: a confident photo must not lift a diagnosis that no SOP supports above review)."""
+    if confidence < MANUAL_REVIEW_THRESHOLD:
+        return True
+    return guidance is not None and (bool(guidance.reviews) or guidance.fallback)
 
 
 def review_notes(stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None) -> tuple[str, ...]:
@@ -87,6 +91,8 @@ def review_notes(stages: Sequence[StageStatus], confidence: float, guidance: Gui
     if not requires_manual_review(confidence, guidance):
         return ()
     notes = [r.message for r in guidance.reviews] if guidance is not None else []
+    if guidance is not None and guidance.fallback and not guidance.reviews:
+        notes.append("No plant SOP supports guidance for this problem: only the general escalation steps are given.")
     if confidence < MANUAL_REVIEW_THRESHOLD:
         notes.append(f"The diagnosis confidence is {confidence:.0%}, below {MANUAL_REVIEW_THRESHOLD:.0%}.")
     notes += [f"The {s.stage.value} stage was degraded ({s.error})." for s in stages if s.state is StageState.DEGRADED]

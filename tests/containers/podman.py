@@ -11,6 +11,7 @@ the README lists each difference:
   Deployment played again under the name `vision-2` (same alias);
 * StatefulSet (chroma): not played by Podman; the same pod template as a Deployment, its claim an emptyDir;
 * Secret volumes: `kube play` of 4.3 crashes on them; the JWT key is a hostPath folder holding the same file;
+* ConfigMap volumes (the equipment registry): likewise a hostPath folder holding the ConfigMap's files;
 * the OTel collector and Jaeger images cannot be pulled here: the test's own OTLP receiver (a container
   from our report image) takes the `otel-collector` alias;
 * the orchestrator's gRPC port is published on 127.0.0.1 (hostPort) where a cluster has its Ingress;
@@ -101,19 +102,30 @@ def for_podman(
     second = copy.deepcopy(plays["vision"][1])
     second["metadata"]["name"] = "vision-2"
     plays["vision-2"] = [config, second]
+    config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     for pod, (_, workload) in plays.items():
-        own_volumes(pod, workload["spec"]["template"]["spec"], secret_dir)
+        own_volumes(pod, workload["spec"]["template"]["spec"], secret_dir, config_maps)
     return plays
 
 
-def own_volumes(pod: str, spec: dict, secret_dir: Path) -> None:
+def own_volumes(pod: str, spec: dict, secret_dir: Path, config_maps: dict[str, dict[str, str]] | None = None) -> None:
     """kube play makes an emptyDir a named volume called after the manifest's volume name, which every pod
-    with a `tmp` or `data` volume would share: name each after its pod. The Secret volume becomes a hostPath."""
+    with a `tmp` or `data` volume would share: name each after its pod. The Secret volume becomes a hostPath, and
+    so does a ConfigMap volume (its files written beside the secret's folder, readable by the container's uid)."""
     renamed = {}
     for volume in spec.get("volumes", []):
         if "secret" in volume:
             volume.pop("secret")
             volume["hostPath"] = {"path": str(secret_dir), "type": "Directory"}
+        elif "configMap" in volume:
+            name = volume.pop("configMap")["name"]
+            folder = secret_dir.parent / f"configmap-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for file_name, content in (config_maps or {})[name].items():
+                (folder / file_name).write_text(content)
+                (folder / file_name).chmod(0o644)
+            folder.chmod(0o755)
+            volume["hostPath"] = {"path": str(folder), "type": "Directory"}
         else:
             renamed[volume["name"]] = volume["name"] = f"{pod}-{volume['name']}"
     for container in spec["containers"]:

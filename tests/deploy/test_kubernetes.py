@@ -281,3 +281,25 @@ def test_memory_requests_limits_and_hpa_targets_follow_the_measured_figures(mani
         )
         assert 100 * peak / asked < target, (name, peak, asked, target)
         assert largest("memory_idle_mib", name) <= peak, name
+
+
+def test_the_orchestrator_reads_the_equipment_registry_from_its_config_map(manifests):
+    """The registry the cluster runs with is a generated ConfigMap mounted as a file; it parses, names machine types
+    the copilot knows, and starts as the local mesh's (services/orchestrator/equipment_registry.yaml)."""
+    import yaml
+
+    from copilot.equipment import default_vocabulary, parse_registry
+    from services.orchestrator.equipment import DEFAULT_REGISTRY
+
+    orchestrator = by_kind(manifests, "Deployment")["orchestrator"]["spec"]["template"]["spec"]
+    (container,) = orchestrator["containers"]
+    path = next(e["value"] for e in container["env"] if e["name"] == "ORCHESTRATOR_EQUIPMENT_REGISTRY")
+    folder, file_name = path.rsplit("/", 1)
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == folder)
+    assert mount["readOnly"] is True
+    config_map = next(v for v in orchestrator["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
+    assert config_map.startswith("copilot-equipment-registry-")  # the content hash suffix rolls the pods
+    data = by_kind(manifests, "ConfigMap")[config_map]["data"][file_name]
+    entries = parse_registry(yaml.safe_load(data), config_map)
+    assert entries == parse_registry(yaml.safe_load(DEFAULT_REGISTRY.read_text()), "shipped")
+    assert all(default_vocabulary().knows(e.equipment_type) for e in entries if e.equipment_type)

@@ -245,3 +245,72 @@ def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
     copilot("eval", "--export-feedback", str(export), "--database-url", f"sqlite:///{mesh.data_dir / 'incidents.db'}")
     questions = yaml.safe_load(export.read_text())["questions"]
     assert {"q": PROBLEM, "expect": ["SOP-123"], "escalate": False}.items() <= questions[0].items()
+
+
+def test_the_readme_examples_get_answers_to_trust(stub, crack_photo):
+    """The README's two diagnoses: CNC-A-102 gets the CNC SOP; the pump photo (only the equipment id given: the
+    registry says centrifugal pump, brushed-steel references) never gets CNC tooling steps."""
+    cnc = call(stub, problem="Machine overheating during operation")
+    assert cnc.equipment_type == "cnc-machine" and not cnc.requires_manual_review
+    assert cnc.report.recommended_actions and all(
+        a.sop_ids == ["SOP-123"] for a in cnc.report.recommended_actions if a.sop_ids
+    )
+    pump = call(stub, crack_photo, equipment_id="PUMP-A-7", problem="Crack near the outlet flange")
+    assert (pump.equipment_type, pump.reference_set) == ("centrifugal-pump", "brushed-steel")
+    cited = {s for a in [*pump.report.recommended_actions, *pump.report.review_steps] for s in a.sop_ids}
+    assert "SOP-123" not in cited and cited <= {"PUMP-330", "SAFETY-SOP-001", "LOTO-002", "LUB-120"}
+    assert pump.requires_manual_review or cited & {"PUMP-330"}
+    if pump.requires_manual_review:  # an honest escalation says why and recommends no SOP step
+        assert pump.review_notes and all(not a.sop_ids for a in pump.report.recommended_actions)
+
+
+def test_a_plant_sop_is_used_at_its_plant_and_an_uncovered_machine_goes_to_review(mesh, stub, tmp_path):
+    """As a new user follows the README: `copilot ingest … --plant PUNE-IN`, `docs`, `equipment`, then diagnoses
+    at that plant (the plant's SOP is cited) and at another (no chiller SOP there: review, no compressor steps)."""
+    import os
+    import sys
+
+    def copilot(*args: str) -> str:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("copilot")), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    manual = tmp_path / "CHILL-901.md"
+    source = (Path(__file__).resolve().parents[2] / "services/rag/eval/documents/CHILL-901.md").read_text()
+    manual.write_text(source.replace("plant_ids: [PUNE-IN]\n", ""))
+    copilot("ingest", str(manual), "--plant", "PUNE-IN", "--addr", mesh.address("knowledge"))
+    listed = json.loads(copilot("docs", "--plant", "PUNE-IN", "--json", "--addr", mesh.address("knowledge")))
+    chiller = next(d for d in listed if d["document_id"] == "CHILL-901")
+    assert chiller["plant_ids"] == ["PUNE-IN"]
+    lower = json.loads(copilot("docs", "--plant", "pune-in", "--json", "--addr", mesh.address("knowledge")))
+    assert "CHILL-901" in {d["document_id"] for d in lower}
+    other = json.loads(copilot("docs", "--plant", "BLR-IN", "--json", "--addr", mesh.address("knowledge")))
+    assert "CHILL-901" not in {d["document_id"] for d in other}
+
+    problem = "Chiller trips on high discharge pressure alarm"
+    home = call(stub, plant_id="PUNE-IN", equipment_id="CHILL-2", problem=problem)
+    assert home.equipment_type == "chiller" and not home.requires_manual_review
+    assert "CHILL-901" in home.report.referenced_sop_ids
+    away = call(stub, plant_id="BLR-IN", equipment_id="CHILL-2", problem=problem)
+    assert away.requires_manual_review
+    assert copilot_pb2.ESCALATION_REASON_EQUIPMENT_NOT_COVERED in away.escalation_reasons
+    assert "CHILL-901" not in away.report.referenced_sop_ids
+    assert all(not a.sop_ids for a in away.report.recommended_actions)
+    assert any("chiller" in note for note in away.review_notes)
+    assert "REVIEW REQUIRED:" in away.report.rendered_text
+
+    shown = json.loads(copilot("equipment", "--plant", "PUNE-IN", "--json", "--addr", mesh.address("orchestrator")))
+    assert {"match": "CHILL-*", "equipment_type": "chiller"}.items() <= next(
+        e for e in shown["equipment"] if e["match"] == "CHILL-*"
+    ).items()
+    sop_types = {t["equipment_type"]: t["document_ids"] for t in shown["sop_types"]}
+    assert sop_types["chiller"] == ["CHILL-901"] and "PUMP-330" in sop_types["centrifugal-pump"]
+    assert {"brushed-steel", "painted-panel"} <= set(shown["reference_sets"]) and "unavailable" not in shown
+    away_types = json.loads(copilot("equipment", "--plant", "BLR-IN", "--json", "--addr", mesh.address("orchestrator")))
+    assert "chiller" not in {t["equipment_type"] for t in away_types["sop_types"]}

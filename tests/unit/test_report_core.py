@@ -99,3 +99,36 @@ def test_an_inconclusive_image_analysis_is_not_reported_as_a_sound_part():
     assert "1 possible defect(s): crack (87%)" in guessed.summary and "not conclusive" in guessed.summary
     sure = compose_report(_inputs(defects=(), vision_summary="No defect.", vision_confidence=0.9), now=NOW)
     assert "found no visible defect" in sure.summary and "not conclusive" not in sure.summary
+
+
+def test_a_diagnosis_under_review_recommends_no_sop_steps_and_shows_them_to_the_reviewer():
+    """The forklift case: escalated at 0.44, yet its report listed conveyor steps as RECOMMENDED ACTIONS."""
+    notes = ("No SOP in scope is written for forklift; the closest SOPs found are for belt-conveyor (CONV-310).",)
+    inputs = _inputs(
+        equipment_id="FL-3",
+        guidance=(
+            GuidanceStep("Stop the equipment safely and isolate it under lockout/tagout.", (), (), True),
+            GuidanceStep("Adjust the tail pulley take-up to track the belt.", ("CONV-310",), ("Tracking",)),
+        ),
+        confidence_score=0.44,
+        requires_manual_review=True,
+        review_notes=notes,
+    )
+    report = compose_report(inputs, now=NOW)
+    assert [a.description for a in report.recommended_actions] == [
+        "Stop the equipment safely and isolate it under lockout/tagout."
+    ]
+    assert [a.sop_ids for a in report.review_steps] == [("CONV-310",)] and report.review_notes == notes
+    text = report.rendered_text
+    actions = text[text.index("RECOMMENDED ACTIONS:") : text.index("REVIEW REQUIRED:")]
+    assert "CONV-310" not in actions and "tail pulley" not in actions
+    review = text[text.index("REVIEW REQUIRED:") : text.index("SAFETY NOTES:")]
+    assert notes[0] in review and "Adjust the tail pulley take-up to track the belt. [CONV-310]" in review
+    assert "for the reviewer" in report.summary
+
+
+def test_under_review_without_a_generic_step_the_action_is_to_hold():
+    report = compose_report(_inputs(requires_manual_review=True, review_notes=("Language not served.",)), now=NOW)
+    assert len(report.recommended_actions) == 1 and not report.recommended_actions[0].sop_ids
+    assert "hold the repair" in report.recommended_actions[0].description and "CNC-A-102" in report.summary
+    assert [a.sop_ids for a in report.review_steps] == [("SOP-123",), ("MAINT-GUIDE-V2",)]

@@ -10,16 +10,21 @@ import pytest
 from copilot.domain import (
     Defect,
     DiagnosisInput,
+    EscalationReason,
     Guidance,
+    GuidanceReview,
     GuidanceStep,
     IncidentReport,
+    ReviewKind,
     SopCitation,
     Stage,
     StageState,
     StageStatus,
     VisionFindings,
 )
+from copilot.equipment import EquipmentRegistry, RegisteredEquipment
 from services.orchestrator.decisions import merge_confidence
+from services.orchestrator.equipment import EquipmentResolver
 from services.orchestrator.workflow import DiagnosisWorkflow, StageTimeouts
 from tests.fakes import FakeAgents
 
@@ -229,3 +234,36 @@ async def test_a_run_hands_nothing_to_the_thread_pool(parallel, request_input, m
     diagnosis = await DiagnosisWorkflow(FakeAgents(), parallel=parallel).run(request_input)
     assert diagnosis.report.referenced_sop_ids == ("SOP-123",)
     assert submitted == []
+
+
+async def test_guidance_that_needs_review_sends_the_diagnosis_to_review_whatever_its_confidence():
+    """Knowledge at 0.95 from an air-compressor SOP for a chiller: the mean is high, the answer is not to trust."""
+    review = GuidanceReview(
+        ReviewKind.EQUIPMENT_NOT_COVERED, "No SOP in scope is written for chiller; the closest are for air-compressor"
+    )
+    agents = FakeAgents(knowledge_conf=0.95, reviews=(review,), sop_types=("air-compressor",))
+    diagnosis = await DiagnosisWorkflow(agents).run(
+        DiagnosisInput("PUNE-IN", "CH-901", "Chiller trips on high discharge pressure alarm", equipment_type="chiller")
+    )
+    assert diagnosis.confidence_score == 0.95 and diagnosis.requires_manual_review
+    assert EscalationReason.EQUIPMENT_NOT_COVERED in diagnosis.escalation_reasons
+    assert EscalationReason.LOW_CONFIDENCE not in diagnosis.escalation_reasons
+    assert diagnosis.review_notes == (review.message,)
+    report = diagnosis.report
+    assert all(not a.sop_ids for a in report.recommended_actions)  # no compressor step as the recommendation
+    assert [a.sop_ids for a in report.review_steps] == [("SOP-123",)]
+    assert "REVIEW REQUIRED:" in report.rendered_text and review.message in report.rendered_text
+    assert agents.seen_inputs.review_notes == (review.message,) and agents.seen_inputs.requires_manual_review
+
+
+async def test_the_registry_decides_what_each_agent_is_told_about_the_equipment():
+    agents = FakeAgents()
+    registry = EquipmentRegistry([RegisteredEquipment("PUMP-*", "centrifugal-pump", "brushed-steel")])
+    workflow = DiagnosisWorkflow(agents, equipment=EquipmentResolver(registry))
+    diagnosis = await workflow.run(
+        DiagnosisInput("PUNE-IN", "PUMP-A-7", "Crack near the outlet flange", image_data=b"\xff\xd8\xff...")
+    )
+    assert agents.seen_equipment == {"vision": "brushed-steel", "knowledge": "centrifugal-pump"}
+    assert (diagnosis.equipment_type, diagnosis.reference_set) == ("centrifugal-pump", "brushed-steel")
+    text_only = await workflow.run(DiagnosisInput("PUNE-IN", "PUMP-A-7", "Mechanical seal is dripping"))
+    assert text_only.reference_set == "" and text_only.equipment_type == "centrifugal-pump"
