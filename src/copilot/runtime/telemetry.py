@@ -4,7 +4,10 @@ instrumentation that carries the trace context in metadata."""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import threading
 from typing import Any
 
 import grpc
@@ -18,6 +21,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from copilot import __version__
 from copilot.runtime.interceptors import HEALTH, service_of
+
+log = logging.getLogger(__name__)
+_closed = False
 
 _provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
@@ -38,7 +44,9 @@ def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_po
     resource = Resource.create(
         {"service.name": service_name, "service.version": __version__, "service.namespace": "manufacturing-copilot"}
     )
-    provider = TracerProvider(resource=resource)
+    # shutdown_on_exit off: the SDK's own exit hook would wait on an unreachable collector without a bound;
+    # shutdown_telemetry (bounded) runs at exit instead
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if _otlp_enabled("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -57,17 +65,43 @@ def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_po
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    _meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    _meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+    atexit.register(shutdown_telemetry)
     metrics.set_meter_provider(_meter_provider)
     _provider = provider
     return provider
 
 
-def shutdown_telemetry() -> None:
-    if _provider is not None:
-        _provider.shutdown()
-    if _meter_provider is not None:
-        _meter_provider.shutdown()
+#: How long a stopping process waits for its last spans and metrics to be exported. A collector that cannot be
+#: reached (not resolvable, a black hole) would hold the exporter in its timeout and retries well past a pod's
+#: grace period, and the kubelet would SIGKILL it: a process exits on time and drops what is left instead.
+SHUTDOWN_TIMEOUT_S = 3.0
+
+
+def shutdown_telemetry(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """Flush and close the providers, waiting at most `timeout_s`; False when the export did not finish (what was
+    left is dropped, logged). The work runs on a daemon thread, so an exporter stuck on the network cannot keep
+    the process alive."""
+    global _closed  # noqa: PLW0603 - once per process, whoever asks first (run_service, or the exit hook)
+    providers = [p for p in (_provider, _meter_provider) if p is not None]
+    if not providers or _closed:
+        return True
+    _closed = True
+
+    def close() -> None:
+        for provider in providers:
+            try:
+                provider.shutdown()
+            except Exception:  # an exporter failing on the way out must not fail the exit
+                log.warning("telemetry shutdown failed", exc_info=True)
+
+    closer = threading.Thread(target=close, name="telemetry-shutdown", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.warning("telemetry export did not finish within %.1fs at shutdown; the rest is dropped", timeout_s)
+        return False
+    return True
 
 
 class _UntracedHealthChecks(grpc.aio.ServerInterceptor):
