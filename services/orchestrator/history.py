@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -211,6 +212,7 @@ def fingerprint(request: DiagnosisInput) -> str:
         request.equipment_type,
         request.image_id,
         hashlib.sha256(request.image_data).hexdigest() if request.image_data else "",
+        *([request.reference_set] if request.reference_set else []),  # fingerprints stored before it stay valid
     ):
         digest.update(part.encode() + b"\x00")
     return digest.hexdigest()
@@ -342,10 +344,19 @@ class IncidentStore:
             except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
                 session.rollback()
 
-    def add_feedback(self, request_id: str, feedback: StoredFeedback) -> bool:
+    def add_feedback(self, request_id: str, feedback: StoredFeedback, max_per_incident: int = 0) -> str:
+        """"added", "missing" (no such incident) or "full" (it has `max_per_incident` entries already; 0: no cap).
+        The count and the insert share a transaction; concurrent writers on several replicas can overshoot the cap
+        by the number of writes in flight at once, never without bound."""
         with self._session() as session:
             if session.get(IncidentRow, request_id) is None:
-                return False
+                return "missing"
+            if max_per_incident:
+                count = session.scalar(
+                    select(func.count()).select_from(FeedbackRow).where(FeedbackRow.request_id == request_id)
+                )
+                if (count or 0) >= max_per_incident:
+                    return "full"
             session.add(
                 FeedbackRow(
                     request_id=request_id,
@@ -357,7 +368,7 @@ class IncidentStore:
                 )
             )
             session.commit()
-            return True
+            return "added"
 
     # --- reads ----------------------------------------------------------------------------------
 

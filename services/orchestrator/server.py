@@ -46,6 +46,9 @@ class OrchestratorSettings(ServerSettings):
     report_timeout_s: float = 5.0
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard, from the image header")
+    max_image_side: int = Field(12_000, gt=0, description="longest side in pixels")
+    max_image_aspect: float = Field(16.0, ge=1, description="longer side / shorter side")
+    max_image_decoded_pixels: int = Field(8_000_000, gt=0, description="PNG/WebP (decoded whole) pixel limit")
     # Vision and knowledge at once (knowledge then does not see the defects); see `copilot bench --suite mesh`.
     parallel_stages: bool = False
     # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
@@ -66,6 +69,10 @@ class OrchestratorSettings(ServerSettings):
     rate_limit: str = Field("600/minute", description="`limits` syntax, e.g. 10/second; empty disables")
     retry_after_s: float = Field(1.0, gt=0)
     batch_max_items: int = Field(32, ge=1, le=256)
+    # Feedback is stored text that every later report on the equipment may quote: bounded per principal and per
+    # incident, so no user can fill another's incident (GetIncident, ListIncidents pages stay under the message size)
+    feedback_rate_limit: str = Field("30/minute", description="per principal, `limits` syntax; empty disables")
+    feedback_max_per_incident: int = Field(20, ge=0, le=1000, description="0: no cap")
     batch_concurrency: int = Field(4, ge=1, le=64)
 
 
@@ -119,7 +126,13 @@ def build(
         related_incidents=related_incidents(history, settings.related_incidents),
         equipment=EquipmentResolver(registry),
     )
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    limits = ImageLimits(
+        settings.max_image_bytes,
+        settings.max_image_pixels,
+        settings.max_image_side,
+        settings.max_image_aspect,
+        settings.max_image_decoded_pixels,
+    )
     servicer = CopilotServicer(
         workflow,
         history,
@@ -127,6 +140,7 @@ def build(
         batch_max_items=settings.batch_max_items,
         batch_concurrency=settings.batch_concurrency,
         catalog=clients if isinstance(clients, GrpcAgentClients) else None,
+        feedback_max_per_incident=settings.feedback_max_per_incident,
     )
 
     async def warm_up() -> None:
@@ -154,7 +168,13 @@ def build(
                 rate=settings.rate_limit,
                 retry_after_s=settings.retry_after_s,
                 cost=_cost,
-            )
+            ),
+            AdmissionInterceptor(
+                {f"/{SERVICE_NAME}/SubmitFeedback"},
+                max_in_flight=settings.max_in_flight,
+                rate=settings.feedback_rate_limit,
+                retry_after_s=settings.retry_after_s,
+            ),
         ],
     )
     return spec, settings

@@ -97,9 +97,11 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         batch_max_items: int = 32,
         batch_concurrency: int = 4,
         catalog: AgentCatalog | None = None,
+        feedback_max_per_incident: int = 20,
     ) -> None:
         self.workflow = workflow
         self.catalog = catalog
+        self.feedback_max_per_incident = feedback_max_per_incident
         self.history = history
         self.image_limits = image_limits
         self.batch_max_items = batch_max_items
@@ -221,8 +223,17 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             principal=_principal(),
             submitted_at=utc_now(),
         )
-        if not await asyncio.to_thread(self.history.add_feedback, request.request_id, feedback):
+        outcome = await asyncio.to_thread(
+            self.history.add_feedback, request.request_id, feedback, self.feedback_max_per_incident
+        )
+        if outcome == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
+        if outcome == "full":
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"incident {request.request_id} has {self.feedback_max_per_incident} feedback entries, the limit "
+                "per incident; nothing was added",
+            )
         return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(feedback))
 
     async def ListEquipment(

@@ -65,11 +65,14 @@ class PatchCoreProvider:
 
     name = "patchcore"
 
-    def __init__(self, engine: VisionEngine, batcher: DynamicBatcher | None) -> None:
+    def __init__(self, engine: VisionEngine, batcher: DynamicBatcher | None, decode_slots: int = 4) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.engine = engine
         self.batcher = batcher
+        # Decoding is where a photo costs memory (up to ~125 MB for the largest WebP allowed, see ImageLimits): at
+        # most this many at once, whatever the thread pool's size (it follows the host's cores, not the pod's).
+        self._decode_slots = asyncio.Semaphore(decode_slots)
         on_gpu = getattr(getattr(engine.extractor, "device", None), "type", "cpu") != "cpu"
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="vision-model") if on_gpu else None
 
@@ -87,7 +90,8 @@ class PatchCoreProvider:
                 self.engine.measure(items)
 
     async def analyze(self, data, equipment_type, include_heatmap):
-        image, pixels = await asyncio.to_thread(self.engine.prepare, data)
+        async with self._decode_slots:
+            image, pixels = await asyncio.to_thread(self.engine.prepare, data)
         item = (pixels, equipment_type)
         if self.batcher is not None:
             measured = await self.batcher.submit(item)

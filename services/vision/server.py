@@ -31,6 +31,9 @@ class VisionSettings(ServerSettings, HostedModelSettings):
     metrics_port: int = DEFAULT_METRICS_PORTS["vision"]
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_side: int = Field(12_000, gt=0)
+    max_image_aspect: float = Field(16.0, ge=1)
+    max_image_decoded_pixels: int = Field(8_000_000, gt=0, description="PNG/WebP are decoded whole")
     provider: Literal["patchcore", "hf-endpoint", "blip2-local", "openai-compatible"] = "patchcore"
     # patchcore
     reference_dir: Path = Field(default_factory=lambda: data_dir() / "vision-references")
@@ -65,6 +68,7 @@ class VisionSettings(ServerSettings, HostedModelSettings):
         "copilot bench --suite vision)",
     )
     batch_max_size: int = Field(8, ge=1, le=128)
+    decode_slots: int = Field(4, ge=1, le=64, description="photos decoded at once (decoding is the memory peak)")
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
     # the hosted model: model_endpoint (hf-endpoint: the URL of a BLIP-2 inference endpoint; openai-compatible:
     # the API's base URL), model_name, model_api_key, model_timeout_s, model_attempts (HostedModelSettings)
@@ -86,7 +90,13 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
     """Load the configured provider (blocking: runs in a thread during warm-up)."""
     from services.vision import providers
 
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    limits = ImageLimits(
+        settings.max_image_bytes,
+        settings.max_image_pixels,
+        settings.max_image_side,
+        settings.max_image_aspect,
+        settings.max_image_decoded_pixels,
+    )
     if settings.provider == "patchcore":
         from PIL import Image
 
@@ -118,7 +128,7 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
                 on_batch=lambda size, _s: meters.batch_size.record(size),
             )
         servicer.engine = engine
-        provider = providers.PatchCoreProvider(engine, batcher)
+        provider = providers.PatchCoreProvider(engine, batcher, settings.decode_slots)
         provider.warm_up(
             Image.new("RGB", (settings.image_size, settings.image_size), (128, 128, 128)), settings.batch_max_size
         )

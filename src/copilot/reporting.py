@@ -9,6 +9,7 @@ when the report agent cannot be reached, so a degraded diagnosis still gets the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from copilot.domain import (
@@ -20,6 +21,7 @@ from copilot.domain import (
     ReportInputs,
     utc_now,
 )
+from copilot.text import as_data
 
 BASELINE_SAFETY = (
     "Lock out/tag out the equipment before maintenance (SAFETY-SOP-001).",
@@ -48,7 +50,7 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
 
 def summarize(i: ReportInputs) -> str:
     parts = [
-        f"Equipment {i.equipment_id} at plant {i.plant_id} was reported with: {i.problem_description.rstrip('.')}."
+        f'Equipment {i.equipment_id} at plant {i.plant_id} was reported with: "{i.problem_description.rstrip(".")}".'
     ]
     inconclusive = i.image_analyzed and i.vision_summary and i.vision_confidence < MANUAL_REVIEW_THRESHOLD
     if i.defects:
@@ -106,16 +108,60 @@ def follow_up(i: ReportInputs) -> tuple[str, ...]:
         if past.referenced_sop_ids:
             line += f", which cited {', '.join(past.referenced_sop_ids)}"
         if past.resolution_notes:
-            line += f"; resolution noted: {past.resolution_notes.rstrip('.')[:200]}"
+            line += f'; resolution noted: "{past.resolution_notes.rstrip(".")[:200]}"'
         items.append(line + ". Check whether the fault is recurring.")
     items.append(f"Record the work in the CMMS maintenance log with request id {i.request_id}.")
     return tuple(items)
+
+
+def _data(texts: Iterable[str], max_chars: int = 500) -> tuple[str, ...]:
+    return tuple(as_data(t, max_chars) for t in texts)
+
+
+def as_report_data(i: ReportInputs) -> ReportInputs:
+    """Every string of the inputs as one line of data (`copilot.text.as_data`): a user's problem description,
+    another user's feedback notes in a related incident, a document's step text, a model's sentence. None of them
+    can then start a line of the report, so none can open a SAFETY NOTES section of its own, and no control or bidi
+    character reaches the report or the terminal that prints it. The report's sections are built from these typed
+    fields only."""
+    return replace(
+        i,
+        request_id=as_data(i.request_id, 64),
+        plant_id=as_data(i.plant_id, 64),
+        equipment_id=as_data(i.equipment_id, 64),
+        problem_description=as_data(i.problem_description, 500),
+        defects=tuple(replace(d, type=as_data(d.type, 40), description=as_data(d.description, 300)) for d in i.defects),
+        guidance=tuple(
+            replace(g, text=as_data(g.text, 600), sop_ids=_data(g.sop_ids, 64), sections=_data(g.sections, 200))
+            for g in i.guidance
+        ),
+        citations=tuple(
+            replace(c, sop_id=as_data(c.sop_id, 64), title=as_data(c.title, 200), section=as_data(c.section, 200))
+            for c in i.citations
+        ),
+        safety_notes=_data(i.safety_notes, 600),
+        stage_notes=_data(i.stage_notes, 300),
+        review_notes=_data(i.review_notes, 600),
+        related_incidents=tuple(
+            replace(
+                p,
+                request_id=as_data(p.request_id, 64),
+                problem_description=as_data(p.problem_description, 500),
+                referenced_sop_ids=_data(p.referenced_sop_ids, 64),
+                resolution_notes=as_data(p.resolution_notes, 2000),
+            )
+            for p in i.related_incidents
+        ),
+        vision_summary=as_data(i.vision_summary, 2000),
+        equipment_type=as_data(i.equipment_type, 64),
+    )
 
 
 def compose_report(
     i: ReportInputs, now: datetime | None = None, *, written_by_orchestrator: bool = False
 ) -> IncidentReport:
     now = now or utc_now()
+    i = as_report_data(i)
     actions, review_steps = recommended_actions(i)
     safety = _unique([*i.safety_notes, *BASELINE_SAFETY, *(DEFECT_SAFETY.get(d.type, "") for d in i.defects)])
     referenced = _unique([*(s for step in i.guidance for s in step.sop_ids), *(c.sop_id for c in i.citations)])

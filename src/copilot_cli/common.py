@@ -94,3 +94,14 @@ def enum_label(message: Message, field: str, prefix: str) -> str:
     if enum is None:
         raise TypeError(f"{field} is not an enum field")
     return str(enum.values_by_number[value].name).removeprefix(prefix).lower()
+
+
+def shown(text: str, max_chars: int | None = None) -> str:
+    """Text from the server (a user's notes, a problem, a stored report) as the terminal may show it: no control,
+    bidi or zero-width character (an ESC sequence in someone's feedback would drive the terminal), no Rich markup
+    ("[red]" is printed as typed), line breaks kept only where the text is a report laid out in lines."""
+    from rich.markup import escape
+
+    from copilot.text import as_data
+
+    return escape("\n".join(as_data(line, max_chars) for line in text.split("\n")))

@@ -15,7 +15,17 @@ from rich.table import Table
 
 from copilot.client import diagnose_request, open_channel, resolve_token, stream_diagnose
 from copilot.v1 import copilot_pb2
-from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, console, enum_label, out, rpc_errors
+from copilot_cli.common import (
+    ORCHESTRATOR_ADDR,
+    AsJson,
+    OrchestratorAddr,
+    Token,
+    console,
+    enum_label,
+    out,
+    rpc_errors,
+    shown,
+)
 
 STAGES = ("vision", "knowledge", "report")
 
@@ -100,7 +110,7 @@ def print_diagnosis(response: copilot_pb2.DiagnoseResponse, as_json: bool) -> No
     if as_json:
         out.print_json(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
         return
-    out.print(response.report.rendered_text, markup=False, highlight=False)
+    out.print(shown(response.report.rendered_text), highlight=False)  # a report stored before it was cleaned too
     review = "[bold red]yes[/]" if response.requires_manual_review else "no"
     reasons = ", ".join(
         copilot_pb2.EscalationReason.Name(r).removeprefix("ESCALATION_REASON_").lower()
@@ -113,9 +123,9 @@ def print_diagnosis(response: copilot_pb2.DiagnoseResponse, as_json: bool) -> No
     equipment = response.equipment_type or "unknown"
     if response.reference_set:
         equipment += f" · reference set {response.reference_set}"
-    out.print(f"equipment type {equipment}", markup=False, highlight=False)
+    out.print(f"equipment type {shown(equipment)}", highlight=False)
     for note in response.review_notes:
-        out.print(f"review: {note}", markup=False, highlight=False)
+        out.print(f"review: {shown(note)}", highlight=False)
     if response.trace_id:
         out.print(f"[dim]trace {response.trace_id}[/]")
     out.print(f"[dim]{response.safety_disclaimer}[/]")

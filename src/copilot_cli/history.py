@@ -13,7 +13,7 @@ from rich.table import Table
 from copilot.client import canonical_plant
 from copilot.runtime.convert import timestamp_to_pb
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
-from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged
+from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged, shown
 from copilot_cli.diagnose import print_diagnosis
 
 RequestId = Annotated[str, typer.Argument(help="the diagnosis' request id")]
@@ -66,10 +66,10 @@ def incidents(
     for i in found:
         table.add_row(
             i.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-            i.request_id,
-            i.plant_id,
-            i.equipment_id,
-            i.problem_description[:60],
+            shown(i.request_id),
+            shown(i.plant_id),
+            shown(i.equipment_id),
+            shown(i.problem_description, 60),
             f"{i.diagnosis.confidence_score:.2f}",
             "[red]yes[/]" if i.diagnosis.requires_manual_review else "no",
             ", ".join(i.diagnosis.report.referenced_sop_ids),
@@ -96,15 +96,15 @@ def incident(
         return
     image = f" · image sha256 {found.image_sha256[:12]}…" if found.image_sha256 else ""
     out.print(
-        f"[bold]{found.request_id}[/] · {found.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC · by "
-        f"{found.principal} · trace {found.trace_id}{image}"
+        f"[bold]{shown(found.request_id)}[/] · {found.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC · by "
+        f"{shown(found.principal)} · trace {shown(found.trace_id)}{image}"
     )
     print_diagnosis(found.diagnosis, as_json=False)
     for f in found.feedback:
         out.print(
-            f"feedback by {f.principal}: {'helpful' if f.helpful else 'not helpful'}"
-            + (f" · SOPs {', '.join(f.helpful_sop_ids)}" if f.helpful_sop_ids else "")
-            + (f" · {f.resolution_notes}" if f.resolution_notes else "")
+            f"feedback by {shown(f.principal)}: {'helpful' if f.helpful else 'not helpful'}"
+            + (f" · SOPs {shown(', '.join(f.helpful_sop_ids))}" if f.helpful_sop_ids else "")
+            + (f' · "{shown(f.resolution_notes)}"' if f.resolution_notes else "")
         )
 
 

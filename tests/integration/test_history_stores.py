@@ -175,9 +175,15 @@ def test_list_pages_filters_and_similar_incidents(database_url):
             for p in store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating", limit=5)
         }
         assert notes == {"i-4": "", "i-3": "", "i-1": "Cleaned the coolant filter", "i-0": ""}
-        assert not store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(UTC)))
-        (exported,) = store.feedback_export()
-        assert exported["request_id"] == "i-1" and exported["expected_sop_ids"] == ["SOP-123"]
+        assert store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(UTC))) == "missing"
+        # a cap per incident: the entry after the cap is refused, nothing is written
+        note = StoredFeedback(False, "again", (), "eve", datetime.now(UTC))
+        assert store.add_feedback("i-0", note, max_per_incident=2) == "added"
+        assert store.add_feedback("i-0", note, max_per_incident=2) == "added"
+        assert store.add_feedback("i-0", note, max_per_incident=2) == "full"
+        assert len(store.get("i-0").feedback) == 2
+        exported = {e["request_id"]: e for e in store.feedback_export()}
+        assert exported["i-1"]["expected_sop_ids"] == ["SOP-123"] and len(exported) == 2
     finally:
         store.close()
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 
 from copilot import domain as d
+from copilot.images import without_trailing_bytes
 from copilot.v1 import common_pb2, copilot_pb2, knowledge_pb2, report_pb2, vision_pb2
 
 # --- shared messages ------------------------------------------------------------------------------
@@ -310,7 +311,8 @@ def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
         plant_id=m.plant_id,
         equipment_id=m.equipment_id,
         problem_description=m.problem_description,
-        image_data=m.image.data if m.HasField("image") else b"",
+        # the image's own bytes: what follows its end is neither stored, hashed nor sent to vision
+        image_data=without_trailing_bytes(m.image.data) if m.HasField("image") else b"",
         image_mime_type=m.image.mime_type if m.HasField("image") else "",
         image_id=m.image_id if m.HasField("image_id") else "",
         equipment_type=m.equipment_type,
