@@ -345,7 +345,7 @@ class IncidentStore:
                 session.rollback()
 
     def add_feedback(self, request_id: str, feedback: StoredFeedback, max_per_incident: int = 0) -> str:
-        """"added", "missing" (no such incident) or "full" (it has `max_per_incident` entries already; 0: no cap).
+        """ "added", "missing" (no such incident) or "full" (it has `max_per_incident` entries already; 0: no cap).
         The count and the insert share a transaction; concurrent writers on several replicas can overshoot the cap
         by the number of writes in flight at once, never without bound."""
         with self._session() as session:
