@@ -30,10 +30,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         rate: str = "",
         retry_after_s: float = 1.0,
         cost: Callable[[str, object], int] | None = None,
+        max_in_flight_per_principal: int = 0,
     ) -> None:
         self.methods = frozenset(methods)
         self.max_in_flight = max_in_flight
+        # one principal's fair share of the cap (0: the whole cap): a technician holding 64 photo diagnoses in
+        # flight once got 24 of another user's 43 calls refused
+        self.max_per_principal = max_in_flight_per_principal or max_in_flight
         self.in_flight = 0
+        self.by_principal: dict[str, int] = {}
         self.retry_after_s = retry_after_s
         self.rate = parse(rate) if rate else None
         self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage()) if self.rate else None
@@ -52,6 +57,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler
 
         async def before(request, context):
+            principal = current_principal.get()
+            key = principal.subject if principal else "anonymous"
+            if self.by_principal.get(key, 0) >= self.max_per_principal:
+                await self._refuse(
+                    context,
+                    "principal_in_flight",
+                    f"{key} has {self.by_principal[key]} diagnoses in flight, the most one caller may have "
+                    f"(limit {self.max_per_principal} of {self.max_in_flight}); retry when one has finished",
+                    self.retry_after_s,
+                )
             if self.in_flight >= self.max_in_flight:
                 await self._refuse(
                     context,
@@ -60,8 +75,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     self.retry_after_s,
                 )
             if self.limiter is not None and self.rate is not None:
-                principal = current_principal.get()
-                key = principal.subject if principal else "anonymous"
                 cost = max(1, self.cost(method, request))
                 if not self.limiter.hit(self.rate, key, cost=cost):
                     stats = self.limiter.get_window_stats(self.rate, key)
@@ -70,10 +83,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                         context, "rate", f"rate limit {self.rate} exceeded for {key}; retry in {wait:.1f}s", wait
                     )
             self.in_flight += 1
-            return True
+            self.by_principal[key] = self.by_principal.get(key, 0) + 1
+            return key
 
         async def after(admitted, _context, _error):
             if admitted:
                 self.in_flight -= 1
+                left = self.by_principal.get(admitted, 1) - 1
+                if left > 0:
+                    self.by_principal[admitted] = left
+                else:
+                    self.by_principal.pop(admitted, None)
 
         return wrap_handler(handler, before=before, after=after)

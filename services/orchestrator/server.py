@@ -22,7 +22,7 @@ from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.equipment import DEFAULT_REGISTRY, EquipmentResolver
 from services.orchestrator.history import IncidentStore
 from services.orchestrator.servicer import CopilotServicer
-from services.orchestrator.validation import image_violations
+from services.orchestrator.validation import request_violations
 from services.orchestrator.workflow import DiagnosisWorkflow, RelatedIncidents, StageTimeouts
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class OrchestratorSettings(ServerSettings):
 
     # Backpressure: diagnoses in flight (a batch counts once) and a per-principal rate (a batch of n costs n).
     max_in_flight: int = Field(64, ge=1)
+    max_in_flight_per_principal: int = Field(
+        0, ge=0, description="one caller's share of max_in_flight; 0: half of it (at least 1)"
+    )
     rate_limit: str = Field("600/minute", description="`limits` syntax, e.g. 10/second; empty disables")
     retry_after_s: float = Field(1.0, gt=0)
     batch_max_items: int = Field(32, ge=1, le=256)
@@ -158,8 +161,8 @@ def build(
         close=close,
         # the image checks join the proto rules' violations in one INVALID_ARGUMENT (batch items: per item)
         request_checks={
-            f"/{SERVICE_NAME}/Diagnose": lambda r: image_violations(r, limits),
-            f"/{SERVICE_NAME}/StreamDiagnose": lambda r: image_violations(r.diagnosis, limits, "diagnosis."),
+            f"/{SERVICE_NAME}/Diagnose": lambda r: request_violations(r, limits),
+            f"/{SERVICE_NAME}/StreamDiagnose": lambda r: request_violations(r.diagnosis, limits, "diagnosis."),
         },
         interceptors=[
             AdmissionInterceptor(
@@ -168,6 +171,7 @@ def build(
                 rate=settings.rate_limit,
                 retry_after_s=settings.retry_after_s,
                 cost=_cost,
+                max_in_flight_per_principal=settings.max_in_flight_per_principal or max(1, settings.max_in_flight // 2),
             ),
             AdmissionInterceptor(
                 {f"/{SERVICE_NAME}/SubmitFeedback"},

@@ -44,7 +44,7 @@ def _incident_cursor(token: str) -> tuple[datetime, str] | None:
         return None
     try:
         return as_utc(datetime.fromisoformat(position[0])), str(position[1])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a crafted token (year 9999 at -14:00) is invalid, not INTERNAL
         return None
 
 

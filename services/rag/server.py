@@ -34,6 +34,9 @@ class KnowledgeSettings(ServerSettings, HostedModelSettings):
 
     port: int = DEFAULT_PORTS["knowledge"]
     metrics_port: int = DEFAULT_METRICS_PORTS["knowledge"]
+    # an Advise or Retrieve is a few KB and an upload streams in pieces of 256 KiB: an 11 MB Advise (400k
+    # defects) once took the service from 303 to 2,071 MiB (issue #38)
+    max_message_bytes: int = Field(2 * 1024 * 1024, gt=0)
     chroma_path: Path = Field(default_factory=lambda: data_dir() / "chroma")  # embedded persistent store (default)
     chroma_host: str | None = None  # set to use a `chroma run` server instead
     chroma_port: int = 8000

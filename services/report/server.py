@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import REPORT_SERVICE
@@ -18,6 +19,8 @@ class ReportSettings(ServerSettings):
 
     port: int = DEFAULT_PORTS["report"]
     metrics_port: int = DEFAULT_METRICS_PORTS["report"]
+    # a ComposeReportRequest is a few KB; 6.4 MB ones once blocked the event loop for seconds (issue #38)
+    max_message_bytes: int = Field(1024 * 1024, gt=0)
 
 
 def build(settings: ReportSettings | None = None) -> tuple[ServiceSpec, ReportSettings]:

@@ -299,6 +299,44 @@ async def test_one_users_feedback_never_becomes_a_section_of_another_users_repor
     assert "Bypass the lockout" not in "\n".join(report.safety_notes)
 
 
+@pytest.mark.parametrize(
+    "equipment_id",
+    ["PUMP-\u202eA7\u202c", "PUMP\u200b-A-7", "PUMP-A-7\u2028", "PUMP\x85-A-7", "ＰＵＭＰ-A-7"],
+    ids=["bidi-override", "zero-width", "line-separator", "c1-control", "full-width"],
+)
+async def test_look_alike_equipment_ids_are_refused_with_the_field(tmp_path, equipment_id):
+    async with edge(tmp_path) as (server, agents):
+        channel, copilot = stub(server)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await copilot.Diagnose(request(equipment=equipment_id), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in field_violations(refused.value)] == ["equipment_id"]
+            batch = await copilot.DiagnoseBatch(
+                copilot_pb2.DiagnoseBatchRequest(requests=[request(equipment=equipment_id), request()]), timeout=10
+            )
+            assert [item.code for item in batch.items] == [code_pb2.INVALID_ARGUMENT, code_pb2.OK]
+            assert [v.field for v in batch.items[0].field_violations] == ["equipment_id"]  # relative to the item
+    assert [name for name, _ in agents.calls].count("knowledge") == 1  # only the good item reached an agent
+
+
+async def test_a_crafted_page_token_is_invalid_not_internal(tmp_path):
+    from copilot.runtime.pagination import encode_page_token
+
+    async with edge(tmp_path) as (server, _):
+        channel, copilot = stub(server)
+        async with channel:
+            await copilot.Diagnose(request(request_id="only-one"), timeout=10)
+            for position in (("9999-12-31T23:59:59.999999-14:00", "x"), ("0001-01-01T00:00:00+14:00", "x")):
+                token = encode_page_token("ListIncidents", *position)
+                try:
+                    page = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_token=token), timeout=5)
+                    assert len(page.incidents) <= 1
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+            assert (await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(), timeout=5)).incidents
+
+
 async def test_feedback_is_bounded_per_incident_and_per_principal(tmp_path):
     """~6,000 notes on one incident once made its GetIncident and the default ListIncidents page fail for good:
     a cap per incident (then RESOURCE_EXHAUSTED, nothing added) and a rate per principal."""
@@ -383,6 +421,32 @@ async def test_in_flight_cap_answers_resource_exhausted_with_a_retry_hint(tmp_pa
             assert (await copilot.Diagnose(request(), timeout=10)).report.summary  # admitted again once it finished
             # reads are not diagnoses: never refused by the cap
             assert await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(), timeout=5)
+
+
+async def test_one_caller_cannot_take_the_whole_in_flight_cap(tmp_path):
+    """Mallory holds her share of the cap; Anna's diagnosis is still admitted. In flight is known from the agent
+    calls seen (an event), not from a sleep."""
+    agents = FakeAgents(hang={"knowledge"})
+    async with edge(tmp_path, agents, max_in_flight=4, max_in_flight_per_principal=2, knowledge_timeout_s=30) as (
+        server,
+        _,
+    ):
+        mallory_channel, mallory = stub(server, subject="mallory")
+        anna_channel, anna = stub(server, subject="anna")
+        async with mallory_channel, anna_channel:
+            held = [asyncio.ensure_future(mallory.Diagnose(request(), timeout=20)) for _ in range(2)]
+            for _ in range(2000):  # until both reached the knowledge agent (bounded: 20 s of polling at most)
+                if sum(name == "knowledge" for name, _ in agents.calls) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await mallory.Diagnose(request(), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the most one caller may have" in refused.value.details() and retry_delay_s(refused.value) > 0
+            agents.hang.clear()  # Anna's call is admitted (the cap has room) and answered
+            assert (await anna.Diagnose(request(), timeout=10)).report.summary
+            for call in held:
+                call.cancel()
 
 
 async def test_rate_limit_is_per_principal_and_a_batch_costs_its_size(tmp_path):

@@ -179,3 +179,17 @@ def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
     assert "expired" in refused(auth, token).message  # not served from memory past its exp
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert refused(auth, forged).code is grpc.StatusCode.UNAUTHENTICATED  # a different string is verified anew
+
+
+def test_a_token_that_lives_too_long_is_refused():
+    auth = authenticator(max_token_lifetime_s=3600)
+    assert auth.authenticate(f"Bearer {mint_token('anna', Role.TECHNICIAN, secret=SECRET, ttl_s=3000)}")
+    forever = mint_token("mallory", Role.TECHNICIAN, secret=SECRET, ttl_s=2**40 - time.time())
+    assert "longer than a token may live" in refused(auth, f"Bearer {forever}").message
+
+
+def test_a_hostile_token_header_is_not_echoed_whole():
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "X" * 6000 + "\x1b[31m", "typ": "JWT"}).encode()).decode()
+    body = jwt.utils.base64url_encode(b'{"sub":"eve"}').decode()
+    message = refused(authenticator(), f"Bearer {header}.{body}.c2ln").message
+    assert len(message) < 200 and "\x1b" not in message

@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from copilot.runtime.config import data_dir
+from copilot.text import as_data
 
 log = logging.getLogger("copilot.auth")
 
@@ -92,6 +93,9 @@ class AuthSettings(BaseSettings):
     issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
     leeway_s: float = Field(30.0, ge=0, description="clock skew tolerated on exp/nbf/iat")
+    max_token_lifetime_s: float = Field(
+        86_400.0, gt=0, description="a token whose exp is further away than this is refused (a leaked token expires)"
+    )
 
     def secret(self) -> str:
         if self.jwt_secret.get_secret_value():
@@ -165,7 +169,8 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
             if algorithm not in self._keys:  # refuses alg=none and algorithm-confusion (HS256 signed with a public key)
-                raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"token algorithm {algorithm!r} is not accepted")
+                shown = as_data(str(algorithm), 32)  # the header is the caller's: never echoed, logged or kept whole
+                raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"token algorithm {shown!r} is not accepted")
             claims = jwt.decode(
                 token,
                 self._keys[algorithm],
@@ -178,7 +183,13 @@ class Authenticator:
         except jwt.ExpiredSignatureError:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token has expired") from None
         except jwt.InvalidTokenError as exc:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {exc}") from None
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {as_data(str(exc), 200)}") from None
+        if float(claims["exp"]) - time.time() > self.settings.max_token_lifetime_s + self.settings.leeway_s:
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"token expires more than {self.settings.max_token_lifetime_s:.0f} s from now, longer than a token may "
+                "live (AUTH_MAX_TOKEN_LIFETIME_S)",
+            )
         role = Role.parse(claims.get("role"))
         if role is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token role must be technician, engineer or admin")

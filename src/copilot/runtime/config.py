@@ -53,7 +53,9 @@ class ServerSettings(BaseSettings):
     grace_seconds: float = Field(10.0, gt=0, description="drain time after SIGTERM")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     log_level: str = "INFO"
-    metrics_host: str = Field("0.0.0.0", description="interface of the Prometheus /metrics endpoint")
+    metrics_host: str = Field(
+        "", description="interface of the Prometheus /metrics endpoint; empty: the gRPC port's (`host`)"
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
     tls: TlsSettings = Field(default_factory=TlsSettings)
 

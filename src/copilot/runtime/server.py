@@ -166,7 +166,8 @@ def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings
     async def main() -> int:
         spec, settings = build()  # trace/metric proxies created here bind to the providers set next
         logging.getLogger().setLevel(settings.log_level.upper())
-        setup_telemetry(otel_name, settings.metrics_host, settings.metrics_port)
+        # metrics listen where gRPC does unless told otherwise (127.0.0.1 on a workstation, 0.0.0.0 in a pod)
+        setup_telemetry(otel_name, settings.metrics_host or settings.host, settings.metrics_port)
         return await AgentServer(spec, settings).serve_until_signal()
 
     try:
