@@ -1,14 +1,25 @@
 """Backpressure at the edge: a cap on calls in flight and a per-principal rate limit (the `limits` library's
-moving window). Refusals answer RESOURCE_EXHAUSTED with a google.rpc.RetryInfo, before any work is done."""
+moving window). Refusals answer RESOURCE_EXHAUSTED with a google.rpc.RetryInfo, before any work is done.
+
+The rate limit's window lives in a `limits` storage named by a URI: `memory://` (one process: the local mesh,
+tests) or `redis://host:6379/0` (every orchestrator replica shares one window, so a principal gets the limit once
+for the fleet, not once per pod). When the storage cannot be reached the limiter **fails open**: the call is
+admitted (the in-flight cap still bounds the work), the refusal it might have earned is counted in
+`copilot_admission_limiter_errors_total` and logged at most once every 10 s; each call tries the storage again
+(a 250 ms connect/read timeout), so the limit holds again as soon as Redis is back. Refusing every diagnosis
+while Redis restarts would turn a cache outage into a full outage."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
-from limits import parse, storage, strategies
+from limits import parse
+from limits.aio import strategies
+from limits.storage import storage_from_string
 
 from copilot.runtime.errors import resource_exhausted_status
 from copilot.runtime.interceptors import current_principal, wrap_handler
@@ -31,6 +42,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         retry_after_s: float = 1.0,
         cost: Callable[[str, object], int] | None = None,
         max_in_flight_per_principal: int = 0,
+        storage_uri: str = "memory://",
     ) -> None:
         self.methods = frozenset(methods)
         self.max_in_flight = max_in_flight
@@ -41,8 +53,26 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.by_principal: dict[str, int] = {}
         self.retry_after_s = retry_after_s
         self.rate = parse(rate) if rate else None
-        self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage()) if self.rate else None
+        self.limiter = strategies.MovingWindowRateLimiter(async_storage(storage_uri)) if self.rate else None
+        self._last_storage_warning = 0.0
         self.cost = cost or (lambda _method, _request: 1)
+
+    async def _over_rate(self, key: str, cost: int) -> float | None:
+        """Seconds until `key` may call again when this call is over its rate; None when it is admitted, or when
+        the window's storage cannot be reached (fail open, counted and logged)."""
+        assert self.limiter is not None and self.rate is not None
+        try:
+            if await self.limiter.hit(self.rate, key, cost=cost):
+                return None
+            stats = await self.limiter.get_window_stats(self.rate, key)
+            return max(0.05, stats.reset_time - time.time())
+        except Exception as exc:  # the storage's client raises its own connection and timeout errors
+            copilot_metrics().admission_limiter_errors.add(1)
+            now = time.monotonic()
+            if now - self._last_storage_warning > 10:
+                self._last_storage_warning = now
+                log.warning("rate limit storage unreachable, admitting without a limit: %s", type(exc).__name__)
+            return None
 
     async def _refuse(self, context, reason: str, message: str, retry_after_s: float):
         copilot_metrics().admission_rejected.add(1, {"reason": reason})
@@ -76,9 +106,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 )
             if self.limiter is not None and self.rate is not None:
                 cost = max(1, self.cost(method, request))
-                if not self.limiter.hit(self.rate, key, cost=cost):
-                    stats = self.limiter.get_window_stats(self.rate, key)
-                    wait = max(0.05, stats.reset_time - time.time())
+                wait = await self._over_rate(key, cost)
+                if wait is not None:
                     await self._refuse(
                         context, "rate", f"rate limit {self.rate} exceeded for {key}; retry in {wait:.1f}s", wait
                     )
@@ -96,3 +125,23 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     self.by_principal.pop(admitted, None)
 
         return wrap_handler(handler, before=before, after=after)
+
+
+#: Timeouts of a Redis storage: a call waits at most this long for the shared window before it is admitted anyway.
+STORAGE_TIMEOUT_S = 0.25
+
+
+def async_storage(uri: str) -> Any:
+    """A `limits` asyncio storage from a plain URI ("memory://", "redis://host:6379/0", "rediss://…"): the event
+    loop never blocks on the network for a rate check."""
+    if uri.startswith("async+"):
+        uri = uri.removeprefix("async+")
+    scheme = uri.split("://", 1)[0]
+    if scheme in ("redis", "rediss", "redis+unix"):
+        return storage_from_string(
+            f"async+{uri}",
+            implementation="redispy",
+            socket_connect_timeout=STORAGE_TIMEOUT_S,
+            socket_timeout=STORAGE_TIMEOUT_S,
+        )
+    return storage_from_string(f"async+{uri}")

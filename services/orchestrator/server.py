@@ -70,6 +70,11 @@ class OrchestratorSettings(ServerSettings):
         0, ge=0, description="one caller's share of max_in_flight; 0: half of it (at least 1)"
     )
     rate_limit: str = Field("600/minute", description="`limits` syntax, e.g. 10/second; empty disables")
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="where the rate windows live: memory:// (this process) or redis://host:6379/0 (every replica "
+        "shares them); unreachable storage admits calls (fail open, counted)",
+    )
     retry_after_s: float = Field(1.0, gt=0)
     batch_max_items: int = Field(32, ge=1, le=256)
     # Feedback is stored text that every later report on the equipment may quote: bounded per principal and per
@@ -172,12 +177,14 @@ def build(
                 retry_after_s=settings.retry_after_s,
                 cost=_cost,
                 max_in_flight_per_principal=settings.max_in_flight_per_principal or max(1, settings.max_in_flight // 2),
+                storage_uri=settings.rate_limit_storage,
             ),
             AdmissionInterceptor(
                 {f"/{SERVICE_NAME}/SubmitFeedback"},
                 max_in_flight=settings.max_in_flight,
                 rate=settings.feedback_rate_limit,
                 retry_after_s=settings.retry_after_s,
+                storage_uri=settings.rate_limit_storage,
             ),
         ],
     )

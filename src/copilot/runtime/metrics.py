@@ -35,6 +35,7 @@ class CopilotMetrics:
     unsupported_steps: metrics.Counter
     documents_ingested: metrics.Counter
     admission_rejected: metrics.Counter
+    admission_limiter_errors: metrics.Counter
     incidents_replayed: metrics.Counter
 
 
@@ -103,6 +104,10 @@ def copilot_metrics() -> CopilotMetrics:
         ),
         admission_rejected=m.create_counter(
             "copilot.admission.rejected", description="calls refused with RESOURCE_EXHAUSTED, by reason"
+        ),
+        admission_limiter_errors=m.create_counter(
+            "copilot.admission.limiter_errors",
+            description="rate checks whose storage (Redis) could not be reached: admitted without a limit (fail open)",
         ),
         incidents_replayed=m.create_counter(
             "copilot.incidents.replayed", description="Diagnose retries answered from the incident history"
