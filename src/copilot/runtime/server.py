@@ -60,7 +60,11 @@ class AgentServer:
                 *spec.interceptors,
                 ValidationInterceptor(spec.request_checks),
             ],
-            options=message_size_options(settings.max_message_bytes),
+            options=[
+                *message_size_options(settings.max_message_bytes),
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+            ],
         )
         self.port = 0
         self.ready = asyncio.Event()
