@@ -43,6 +43,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: every socket is held until all are bound (one at a time, the kernel may hand
+    out a port just released again, and two services of one mesh then race for it)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def health_status(
     address: str, timeout: float = 1.0, service: str = "", channel: grpc.Channel | None = None
 ) -> int | None:
@@ -120,9 +133,10 @@ class Mesh:
     @classmethod
     def on_free_ports(cls, vision_replicas: int = 1, **kwargs) -> Mesh:
         names = [*SERVICES, *(f"vision-{i}" for i in range(2, vision_replicas + 1))]
+        ports = free_ports(2 * len(names))
         return cls(
-            ports={name: free_port() for name in names},
-            metrics_ports={name: free_port() for name in names},
+            ports=dict(zip(names, ports[: len(names)], strict=True)),
+            metrics_ports=dict(zip(names, ports[len(names) :], strict=True)),
             vision_replicas=vision_replicas,
             **kwargs,
         )

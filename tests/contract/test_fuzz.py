@@ -56,6 +56,9 @@ class EdgeThread:
             host="127.0.0.1",
             database_url=self.database_url,
             rate_limit="",
+            # the fuzzer explores validation: feedback's own bounds are tested in test_copilot_edge.py
+            feedback_rate_limit="",
+            feedback_max_per_incident=0,
             max_image_bytes=256 * 1024,
             max_image_pixels=1_000_000,
         )

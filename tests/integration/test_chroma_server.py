@@ -15,7 +15,7 @@ import pytest
 
 from copilot.client import auth_metadata
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
-from copilot_cli.launcher import free_port
+from copilot_cli.launcher import free_port, free_ports
 from services.rag.core import KnowledgeBase, open_store
 from services.rag.corpus import starter_corpus
 from tests.conftest import token
@@ -101,7 +101,7 @@ def copilot(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(tmp_path):
-    chroma_port, port = free_port(), free_port()
+    chroma_port, port = free_ports(2)
     addr = f"127.0.0.1:{port}"
     manual = tmp_path / "chiller.txt"
     manual.write_text(

@@ -15,6 +15,7 @@ import pytest
 
 from copilot.client import aio_channel, diagnose_request
 from copilot.v1 import copilot_pb2_grpc
+from copilot_cli.launcher import free_port
 from tests.conftest import token
 from tests.contract.conftest import serving
 from tests.fakes import FakeAgents
@@ -22,15 +23,9 @@ from tests.fakes import FakeAgents
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     def __init__(self, folder) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.folder = folder
         self.process: subprocess.Popen[bytes] | None = None
 
