@@ -56,10 +56,9 @@ def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_po
     readers: list[MetricReader] = []
     if metrics_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
 
         readers.append(PrometheusMetricReader())
-        start_http_server(metrics_port, addr=metrics_host)
+        serve_metrics(metrics_port, metrics_host)
     if _otlp_enabled("METRICS"):
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -76,6 +75,35 @@ def setup_telemetry(service_name: str, metrics_host: str = "0.0.0.0", metrics_po
 #: reached (not resolvable, a black hole) would hold the exporter in its timeout and retries well past a pod's
 #: grace period, and the kubelet would SIGKILL it: a process exits on time and drops what is left instead.
 SHUTDOWN_TIMEOUT_S = 3.0
+
+
+METRICS_PATH = "/metrics"
+
+
+def serve_metrics(port: int, host: str) -> Any:
+    """Prometheus text on `/metrics` only (any other path is 404: prometheus_client's own server answered 200 on
+    every path), on a daemon thread; returns the server (its `server_port` is the port bound)."""
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
+
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: metrics are at /metrics\n"]
+        return metrics_app(environ, start_response)
+
+    class Server(ThreadingWSGIServer):  # IPv4 or IPv6, as the host asks (prometheus_client does the same)
+        pass
+
+    Server.address_family, host = _get_best_family(host, port)  # type: ignore[no-untyped-call]
+    server = make_server(host, port, app, Server, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 def shutdown_telemetry(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
