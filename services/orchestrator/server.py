@@ -132,7 +132,10 @@ def build(
         StageTimeouts(settings.vision_timeout_s, settings.knowledge_timeout_s, settings.report_timeout_s),
         parallel=settings.parallel_stages,
         related_incidents=related_incidents(history, settings.related_incidents),
-        equipment=EquipmentResolver(registry),
+        equipment=EquipmentResolver(
+            registry,
+            reference_sets=(lambda: clients.reference_sets(2.0)) if isinstance(clients, GrpcAgentClients) else None,
+        ),
     )
     limits = ImageLimits(
         settings.max_image_bytes,

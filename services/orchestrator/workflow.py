@@ -333,7 +333,7 @@ class DiagnosisWorkflow:
                 if self.related_incidents is not None
                 else None
             )
-            equipment = self.equipment.resolve(request)
+            equipment = await self.equipment.resolve(request)
             span.set_attributes(
                 {
                     "app.equipment_type": equipment.equipment_type,

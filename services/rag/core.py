@@ -325,8 +325,13 @@ class KnowledgeBase:
         """Which machine the request is about: the request's type (the caller's or the equipment registry's), else
         a machine a word of the equipment id names ("PUMP-A-7"), else the machines the problem names ("the
         chiller trips"); and whether a document in scope at the plant is written for it."""
-        if equipment_type and self.known_type(equipment_type):
+        if equipment_type:
+            # what the caller says the machine is: a type the library or the vocabulary knows, one the vocabulary's
+            # words name ("cnc"), or else a machine no SOP in scope is written for (never ignored: a type nobody
+            # wrote an SOP for must not get another machine's steps)
             name = canonical_scope(equipment_type)
+            if not self.known_type(name):
+                name = self.vocabulary.resolve_type(name) or name
             names = self.vocabulary.same_machine(name)
             return EquipmentTarget(name, "request", names, bool(self.documents_for(names, plant_id)))
         for source, mentions in (

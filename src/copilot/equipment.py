@@ -94,6 +94,15 @@ class EquipmentVocabulary:
     def knows(self, equipment_type: str) -> bool:
         return canonical_scope(equipment_type) in self._by_name
 
+    def resolve_type(self, value: str) -> str | None:
+        """A machine type the copilot knows for what a caller wrote: itself when the vocabulary names it, else the
+        one kind its words name ("cnc" -> cnc-machine, "screw compressor" -> air-compressor); None otherwise."""
+        name = canonical_scope(value)
+        if self.knows(name):
+            return name
+        kinds = {m.kind.name for m in self.mentioned(name.replace("-", " "))}
+        return kinds.pop() if len(kinds) == 1 else None
+
     def same_machine(self, equipment_type: str) -> frozenset[str]:
         """Every type name that counts as `equipment_type` (itself included, known to the vocabulary or not)."""
         name = canonical_scope(equipment_type)

@@ -142,19 +142,44 @@ def _input(equipment_id="PUMP-A-7", equipment_type="", reference_set=""):
     )
 
 
-def test_the_orchestrator_sends_the_machine_type_to_knowledge_and_the_reference_set_to_vision():
+async def test_the_orchestrator_sends_the_machine_type_to_knowledge_and_the_reference_set_to_vision():
     resolver = EquipmentResolver(EquipmentRegistry.load(DEFAULT_REGISTRY))
     # only the id: both from the registry
-    ctx = resolver.resolve(_input())
+    ctx = await resolver.resolve(_input())
     assert (ctx.equipment_type, ctx.reference_set, ctx.type_source) == ("centrifugal-pump", "brushed-steel", "registry")
     # the request's own values win
-    ctx = resolver.resolve(_input(equipment_type="coolant-pump", reference_set="painted-panel"))
+    ctx = await resolver.resolve(_input(equipment_type="coolant-pump", reference_set="painted-panel"))
     assert (ctx.equipment_type, ctx.reference_set) == ("coolant-pump", "painted-panel")
-    # an earlier client's equipment_type=brushed-steel (a reference set): vision still gets it, SOPs the pump's
-    ctx = resolver.resolve(_input(equipment_id="X-1", equipment_type="brushed-steel"))
-    assert (ctx.equipment_type, ctx.reference_set) == ("brushed-steel", "brushed-steel")
-    ctx = resolver.resolve(_input(equipment_type="brushed-steel"))
+    # an earlier client's equipment_type=brushed-steel (a reference set): vision gets it, SOPs the registry's type
+    ctx = await resolver.resolve(_input(equipment_id="X-1", equipment_type="brushed-steel"))
+    assert (ctx.equipment_type, ctx.reference_set) == ("", "brushed-steel")
+    ctx = await resolver.resolve(_input(equipment_type="brushed-steel"))
     assert (ctx.equipment_type, ctx.reference_set) == ("centrifugal-pump", "brushed-steel")
     # an unregistered id: nothing decided here (knowledge reads the id and the problem)
-    ctx = resolver.resolve(_input(equipment_id="TOOL-9"))
+    ctx = await resolver.resolve(_input(equipment_id="TOOL-9"))
     assert (ctx.equipment_type, ctx.reference_set) == ("", "")
+
+
+async def test_a_type_the_vocabulary_does_not_know_is_a_machine_type_unless_vision_has_it_as_a_reference_set():
+    asked = []
+
+    async def reference_sets() -> list[str]:
+        asked.append(1)
+        return ["brushed-steel", "painted-panel"]
+
+    resolver = EquipmentResolver(EquipmentRegistry(), reference_sets=reference_sets)
+    ctx = await resolver.resolve(_input(equipment_id="WP-01", equipment_type="wafer-polisher"))
+    assert (ctx.equipment_type, ctx.reference_set, ctx.type_source) == ("wafer-polisher", "", "request")
+    ctx = await resolver.resolve(_input(equipment_id="WP-01", equipment_type="painted-panel"))
+    assert (ctx.equipment_type, ctx.reference_set) == ("", "painted-panel")
+    ctx = await resolver.resolve(_input(equipment_id="WP-01", equipment_type="cnc"))  # a word for a known machine
+    assert ctx.equipment_type == "cnc"
+    assert len(asked) == 1  # asked once, then cached
+
+
+def test_words_for_a_machine_resolve_to_its_type():
+    vocabulary = default_vocabulary()
+    assert vocabulary.resolve_type("cnc") == "cnc-machine"
+    assert vocabulary.resolve_type("screw-compressor") == "screw-compressor"
+    assert vocabulary.resolve_type("Fork Lift") == "forklift"
+    assert vocabulary.resolve_type("wafer-polisher") is None and vocabulary.resolve_type("brushed-steel") is None

@@ -77,6 +77,7 @@ def test_a_store_written_before_canonical_scopes_is_still_scoped(tmp_path, embed
         ("Unit trips on high pressure after ten minutes of running", "", "CHILL-4"),
         ("Forklift battery will not charge overnight", "", "FL-3"),
         ("Laser cutter lens is dirty and the cut edge is burred", "", "LC-1"),
+        ("Polishing pad wears out after a few batches", "wafer-polisher", "WP-01"),  # a type nobody wrote SOPs for
     ],
 )
 def test_a_machine_no_sop_covers_goes_to_review(knowledge_base, problem, equipment_type, equipment_id):
@@ -92,6 +93,11 @@ def test_the_readme_photo_example_never_gets_cnc_steps(knowledge_base):
         assert "SOP-123" not in _cited(guidance) and "SOP-123" not in {c.sop_id for c in guidance.citations}
         assert _cited(guidance) <= {"PUMP-330", "SAFETY-SOP-001", "LOTO-002", "LUB-120"}
         assert guidance.equipment_type == "centrifugal-pump" or guidance.equipment_type == "pump"
+
+
+def test_a_caller_word_for_a_known_machine_is_its_type(knowledge_base):
+    guidance = knowledge_base.advise("Spindle temperature alarm halfway through the shift", equipment_type="cnc")
+    assert guidance.equipment_type == "cnc-machine" and _cited(guidance) == {"SOP-123"} and not guidance.reviews
 
 
 def test_a_covered_machine_keeps_its_own_sop(knowledge_base):
