@@ -13,8 +13,7 @@ from pydantic_settings import SettingsConfigDict
 from copilot.contracts import COPILOT_SERVICE
 from copilot.domain import DiagnosisInput, PastIncident
 from copilot.equipment import EquipmentRegistry
-from copilot.images import ImageLimits
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.admission import AdmissionInterceptor
@@ -30,7 +29,7 @@ SERVICE_NAME = COPILOT_SERVICE
 DIAGNOSIS_METHODS = {f"/{SERVICE_NAME}/{name}" for name in ("Diagnose", "StreamDiagnose", "DiagnoseBatch")}
 
 
-class OrchestratorSettings(ServerSettings):
+class OrchestratorSettings(ServerSettings, ImageLimitSettings):
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", populate_by_name=True)
 
     port: int = DEFAULT_PORTS["orchestrator"]
@@ -44,11 +43,6 @@ class OrchestratorSettings(ServerSettings):
     vision_timeout_s: float = 10.0
     knowledge_timeout_s: float = 15.0
     report_timeout_s: float = 5.0
-    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard, from the image header")
-    max_image_side: int = Field(12_000, gt=0, description="longest side in pixels")
-    max_image_aspect: float = Field(16.0, ge=1, description="longer side / shorter side")
-    max_image_decoded_pixels: int = Field(8_000_000, gt=0, description="PNG/WebP (decoded whole) pixel limit")
     # Vision and knowledge at once (knowledge then does not see the defects); see `copilot bench --suite mesh`.
     parallel_stages: bool = False
     # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
@@ -137,13 +131,7 @@ def build(
             reference_sets=(lambda: clients.reference_sets(2.0)) if isinstance(clients, GrpcAgentClients) else None,
         ),
     )
-    limits = ImageLimits(
-        settings.max_image_bytes,
-        settings.max_image_pixels,
-        settings.max_image_side,
-        settings.max_image_aspect,
-        settings.max_image_decoded_pixels,
-    )
+    limits = settings.image_limits()
     servicer = CopilotServicer(
         workflow,
         history,

@@ -296,16 +296,6 @@ class KnowledgeBase:
             if types & names and (not plant or not plants or plant in plants)
         ]
 
-    def library_types(self, plant_id: str = "") -> dict[str, list[str]]:
-        """Machine type -> the documents in scope at `plant_id` written for it."""
-        plant = canonical_scope(plant_id)
-        found: dict[str, list[str]] = {}
-        for document_id, types, plants in self._library():
-            if not plant or not plants or plant in plants:
-                for t in sorted(types):
-                    found.setdefault(t, []).append(document_id)
-        return dict(sorted(found.items()))
-
     def known_type(self, equipment_type: str) -> bool:
         """A machine type the vocabulary or some document names (a vision reference set such as `brushed-steel`,
         which earlier releases sent in this field, is neither)."""

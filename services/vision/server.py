@@ -13,27 +13,22 @@ from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import VISION_SERVICE
 from copilot.runtime.auth import AccessPolicy, Role
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import vision_pb2_grpc
-from services.vision.core import EngineTuning, ImageLimits
+from services.vision.core import EngineTuning
 from services.vision.servicer import VisionServicer
 
 SERVICE_NAME = VISION_SERVICE
 log = logging.getLogger(__name__)
 
 
-class VisionSettings(ServerSettings, HostedModelSettings):
+class VisionSettings(ServerSettings, HostedModelSettings, ImageLimitSettings):
     model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore")
 
     port: int = DEFAULT_PORTS["vision"]
     metrics_port: int = DEFAULT_METRICS_PORTS["vision"]
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_image_side: int = Field(12_000, gt=0)
-    max_image_aspect: float = Field(16.0, ge=1)
-    max_image_decoded_pixels: int = Field(8_000_000, gt=0, description="PNG/WebP are decoded whole")
     provider: Literal["patchcore", "hf-endpoint", "blip2-local", "openai-compatible"] = "patchcore"
     # patchcore
     reference_dir: Path = Field(default_factory=lambda: data_dir() / "vision-references")
@@ -90,13 +85,7 @@ def build_provider(settings: VisionSettings, servicer: VisionServicer) -> None:
     """Load the configured provider (blocking: runs in a thread during warm-up)."""
     from services.vision import providers
 
-    limits = ImageLimits(
-        settings.max_image_bytes,
-        settings.max_image_pixels,
-        settings.max_image_side,
-        settings.max_image_aspect,
-        settings.max_image_decoded_pixels,
-    )
+    limits = settings.image_limits()
     if settings.provider == "patchcore":
         from PIL import Image
 

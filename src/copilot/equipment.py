@@ -166,21 +166,13 @@ class RegisteredEquipment:
     def is_pattern(self) -> bool:
         return any(ch in self.match for ch in "*?[")
 
+    def applies_at(self, plant_id: str) -> bool:
+        return self.plant_id == "*" or canonical_scope(self.plant_id) == canonical_scope(plant_id)
+
     def applies(self, plant_id: str, equipment_id: str) -> bool:
-        if self.plant_id != "*" and canonical_scope(self.plant_id) != canonical_scope(plant_id):
-            return False
-        return fnmatch.fnmatchcase(canonical_scope(equipment_id), canonical_scope(self.match))
-
-
-@dataclass(frozen=True)
-class ResolvedEquipment:
-    """What one request's equipment is, and where each answer came from ("request", "registry" or "")."""
-
-    equipment_type: str = ""
-    reference_set: str = ""
-    type_source: str = ""
-    reference_source: str = ""
-    entry: RegisteredEquipment | None = None
+        return self.applies_at(plant_id) and fnmatch.fnmatchcase(
+            canonical_scope(equipment_id), canonical_scope(self.match)
+        )
 
 
 class RegistryError(ValueError):
@@ -215,25 +207,7 @@ class EquipmentRegistry:
         return best[1] if best else None
 
     def for_plant(self, plant_id: str = "") -> list[RegisteredEquipment]:
-        if not plant_id:
-            return list(self.entries)
-        return [
-            e for e in self.entries if e.plant_id == "*" or canonical_scope(e.plant_id) == canonical_scope(plant_id)
-        ]
-
-    def describe(
-        self, plant_id: str, equipment_id: str, equipment_type: str = "", reference_set: str = ""
-    ) -> ResolvedEquipment:
-        """The request's own values win; the registry fills what the request left empty."""
-        entry = self.resolve(plant_id, equipment_id)
-        etype, esource = canonical_scope(equipment_type), "request" if equipment_type else ""
-        rset, rsource = reference_set, "request" if reference_set else ""
-        if entry is not None:
-            if not etype and entry.equipment_type:
-                etype, esource = entry.equipment_type, "registry"
-            if not rset and entry.reference_set:
-                rset, rsource = entry.reference_set, "registry"
-        return ResolvedEquipment(etype, rset, esource, rsource, entry)
+        return [e for e in self.entries if not plant_id or e.applies_at(plant_id)]
 
 
 _REFERENCE_SET = re.compile(r"^[a-z][a-z0-9-]{1,39}$")

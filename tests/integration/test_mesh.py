@@ -4,10 +4,12 @@ while the orchestrator keeps answering."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -46,6 +48,19 @@ def mesh(tmp_path_factory):
 def stub(mesh):
     with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
         yield copilot_pb2_grpc.CopilotServiceStub(channel)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`copilot ARGS` as a technician runs it (this venv's entry point; tokens minted from the test secret)."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("copilot")), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
 
 def call(stub, image=None, **overrides):
@@ -199,25 +214,9 @@ def test_every_service_exposes_prometheus_metrics(mesh, stub):
 def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
     """`copilot diagnose` (StreamDiagnose), `incidents`, `incident`, `feedback` and `eval --export-feedback`
     as a technician runs them, against the real mesh (tokens minted from the mesh's secret)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import yaml
 
-    def copilot(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("copilot")), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "COLUMNS": "250"},
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done
-
+    copilot = run_cli
     addr = ["--addr", mesh.address("orchestrator")]
     request = ["diagnose", "--plant", "PUNE-IN", "--equipment", "CNC-CLI-9", "--problem", PROBLEM]
     shown = copilot(*request, "--request-id", "cli-stream-1", *addr)
@@ -267,19 +266,9 @@ def test_the_readme_examples_get_answers_to_trust(stub, crack_photo):
 def test_a_plant_sop_is_used_at_its_plant_and_an_uncovered_machine_goes_to_review(mesh, stub, tmp_path):
     """As a new user follows the README: `copilot ingest … --plant PUNE-IN`, `docs`, `equipment`, then diagnoses
     at that plant (the plant's SOP is cited) and at another (no chiller SOP there: review, no compressor steps)."""
-    import os
-    import sys
 
     def copilot(*args: str) -> str:
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("copilot")), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "COLUMNS": "250"},
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+        return run_cli(*args).stdout
 
     manual = tmp_path / "CHILL-901.md"
     source = (Path(__file__).resolve().parents[2] / "services/rag/eval/documents/CHILL-901.md").read_text()

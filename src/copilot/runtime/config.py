@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from copilot.images import ImageLimits
+
 # Documented default ports of the mesh; `copilot up` and the Kubernetes manifests use the same numbers.
 DEFAULT_PORTS = {"orchestrator": 50051, "vision": 50052, "knowledge": 50053, "report": 50054}
 DEFAULT_METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466, "report": 9467}
@@ -76,3 +78,28 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
     ]
+
+
+_IMAGE = ImageLimits()
+
+
+class ImageLimitSettings(BaseSettings):
+    """`<PREFIX>_MAX_IMAGE_*`: the image limits of a service that takes photos (the orchestrator's edge, vision),
+    under its own prefix; defaults are `copilot.images.ImageLimits`'."""
+
+    max_image_bytes: int = Field(_IMAGE.max_bytes, gt=0)
+    max_image_pixels: int = Field(_IMAGE.max_pixels, gt=0, description="decompression-bomb guard, from the header")
+    max_image_side: int = Field(_IMAGE.max_side, gt=0, description="longest side in pixels")
+    max_image_aspect: float = Field(_IMAGE.max_aspect, ge=1, description="longer side / shorter side")
+    max_image_decoded_pixels: int = Field(
+        _IMAGE.max_decoded_pixels, gt=0, description="PNG/WebP pixel limit (they are decoded whole)"
+    )
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            self.max_image_bytes,
+            self.max_image_pixels,
+            self.max_image_side,
+            self.max_image_aspect,
+            self.max_image_decoded_pixels,
+        )

@@ -83,7 +83,6 @@ METRICS_PATH = "/metrics"
 def serve_metrics(port: int, host: str) -> Any:
     """Prometheus text on `/metrics` only (any other path is 404: prometheus_client's own server answered 200 on
     every path), on a daemon thread; returns the server (its `server_port` is the port bound)."""
-    import threading
     from wsgiref.simple_server import make_server
 
     from prometheus_client import make_wsgi_app
