@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import statistics
 import tempfile
 import time
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
+from copilot.runtime.auth import END_USER_HEADER, Role, mint_token
 from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.diagnose import sample_photo
 from copilot_cli.launcher import Mesh
@@ -33,6 +35,8 @@ PROBLEMS = [
     "Spindle vibration and chatter marks on parts",
 ]
 SAMPLE = sample_photo()
+#: the HS256 secret of the vision process the vision suite starts (its tokens are minted here)
+BENCH_SECRET = secrets.token_urlsafe(48)
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -502,13 +506,15 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
         async with grpc.aio.insecure_channel(address) as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
             request = vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=image), equipment_type="brushed-steel")
-            metadata = auth_metadata("technician-bench")
+            # as the orchestrator calls it: its service token, naming the user each call is for (one per client)
+            service = auth_metadata(mint_token("bench", Role.SERVICE, secret=BENCH_SECRET))
             for _ in range(3):
-                await stub.AnalyzeImage(request, timeout=60, metadata=metadata)
+                await stub.AnalyzeImage(request, timeout=60, metadata=service)
             times: list[float] = []
             remaining = [total]
 
-            async def worker() -> None:
+            async def worker(client: int) -> None:
+                metadata = (*service, (END_USER_HEADER, f"technician-{client}"))
                 while remaining[0] > 0:
                     remaining[0] -= 1
                     started = time.perf_counter()
@@ -516,7 +522,7 @@ def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tu
                     times.append((time.perf_counter() - started) * 1000)
 
             began = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(client) for client in range(concurrency)))
             return times, time.perf_counter() - began
 
     return asyncio.run(go())
@@ -539,6 +545,7 @@ def run_vision(total: int, output: Path, console: Console) -> dict:
                 "VISION_PORT": str(port),
                 "VISION_METRICS_PORT": "0",
                 "AUTH_MODE": "dev",
+                "AUTH_JWT_SECRET": BENCH_SECRET,
                 "VISION_BATCHING": str(batching).lower(),
                 "VISION_REFERENCE_DIR": f"{tmp}/refs-{batching}",
             }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
@@ -51,13 +51,18 @@ class GrpcAgentClients:
         knowledge_addr: str,
         report_addr: str,
         *,
+        identity: Callable[[], str],
         max_message_bytes: int,
         tls: TlsSettings | None = None,
     ) -> None:
+        """`identity()` gives the `Bearer …` header of this orchestrator's service token (auth.ServiceIdentity)."""
         self._channels = [
-            agent_channel(vision_addr, [VISION_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
-            agent_channel(knowledge_addr, [KNOWLEDGE_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
-            agent_channel(report_addr, [REPORT_SERVICE], max_message_bytes=max_message_bytes, tls=tls),
+            agent_channel(address, [service], identity=identity, max_message_bytes=max_message_bytes, tls=tls)
+            for address, service in (
+                (vision_addr, VISION_SERVICE),
+                (knowledge_addr, KNOWLEDGE_SERVICE),
+                (report_addr, REPORT_SERVICE),
+            )
         ]
         self.vision = vision_pb2_grpc.VisionServiceStub(self._channels[0])
         self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])

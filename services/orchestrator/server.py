@@ -13,10 +13,11 @@ from pydantic_settings import SettingsConfigDict
 from copilot.contracts import COPILOT_SERVICE
 from copilot.domain import DiagnosisInput, PastIncident
 from copilot.equipment import EquipmentRegistry
+from copilot.runtime.admission import AdmissionInterceptor
+from copilot.runtime.auth import ServiceIdentity
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
-from services.orchestrator.admission import AdmissionInterceptor
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.equipment import DEFAULT_REGISTRY, EquipmentResolver
 from services.orchestrator.history import IncidentStore
@@ -115,6 +116,7 @@ def build(
         settings.vision_addr,
         settings.knowledge_addr,
         settings.report_addr,
+        identity=ServiceIdentity("orchestrator").header,
         max_message_bytes=settings.max_message_bytes,
         tls=settings.tls,
     )

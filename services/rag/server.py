@@ -172,7 +172,8 @@ def build(
         close=close,
         # only admins change the library; the knowledge service checks it itself (reachable inside the cluster)
         policy=AccessPolicy(
-            methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN, f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN}
+            internal=frozenset({f"/{SERVICE_NAME}/Retrieve", f"/{SERVICE_NAME}/Advise"}),
+            methods={f"/{SERVICE_NAME}/IngestDocument": Role.ADMIN, f"/{SERVICE_NAME}/DeleteDocument": Role.ADMIN},
         ),
     )
     return spec, settings

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import REPORT_SERVICE
+from copilot.runtime.auth import AccessPolicy
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import report_pb2_grpc
@@ -34,6 +35,7 @@ def build(settings: ReportSettings | None = None) -> tuple[ServiceSpec, ReportSe
         service_names=[SERVICE_NAME],
         register=lambda server: report_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(), server),
         warm_up=warm_up,
+        policy=AccessPolicy(internal=frozenset({f"/{SERVICE_NAME}/ComposeReport"})),
     )
     return spec, settings
 

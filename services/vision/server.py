@@ -173,10 +173,11 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
         warm_up=warm_up,
         close=close,
         policy=AccessPolicy(
+            internal=frozenset({f"/{SERVICE_NAME}/AnalyzeImage"}),
             methods={
                 f"/{SERVICE_NAME}/RegisterReference": Role.ENGINEER,
                 f"/{SERVICE_NAME}/DeleteReference": Role.ENGINEER,
-            }
+            },
         ),
     )
     return spec, settings

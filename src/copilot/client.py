@@ -153,14 +153,6 @@ def ingest_file(
     return response
 
 
-def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    """asyncio channel interceptors sending `authorization: Bearer <token>` on calls of every kind."""
-    from copilot.runtime.interceptors import authorization_interceptors
-
-    header = f"Bearer {token}"
-    return authorization_interceptors(lambda: header)
-
-
 def aio_channel(
     address: str,
     token: str | None = None,
@@ -169,6 +161,8 @@ def aio_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel whose calls carry `token` (none: no authorization header)."""
+    from copilot.runtime.interceptors import bearer_interceptors
+
     interceptors = bearer_interceptors(token) if token else []
     opts = [*CHANNEL_OPTIONS, *options]
     if credentials is not None:

@@ -32,8 +32,11 @@ async def library(tmp_path, embedder):
 
     knowledge = KnowledgeBase(open_store(tmp_path / "store"), embedder)
     async with serving(*build(KnowledgeSettings(port=0), knowledge=knowledge)) as server:
-        async with channel_to(server, "admin") as channel:
-            yield knowledge_pb2_grpc.KnowledgeServiceStub(channel), knowledge
+        async with channel_to(server, "admin") as channel, channel_to(server, "service") as orchestrator:
+            stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+            # Retrieve is the orchestrator's (a service token's); the library is managed by admins
+            stub.Retrieve = knowledge_pb2_grpc.KnowledgeServiceStub(orchestrator).Retrieve
+            yield stub, knowledge
 
 
 def upload(metadata: knowledge_pb2.DocumentMetadata | None, data: bytes, piece: int = 64):

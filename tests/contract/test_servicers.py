@@ -31,7 +31,7 @@ from .conftest import channel_to, serving
 
 
 async def test_vision_analyses_the_photo_it_is_sent(vision_server, crack_photo, clean_photo):
-    async with channel_to(vision_server) as channel:
+    async with channel_to(vision_server, "service") as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         cracked = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=crack_photo)))
         clean = await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=clean_photo)))
@@ -49,7 +49,7 @@ async def test_vision_analyses_the_photo_it_is_sent(vision_server, crack_photo, 
 async def test_vision_rejects_bad_images_with_field_details_and_keeps_serving(
     vision_server, crack_photo, data, fragment
 ):
-    async with channel_to(vision_server) as channel:
+    async with channel_to(vision_server, "service") as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.AnalyzeImage(vision_pb2.AnalyzeImageRequest(image=common_pb2.Image(data=data)))
@@ -102,7 +102,7 @@ async def test_vision_references_register_list_page_and_delete(vision_server, cr
 
 
 async def test_vision_heatmap_on_request(vision_server, crack_photo):
-    async with channel_to(vision_server) as channel:
+    async with channel_to(vision_server, "service") as channel:
         reply = await vision_pb2_grpc.VisionServiceStub(channel).AnalyzeImage(
             vision_pb2.AnalyzeImageRequest(
                 image=common_pb2.Image(data=crack_photo), equipment_type="brushed-steel", include_heatmap=True
@@ -113,7 +113,7 @@ async def test_vision_heatmap_on_request(vision_server, crack_photo):
 
 
 async def test_vision_raw_anomaly_map_on_request(vision_server, crack_photo):
-    async with channel_to(vision_server) as channel:
+    async with channel_to(vision_server, "service") as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         image = common_pb2.Image(data=crack_photo)
         reply = await stub.AnalyzeImage(
@@ -135,7 +135,7 @@ async def test_vision_raw_anomaly_map_on_request(vision_server, crack_photo):
 
 
 async def test_knowledge_retrieve_and_advise(knowledge_server):
-    async with channel_to(knowledge_server) as channel:
+    async with channel_to(knowledge_server, "service") as channel:
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
         retrieved = await stub.Retrieve(knowledge_pb2.RetrieveRequest(query="welding gas flow and porosity", top_k=2))
         advice = await stub.Advise(
@@ -159,7 +159,7 @@ async def test_knowledge_retrieve_and_advise(knowledge_server):
     ],
 )
 async def test_knowledge_rejects_bad_requests(knowledge_server, request_, fields):
-    async with channel_to(knowledge_server) as channel:
+    async with channel_to(knowledge_server, "service") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(request_)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -178,7 +178,7 @@ async def test_report_composes_the_structured_report(report_server):
         guidance=[common_pb2.GuidanceStep(text="Check coolant.", sop_ids=["SOP-123"])],
         confidence_score=0.8,
     )
-    async with channel_to(report_server) as channel:
+    async with channel_to(report_server, "service") as channel:
         reply = await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(request)
     report = reply.report
     assert report.recommended_actions[0].sop_ids == ["SOP-123"] and report.referenced_sop_ids == ["SOP-123"]
@@ -186,7 +186,7 @@ async def test_report_composes_the_structured_report(report_server):
 
 
 async def test_report_rejects_missing_fields(report_server):
-    async with channel_to(report_server) as channel:
+    async with channel_to(report_server, "service") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(
                 report_pb2.ComposeReportRequest(confidence_score=2)
@@ -297,7 +297,7 @@ async def test_knowledge_answers_unavailable_while_loading():
         register=lambda s: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeServicer(), s),
         warm_up=asyncio.Event().wait,
     )
-    async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
+    async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server, "service") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await knowledge_pb2_grpc.KnowledgeServiceStub(channel).Retrieve(knowledge_pb2.RetrieveRequest(query="x"))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -314,7 +314,7 @@ async def test_unexpected_errors_become_internal_without_leaking_details(monkeyp
     request = report_pb2.ComposeReportRequest(
         request_id="r-1", plant_id="PUNE-IN", equipment_id="CNC-A-102", problem_description="x" * 12
     )
-    async with serving(*build(ReportSettings(port=0))) as server, channel_to(server) as channel:
+    async with serving(*build(ReportSettings(port=0))) as server, channel_to(server, "service") as channel:
         stub = report_pb2_grpc.ReportServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ComposeReport(request)

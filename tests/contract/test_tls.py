@@ -64,10 +64,10 @@ async def test_tls_server_answers_tls_clients_only(pki):
     tls = TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"])
     async with serving(*build(ReportSettings(port=0, host="127.0.0.1", tls=tls))) as server:
         address = f"127.0.0.1:{server.port}"
-        async with aio_channel(address, token(), credentials=credentials(pki)) as channel:
+        async with aio_channel(address, token("service"), credentials=credentials(pki)) as channel:
             reply = await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(report_request(), timeout=10)
             assert "SUMMARY" in reply.report.rendered_text
-        async with aio_channel(address, token()) as plaintext:
+        async with aio_channel(address, token("service")) as plaintext:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await report_pb2_grpc.ReportServiceStub(plaintext).ComposeReport(report_request(), timeout=3)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -80,11 +80,11 @@ async def test_mtls_server_refuses_clients_without_a_certificate_from_its_ca(pki
     async with serving(*build(ReportSettings(port=0, host="127.0.0.1", tls=tls))) as server:
         address = f"127.0.0.1:{server.port}"
         for cert in (None, "stranger"):
-            async with aio_channel(address, token(), credentials=credentials(pki, cert)) as channel:
+            async with aio_channel(address, token("service"), credentials=credentials(pki, cert)) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(report_request(), timeout=3)
                 assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, cert
-        async with aio_channel(address, token(), credentials=credentials(pki, "client")) as channel:
+        async with aio_channel(address, token("service"), credentials=credentials(pki, "client")) as channel:
             reply = await report_pb2_grpc.ReportServiceStub(channel).ComposeReport(report_request(), timeout=10)
             assert reply.report.summary
 

@@ -137,7 +137,7 @@ def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(
             found = stub.Retrieve(
                 knowledge_pb2.RetrieveRequest(query="low flow alarm F-21 on the chiller", top_k=1),
                 timeout=30,
-                metadata=auth_metadata(token("technician")),
+                metadata=auth_metadata(token("service")),
             )
         assert found.chunks[0].sop_id == "CH-150" and "strainer" in found.chunks[0].text
     finally:

@@ -45,7 +45,7 @@ def test_a_store_of_an_earlier_release_is_embedded_again_while_the_replica_serve
         with grpc.insecure_channel(address) as channel:
             reply = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
                 knowledge_pb2.AdviseRequest(problem_description="Press won't build tonnage and shows E-0452"),
-                metadata=(("authorization", f"Bearer {token()}"),),
+                metadata=(("authorization", f"Bearer {token('service')}"),),
                 timeout=30,
             )
         assert reply.citations[0].sop_id == "HYD-210"

@@ -82,7 +82,7 @@ def test_text_only_diagnosis_cites_what_knowledge_retrieves(mesh, stub):
         advice = knowledge_pb2_grpc.KnowledgeServiceStub(channel).Advise(
             knowledge_pb2.AdviseRequest(problem_description=PROBLEM),
             timeout=30,
-            metadata=auth_metadata("technician-42"),
+            metadata=auth_metadata(token("service")),  # what the orchestrator sends
         )
     assert list(reply.report.referenced_sop_ids) == list(
         dict.fromkeys([s for step in advice.steps for s in step.sop_ids] + [c.sop_id for c in advice.citations])

@@ -102,7 +102,7 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
                         vision_pb2.AnalyzeImageRequest(
                             image=common_pb2.Image(data=crack_photo), equipment_type="pump-housing"
                         ),
-                        metadata=engineer,
+                        metadata=auth_metadata(token("service")),
                         timeout=30,
                     )
                     if findings.reference_set == "pump-housing":

@@ -13,7 +13,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from copilot.runtime.auth import AccessPolicy, Authenticator, AuthError, AuthSettings, Role, mint_token
+from copilot.runtime.auth import (
+    AccessPolicy,
+    Authenticator,
+    AuthError,
+    AuthSettings,
+    Principal,
+    Role,
+    ServiceIdentity,
+    mint_token,
+)
 
 SECRET = "unit-test-secret-0123456789-abcdefghij"
 
@@ -159,7 +168,7 @@ def test_roles_are_ordered_and_the_policy_names_the_lowest_role_a_method_needs()
     policy = AccessPolicy(methods={"/copilot.v1.KnowledgeService/DeleteDocument": Role.ADMIN})
     assert policy.required("/copilot.v1.KnowledgeService/DeleteDocument") is Role.ADMIN
     assert policy.required("/copilot.v1.KnowledgeService/Advise") is Role.TECHNICIAN
-    assert Role.ADMIN > Role.ENGINEER > Role.TECHNICIAN
+    assert Role.ADMIN > Role.ENGINEER > Role.TECHNICIAN > Role.SERVICE  # a service passes no role check
 
 
 def test_mint_refuses_subjects_that_would_not_authenticate():
@@ -193,3 +202,59 @@ def test_a_hostile_token_header_is_not_echoed_whole():
     body = jwt.utils.base64url_encode(b'{"sub":"eve"}').decode()
     message = refused(authenticator(), f"Bearer {header}.{body}.c2ln").message
     assert len(message) < 200 and "\x1b" not in message
+
+
+ADVISE = "/copilot.v1.KnowledgeService/Advise"
+LIST = "/copilot.v1.KnowledgeService/ListDocuments"
+DELETE = "/copilot.v1.KnowledgeService/DeleteDocument"
+AGENT_POLICY = AccessPolicy(methods={DELETE: Role.ADMIN}, internal=frozenset({ADVISE}))
+
+
+@pytest.mark.parametrize("role", [Role.TECHNICIAN, Role.ENGINEER, Role.ADMIN])
+def test_an_agents_internal_work_takes_only_a_service_token(role):
+    user = Principal("eve", role)
+    refusal = AGENT_POLICY.refusal(user, ADVISE)
+    assert refusal is not None and "service token" in refusal and "CopilotService" in refusal
+    assert AGENT_POLICY.refusal(Principal("orchestrator", Role.SERVICE), ADVISE) is None
+    # configured otherwise (AUTH_AGENT_CALLERS=any): a user may call it directly
+    assert AGENT_POLICY.refusal(user, ADVISE, users_may_call_internal=True) is None
+
+
+def test_a_service_token_reads_but_never_passes_a_role_check():
+    service = Principal("orchestrator", Role.SERVICE)
+    assert AGENT_POLICY.refusal(service, LIST) is None  # what any user may call (the orchestrator's listings)
+    assert "admin" in (AGENT_POLICY.refusal(service, DELETE) or "")
+    assert AGENT_POLICY.refusal(Principal("root", Role.ADMIN), DELETE) is None
+    assert AGENT_POLICY.refusal(Principal("tom", Role.TECHNICIAN), DELETE) is not None
+
+
+def test_the_orchestrator_mints_its_service_token_and_renews_it(monkeypatch):
+    settings = AuthSettings(mode="jwt", jwt_secret=SECRET, max_token_lifetime_s=600)
+    identity = ServiceIdentity("orchestrator", settings)
+    header = identity.header()
+    principal = Authenticator(settings).authenticate(header)
+    assert (principal.subject, principal.role, principal.is_service) == ("orchestrator", Role.SERVICE, True)
+    claims = jwt.decode(header.removeprefix("Bearer "), SECRET, algorithms=["HS256"], audience=settings.audience)
+    assert claims["exp"] - claims["iat"] == 600  # never longer than a token may live
+    assert identity.header() == header  # the same token until its half-life
+    later = time.time() + 301
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert identity.header() != header
+
+
+def test_a_service_token_from_a_mounted_file_is_reread_when_rotated(tmp_path, rsa_keys):
+    private, _public, public_path = rsa_keys
+    path = tmp_path / "service-token"
+    path.write_text(mint_token("orchestrator", Role.SERVICE, private_key=private) + "\n")
+    settings = AuthSettings(mode="jwt", jwt_secret="", jwt_public_key_file=public_path, service_token_file=path)
+    identity = ServiceIdentity("orchestrator", settings)
+    first = identity.header()
+    assert Authenticator(settings).authenticate(first).is_service
+    path.write_text(mint_token("orchestrator-2", Role.SERVICE, private_key=private))
+    assert Authenticator(settings).authenticate(identity.header()).subject == "orchestrator-2"
+
+
+def test_without_a_way_to_sign_or_a_token_file_the_service_refuses_to_start(rsa_keys):
+    _private, _public, public_path = rsa_keys
+    with pytest.raises(ValueError, match="AUTH_SERVICE_TOKEN_FILE"):
+        ServiceIdentity("orchestrator", AuthSettings(mode="jwt", jwt_secret="", jwt_public_key_file=public_path))

@@ -41,8 +41,11 @@ def dev_secret_file(folder: Path | None = None) -> Path:
 
 
 class Role(enum.IntEnum):
-    """Ordered: a role may do everything the roles below it may."""
+    """Ordered: a role may do everything the roles below it may. SERVICE is a workload, not a person (the
+    orchestrator calling the agents on a user's behalf): it ranks below every user role, so it never passes a
+    role check; AccessPolicy lets it call the agents' internal methods and the methods any user may call."""
 
+    SERVICE = 0
     TECHNICIAN = 1
     ENGINEER = 2
     ADMIN = 3
@@ -60,7 +63,7 @@ class Role(enum.IntEnum):
         """The role called `value`; ValueError for any other name."""
         role = cls.parse(value)
         if role is None:
-            raise ValueError(f"unknown role {value!r}: technician, engineer or admin")
+            raise ValueError(f"unknown role {value!r}: technician, engineer, admin or service")
         return role
 
 
@@ -72,6 +75,10 @@ class Principal:
 
     def __str__(self) -> str:
         return f"{self.subject} ({self.role.label})"
+
+    @property
+    def is_service(self) -> bool:
+        return self.role is Role.SERVICE
 
 
 class AuthError(Exception):
@@ -95,6 +102,16 @@ class AuthSettings(BaseSettings):
     leeway_s: float = Field(30.0, ge=0, description="clock skew tolerated on exp/nbf/iat")
     max_token_lifetime_s: float = Field(
         86_400.0, gt=0, description="a token whose exp is further away than this is refused (a leaked token expires)"
+    )
+    agent_callers: Literal["service", "any"] = Field(
+        "service",
+        description="who may call the agents' internal methods (AnalyzeImage, Retrieve, Advise, ComposeReport): "
+        "`service` = only a service token (the orchestrator's); `any` = any authenticated user too",
+    )
+    service_token_file: Path | None = Field(
+        None,
+        description="the service token this process presents to the agents (a mounted Secret, re-read when it "
+        "changes); unset: minted with the HS256 secret",
     )
 
     def secret(self) -> str:
@@ -192,7 +209,9 @@ class Authenticator:
             )
         role = Role.parse(claims.get("role"))
         if role is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token role must be technician, engineer or admin")
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED, "token role must be technician, engineer, admin or service"
+            )
         subject = claims.get("sub")
         if not isinstance(subject, str) or not SUBJECT.match(subject):
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token subject is not a valid id")
@@ -252,12 +271,88 @@ def signing_secret(dev_file: Path | None = None, *, create: bool = False) -> str
     return dev_secret(dev_file) if create or dev_file.exists() else ""
 
 
+#: The metadata key naming the user an internal call is made for (trusted only from a service principal).
+END_USER_HEADER = "x-copilot-end-user"
+#: How long a minted service token lives (capped by AUTH_MAX_TOKEN_LIFETIME_S); it is renewed at half-life.
+SERVICE_TOKEN_TTL_S = 3600.0
+
+
+class ServiceIdentity:
+    """The token a service presents to the agents it calls (`role: service`, subject = the service's name):
+    read from AUTH_SERVICE_TOKEN_FILE (re-read when the file changes: a rotated Secret), else minted with the HS256
+    secret and renewed at half-life. Without either (RS256 keys only) it cannot exist: ValueError."""
+
+    def __init__(self, name: str, settings: AuthSettings | None = None) -> None:
+        self.name = name
+        self.settings = settings or AuthSettings()
+        self._secret = "" if self.settings.service_token_file else self.settings.secret()
+        if not self.settings.service_token_file and not self._secret:
+            raise ValueError(
+                f"the {name} service needs a service identity to call the agents: AUTH_SERVICE_TOKEN_FILE (a token "
+                "with role `service`), or an HS256 secret to mint one (AUTH_JWT_SECRET(_FILE))"
+            )
+        self._token = ""
+        self._renew_at = 0.0
+        self._file_stamp: tuple[int, int] | None = None
+
+    def header(self) -> str:
+        """`Bearer <token>`, current."""
+        path = self.settings.service_token_file
+        if path is not None:
+            stat = path.stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._file_stamp:
+                self._token = path.read_text().strip()
+                self._file_stamp = (stat.st_mtime_ns, stat.st_size)
+        elif time.time() >= self._renew_at:
+            ttl = min(SERVICE_TOKEN_TTL_S, self.settings.max_token_lifetime_s)
+            self._token = mint_token(
+                self.name,
+                Role.SERVICE,
+                secret=self._secret,
+                ttl_s=ttl,
+                issuer=self.settings.issuer,
+                audience=self.settings.audience,
+            )
+            self._renew_at = time.time() + ttl / 2
+        return f"Bearer {self._token}"
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
-    """The lowest role each method needs; methods not listed need `default`. Health and reflection are open."""
+    """The lowest role each method needs; methods not listed need `default`. Health and reflection are open.
+
+    `internal` methods are the ones the orchestrator calls on a user's behalf (an agent's work: AnalyzeImage,
+    Advise, ComposeReport…). With `AUTH_AGENT_CALLERS=service` (the default) only a service token may call them: a
+    user's token, whatever its role, cannot reach an agent's work directly and skip the orchestrator's
+    validation, rate limits and fair share. A service token may call the internal methods and those any user may
+    call (listings), never one that needs a role."""
 
     default: Role = Role.TECHNICIAN
     methods: Mapping[str, Role] | None = None  # full method path "/copilot.v1.KnowledgeService/DeleteDocument" -> role
+    internal: frozenset[str] = frozenset()
 
     def required(self, method: str) -> Role:
         return (self.methods or {}).get(method, self.default)
+
+    def refusal(self, principal: Principal, method: str, *, users_may_call_internal: bool = False) -> str | None:
+        """Why `principal` may not call `method` (PERMISSION_DENIED), or None."""
+        name = method.rsplit("/", 1)[-1]
+        if method in self.internal:
+            if principal.is_service or users_may_call_internal:
+                return None if principal.is_service else self._role_refusal(principal, method)
+            return (
+                f"{name} is called by the orchestrator with its service token, not by users such as {principal}: "
+                "send the request to CopilotService (AUTH_AGENT_CALLERS=any on the agent allows user tokens)"
+            )
+        if principal.is_service:
+            needed = self.required(method)
+            if needed > Role.TECHNICIAN:
+                return f"{name} needs the {needed.label} role; a service token has none"
+            return None
+        return self._role_refusal(principal, method)
+
+    def _role_refusal(self, principal: Principal, method: str) -> str | None:
+        needed = self.required(method)
+        if principal.role < needed:
+            return f"{method} needs the {needed.label} role; {principal.subject} is a {principal.role.label}"
+        return None

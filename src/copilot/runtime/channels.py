@@ -4,11 +4,12 @@ gRPC retry policy in the service config (no hand-written retry loops), OTel cont
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import grpc
 
 from copilot.runtime.config import TlsSettings, message_size_options
-from copilot.runtime.interceptors import forward_authorization
+from copilot.runtime.interceptors import on_behalf_of
 from copilot.runtime.telemetry import client_interceptors
 from copilot.runtime.tls import channel_credentials, channel_options
 
@@ -34,10 +35,16 @@ def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
 
 
 def agent_channel(
-    target: str, service_names: list[str], *, max_message_bytes: int, tls: TlsSettings | None = None
+    target: str,
+    service_names: list[str],
+    *,
+    identity: Callable[[], str],
+    max_message_bytes: int,
+    tls: TlsSettings | None = None,
 ) -> grpc.aio.Channel:
     """A channel to one agent service. `target` may be `host:port` or `dns:///svc:port` (headless Service).
-    Calls carry the current caller's token (forward_authorization) and, with TLS settings, run over (m)TLS."""
+    Calls carry this service's token (`identity()`, see auth.ServiceIdentity) and the user they are made for
+    (on_behalf_of) and, with TLS settings, run over (m)TLS."""
     tls = tls or TlsSettings()
     options = [
         ("grpc.service_config", service_config(service_names)),
@@ -48,7 +55,7 @@ def agent_channel(
         *message_size_options(max_message_bytes),
         *channel_options(tls),
     ]
-    interceptors = [*client_interceptors(), *forward_authorization()]
+    interceptors = [*client_interceptors(), *on_behalf_of(identity)]
     credentials = channel_credentials(tls)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)

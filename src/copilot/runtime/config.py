@@ -60,6 +60,13 @@ class ServerSettings(BaseSettings):
     max_connection_age_s: float = Field(30.0, gt=0, description="a connection's lifetime; 0 is not allowed")
     max_connection_age_grace_s: float = Field(60.0, gt=0, description="time calls on an aged connection get")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    # An agent's own defence (its internal methods, see AccessPolicy.internal and FairShareInterceptor); the
+    # orchestrator sets max_in_flight for its diagnoses instead.
+    max_in_flight: int = Field(256, ge=1, description="calls of the work methods held at once, running and waiting")
+    max_running_per_caller: int = Field(8, ge=1, description="one caller's calls that run at once; more wait")
+    max_queued_per_caller: int = Field(64, ge=0, description="one caller's calls that may wait; more are refused")
+    max_health_watches_per_connection: int = Field(16, ge=1, description="open health Watch streams per peer")
+    max_health_watches: int = Field(1000, ge=1, description="open health Watch streams in all")
     log_level: str = "INFO"
     metrics_host: str = Field(
         "", description="interface of the Prometheus /metrics endpoint; empty: the gRPC port's (`host`)"

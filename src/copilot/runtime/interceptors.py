@@ -17,24 +17,32 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 from opentelemetry import trace
 
 from copilot.domain import FieldViolation
-from copilot.runtime.auth import AccessPolicy, Authenticator, AuthError, Principal
+from copilot.runtime.auth import END_USER_HEADER, SUBJECT, AccessPolicy, Authenticator, AuthError, Principal
 from copilot.runtime.metrics import copilot_metrics
 
 log = logging.getLogger("copilot.rpc")
 
 #: The authenticated caller of the current RPC, for logs and span attributes.
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
-#: The caller's `authorization` header, forwarded on the agent calls the RPC makes (see forward_authorization).
-current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "current_authorization", default=None
-)
+#: The user a service principal calls for (the `x-copilot-end-user` metadata, trusted from a service token only).
+current_end_user: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_end_user", default=None)
+
+
+def caller_key() -> str:
+    """Whom the current call's work is for, for fair shares and limits: the end user of a service's call (the
+    orchestrator calls for many users), else the authenticated subject."""
+    principal = current_principal.get()
+    if principal is None:
+        return "anonymous"
+    return current_end_user.get() or principal.subject
+
 
 HEALTH = "grpc.health.v1.Health"
 OPEN_SERVICES = frozenset({HEALTH, "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
@@ -209,6 +217,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, policy: AccessPolicy | None = None) -> None:
         self.authenticator = authenticator
         self.policy = policy or AccessPolicy()
+        self.users_may_call_internal = authenticator.settings.agent_callers == "any"
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -217,24 +226,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or service_of(method) in OPEN_SERVICES:
             return handler
-        header = next((str(v) for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        header = metadata.get("authorization")
+        header = str(header) if header is not None else None
+        end_user: str | None = None
         try:
             authenticated = self.authenticator.authenticate(header)
             principal: Principal | None = authenticated
             failure: AuthError | None = None
-            needed = self.policy.required(method)
-            if authenticated.role < needed:
-                failure = AuthError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{method} needs the {needed.label} role; {authenticated.subject} is a {authenticated.role.label}",
-                )
+            refusal = self.policy.refusal(authenticated, method, users_may_call_internal=self.users_may_call_internal)
+            if refusal is not None:
+                failure = AuthError(grpc.StatusCode.PERMISSION_DENIED, refusal)
+            claimed = metadata.get(END_USER_HEADER)
+            if authenticated.is_service and isinstance(claimed, str) and SUBJECT.match(claimed):
+                end_user = claimed  # a user's token cannot speak for someone else: only a service's is read
         except AuthError as exc:
             principal, failure = None, exc
 
         async def before(_request: Any, context: Context) -> None:
             span = trace.get_current_span()
             if principal is not None:
-                span.set_attributes({"enduser.id": principal.subject, "enduser.role": principal.role.label})
+                span.set_attributes(
+                    {"enduser.id": end_user or principal.subject, "enduser.role": principal.role.label}
+                    | ({"copilot.service": principal.subject} if principal.is_service else {})
+                )
             if failure is not None:
                 log.warning(
                     "auth refused %s: %s",
@@ -246,7 +261,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # Each RPC runs in its own task, so these stay this call's; they are not reset, so that the access
             # log written by RpcObservabilityInterceptor after the call still names the principal.
             current_principal.set(principal)
-            current_authorization.set(header)
+            current_end_user.set(end_user)
 
         return wrap_handler(handler, before=before)
 
@@ -319,21 +334,26 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-class _SetAuthorization:
-    """Client side: `authorization: header()` on every call (left as it is when header() gives nothing)."""
+#: What a channel's calls carry: (key, value) metadata pairs computed per call (e.g. a renewed token).
+MetadataSource: TypeAlias = "Callable[[], Sequence[tuple[str, str]]]"
 
-    def __init__(self, header: Callable[[], str | None]) -> None:
-        self.header = header
+
+class _SetAuthorization:
+    """Client side: the pairs `source()` gives on every call, replacing any of the same key."""
+
+    def __init__(self, source: MetadataSource) -> None:
+        self.source = source
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        value = self.header()
-        if not value:
+        pairs = [(k, v) for k, v in self.source() if v]
+        if not pairs:
             return details
-        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        keys = {k for k, _ in pairs}
+        metadata = [m for m in (details.metadata or ()) if m[0] not in keys]
         return grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
-            grpc.aio.Metadata(*metadata, ("authorization", value)),
+            grpc.aio.Metadata(*metadata, *pairs),
             details.credentials,
             details.wait_for_ready,
         )
@@ -379,11 +399,11 @@ class _AuthorizationStreamStream(_SetAuthorization, grpc.aio.StreamStreamClientI
         return await continuation(self._details(details), request_iterator)
 
 
-def authorization_interceptors(header: Callable[[], str | None]) -> list[grpc.aio.ClientInterceptor]:
-    """asyncio channel interceptors setting `authorization: header()` on calls of every kind (a channel files
+def metadata_interceptors(source: MetadataSource) -> list[grpc.aio.ClientInterceptor]:
+    """asyncio channel interceptors setting the metadata `source()` gives on calls of every kind (a channel files
     each interceptor under one kind only, hence four)."""
     return [
-        kind(header)
+        kind(source)
         for kind in (
             _AuthorizationUnaryUnary,
             _AuthorizationUnaryStream,
@@ -393,7 +413,19 @@ def authorization_interceptors(header: Callable[[], str | None]) -> list[grpc.ai
     ]
 
 
-def forward_authorization() -> list[grpc.aio.ClientInterceptor]:
-    """Agent calls made while serving an RPC carry that RPC's caller's token, so the agents authenticate and
-    authorise the same principal."""
-    return authorization_interceptors(current_authorization.get)
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Calls carrying `authorization: Bearer <token>`."""
+    pairs = [("authorization", f"Bearer {token}")]
+    return metadata_interceptors(lambda: pairs)
+
+
+def on_behalf_of(identity: Callable[[], str]) -> list[grpc.aio.ClientInterceptor]:
+    """Agent calls made while serving an RPC carry this service's token (`identity()`: `Bearer …`) and name the
+    user they are made for (x-copilot-end-user), so the agents see one trusted caller and can still log, trace
+    and share fairly per user. A user's own token never reaches an agent."""
+
+    def pairs() -> list[tuple[str, str]]:
+        user = caller_key() if current_principal.get() is not None else ""
+        return [("authorization", identity()), (END_USER_HEADER, user)]
+
+    return metadata_interceptors(pairs)

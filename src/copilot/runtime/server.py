@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from copilot.domain import FieldViolation
+from copilot.runtime.admission import FairShareInterceptor, HealthWatchLimiter
 from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
 from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
@@ -35,7 +36,8 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     warm_up: Callable[[], Awaitable[None]]  # loads models/stores; SERVING once it returns
     close: Callable[[], Awaitable[None]] | None = None
-    # Which role each method needs (authentication is always required outside health and reflection).
+    # Which role each method needs (authentication is always required outside health and reflection), and which
+    # methods are an agent's internal work (service token only; fair share per caller, see FairShareInterceptor).
     policy: AccessPolicy = field(default_factory=AccessPolicy)
     # Run after authentication and before validation (e.g. the orchestrator's admission control).
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
@@ -52,13 +54,29 @@ class AgentServer:
         self.settings = settings
         self.health = health_aio.HealthServicer()
         self.authenticator = authenticator or Authenticator()
+        # an agent's work methods wait for a fair share after they are known to be valid
+        self.fair_share = (
+            FairShareInterceptor(
+                set(spec.policy.internal),
+                per_caller=settings.max_running_per_caller,
+                queue_per_caller=settings.max_queued_per_caller,
+                max_in_flight=settings.max_in_flight,
+            )
+            if spec.policy.internal
+            else None
+        )
+        self.health_watches = HealthWatchLimiter(
+            per_connection=settings.max_health_watches_per_connection, total=settings.max_health_watches
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 *server_interceptors(),
                 RpcObservabilityInterceptor(),
+                self.health_watches,
                 AuthInterceptor(self.authenticator, spec.policy),
                 *spec.interceptors,
                 ValidationInterceptor(spec.request_checks),
+                *([self.fair_share] if self.fair_share is not None else []),
             ],
             options=[
                 *message_size_options(settings.max_message_bytes),
