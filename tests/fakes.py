@@ -31,6 +31,12 @@ class FakeAgents:
         self.seen_inputs = None
         self.in_flight = 0
         self.peak_in_flight = 0  # most agent calls running at once
+        self.released = asyncio.Event()  # set by release(): hung calls go on
+
+    def release(self) -> None:
+        """Calls hanging now (and later) go on as if the agent answered."""
+        self.hang.clear()
+        self.released.set()
 
     async def _maybe(self, name, timeout):
         self.calls.append((name, timeout))
@@ -48,7 +54,7 @@ class FakeAgents:
             )
         try:
             if name in self.hang:
-                await asyncio.wait_for(asyncio.sleep(3600), timeout)
+                await asyncio.wait_for(self.released.wait(), timeout)
             elif self.delay_s:
                 await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
@@ -332,7 +333,11 @@ class IncidentStore:
         """Content-addressed: stored once, committed on its own (an image whose incident then fails to store is
         kept; it is the same bytes whoever sends them again)."""
         with self._session() as session:
-            if session.get(ImageRow, incident.image_sha256) is not None:
+            stored = session.get(ImageRow, incident.image_sha256)
+            if stored is not None:
+                if not stored.data:  # its bytes were past retention: the new incident brings them back
+                    stored.data = image
+                    session.commit()
                 return
             session.add(
                 ImageRow(
@@ -419,9 +424,30 @@ class IncidentStore:
             return self._incident(row, self._feedback_of(session, [request_id])[request_id])
 
     def image(self, sha256: str) -> bytes | None:
+        """The photo's bytes; None when there is none or it is past its retention (see expire_photos)."""
         with self._session() as session:
             row = session.get(ImageRow, sha256)
-            return row.data if row is not None else None
+            return row.data if row is not None and row.data else None
+
+    def expire_photos(self, before: datetime) -> tuple[int, int]:
+        """Drop the bytes of every photo whose newest incident is older than `before`: (photos, bytes freed).
+        The row stays (its hash, type and size: the incidents that cite it keep their evidence of what was sent);
+        a photo sent again later is a new incident, so its bytes are kept. Idempotent: replicas may all run it."""
+        newest = (
+            select(IncidentRow.image_sha256)
+            .where(IncidentRow.image_sha256.is_not(None))
+            .group_by(IncidentRow.image_sha256)
+            .having(func.max(IncidentRow.created_at) < before)
+        )
+        expired = select(ImageRow.sha256, ImageRow.size_bytes).where(
+            ImageRow.sha256.in_(newest), func.length(ImageRow.data) > 0
+        )
+        with self.engine.begin() as connection:
+            rows = connection.execute(expired).all()
+            for start in range(0, len(rows), 500):
+                hashes = [r.sha256 for r in rows[start : start + 500]]
+                connection.execute(update(ImageRow).where(ImageRow.sha256.in_(hashes)).values(data=b""))
+        return len(rows), sum(r.size_bytes for r in rows)
 
     def list(
         self,

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from copilot.contracts import COPILOT_SERVICE
-from copilot.domain import DiagnosisInput, PastIncident
+from copilot.domain import DiagnosisInput, PastIncident, utc_now
 from copilot.equipment import EquipmentRegistry
 from copilot.runtime.admission import AdmissionInterceptor
 from copilot.runtime.auth import ServiceIdentity
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import copilot_pb2_grpc
+from copilot.v1 import common_pb2, copilot_pb2_grpc
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.equipment import DEFAULT_REGISTRY, EquipmentResolver
 from services.orchestrator.history import IncidentStore
@@ -77,11 +78,34 @@ class OrchestratorSettings(ServerSettings, ImageLimitSettings):
     feedback_rate_limit: str = Field("30/minute", description="per principal, `limits` syntax; empty disables")
     feedback_max_per_incident: int = Field(20, ge=0, le=1000, description="0: no cap")
     batch_concurrency: int = Field(4, ge=1, le=64)
+    # Photos are kept with their incidents (once per content hash, trailing bytes stripped): bounded per principal
+    # and in time, so no user can fill the history's disk (issue #38: 6 GB a minute at the default rate before)
+    photo_quota_mib_per_day: int = Field(
+        1024, ge=0, description="MiB of photos one principal may send a day (shared like the rate); 0: no quota"
+    )
+    photo_retention_days: int = Field(
+        90, ge=0, description="a photo's bytes are dropped this long after its newest incident; 0: kept for ever"
+    )
 
 
 def _cost(method: str, request) -> int:
     """A batch of n diagnoses costs n of the caller's rate (undecodable bytes cost 1 and are refused later)."""
     return len(getattr(request, "requests", ())) or 1 if method.endswith("/DiagnoseBatch") else 1
+
+
+def _photo_kib(method: str, request) -> int:
+    """KiB of photos a diagnosis call sends (rounded up per photo), for the photo quota."""
+    if method.endswith("/DiagnoseBatch"):
+        images = [item.image.data for item in getattr(request, "requests", ())]
+    elif method.endswith("/StreamDiagnose"):
+        images = [getattr(getattr(request, "diagnosis", None), "image", common_pb2.Image()).data]
+    else:
+        images = [getattr(getattr(request, "image", None), "data", b"")]
+    return sum(-(-len(data) // 1024) for data in images if data)
+
+
+#: how often a replica drops the bytes of photos past their retention
+PHOTO_EXPIRY_INTERVAL_S = 3600.0
 
 
 def related_incidents(history: IncidentStore, limit: int) -> RelatedIncidents | None:
@@ -144,10 +168,28 @@ def build(
         feedback_max_per_incident=settings.feedback_max_per_incident,
     )
 
+    background: list[asyncio.Task[None]] = []
+
+    async def expire_photos() -> None:
+        """Every replica runs it (the update is idempotent); a failure is logged and tried again next round."""
+        while True:
+            cutoff = utc_now() - timedelta(days=settings.photo_retention_days)
+            try:
+                photos, freed = await asyncio.to_thread(history.expire_photos, cutoff)
+                if photos:
+                    log.info("dropped %d photos (%d bytes) past %d days", photos, freed, settings.photo_retention_days)
+            except Exception:
+                log.exception("expiring photos failed")
+            await asyncio.sleep(PHOTO_EXPIRY_INTERVAL_S)
+
     async def warm_up() -> None:
-        return None  # agents are dialled lazily; a missing agent degrades its stage, it does not block start-up
+        # agents are dialled lazily; a missing agent degrades its stage, it does not block start-up
+        if settings.photo_retention_days:
+            background.append(asyncio.create_task(expire_photos()))
 
     async def close() -> None:
+        for task in background:
+            task.cancel()
         await clients.close()
         history.close()
 
@@ -171,6 +213,25 @@ def build(
                 cost=_cost,
                 max_in_flight_per_principal=settings.max_in_flight_per_principal or max(1, settings.max_in_flight // 2),
                 storage_uri=settings.rate_limit_storage,
+            ),
+            *(
+                [
+                    AdmissionInterceptor(
+                        DIAGNOSIS_METHODS,
+                        max_in_flight=settings.max_in_flight,
+                        rate=f"{settings.photo_quota_mib_per_day * 1024}/day",  # in KiB
+                        cost=_photo_kib,
+                        storage_uri=settings.rate_limit_storage,
+                        reason="photo_quota",
+                        explain=lambda key, wait: (
+                            f"{key} has sent {settings.photo_quota_mib_per_day} MiB of photos in the last day, the "
+                            f"most one principal may store (ORCHESTRATOR_PHOTO_QUOTA_MIB_PER_DAY); send the diagnosis "
+                            f"without a photo, or retry in {wait:.0f}s"
+                        ),
+                    )
+                ]
+                if settings.photo_quota_mib_per_day
+                else []
             ),
             AdmissionInterceptor(
                 {f"/{SERVICE_NAME}/SubmitFeedback"},

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
@@ -407,16 +408,27 @@ async def test_feedback_is_stored_with_the_incident_and_exported_as_labelled_que
 # --- backpressure -----------------------------------------------------------------------------------------
 
 
+async def until_called(agents: FakeAgents, name: str, times: int = 1) -> None:
+    """Until `name` was called `times` times (a state change, polled; fails after a generous 20 s)."""
+    for _ in range(2000):
+        if sum(called == name for called, _ in agents.calls) >= times:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} was never called {times} times")
+
+
 async def test_in_flight_cap_answers_resource_exhausted_with_a_retry_hint(tmp_path):
-    async with edge(tmp_path, FakeAgents(delay_s=0.5), max_in_flight=1, retry_after_s=2.0) as (server, _):
+    agents = FakeAgents(hang={"knowledge"})
+    async with edge(tmp_path, agents, max_in_flight=1, retry_after_s=2.0, knowledge_timeout_s=30) as (server, _):
         channel, copilot = stub(server)
         async with channel:
-            first = asyncio.ensure_future(copilot.Diagnose(request(), timeout=10))
-            await asyncio.sleep(0.2)
+            first = asyncio.ensure_future(copilot.Diagnose(request(), timeout=20))
+            await until_called(agents, "knowledge")  # in flight: known from the agent call, not from a sleep
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await copilot.Diagnose(request(), timeout=10)
             assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert retry_delay_s(caught.value) == pytest.approx(2.0)
+            agents.release()
             assert (await first).report.summary
             assert (await copilot.Diagnose(request(), timeout=10)).report.summary  # admitted again once it finished
             # reads are not diagnoses: never refused by the cap
@@ -435,10 +447,7 @@ async def test_one_caller_cannot_take_the_whole_in_flight_cap(tmp_path):
         anna_channel, anna = stub(server, subject="anna")
         async with mallory_channel, anna_channel:
             held = [asyncio.ensure_future(mallory.Diagnose(request(), timeout=20)) for _ in range(2)]
-            for _ in range(2000):  # until both reached the knowledge agent (bounded: 20 s of polling at most)
-                if sum(name == "knowledge" for name, _ in agents.calls) == 2:
-                    break
-                await asyncio.sleep(0.01)
+            await until_called(agents, "knowledge", times=2)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await mallory.Diagnose(request(), timeout=10)
             assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -462,6 +471,31 @@ async def test_rate_limit_is_per_principal_and_a_batch_costs_its_size(tmp_path):
             assert 0 < retry_delay_s(caught.value) <= 60
             assert "anna" in caught.value.details()
             assert (await as_ben.Diagnose(request(), timeout=10)).report.summary
+
+
+async def test_photos_stored_are_bounded_per_principal_by_a_daily_quota(tmp_path):
+    """1 MiB a day: two ~470 KiB photos fit, the third is refused before any work with the reason and a retry hint;
+    the same user's text diagnosis and another user's photo still go through."""
+    noise = np.random.default_rng(7).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    photo = buffer.getvalue()
+    assert 400 * 1024 < len(photo) < 512 * 1024
+    async with edge(tmp_path, photo_quota_mib_per_day=1) as (server, agents):
+        anna, as_anna = stub(server, subject="anna")
+        ben, as_ben = stub(server, subject="ben")
+        async with anna, ben:
+            for _ in range(2):
+                assert (await as_anna.Diagnose(request(image=photo), timeout=10)).report.summary
+            seen = len(agents.calls)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await as_anna.Diagnose(request(image=photo), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "anna" in refused.value.details() and "without a photo" in refused.value.details()
+            assert 0 < retry_delay_s(refused.value) <= 86_400
+            assert len(agents.calls) == seen  # refused before any agent was called
+            assert (await as_anna.Diagnose(request(), timeout=10)).report.summary  # text costs no quota
+            assert (await as_ben.Diagnose(request(image=photo), timeout=10)).report.summary
 
 
 # --- images and auth at the edge --------------------------------------------------------------------------

@@ -136,6 +136,30 @@ def test_save_get_and_idempotent_retries(database_url):
         store.close()
 
 
+def test_photos_past_retention_lose_their_bytes_not_their_incidents(database_url):
+    store = IncidentStore(database_url)
+    days = 24 * 60
+    try:
+        old, recent = b"\x89PNG old photo", b"\x89PNG photo sent again lately"
+        for request_id, photo, minutes_ago in (
+            ("r-1", old, 100 * days),
+            ("r-2", old, 95 * days),
+            ("r-3", recent, 100 * days),
+            ("r-4", recent, 1),
+        ):
+            store.save(*incident(request_id, image=photo, minutes_ago=minutes_ago))
+        cutoff = datetime.now(UTC) - timedelta(days=90)
+        assert store.expire_photos(cutoff) == (1, len(old))
+        expired = store.get("r-1").image_sha256
+        assert expired and store.image(expired) is None  # the incident keeps the hash: evidence of what was sent
+        assert store.image(store.get("r-4").image_sha256) == recent  # its newest incident is within retention
+        assert store.expire_photos(cutoff) == (0, 0)  # idempotent: every replica may run it
+        store.save(*incident("r-5", image=old))  # sent again: the bytes come back with the new incident
+        assert store.image(expired) == old
+    finally:
+        store.close()
+
+
 def test_two_replicas_racing_on_one_request_id_store_it_once(database_url):
     replicas = [IncidentStore(database_url), IncidentStore(database_url)]
     try:

@@ -52,7 +52,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         cost: Callable[[str, object], int] | None = None,
         max_in_flight_per_principal: int = 0,
         storage_uri: str = "memory://",
+        reason: str = "rate",
+        explain: Callable[[str, float], str] | None = None,
     ) -> None:
+        """`cost` may be 0 for a call the rate does not count (a diagnosis without a photo, for a photo quota).
+        `reason` labels refusals in copilot_admission_rejected_total; `explain(key, wait_s)` words them."""
         self.methods = frozenset(methods)
         self.max_in_flight = max_in_flight
         # one principal's fair share of the cap (0: the whole cap): a technician holding 64 photo diagnoses in
@@ -65,6 +69,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.limiter = strategies.MovingWindowRateLimiter(async_storage(storage_uri)) if self.rate else None
         self._last_storage_warning = 0.0
         self.cost = cost or (lambda _method, _request: 1)
+        self.reason = reason
+        self.explain = explain or (lambda key, wait: f"rate limit {self.rate} exceeded for {key}; retry in {wait:.1f}s")
 
     async def _over_rate(self, key: str, cost: int) -> float | None:
         """Seconds until `key` may call again when this call is over its rate; None when it is admitted, or when
@@ -112,12 +118,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     self.retry_after_s,
                 )
             if self.limiter is not None and self.rate is not None:
-                cost = max(1, self.cost(method, request))
-                wait = await self._over_rate(key, cost)
+                cost = self.cost(method, request)
+                wait = await self._over_rate(key, cost) if cost > 0 else None
                 if wait is not None:
-                    await self._refuse(
-                        context, "rate", f"rate limit {self.rate} exceeded for {key}; retry in {wait:.1f}s", wait
-                    )
+                    await self._refuse(context, self.reason, self.explain(key, wait), wait)
             self.in_flight += 1
             self.by_principal[key] = self.by_principal.get(key, 0) + 1
             return key
