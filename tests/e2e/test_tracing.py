@@ -111,14 +111,16 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
         for line in lines
     )
 
-    # the principal (never the token) is on the server span of every hop: the orchestrator forwards the caller's
-    # authorization to the agents, which authenticate it themselves
+    # the user (never a token) is on the server span of every hop: the orchestrator authenticated the technician and
+    # calls the agents with its own service token, naming the user it calls for
     server_spans = [(svc, attributes(s)) for svc, s in spans if s.kind == s.SPAN_KIND_SERVER]
     assert {svc for svc, _ in server_spans} == set(by_service)
-    assert all(
-        attrs.get("enduser.id") == "technician-7" and attrs.get("enduser.role") == "technician"
-        for _, attrs in server_spans
-    ), server_spans
+    assert all(attrs.get("enduser.id") == "technician-7" for _, attrs in server_spans), server_spans
+    for svc, attrs in server_spans:
+        if svc == "copilot-orchestrator":
+            assert attrs.get("enduser.role") == "technician" and "copilot.caller" not in attrs
+        else:
+            assert attrs.get("copilot.caller") == "orchestrator" and "enduser.role" not in attrs
     assert not any("Bearer" in str(value) for _, s in spans for value in attributes(s).values())
     # the launcher polled every service's health until SERVING: those probes make no span and no INFO log line
     assert not any("grpc.health" in s.name for _, s in servicer.spans), {s.name for _, s in servicer.spans}

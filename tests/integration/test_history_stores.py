@@ -160,6 +160,20 @@ def test_photos_past_retention_lose_their_bytes_not_their_incidents(database_url
         store.close()
 
 
+def test_the_feedback_cap_holds_exactly_under_concurrent_writers_on_two_replicas(database_url):
+    replicas = [IncidentStore(database_url), IncidentStore(database_url)]
+    try:
+        replicas[0].save(*incident("fb-1"))
+        note = StoredFeedback(False, "flood", (), "mallory", datetime.now(UTC))
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(lambda i: replicas[i % 2].add_feedback("fb-1", note, 20), range(80)))
+        assert outcomes.count("added") == 20 and outcomes.count("full") == 60
+        assert len(replicas[1].get("fb-1").feedback) == 20
+    finally:
+        for store in replicas:
+            store.close()
+
+
 def test_two_replicas_racing_on_one_request_id_store_it_once(database_url):
     replicas = [IncidentStore(database_url), IncidentStore(database_url)]
     try:

@@ -202,6 +202,7 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     "rpc.code": code.name,
                     "duration_ms": round(elapsed * 1000, 2),
                     "principal": principal.subject if principal else None,
+                    "end_user": current_end_user.get(),  # the user a service's call is for
                 },
             )
             if code is grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AbortError):
@@ -246,9 +247,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def before(_request: Any, context: Context) -> None:
             span = trace.get_current_span()
             if principal is not None:
+                # a service's call is for its end user (whose role the orchestrator checked): the span names both
                 span.set_attributes(
-                    {"enduser.id": end_user or principal.subject, "enduser.role": principal.role.label}
-                    | ({"copilot.service": principal.subject} if principal.is_service else {})
+                    {"enduser.id": end_user or principal.subject, "copilot.caller": principal.subject}
+                    if principal.is_service
+                    else {"enduser.id": principal.subject, "enduser.role": principal.role.label}
                 )
             if failure is not None:
                 log.warning(

@@ -21,6 +21,7 @@ from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
 from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
 from copilot.runtime.logging import configure_logging
+from copilot.runtime.memory import return_freed_memory
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
 from copilot.runtime.tls import server_credentials
 
@@ -183,6 +184,7 @@ def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings
     loop, so channels and other loop-bound objects it creates belong to the loop that serves."""
 
     otel_name = f"copilot-{name}"
+    return_freed_memory()  # before anything large is allocated
     configure_logging(otel_name)
 
     async def main() -> int:
