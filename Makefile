@@ -15,9 +15,14 @@ PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # (which keys the wheel by version, not by these flags).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install protos run up test check lint breaking bench images pods pods-down clean
+.PHONY: install servers protos run up test check lint breaking bench images pods pods-down clean monitoring
 
-install: $(STAMP) $(GENERATED) $(INTEROP)
+install: $(STAMP) $(GENERATED) $(INTEROP) servers
+
+# redis-server, prometheus (+ promtool) and prometheus-alertmanager from Debian packages, as root where apt is
+# there; elsewhere the tests that need them skip and say why.
+servers:
+	@bash scripts/install-servers.sh
 
 # The Node.js client of the interop test (tests/interop), where npm is installed; without it that test skips.
 $(INTEROP): tests/interop/package.json tests/interop/package-lock.json
@@ -68,6 +73,10 @@ check: install lint
 
 bench: install
 	$(BIN)/copilot bench
+
+# The SRE signals generated from deploy/monitoring/slos.yaml (rules, promtool tests, dashboard, k8s component).
+monitoring: install
+	$(BIN)/copilot monitoring render
 
 # The four service images with Podman (base from debootstrap where nothing can be pulled; see README).
 images:

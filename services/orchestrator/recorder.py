@@ -169,6 +169,7 @@ class DiagnosisRecorder:
             # Policy: an answer is only sent once its incident is stored, so no acknowledged diagnosis is ever
             # missing from the history. UNAVAILABLE tells the caller to retry (with the same request_id).
             log.exception("could not store incident %s: refusing the answer", diagnosis.request_id)
+            copilot_metrics().incident_store_failures.add(1)
             raise IncidentNotStored(diagnosis.request_id, type(exc).__name__) from None
         if stored is not incident:  # a twin on another replica was stored first: answer what is stored
             return self._replayed(copilot_pb2.DiagnoseResponse.FromString(stored.response))

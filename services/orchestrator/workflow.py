@@ -317,6 +317,7 @@ class DiagnosisWorkflow:
     ) -> AsyncIterator[WorkflowEvent]:
         """StageStarted / StageFinished events as the stages run, then the Diagnosis (always last)."""
         request_id = request_id or str(uuid.uuid4())
+        began = time.perf_counter()
         with tracer.start_as_current_span("workflow.diagnose") as span:
             span.set_attributes(
                 {
@@ -362,7 +363,12 @@ class DiagnosisWorkflow:
             finally:
                 if related is not None and not related.done():
                     related.cancel()
-            yield self._finish(final, request_id, span)
+            diagnosis = self._finish(final, request_id, span)
+            # the latency SLOs' histogram: text and photo diagnoses apart (deploy/monitoring/slos.yaml)
+            copilot_metrics().diagnosis_duration.record(
+                time.perf_counter() - began, {"photo": "true" if request.image_data else "false"}
+            )
+            yield diagnosis
 
     async def run(
         self, request: DiagnosisInput, *, deadline: float | None = None, request_id: str | None = None
@@ -382,7 +388,14 @@ class DiagnosisWorkflow:
         guidance = final.get("guidance")
         reasons = escalation_reasons(ordered, final["confidence"], guidance)
         meters = copilot_metrics()
-        meters.diagnoses.add(1, {"requires_manual_review": final["requires_manual_review"]})
+        degraded = any(s.state is StageState.DEGRADED for s in ordered)
+        meters.diagnoses.add(
+            1,
+            {
+                "requires_manual_review": final["requires_manual_review"],
+                "degraded": "true" if degraded else "false",  # the availability SLO's bad answers
+            },
+        )
         meters.diagnosis_confidence.record(final["confidence"])
         if final["requires_manual_review"]:
             meters.escalations.add(1)

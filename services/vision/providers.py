@@ -23,6 +23,7 @@ from typing import Protocol
 from copilot.domain import BoundingBox, Defect, DefectType, VisionFindings
 from copilot.runtime.batching import DynamicBatcher
 from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
+from copilot.runtime.metrics import copilot_metrics
 from services.vision.core import ImageLimits, VisionEngine, decode_image
 
 CAPTION_PROMPT = (
@@ -94,12 +95,14 @@ class PatchCoreProvider:
             image, pixels = await asyncio.to_thread(self.engine.prepare, data)
         item = (pixels, equipment_type)
         if self.batcher is not None:
-            measured = await self.batcher.submit(item)
-        elif self._model_thread is not None:
-            loop = asyncio.get_running_loop()
-            measured = (await loop.run_in_executor(self._model_thread, self.engine.measure, [item]))[0]
+            measured = await self.batcher.submit(item)  # the batcher records each pass's size
         else:
-            measured = (await asyncio.to_thread(self.engine.measure, [item]))[0]
+            copilot_metrics().batch_size.record(1)  # without batching every forward pass is one image
+            if self._model_thread is not None:
+                loop = asyncio.get_running_loop()
+                measured = (await loop.run_in_executor(self._model_thread, self.engine.measure, [item]))[0]
+            else:
+                measured = (await asyncio.to_thread(self.engine.measure, [item]))[0]
         return await asyncio.to_thread(self.engine.score, image, measured, equipment_type, include_heatmap)
 
     async def close(self):

@@ -91,14 +91,12 @@ def recording_rules(source: Source, time_scale: float = 1) -> dict[str, Any]:
             w = scaled(window, time_scale)
             bad = _one_line(slo["bad"]).replace("{window}", w)
             total = _one_line(slo["total"]).replace("{window}", w)
-            rules.append(
-                {"record": sli_record(window), "expr": f"({bad}) / ({total})", "labels": {"slo": slo["name"]}}
-            )
+            rules.append({"record": sli_record(window), "expr": f"({bad}) / ({total})", "labels": {"slo": slo["name"]}})
         budget = source.data["budget_period"]
         rules.append(
             {
                 "record": "copilot:slo_error_budget:remaining",
-                "expr": f"1 - avg_over_time({sli_record('5m')}{{slo=\"{slo['name']}\"}}[{scaled(budget, time_scale)}])"
+                "expr": f'1 - avg_over_time({sli_record("5m")}{{slo="{slo["name"]}"}}[{scaled(budget, time_scale)}])'
                 f" / {1 - slo['objective']:.6g}",
                 "labels": {"slo": slo["name"]},
             }
@@ -208,7 +206,9 @@ def _matchers(labels: dict[str, str]) -> str:
     return ",".join(f'{k}="{v}"' for k, v in labels.items())
 
 
-def _firing(alertname: str, expected: list[dict[str, str]], at: str, scope: dict[str, str] | None = None) -> dict:
+def _firing(
+    alertname: str, expected: list[dict[str, str]], at: str, scope: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A promtool PromQL test: the ALERTS series of `alertname` (within `scope`) firing at `at` are exactly
     `expected`'s (none when empty). Annotations are left to `promtool check rules` (their templates)."""
     selector = {"alertname": alertname, "alertstate": "firing", **(scope or {})}
@@ -323,7 +323,12 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "Escalation share",
         "percentunit",
-        (("sum(rate(copilot_escalations_total[30m]) or vector(0)) / sum(rate(copilot_diagnoses_total[30m]))", "review"),),
+        (
+            (
+                "sum(rate(copilot_escalations_total[30m]) or vector(0)) / sum(rate(copilot_diagnoses_total[30m]))",
+                "review",
+            ),
+        ),
     ),
     ("SLO error budget left (28 d)", "percentunit", (("copilot:slo_error_budget:remaining", "{{slo}}"),)),
 )
@@ -349,7 +354,8 @@ def dashboard(time_scale: float = 1) -> dict[str, Any]:
                 prometheus.Dataquery().expr(scale_expr(query, time_scale)).legend_format(legend).ref_id(ref)
             )
         board = board.with_panel(panel)
-    return json.loads(JSONEncoder(sort_keys=True, indent=2).encode(board.build()))
+    built: dict[str, Any] = json.loads(JSONEncoder(sort_keys=True, indent=2).encode(board.build()))
+    return built
 
 
 def dashboard_queries(board: dict[str, Any]) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from copilot_cli import bench, diagnose, equipment, history, knowledge, mesh, tokens
+from copilot_cli.monitoring import monitoring
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manufacturing Copilot mesh")
 
@@ -26,6 +27,7 @@ app.command("eval")(knowledge.evaluate)
 # credentials and measurements
 app.command()(tokens.token)
 app.command()(bench.bench)
+app.add_typer(monitoring, name="monitoring")
 
 if __name__ == "__main__":
     app()

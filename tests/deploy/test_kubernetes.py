@@ -49,8 +49,15 @@ def ours(container) -> bool:
 
 def test_every_object_validates_against_the_kubernetes_schema(manifests):
     for doc in manifests:
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # CRD: no upstream schema offline
-            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"][0]["port"] == "metrics"
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # CRDs: no upstream schema offline
+            assert doc["kind"] in ("ServiceMonitor", "PrometheusRule"), doc["kind"]
+            if doc["kind"] == "ServiceMonitor":
+                assert doc["spec"]["endpoints"][0]["port"] == "metrics"
+            else:  # the groups of a Prometheus rule file (promtool checks them: tests/monitoring)
+                for group in doc["spec"]["groups"]:
+                    assert group["name"] and group["rules"]
+                    for rule in group["rules"]:
+                        assert {"expr"} <= set(rule) and ("alert" in rule) != ("record" in rule), rule
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -303,3 +310,19 @@ def test_the_orchestrator_reads_the_equipment_registry_from_its_config_map(manif
     entries = parse_registry(yaml.safe_load(data), config_map)
     assert entries == parse_registry(yaml.safe_load(DEFAULT_REGISTRY.read_text()), "shipped")
     assert all(default_vocabulary().knows(e.equipment_type) for e in entries if e.equipment_type)
+
+
+def test_prod_ships_the_rules_and_the_dashboard_and_labels_jobs_as_the_rules_select():
+    prod = render("prod")
+    assert "manufacturing-copilot" in by_kind(prod, "PrometheusRule")
+    dashboard = by_kind(prod, "ConfigMap")["copilot-dashboard-overview"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (monitor,) = by_kind(prod, "ServiceMonitor").values()
+    relabel = monitor["spec"]["endpoints"][0]["relabelings"][0]
+    assert relabel["targetLabel"] == "job" and relabel["replacement"] == "copilot-$1"
+    services = {
+        s["metadata"]["labels"]["app.kubernetes.io/name"]
+        for s in by_kind(prod, "Service").values()
+        if s["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "manufacturing-copilot"
+    }
+    assert {"orchestrator", "vision", "knowledge", "report"} <= services

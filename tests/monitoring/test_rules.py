@@ -23,7 +23,9 @@ needs_promtool = pytest.mark.skipif(
 def test_the_committed_files_are_what_the_source_renders():
     for path, text in monitoring.rendered().items():
         assert path.exists(), f"{path} is missing: run `copilot monitoring render`"
-        assert path.read_text() == text, f"{path.relative_to(ROOT)} differs from its source: `copilot monitoring render`"
+        assert path.read_text() == text, (
+            f"{path.relative_to(ROOT)} differs from its source: `copilot monitoring render`"
+        )
 
 
 @needs_promtool
@@ -76,7 +78,9 @@ def test_burn_rate_alerts_follow_the_workbook_for_every_slo():
     source = Source.load()
     rules = monitoring.slo_alerts(source)["rules"]
     assert len(rules) == 3 * len(source.slos)
-    fast = next(r for r in rules if r["labels"] == {"severity": "page", "slo": "diagnosis-availability", "burn": "fast"})
+    fast = next(
+        r for r in rules if r["labels"] == {"severity": "page", "slo": "diagnosis-availability", "burn": "fast"}
+    )
     assert fast["expr"] == (
         'copilot:slo_errors:ratio_rate1h{slo="diagnosis-availability"} > 0.072 and '
         'copilot:slo_errors:ratio_rate5m{slo="diagnosis-availability"} > 0.072'

@@ -37,6 +37,8 @@ class CopilotMetrics:
     admission_rejected: metrics.Counter
     admission_limiter_errors: metrics.Counter
     incidents_replayed: metrics.Counter
+    diagnosis_duration: metrics.Histogram
+    incident_store_failures: metrics.Counter
 
 
 @lru_cache(maxsize=1)
@@ -111,5 +113,14 @@ def copilot_metrics() -> CopilotMetrics:
         ),
         incidents_replayed=m.create_counter(
             "copilot.incidents.replayed", description="Diagnose retries answered from the incident history"
+        ),
+        diagnosis_duration=m.create_histogram(
+            "copilot.diagnosis.duration",
+            description="a diagnosis's workflow from request to answer, by photo=true|false (the latency SLOs)",
+            **seconds,
+        ),
+        incident_store_failures=m.create_counter(
+            "copilot.incidents.store_failures",
+            description="answers refused (UNAVAILABLE) because their incident could not be stored",
         ),
     )
