@@ -229,7 +229,7 @@ async def probe(mesh: Mesh, database: Path) -> dict[str, Any]:
             why = {"the most one caller may have": "own_share", "server busy": "server_busy"}
             return dict(
                 Counter(
-                    next((label for text, label in why.items() if text in r.details()), r.code().name)
+                    next((label for text, label in why.items() if text in (r.details() or "")), r.code().name)
                     if isinstance(r, grpc.aio.AioRpcError)
                     else "OK"
                     for r in results
@@ -253,7 +253,8 @@ async def probe(mesh: Mesh, database: Path) -> dict[str, Any]:
         ]
         streams = []
         for i in range(5008):
-            stream = health_pb2_grpc.HealthStub(channels[i % 16]).Watch(health_pb2.HealthCheckRequest())
+            health: Any = health_pb2_grpc.HealthStub(channels[i % 16])  # the stubs declare no Watch
+            stream = health.Watch(health_pb2.HealthCheckRequest())
             streams.append(stream)
         for stream in streams:
             try:
@@ -290,7 +291,7 @@ async def probe(mesh: Mesh, database: Path) -> dict[str, Any]:
             metrics_path = error.code
         found["6_smaller"] = {
             "year_9999_page_token": codes([page]),
-            "6kb_alg_message_chars": len(alg.details()) if isinstance(alg, grpc.aio.AioRpcError) else None,
+            "6kb_alg_message_chars": len(alg.details() or "") if isinstance(alg, grpc.aio.AioRpcError) else None,
             "exp_2_pow_40": codes([forever]),
             "equipment_id_with_u2028": codes([lookalike]),
             "metrics_unknown_path_status": metrics_path,

@@ -178,7 +178,7 @@ async def test_health_watch_streams_are_capped_per_connection():
             assert (await health_pb2_grpc.HealthStub(one).Check(health_pb2.HealthCheckRequest())).status
             for call, _ in held:
                 call.cancel()
-            await until(lambda: server.health_watches.open == 0, "cancelled streams are released")
+            await until(lambda: server.health_watches.open.total == 0, "cancelled streams are released")
             assert (await watch(one))[1].status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0)

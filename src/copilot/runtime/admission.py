@@ -37,6 +37,29 @@ from copilot.runtime.metrics import copilot_metrics
 log = logging.getLogger("copilot.admission")
 
 
+class Tally:
+    """Calls held, in all and per key; a key with none left is forgotten (memory bounded by what is held)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_key: dict[str, int] = {}
+
+    def of(self, key: str) -> int:
+        return self.by_key.get(key, 0)
+
+    def add(self, key: str) -> None:
+        self.total += 1
+        self.by_key[key] = self.by_key.get(key, 0) + 1
+
+    def remove(self, key: str) -> None:
+        self.total -= 1
+        left = self.by_key.get(key, 1) - 1
+        if left > 0:
+            self.by_key[key] = left
+        else:
+            self.by_key.pop(key, None)
+
+
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """`methods` are the guarded full method paths. `cost(method, request)` is how many units a call uses
     from the principal's rate (a batch of n diagnoses costs n). `rate` is a `limits` string such as
@@ -62,8 +85,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         # one principal's fair share of the cap (0: the whole cap): a technician holding 64 photo diagnoses in
         # flight once got 24 of another user's 43 calls refused
         self.max_per_principal = max_in_flight_per_principal or max_in_flight
-        self.in_flight = 0
-        self.by_principal: dict[str, int] = {}
+        self.held = Tally()  # diagnoses in flight, in all and per caller
         self.retry_after_s = retry_after_s
         self.rate = parse(rate) if rate else None
         self.limiter = strategies.MovingWindowRateLimiter(async_storage(storage_uri)) if self.rate else None
@@ -89,9 +111,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 log.warning("rate limit storage unreachable, admitting without a limit: %s", type(exc).__name__)
             return None
 
-    async def _refuse(self, context: Context, reason: str, message: str, retry_after_s: float) -> None:
-        await refuse(context, reason, message, retry_after_s)
-
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
@@ -102,38 +121,32 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         async def before(request: Any, context: Context) -> str:
             key = caller_key()
-            if self.by_principal.get(key, 0) >= self.max_per_principal:
-                await self._refuse(
+            if self.held.of(key) >= self.max_per_principal:
+                await refuse(
                     context,
                     "principal_in_flight",
-                    f"{key} has {self.by_principal[key]} diagnoses in flight, the most one caller may have "
+                    f"{key} has {self.held.of(key)} diagnoses in flight, the most one caller may have "
                     f"(limit {self.max_per_principal} of {self.max_in_flight}); retry when one has finished",
                     self.retry_after_s,
                 )
-            if self.in_flight >= self.max_in_flight:
-                await self._refuse(
+            if self.held.total >= self.max_in_flight:
+                await refuse(
                     context,
                     "in_flight",
-                    f"server busy: {self.in_flight} diagnoses in flight (limit {self.max_in_flight}); retry later",
+                    f"server busy: {self.held.total} diagnoses in flight (limit {self.max_in_flight}); retry later",
                     self.retry_after_s,
                 )
             if self.limiter is not None and self.rate is not None:
                 cost = self.cost(method, request)
                 wait = await self._over_rate(key, cost) if cost > 0 else None
                 if wait is not None:
-                    await self._refuse(context, self.reason, self.explain(key, wait), wait)
-            self.in_flight += 1
-            self.by_principal[key] = self.by_principal.get(key, 0) + 1
+                    await refuse(context, self.reason, self.explain(key, wait), wait)
+            self.held.add(key)
             return key
 
         async def after(admitted: str, _context: Context, _error: BaseException | None) -> None:
             if admitted:
-                self.in_flight -= 1
-                left = self.by_principal.get(admitted, 1) - 1
-                if left > 0:
-                    self.by_principal[admitted] = left
-                else:
-                    self.by_principal.pop(admitted, None)
+                self.held.remove(admitted)
 
         return wrap_handler(handler, before=before, after=after)
 
@@ -270,8 +283,7 @@ class HealthWatchLimiter(grpc.aio.ServerInterceptor):
     def __init__(self, *, per_connection: int, total: int) -> None:
         self.per_connection = per_connection
         self.total = total
-        self.open = 0
-        self.by_peer: dict[str, int] = {}
+        self.open = Tally()  # streams per peer
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -282,27 +294,20 @@ class HealthWatchLimiter(grpc.aio.ServerInterceptor):
 
         async def before(_request: Any, context: Context) -> str:
             peer = context.peer() or "unknown"
-            if self.by_peer.get(peer, 0) >= self.per_connection:
+            if self.open.of(peer) >= self.per_connection:
                 await refuse(
                     context,
                     "health_watch",
                     f"{self.per_connection} health Watch streams are already open on this connection",
                     5.0,
                 )
-            if self.open >= self.total:
+            if self.open.total >= self.total:
                 await refuse(context, "health_watch", f"{self.total} health Watch streams are already open", 5.0)
-            self.open += 1
-            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            self.open.add(peer)
             return peer
 
         async def after(peer: str | None, _context: Context, _error: BaseException | None) -> None:
-            if peer is None:
-                return
-            self.open -= 1
-            left = self.by_peer.get(peer, 1) - 1
-            if left > 0:
-                self.by_peer[peer] = left
-            else:
-                self.by_peer.pop(peer, None)
+            if peer is not None:
+                self.open.remove(peer)
 
         return wrap_handler(handler, before=before, after=after)
