@@ -26,9 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from limits import parse
-from limits.aio import strategies
-from limits.storage import storage_from_string
 
 from copilot.runtime.errors import resource_exhausted_status
 from copilot.runtime.interceptors import HEALTH, Context, Continuation, Handler, caller_key, wrap_handler
@@ -87,6 +84,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.max_per_principal = max_in_flight_per_principal or max_in_flight
         self.held = Tally()  # diagnoses in flight, in all and per caller
         self.retry_after_s = retry_after_s
+        # `limits` is the orchestrator's dependency (its extra): the agents' images, which use the fair share and
+        # the health Watch caps below, do not install it
+        from limits import parse
+        from limits.aio import strategies
+
         self.rate = parse(rate) if rate else None
         self.limiter = strategies.MovingWindowRateLimiter(async_storage(storage_uri)) if self.rate else None
         self._last_storage_warning = 0.0
@@ -158,6 +160,8 @@ STORAGE_TIMEOUT_S = 0.25
 def async_storage(uri: str) -> Any:
     """A `limits` asyncio storage from a plain URI ("memory://", "redis://host:6379/0", "rediss://…"): the event
     loop never blocks on the network for a rate check."""
+    from limits.storage import storage_from_string
+
     if uri.startswith("async+"):
         uri = uri.removeprefix("async+")
     scheme = uri.split("://", 1)[0]
