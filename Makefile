@@ -15,7 +15,7 @@ PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # (which keys the wheel by version, not by these flags).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install servers protos run up test check lint breaking bench images pods pods-down clean monitoring
+.PHONY: install servers protos run up test check lint breaking bench images pods pods-down clean monitoring prometheus
 
 install: $(STAMP) $(GENERATED) $(INTEROP) servers
 
@@ -77,6 +77,10 @@ bench: install
 # The SRE signals generated from deploy/monitoring/slos.yaml (rules, promtool tests, dashboard, k8s component).
 monitoring: install
 	$(BIN)/copilot monitoring render
+
+# Prometheus over the local mesh (`make up` in another terminal) with those rules; prints its URL.
+prometheus: install
+	$(BIN)/copilot monitoring prometheus
 
 # The four service images with Podman (base from debootstrap where nothing can be pulled; see README).
 images:
