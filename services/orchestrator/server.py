@@ -18,7 +18,7 @@ from copilot.runtime.admission import AdmissionInterceptor
 from copilot.runtime.auth import ServiceIdentity
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import common_pb2, copilot_pb2_grpc
+from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
 from services.orchestrator.equipment import DEFAULT_REGISTRY, EquipmentResolver
 from services.orchestrator.history import IncidentStore
@@ -88,20 +88,24 @@ class OrchestratorSettings(ServerSettings, ImageLimitSettings):
     )
 
 
+def _diagnoses(method: str, request) -> list:
+    """The DiagnoseRequests a diagnosis call carries (admission runs before validation: bytes that did not decode
+    carry none, and are refused later)."""
+    if method.endswith("/DiagnoseBatch"):
+        return list(getattr(request, "requests", ()))
+    if method.endswith("/StreamDiagnose"):
+        return [request.diagnosis] if hasattr(request, "diagnosis") else []
+    return [request] if hasattr(request, "image") else []
+
+
 def _cost(method: str, request) -> int:
     """A batch of n diagnoses costs n of the caller's rate (undecodable bytes cost 1 and are refused later)."""
-    return len(getattr(request, "requests", ())) or 1 if method.endswith("/DiagnoseBatch") else 1
+    return max(1, len(_diagnoses(method, request)))
 
 
 def _photo_kib(method: str, request) -> int:
     """KiB of photos a diagnosis call sends (rounded up per photo), for the photo quota."""
-    if method.endswith("/DiagnoseBatch"):
-        images = [item.image.data for item in getattr(request, "requests", ())]
-    elif method.endswith("/StreamDiagnose"):
-        images = [getattr(getattr(request, "diagnosis", None), "image", common_pb2.Image()).data]
-    else:
-        images = [getattr(getattr(request, "image", None), "data", b"")]
-    return sum(-(-len(data) // 1024) for data in images if data)
+    return sum(-(-len(d.image.data) // 1024) for d in _diagnoses(method, request))
 
 
 #: how often a replica drops the bytes of photos past their retention
@@ -218,7 +222,7 @@ def build(
                 [
                     AdmissionInterceptor(
                         DIAGNOSIS_METHODS,
-                        max_in_flight=settings.max_in_flight,
+                        max_in_flight=0,  # the interceptor above holds the in-flight cap
                         rate=f"{settings.photo_quota_mib_per_day * 1024}/day",  # in KiB
                         cost=_photo_kib,
                         storage_uri=settings.rate_limit_storage,

@@ -60,7 +60,8 @@ class Tally:
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """`methods` are the guarded full method paths. `cost(method, request)` is how many units a call uses
     from the principal's rate (a batch of n diagnoses costs n). `rate` is a `limits` string such as
-    "120/minute"; empty disables the rate limit. Runs after authentication (it keys on the principal)."""
+    "120/minute"; empty disables the rate limit. `max_in_flight` 0: no in-flight cap (a second window over methods
+    another interceptor already caps). Runs after authentication (it keys on the principal)."""
 
     def __init__(
         self,
@@ -123,7 +124,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         async def before(request: Any, context: Context) -> str:
             key = caller_key()
-            if self.held.of(key) >= self.max_per_principal:
+            if self.max_in_flight and self.held.of(key) >= self.max_per_principal:
                 await refuse(
                     context,
                     "principal_in_flight",
@@ -131,7 +132,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     f"(limit {self.max_per_principal} of {self.max_in_flight}); retry when one has finished",
                     self.retry_after_s,
                 )
-            if self.held.total >= self.max_in_flight:
+            if self.max_in_flight and self.held.total >= self.max_in_flight:
                 await refuse(
                     context,
                     "in_flight",
@@ -143,6 +144,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 wait = await self._over_rate(key, cost) if cost > 0 else None
                 if wait is not None:
                     await refuse(context, self.reason, self.explain(key, wait), wait)
+            if not self.max_in_flight:
+                return ""
             self.held.add(key)
             return key
 

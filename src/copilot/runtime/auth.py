@@ -338,8 +338,10 @@ class AccessPolicy:
         """Why `principal` may not call `method` (PERMISSION_DENIED), or None."""
         name = method.rsplit("/", 1)[-1]
         if method in self.internal:
-            if principal.is_service or users_may_call_internal:
-                return None if principal.is_service else self._role_refusal(principal, method)
+            if principal.is_service:
+                return None
+            if users_may_call_internal:
+                return self._role_refusal(principal, method)
             return (
                 f"{name} is called by the orchestrator with its service token, not by users such as {principal}: "
                 "send the request to CopilotService (AUTH_AGENT_CALLERS=any on the agent allows user tokens)"

@@ -341,7 +341,7 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
 MetadataSource: TypeAlias = "Callable[[], Sequence[tuple[str, str]]]"
 
 
-class _SetAuthorization:
+class _SetMetadata:
     """Client side: the pairs `source()` gives on every call, replacing any of the same key."""
 
     def __init__(self, source: MetadataSource) -> None:
@@ -362,7 +362,7 @@ class _SetAuthorization:
         )
 
 
-class _AuthorizationUnaryUnary(_SetAuthorization, grpc.aio.UnaryUnaryClientInterceptor):
+class _MetadataUnaryUnary(_SetMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
@@ -372,7 +372,7 @@ class _AuthorizationUnaryUnary(_SetAuthorization, grpc.aio.UnaryUnaryClientInter
         return await continuation(self._details(details), request)
 
 
-class _AuthorizationUnaryStream(_SetAuthorization, grpc.aio.UnaryStreamClientInterceptor):
+class _MetadataUnaryStream(_SetMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
@@ -382,7 +382,7 @@ class _AuthorizationUnaryStream(_SetAuthorization, grpc.aio.UnaryStreamClientInt
         return await continuation(self._details(details), request)
 
 
-class _AuthorizationStreamUnary(_SetAuthorization, grpc.aio.StreamUnaryClientInterceptor):
+class _MetadataStreamUnary(_SetMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
@@ -392,7 +392,7 @@ class _AuthorizationStreamUnary(_SetAuthorization, grpc.aio.StreamUnaryClientInt
         return await continuation(self._details(details), request_iterator)
 
 
-class _AuthorizationStreamStream(_SetAuthorization, grpc.aio.StreamStreamClientInterceptor):
+class _MetadataStreamStream(_SetMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
@@ -408,10 +408,10 @@ def metadata_interceptors(source: MetadataSource) -> list[grpc.aio.ClientInterce
     return [
         kind(source)
         for kind in (
-            _AuthorizationUnaryUnary,
-            _AuthorizationUnaryStream,
-            _AuthorizationStreamUnary,
-            _AuthorizationStreamStream,
+            _MetadataUnaryUnary,
+            _MetadataUnaryStream,
+            _MetadataStreamUnary,
+            _MetadataStreamStream,
         )
     ]
 
