@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/copilot/v1/*.proto protos/buf/validate/*.proto)
 GENERATED := src/copilot/v1/__init__.py
 INTEROP := tests/interop/node_modules/.package-lock.json
+# checkov, the Kubernetes policy gate of tests/deploy/test_policy.py, in its own virtualenv (its dependencies are
+# not the project's)
+POLICY := .venv-policy/.installed
+CHECKOV_VERSION := 3.3.30
 # pip takes the CPU build of torch from /opt/wheels where the machine has it (see README).
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # llama-cpp-python (the `local` generator) compiles from source. Not for the build machine's own CPU
@@ -17,7 +21,13 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 .PHONY: install servers protos run up test check lint breaking bench images pods pods-down clean monitoring prometheus
 
-install: $(STAMP) $(GENERATED) $(INTEROP) servers
+install: $(STAMP) $(GENERATED) $(INTEROP) $(POLICY) servers
+
+$(POLICY):
+	test -x .venv-policy/bin/python || $(PYTHON) -m venv .venv-policy
+	.venv-policy/bin/pip install --quiet --upgrade pip
+	.venv-policy/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
 
 # redis-server, prometheus (+ promtool) and prometheus-alertmanager from Debian packages, as root where apt is
 # there; elsewhere the tests that need them skip and say why.
@@ -94,4 +104,4 @@ pods-down: install
 	$(BIN)/python -m tests.containers.podman down
 
 clean:
-	rm -rf .copilot-data src/copilot/v1 src/buf/validate/*_pb2*.py src/buf/validate/*.pyi .pytest_cache
+	rm -rf .copilot-data .venv-policy src/copilot/v1 src/buf/validate/*_pb2*.py src/buf/validate/*.pyi .pytest_cache

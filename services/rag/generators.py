@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from copilot.domain import SopChunk
+from copilot.runtime.cpus import available_cpus
 from copilot.runtime.hosted import HostedModel, HostedModelClient, join
 from copilot.text import content_words
 from services.rag.corpus import step_lines
@@ -202,7 +202,7 @@ class LlamaCppCompletion:
         self.model = path.stem
         self.max_tokens, self.temperature = max_tokens, temperature
         self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, seed=7, verbose=False
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads or available_cpus(), seed=7, verbose=False
         )
         self._lock = threading.Lock()  # one llama context is not re-entrant
 

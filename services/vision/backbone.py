@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
+from copilot.runtime.cpus import available_cpus
+
 if TYPE_CHECKING:
     import torch
 
@@ -198,7 +200,7 @@ class OnnxFeatureExtractor:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or max(1, len(os.sched_getaffinity(0)))
+        options.intra_op_num_threads = threads or available_cpus()
         options.inter_op_num_threads = 1
         # threads that spin-wait for the next run would take the cores from the request threads' numpy work (the
         # nearest-neighbour search right after: 4.7 -> 6.1 ms per image with two spinning threads on 2 cores)
@@ -254,7 +256,7 @@ class TorchFeatureExtractor:
         import torch
         from efficientnet_lite_pytorch import EfficientNet
 
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(threads or available_cpus())
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
             model = EfficientNet.from_pretrained(BACKBONE, weights_path=str(_weights_file()))
         channels = sum(model._blocks[i]._bn2.num_features for i in TEXTURE_BLOCKS)

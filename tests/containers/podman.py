@@ -10,7 +10,10 @@ the README lists each difference:
 * Deployment replicas: Podman plays one pod per Deployment, so a second vision replica is the same
   Deployment played again under the name `vision-2` (same alias);
 * StatefulSet (chroma): not played by Podman; the same pod template as a Deployment, its claim an emptyDir;
-* Secret volumes: `kube play` of 4.3 crashes on them; the JWT key is a hostPath folder holding the same file;
+* Secret volumes (projected): `kube play` of 4.3 crashes on them; they become a hostPath folder holding the same
+  files (the dev Secret's values, the JWT key the test's own);
+* env from `resourceFieldRef` (thread counts from the CPU limit): resolved here to the limit's value;
+* preStop hooks: not run by Podman 4.3 (the rolling-restart test plays the new pod before it stops the old one);
 * ConfigMap volumes (the equipment registry): likewise a hostPath folder holding the ConfigMap's files;
 * the OTel collector and Jaeger images cannot be pulled here: the test's own OTLP receiver (a container
   from our report image) takes the `otel-collector` alias;
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,15 +65,17 @@ def render(overlay: str = "dev") -> list[dict]:
 
 
 def service_of(name: str) -> str:
-    """Pod name -> the Service (DNS alias) it stands behind: vision-2 is a vision replica."""
-    return name.split("-")[0] if name.startswith("vision") else name
+    """Pod name -> the Service (DNS alias) it stands behind: vision-2 is a vision replica, orchestrator-2 one of
+    the orchestrator."""
+    base, _, number = name.rpartition("-")
+    return base if number.isdigit() and base in SERVICE_PORTS else name
 
 
 def for_podman(
     docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_port: int, extra_config: dict[str, str]
 ) -> dict[str, list[dict]]:
     """The rendered overlay as one `kube play` document list per pod (see the module's doc for each change)."""
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "copilot-config")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("copilot-config-"))
     config = copy.deepcopy(config)
     config["data"].update(extra_config)
     workloads = {d["metadata"]["name"]: copy.deepcopy(d) for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
@@ -86,6 +92,14 @@ def for_podman(
         for container in workload["spec"]["template"]["spec"]["containers"]:
             image, _, _ = container["image"].partition(":")
             container["image"] = f"{image}:{tag}"
+            container.pop("lifecycle", None)
+            for env in container.get("env", []):
+                field_ref = env.get("valueFrom", {}).get("resourceFieldRef")
+                if field_ref:  # limits.cpu, rounded up as the kubelet does with the default divisor 1
+                    quantity = str(container["resources"]["limits"]["cpu"])
+                    cpus = int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+                    env.pop("valueFrom")
+                    env["value"] = str(max(1, math.ceil(cpus)))
             # kube play publishes every containerPort on the host; pods reach each other on the network
             container.pop("ports", None)
         if name == "orchestrator":
@@ -108,14 +122,34 @@ def for_podman(
     return plays
 
 
+def write_secret_files(docs: list[dict], folder: Path, *, jwt_secret: str) -> None:
+    """The files the pods' projected Secret volumes would hold, from the overlay's generated Secret (the JWT key
+    replaced by the test's own), readable by the containers' uid."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("copilot-secrets"))
+    values = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    values["jwt-secret"] = jwt_secret
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+            for source in volume.get("projected", {}).get("sources", []):
+                for item in source.get("secret", {}).get("items", []):
+                    if item["key"] in values:  # an optional key the Secret does not hold is no file
+                        (folder / item["path"]).write_text(values[item["key"]])
+                        (folder / item["path"]).chmod(0o644)
+    folder.chmod(0o755)
+
+
 def own_volumes(pod: str, spec: dict, secret_dir: Path, config_maps: dict[str, dict[str, str]] | None = None) -> None:
     """kube play makes an emptyDir a named volume called after the manifest's volume name, which every pod
     with a `tmp` or `data` volume would share: name each after its pod. The Secret volume becomes a hostPath, and
     so does a ConfigMap volume (its files written beside the secret's folder, readable by the container's uid)."""
     renamed = {}
     for volume in spec.get("volumes", []):
-        if "secret" in volume:
-            volume.pop("secret")
+        if "secret" in volume or "projected" in volume:
+            volume.pop("secret", None)
+            volume.pop("projected", None)
             volume["hostPath"] = {"path": str(secret_dir), "type": "Directory"}
         elif "configMap" in volume:
             name = volume.pop("configMap")["name"]
@@ -144,6 +178,8 @@ class PodmanMesh:
     network: str = field(default_factory=lambda: f"copilot-ct-{uuid.uuid4().hex[:8]}")
     started_at: dict[str, float] = field(default_factory=dict)
     ready_after: dict[str, float] = field(default_factory=dict)
+    plays: dict[str, list[dict]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # replicas played by add_replica, as an HPA scale-up adds pods
 
     @property
     def spans_file(self) -> Path:
@@ -157,11 +193,9 @@ class PodmanMesh:
         return f"{pod}-pod-0-{service_of(pod) if pod != 'chroma' else 'chroma'}"
 
     def start(self) -> None:
+        docs = render("dev")
         secret_dir = self.workdir / "secret"
-        secret_dir.mkdir(parents=True, exist_ok=True)
-        (secret_dir / "jwt-secret").write_text(self.secret)
-        (secret_dir / "jwt-secret").chmod(0o644)
-        secret_dir.chmod(0o755)
+        write_secret_files(docs, secret_dir, jwt_secret=self.secret)
         self.spans_file.parent.mkdir(parents=True, exist_ok=True)
         self.spans_file.parent.chmod(0o777)
         podman("network", "create", self.network)
@@ -185,17 +219,52 @@ class PodmanMesh:
             "/spans/spans.jsonl",
         )
         plays = for_podman(
-            render("dev"),
+            docs,
             tag=self.tag,
             secret_dir=secret_dir,
             orchestrator_port=self.orchestrator_port,
             extra_config={"OTEL_BSP_SCHEDULE_DELAY": "200", "ORCHESTRATOR_RATE_LIMIT": ""},
         )
+        self.plays = plays
         for pod in PLAY_ORDER:
-            path = self.workdir / f"{pod}.yaml"
-            path.write_text(yaml.safe_dump_all(plays[pod]))
-            self.started_at[pod] = time.monotonic()
-            podman("kube", "play", "--network", f"{self.network}:alias={service_of(pod)}", str(path))
+            self._play(pod, plays[pod])
+
+    def _play(self, pod: str, documents: list[dict]) -> None:
+        path = self.workdir / f"{pod}.yaml"
+        path.write_text(yaml.safe_dump_all(documents))
+        self.started_at[pod] = time.monotonic()
+        podman("kube", "play", "--network", f"{self.network}:alias={service_of(pod)}", str(path))
+
+    def add_replica(self, service: str, name: str, *, host_port: int = 0) -> None:
+        """One more pod of a Deployment under the same Service alias (an HPA scale-up), with volumes of its own;
+        `host_port` publishes its gRPC port on 127.0.0.1 (an orchestrator's, where a cluster has its Ingress)."""
+        config, workload = copy.deepcopy(self.plays[service])
+        workload["metadata"]["name"] = name
+        spec = workload["spec"]["template"]["spec"]
+        renamed = {}
+        for volume in spec.get("volumes", []):
+            if "hostPath" not in volume:
+                renamed[volume["name"]] = volume["name"] = name + volume["name"][len(service) :]
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                mount["name"] = renamed.get(mount["name"], mount["name"])
+            if host_port:
+                container["ports"] = [
+                    {
+                        "name": "grpc",
+                        "containerPort": SERVICE_PORTS[service],
+                        "hostPort": host_port,
+                        "hostIP": "127.0.0.1",
+                    }
+                ]
+        self.added.append(name)
+        self._play(name, [config, workload])
+
+    def remove(self, pod: str) -> None:
+        """`kube down` of one pod and its volumes (a scale-in's end, once the pod has stopped)."""
+        path = self.workdir / f"{pod}.yaml"
+        podman("kube", "down", str(path), check=False, timeout=120)
+        podman("volume", "rm", "-f", *(v["name"] for v in volumes_of(path)), check=False)
 
     def health(self, pod: str, timeout: float = 5.0) -> bool:
         service = service_of(pod)
@@ -266,7 +335,7 @@ class PodmanMesh:
         return found
 
     def stop(self) -> None:
-        for pod in reversed(PLAY_ORDER):
+        for pod in reversed((*PLAY_ORDER, *self.added)):
             path = self.workdir / f"{pod}.yaml"
             if path.exists():
                 podman("kube", "down", str(path), check=False, timeout=120)

@@ -23,7 +23,7 @@ from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from copilot_cli.launcher import Mesh, free_port
 from tests.conftest import TEST_SECRET, token
 
-from .podman import PLAY_ORDER, PODMAN, ROOT, PodmanMesh, podman, service_of
+from .podman import PLAY_ORDER, PODMAN, ROOT, PodmanMesh, podman, render, service_of
 
 pytestmark = [
     pytest.mark.containers,
@@ -36,7 +36,6 @@ pytestmark = [
 
 OK = copilot_pb2.STAGE_STATE_OK
 REPORT_FILE = ROOT / ".copilot-data" / "containers.json"
-GRACE_S = 20  # terminationGracePeriodSeconds of every Deployment
 figures: dict = {}
 
 
@@ -304,6 +303,152 @@ def test_text_diagnosis_latency_through_containers_next_to_four_local_processes(
     figures["text_diagnose_latency"] = {"containers": containers, "local_processes": processes}
 
 
+def test_a_vision_replica_added_under_load_gets_its_share_and_scale_in_fails_no_call(mesh, stub, crack_photo):
+    """An HPA scale-up as Podman can play it: a third vision pod under the same Service alias while four clients
+    send photo diagnoses. Before servers aged connections out, such a pod served 0 of 1,238 calls in its first
+    minute. Now the orchestrator's connections end within max_connection_age_s (+10 % jitter), it re-resolves and
+    round_robin spreads over three pods; then the pod is removed again (scale-in) with the load still running."""
+    from services.vision.server import VisionSettings
+
+    request = photo_request(crack_photo)
+    stop, failures, answered = threading.Event(), [], [0]
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                reply = stub.Diagnose(request, metadata=TECHNICIAN, timeout=60)
+                if reply.stages[0].state != OK:
+                    failures.append(reply.stages[0].error)
+                answered[0] += 1
+            except grpc.RpcError as error:
+                failures.append(error.code())
+
+    pods = ("vision", "vision-2", "vision-3")
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        mesh.add_replica("vision", "vision-3")
+        mesh.wait_ready(["vision-3"], timeout=300)
+        serving_at = time.monotonic()
+        age = VisionSettings().max_connection_age_s
+        bound = age * 1.1 + 60  # one connection age with its jitter, and room for the calls then running
+        while analyzed(mesh, "vision-3") == 0 and time.monotonic() < serving_at + bound:
+            time.sleep(1)
+        first_call_after = time.monotonic() - serving_at
+        assert analyzed(mesh, "vision-3") > 0, f"no call in {bound:.0f} s after SERVING"
+        # its share of the next 60 calls: round_robin over three pods gives it a third
+        before = {pod: analyzed(mesh, pod) for pod in pods}
+        deadline = time.monotonic() + 300
+        while sum(analyzed(mesh, pod) - before[pod] for pod in pods) < 60 and time.monotonic() < deadline:
+            time.sleep(1)
+        served = {pod: analyzed(mesh, pod) - before[pod] for pod in pods}
+        share = served["vision-3"] / max(1, sum(served.values()))
+        assert share >= 0.2, served
+        # scale-in: the pod is stopped (SIGTERM, drain) and removed while the clients go on
+        answered_before = answered[0]
+        mesh.remove("vision-3")
+        mesh.added.remove("vision-3")
+        during_scale_in = answered[0] - answered_before
+        deadline = time.monotonic() + 120
+        while answered[0] < answered_before + during_scale_in + 12 and time.monotonic() < deadline:
+            time.sleep(0.5)  # and a dozen more calls with two pods left
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+    assert failures == []  # none failed or degraded, on the way up or down
+    figures["vision_scale_out"] = {
+        "first_call_after_serving_s": round(first_call_after, 1),
+        "max_connection_age_s": age,
+        "calls_next_60_by_pod": served,
+        "new_pod_share": round(share, 3),
+        "calls_answered_while_removed": during_scale_in,
+        "answered": answered[0],
+        "failed": len(failures),
+    }
+
+
+def test_a_rolling_restart_of_the_orchestrator_under_load_fails_no_call(mesh, crack_photo):
+    """Two orchestrator pods behind one client-side balancer (what the Ingress is in a cluster: round_robin over
+    the pods that report SERVING), four clients sending diagnoses, and the pods restarted one at a time as a
+    rollout does: SIGTERM, drain, exit, the new process warms up and reports SERVING, then the next pod."""
+    from copilot.runtime.channels import service_config
+
+    port = free_port()
+    mesh.add_replica("orchestrator", "orchestrator-2", host_port=port)
+    mesh.wait_ready(["orchestrator-2"], timeout=300)
+    target = f"ipv4:127.0.0.1:{mesh.orchestrator_port},127.0.0.1:{port}"
+    options = [("grpc.service_config", service_config(["copilot.v1.CopilotService"])), ("grpc.enable_retries", 1)]
+    text = diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation, coolant low")
+    photo = photo_request(crack_photo)
+    stop, failures, answered = threading.Event(), [], [0]
+    restarted = {}
+    with grpc.insecure_channel(target, options=options) as channel:
+        balanced = copilot_pb2_grpc.CopilotServiceStub(channel)
+
+        def client(index: int) -> None:
+            while not stop.is_set():
+                try:
+                    reply = balanced.Diagnose(photo if index == 0 else text, metadata=TECHNICIAN, timeout=60)
+                    if any(s.state not in (OK, copilot_pb2.STAGE_STATE_SKIPPED) for s in reply.stages):
+                        failures.append([s.error for s in reply.stages])
+                    answered[0] += 1
+                except grpc.RpcError as error:
+                    failures.append(error.code())
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for pod in ("orchestrator", "orchestrator-2"):
+                restarts = mesh.inspect(pod)["RestartCount"]
+                began, answered_before = time.monotonic(), answered[0]
+                mesh.signal(pod, signal.SIGTERM)  # the kubelet's, after preStop (which Podman does not run)
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline and not (
+                    mesh.inspect(pod)["RestartCount"] > restarts and mesh.health(pod)
+                ):
+                    time.sleep(0.5)
+                assert mesh.health(pod), mesh.logs(pod)
+                restarted[pod] = {
+                    "back_serving_s": round(time.monotonic() - began, 1),
+                    "answered_meanwhile": answered[0] - answered_before,
+                }
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=120)
+    assert failures == [] and answered[0] > 0
+    assert all(r["answered_meanwhile"] > 0 for r in restarted.values())  # the other pod carried the load
+    figures["orchestrator_rolling_restart"] = {"answered": answered[0], "failed": len(failures), "pods": restarted}
+
+
+def test_the_reference_volume_check_refuses_a_volume_uid_10001_cannot_write(images, tmp_path):
+    """The shared-references init container's check (copilot.runtime.writable), run as the pods run: uid 10001 on a
+    read-only root, on a volume owned by root (what an NFS class that ignores fsGroup gives), then on one it owns."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    volume.chmod(0o755)
+
+    def check() -> subprocess.CompletedProcess:
+        return podman(
+            "run", "--rm", "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
+            "-v", f"{volume}:/data", "--entrypoint", "python", "manufacturing-copilot/vision:dev",
+            "-m", "copilot.runtime.writable", "/data/references",
+            check=False,
+        )  # fmt: skip
+
+    refused = check()
+    assert (
+        refused.returncode == 1 and "uid 10001" in refused.stderr and "cannot write /data/references" in refused.stderr
+    )
+    os.chown(volume, 10001, 10001)
+    accepted = check()
+    assert accepted.returncode == 0, accepted.stderr
+    assert (volume / "references").is_dir() and list((volume / "references").iterdir()) == []
+
+
 def test_sigterm_during_a_diagnosis_lets_it_complete(mesh, stub, crack_photo):
     """SIGTERM to the orchestrator container while diagnoses run: they complete. The diagnosis is known to be in
     flight because its stream has reported a stage and not its result (an event, not a guess at how long the
@@ -333,14 +478,21 @@ def test_sigterm_during_a_diagnosis_lets_it_complete(mesh, stub, crack_photo):
 
 
 def test_every_container_stops_cleanly_on_sigterm_within_its_grace_period(mesh):
+    """Each pod stops on SIGTERM with exit 0 inside its own terminationGracePeriodSeconds (the manifest's)."""
+    grace = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        for d in render("dev")
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
     stopped = {}
-    for pod in reversed(PLAY_ORDER):
+    for pod in reversed((*PLAY_ORDER, *mesh.added)):
+        limit = grace[service_of(pod)]
         started = time.monotonic()
-        podman("stop", "--time", str(GRACE_S), mesh.container(pod), timeout=GRACE_S + 30)
+        podman("stop", "--time", str(limit), mesh.container(pod), timeout=limit + 30)
         seconds = time.monotonic() - started
         state = mesh.inspect(pod)["State"]
-        stopped[pod] = {"seconds": round(seconds, 1), "exit_code": state["ExitCode"]}
-        assert state["ExitCode"] == 0 and seconds < GRACE_S, (pod, stopped[pod], mesh.logs(pod))
+        stopped[pod] = {"seconds": round(seconds, 1), "exit_code": state["ExitCode"], "grace_s": limit}
+        assert state["ExitCode"] == 0 and seconds < limit, (pod, stopped[pod], mesh.logs(pod))
     figures["sigterm_stop"] = stopped
 
 

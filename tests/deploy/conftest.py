@@ -49,13 +49,14 @@ def env_names(settings_cls) -> set[str]:
 def known_env() -> set[str]:
     """Every environment name some part of the code reads: our settings, the OpenTelemetry SDK's, the
     Hugging Face offline switches and Python's own."""
+    import opentelemetry.environment_variables as otel_api_env
     import opentelemetry.sdk.environment_variables as otel_env
 
     from copilot.runtime.auth import AuthSettings
     from copilot.runtime.config import TlsSettings
 
     names = set().union(*(env_names(cls) for cls in [*settings_classes().values(), AuthSettings, TlsSettings]))
-    names |= {getattr(otel_env, n) for n in dir(otel_env) if n.startswith("OTEL_")}
+    names |= {getattr(module, n) for module in (otel_env, otel_api_env) for n in dir(module) if n.startswith("OTEL_")}
     names |= {
         "HF_HUB_OFFLINE",
         "TRANSFORMERS_OFFLINE",
@@ -64,6 +65,15 @@ def known_env() -> set[str]:
         "PATH",
         "PYTHONUNBUFFERED",
         "PYTHONDONTWRITEBYTECODE",
+        # read by the settings (copilot.runtime.config.secrets_dir), by libpq (PostgreSQL's location) and by the
+        # BLAS / OpenMP runtimes (thread pools sized by the container's CPU limit)
+        "COPILOT_SECRETS_DIR",
+        "PGHOST",
+        "PGPORT",
+        "PGSSLMODE",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
     }
     return names
 

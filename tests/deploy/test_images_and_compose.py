@@ -130,7 +130,45 @@ def test_compose_wiring_matches_the_code(compose, known_env, default_ports):
     assert services["vision"]["deploy"]["replicas"] >= 2  # vision scales on its own
     config = services["otel-collector"]["volumes"][0].split(":")[0]
     collector_config = yaml.safe_load((DEPLOY / config).read_text())
-    assert collector_config["exporters"]["otlp/jaeger"]["endpoint"].split(":")[0] == "jaeger"
+    jaeger = collector_config["exporters"]["otlp/jaeger"]["endpoint"].split(":")[0]
+    assert jaeger == "jaeger" or jaeger in services["jaeger"]["networks"]["default"]["aliases"]
+    assert "metrics" not in collector_config["service"]["pipelines"]  # metrics on one path: each /metrics
+    assert all(services[name]["environment"]["OTEL_METRICS_EXPORTER"] == "prometheus" for name in SERVICES)
+
+
+def dependency_cycle(services: dict) -> list[str] | None:
+    """A cycle in `depends_on` (compose refuses to start one), as the list of services around it."""
+    graph = {
+        name: list(svc.get("depends_on", {}) if isinstance(svc.get("depends_on"), dict) else svc.get("depends_on", []))
+        for name, svc in services.items()
+    }
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = "open"
+        path.append(name)
+        for dependency in graph.get(name, []):
+            if state.get(dependency) == "open":
+                return [*path[path.index(dependency) :], dependency]
+            if dependency not in state and (found := visit(dependency)):
+                return found
+        path.pop()
+        state[name] = "done"
+        return None
+
+    for name in graph:
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def test_compose_starts_in_some_order(compose):
+    assert dependency_cycle(compose["services"]) is None
+    assert all(d in compose["services"] for svc in compose["services"].values() for d in svc.get("depends_on", []))
+    # the check itself finds the cycle the file once had (knowledge -> chroma -> knowledge)
+    looped = {**compose["services"], "chroma": {**compose["services"]["chroma"], "depends_on": ["knowledge"]}}
+    assert dependency_cycle(looped) == ["knowledge", "chroma", "knowledge"]
 
 
 BLOCKED = {

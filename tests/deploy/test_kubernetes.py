@@ -3,7 +3,9 @@ schemas (offline) and checked against the code: ports, environment names, probes
 
 from __future__ import annotations
 
+import base64
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from copilot.runtime.server import LIVENESS
 
 from .conftest import DEPLOY, OUR_IMAGES
 
@@ -39,6 +43,16 @@ def by_kind(docs, kind) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def generated(docs, kind: str, name: str) -> dict:
+    """A generated ConfigMap or Secret: its name is `name-<content hash>`, so an edit rolls the pods using it."""
+    (found,) = [d for d in by_kind(docs, kind).values() if d["metadata"]["name"].rsplit("-", 1)[0] == name]
+    return found
+
+
+def copilot_config(docs) -> dict[str, str]:
+    return generated(docs, "ConfigMap", "copilot-config")["data"]
+
+
 def workloads(docs):
     return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
 
@@ -49,6 +63,10 @@ def ours(container) -> bool:
 
 def test_every_object_validates_against_the_kubernetes_schema(manifests):
     for doc in manifests:
+        if doc["apiVersion"].startswith("external-secrets.io/"):  # a CRD: no upstream schema offline
+            assert doc["kind"] == "ExternalSecret" and doc["spec"]["target"]["name"] == doc["metadata"]["name"]
+            assert {d["secretKey"] for d in doc["spec"]["data"]} >= {"jwt-secret", "database-url"}
+            continue
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # CRDs: no upstream schema offline
             assert doc["kind"] in ("ServiceMonitor", "PrometheusRule"), doc["kind"]
             if doc["kind"] == "ServiceMonitor":
@@ -109,6 +127,10 @@ def test_copilot_services_probe_grpc_health_on_the_port_the_code_listens_on(mani
         assert ports == {"grpc": grpc_port, "metrics": metrics_port}, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, (name, probe)
+        # readiness asks the server's own health ("" goes NOT_SERVING at SIGTERM); liveness asks the name that
+        # stays SERVING while the pod drains, so a slow drain is never killed as a dead process
+        assert "service" not in container["readinessProbe"]["grpc"]
+        assert container["livenessProbe"]["grpc"]["service"] == LIVENESS
         env = {e["name"]: e.get("value") for e in container["env"]}
         prefix = "ORCHESTRATOR" if name == "orchestrator" else name.upper()
         assert env[f"{prefix}_PORT"] == str(grpc_port) and env[f"{prefix}_HOST"] == "0.0.0.0"
@@ -118,7 +140,7 @@ def test_copilot_services_probe_grpc_health_on_the_port_the_code_listens_on(mani
 
 
 def test_environment_names_are_ones_the_code_reads(manifests, known_env):
-    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+    config = copilot_config(manifests)
     assert set(config) <= known_env, set(config) - known_env
     for workload in workloads(manifests):
         for c in workload["spec"]["template"]["spec"]["containers"]:
@@ -127,35 +149,51 @@ def test_environment_names_are_ones_the_code_reads(manifests, known_env):
                 assert names <= known_env, (workload["metadata"]["name"], names - known_env)
 
 
-def test_every_hop_verifies_jwts_with_the_mounted_secret(manifests, request):
-    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+def test_every_hop_verifies_jwts_and_reads_its_credentials_from_mounted_files(manifests, request):
+    """Secrets reach the code as files (COPILOT_SECRETS_DIR), never as environment variables, and no overlay ships
+    an empty Secret: dev generates one of dev-only values, prod takes it from the cluster's secret store."""
+    config = copilot_config(manifests)
     assert config["AUTH_MODE"] == "jwt"  # the dev-only token form is never on in a cluster
     secret_dir = config["AUTH_JWT_SECRET_FILE"].rsplit("/", 1)[0]
-    secret = by_kind(manifests, "Secret")["copilot-secrets"]
-    assert "jwt-secret" in secret["stringData"] and "database-url" in secret["stringData"]
+    assert config["COPILOT_SECRETS_DIR"] == secret_dir
+    if request.node.callspec.params["manifests"] == "dev":
+        secret = generated(manifests, "Secret", "copilot-secrets")
+        values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert len(values["jwt-secret"]) >= 32 and values["database-url"] == "sqlite:////data/incidents.db"
+        secret_name = secret["metadata"]["name"]
+    else:
+        assert "Secret" not in {d["kind"] for d in manifests}  # an apply never overwrites the store's values
+        external = by_kind(manifests, "ExternalSecret")["copilot-secrets"]
+        secret_name = external["spec"]["target"]["name"]
     deployments = by_kind(manifests, "Deployment")
+    own = {"orchestrator": "orchestrator_database_url", "knowledge": "knowledge_model_api_key"}
     for name in SERVICES:
         pod = deployments[name]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
+        assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in container["env"]), name
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == secret_dir)
         assert mount["readOnly"] is True
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-        assert volume["secret"]["secretName"] == "copilot-secrets", name
-        assert [i["key"] for i in volume["secret"]["items"]] == ["jwt-secret"], name
-    orchestrator = deployments["orchestrator"]["spec"]["template"]["spec"]["containers"][0]
-    database = next(e for e in orchestrator["env"] if e["name"] == "ORCHESTRATOR_DATABASE_URL")
-    if request.node.callspec.params["manifests"] == "dev":  # SQLite on the pod's own /data volume
-        assert database["value"] == "sqlite:////data/incidents.db"
-        data = next(m for m in orchestrator["volumeMounts"] if m["mountPath"] == "/data")
-        pod = deployments["orchestrator"]["spec"]["template"]["spec"]
-        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == data["name"])
-    else:
-        assert database["valueFrom"]["secretKeyRef"] == {"name": "copilot-secrets", "key": "database-url"}
+        sources = [source["secret"] for source in volume["projected"]["sources"]]
+        assert {source["name"] for source in sources} == {secret_name}, name
+        files = {item["path"]: source.get("optional", False) for source in sources for item in source["items"]}
+        assert files["jwt-secret"] is False, name
+        if name in own:
+            assert own[name] in files, name
+    # the orchestrator cannot start without its database; a hosted model's key is optional
+    orchestrator_files = {
+        item["path"]: source["secret"].get("optional", False)
+        for volume in deployments["orchestrator"]["spec"]["template"]["spec"]["volumes"]
+        if "projected" in volume
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert orchestrator_files["orchestrator_database_url"] is False
 
 
 def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifests, default_ports):
     services = by_kind(manifests, "Service")
-    config = by_kind(manifests, "ConfigMap")["copilot-config"]["data"]
+    config = copilot_config(manifests)
     for agent in AGENTS:
         assert services[agent]["spec"]["clusterIP"] == "None"
         assert config[f"{agent.upper()}_ADDR"] == f"dns:///{agent}:{default_ports[agent][0]}"
@@ -166,26 +204,47 @@ def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifes
     assert 4317 in {p["port"] for p in services[collector]["spec"]["ports"]}
 
 
-def test_autoscaling_follows_the_seed_policy_and_vision_scales_on_its_own(manifests):
+def test_autoscaling_follows_the_seed_policy_and_vision_scales_on_its_own(manifests, request):
+    """CPU at 70 % (the seed's), the HPA alone owns the replica count, never memory (it follows what a pod holds,
+    not its load); prod also scales on the calls in flight per pod."""
     hpas = by_kind(manifests, "HorizontalPodAutoscaler")
     assert set(hpas) == set(SERVICES)
+    deployments = by_kind(manifests, "Deployment")
+    prod = request.node.callspec.params["manifests"] == "prod"
     for name, hpa in hpas.items():
         spec = hpa["spec"]
         assert spec["scaleTargetRef"]["name"] == name
-        targets = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in spec["metrics"]}
-        assert targets == {"cpu": 70, "memory": MEMORY_TARGET}
+        assert "replicas" not in deployments[name]["spec"], name  # an apply would reset a scaled-out Deployment
+        resources = {m["resource"]["name"]: m["resource"]["target"] for m in spec["metrics"] if m["type"] == "Resource"}
+        assert resources == {"cpu": {"type": "Utilization", "averageUtilization": 70}}, name
+        load = [m["pods"] for m in spec["metrics"] if m["type"] == "Pods"]
+        if prod:
+            assert [p["metric"]["name"] for p in load] == ["copilot_rpc_in_flight"], name
+            assert float(load[0]["target"]["averageValue"]) > 0
+        else:
+            assert load == [], name  # needs prometheus-adapter: not assumed in dev
         up = spec["behavior"]["scaleUp"]["policies"]
         assert {"type": "Pods", "value": 4, "periodSeconds": 60} in up
         assert {"type": "Percent", "value": 100, "periodSeconds": 60} in up
         assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert hpas["vision"]["spec"]["maxReplicas"] > hpas["orchestrator"]["spec"]["maxReplicas"]
+    if prod:
+        rules = by_kind(manifests, "ConfigMap")["copilot-prometheus-adapter-rules"]["data"]["rules.yaml"]
+        assert "copilot_rpc_in_flight" in rules
 
 
-def test_every_service_keeps_a_pod_through_disruptions(manifests):
-    pdbs = by_kind(manifests, "PodDisruptionBudget")
-    for name in SERVICES:
-        assert pdbs[name]["spec"]["minAvailable"] == 1
-        assert pdbs[name]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+def test_disruptions_take_one_pod_at_a_time_and_never_block_a_drain(manifests):
+    """Every workload has a PDB of one pod at a time (a drain of a 30-pod vision fleet does not take 29), which
+    never waits on a pod that is not Ready anyway; single-replica ones (Chroma, Jaeger, dev) can be drained."""
+    pdbs = {
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: pdb
+        for pdb in by_kind(manifests, "PodDisruptionBudget").values()
+    }
+    for workload in workloads(manifests):
+        name = workload["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        spec = pdbs[name]["spec"]
+        assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec, name
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow", name
 
 
 def test_network_policies_allow_only_the_mesh_paths(manifests):
@@ -199,9 +258,9 @@ def test_network_policies_allow_only_the_mesh_paths(manifests):
     assert [peer["podSelector"]["matchLabels"] for rule in chroma_in for peer in rule["from"]] == [
         {"app.kubernetes.io/name": "knowledge"}
     ]
-    to_collector = policies["all-to-collector"]["spec"]
-    assert to_collector["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "manufacturing-copilot"}
-    # every pod of ours carries the label the collector policy selects
+    to_collector = policies["services-to-collector"]["spec"]
+    (senders,) = to_collector["podSelector"]["matchExpressions"]
+    assert senders["key"] == "app.kubernetes.io/name" and set(senders["values"]) == set(SERVICES)
     for workload in workloads(manifests):
         assert (
             workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "manufacturing-copilot"
@@ -225,11 +284,16 @@ def test_ingress_reaches_the_orchestrator_over_grpc(manifests, default_ports):
 def test_overlays_differ_where_they_should():
     dev, prod = render("dev"), render("prod")
     assert {d["metadata"].get("namespace") for d in dev if d["kind"] != "Namespace"} == {"copilot-dev"}
-    assert by_kind(dev, "Deployment")["vision"]["spec"]["replicas"] == 1
+    assert by_kind(dev, "HorizontalPodAutoscaler")["vision"]["spec"]["minReplicas"] == 1
     assert by_kind(prod, "HorizontalPodAutoscaler")["vision"]["spec"]["maxReplicas"] == 30
     assert "ServiceMonitor" in {d["kind"] for d in prod} and "ServiceMonitor" not in {d["kind"] for d in dev}
-    tags = {c["image"] for d in workloads(prod) for c in d["spec"]["template"]["spec"]["containers"] if ours(c)}
-    assert tags == {f"{image}:0.1.0" for image in OUR_IMAGES}
+    images = {c["image"] for d in workloads(prod) for c in d["spec"]["template"]["spec"]["containers"]}
+    # prod pulls everything from the team's registry by digest (scripts/release-images.sh writes them)
+    assert all(re.fullmatch(r"registry\.copilot\.internal/[\w./-]+@sha256:[0-9a-f]{64}", i) for i in images), images
+    assert {i.split("@")[0].rsplit("/", 1)[1] for i in images} >= {i.split("/")[1] for i in OUR_IMAGES}
+    assert all(
+        c["imagePullPolicy"] == "Always" for d in workloads(prod) for c in d["spec"]["template"]["spec"]["containers"]
+    )
 
 
 def test_prod_vision_pods_share_one_reference_store():
@@ -249,7 +313,6 @@ def test_prod_vision_pods_share_one_reference_store():
 
 
 RECORDED = DEPLOY.parent / "benchmarks" / "recorded" / "containers-2core.json"
-MEMORY_TARGET = 90  # % of the request: above a pod's measured peak under load (1 / 1.25 = 80 %)
 
 
 def mebibytes(quantity: str) -> float:
@@ -260,9 +323,9 @@ def mebibytes(quantity: str) -> float:
     return float(quantity) / 2**20
 
 
-def test_memory_requests_limits_and_hpa_targets_follow_the_measured_figures(manifests, request):
+def test_memory_requests_and_limits_follow_the_measured_figures(manifests, request):
     """Requests 1.25-1.6 x the peak the container test measured under mixed load (the largest over the recorded
-    runs and replicas), limits at least 2 x it, and an HPA memory target a pod at that peak stays under."""
+    runs and replicas), limits at least 2 x it."""
     import json
 
     runs = json.loads(RECORDED.read_text())["runs"]
@@ -272,7 +335,6 @@ def test_memory_requests_limits_and_hpa_targets_follow_the_measured_figures(mani
 
     peaks = {name: largest("memory_load_mib", name) for name in SERVICES}
     deployments = by_kind(manifests, "Deployment")
-    hpas = by_kind(manifests, "HorizontalPodAutoscaler")
     for name, peak in peaks.items():
         resources = deployments[name]["spec"]["template"]["spec"]["containers"][0]["resources"]
         asked, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
@@ -281,12 +343,6 @@ def test_memory_requests_limits_and_hpa_targets_follow_the_measured_figures(mani
         else:
             assert 1.25 * peak <= asked <= 1.6 * peak, (name, peak, asked)
         assert limit >= 2 * peak, (name, peak, limit)
-        target = next(
-            m["resource"]["target"]["averageUtilization"]
-            for m in hpas[name]["spec"]["metrics"]
-            if m["resource"]["name"] == "memory"
-        )
-        assert 100 * peak / asked < target, (name, peak, asked, target)
         assert largest("memory_idle_mib", name) <= peak, name
 
 

@@ -330,3 +330,27 @@ def _head_revision() -> str:
     from services.orchestrator.history import MIGRATIONS
 
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+def test_the_cluster_form_of_the_database_setting_reaches_postgres(postgres_url, tmp_path, monkeypatch):
+    """As the prod overlay configures it: the server's location in libpq's PGHOST / PGPORT (a ConfigMap, where the
+    NetworkPolicy test reads it), the URL with the credentials and no host in a mounted Secret file
+    (COPILOT_SECRETS_DIR/orchestrator_database_url), never in an environment variable."""
+    from urllib.parse import urlsplit
+
+    from services.orchestrator.server import OrchestratorSettings
+
+    location = urlsplit(postgres_url)
+    monkeypatch.setenv("PGHOST", location.hostname)
+    monkeypatch.setenv("PGPORT", str(location.port))
+    monkeypatch.delenv("ORCHESTRATOR_DATABASE_URL", raising=False)
+    (tmp_path / "orchestrator_database_url").write_text(f"postgresql+psycopg://{location.username}@{location.path}\n")
+    monkeypatch.setenv("COPILOT_SECRETS_DIR", str(tmp_path))
+    url = OrchestratorSettings().database_url
+    assert url == f"postgresql+psycopg://{location.username}@/postgres"
+    store = IncidentStore(url)
+    try:
+        store.save(*incident("pg-hostless", equipment="PGHOST-1"))
+        assert store.get("pg-hostless").equipment_id == "PGHOST-1"
+    finally:
+        store.close()

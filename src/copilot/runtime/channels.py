@@ -15,9 +15,13 @@ from copilot.runtime.tls import channel_credentials, channel_options
 
 
 def service_config(service_names: list[str], *, max_attempts: int = 3) -> str:
+    """round_robin over the addresses that are SERVING: client-side health checking watches grpc.health.v1 on
+    every connection, so a replica still warming up (listening, NOT_SERVING) or draining after SIGTERM gets no new
+    call, whatever DNS still lists (a Podman or compose alias lists a container as soon as it starts)."""
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [
                 {
                     "name": [{"service": name} for name in service_names],

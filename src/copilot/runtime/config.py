@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
 
 from copilot.images import ImageLimits
 
@@ -45,14 +45,42 @@ class TlsSettings(BaseSettings):
         return self.ca_file is not None
 
 
+def secrets_dir() -> Path | None:
+    """COPILOT_SECRETS_DIR: a folder of files, each named after the variable it sets (lower-case, e.g.
+    `orchestrator_database_url`): how a mounted Kubernetes Secret reaches the settings without putting a credential
+    in an environment variable (where /proc/<pid>/environ, crash dumps and `kubectl describe` show it)."""
+    folder = os.environ.get("COPILOT_SECRETS_DIR")
+    return Path(folder) if folder else None
+
+
 class ServerSettings(BaseSettings):
-    """What every gRPC server process reads. Subclasses set `env_prefix` (e.g. VISION_)."""
+    """What every gRPC server process reads. Subclasses set `env_prefix` (e.g. VISION_). A variable set in the
+    environment wins over the same name's file in COPILOT_SECRETS_DIR."""
 
     model_config = SettingsConfigDict(extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        folder = secrets_dir()
+        mounted = (SecretsSettingsSource(settings_cls, secrets_dir=folder),) if folder and folder.is_dir() else ()
+        return (init_settings, env_settings, dotenv_settings, *mounted, file_secret_settings)
 
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in containers")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     grace_seconds: float = Field(10.0, gt=0, description="drain time after SIGTERM")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM, NOT_SERVING at once but calls still taken this long before the drain, so "
+        "balancers watching health move away first (Kubernetes: the preStop sleep does this instead)",
+    )
     # A client resolves `dns:///service` when it connects and again only when a connection ends: without an age
     # limit a replica added under load (an HPA scale-up) got none of the calls of the clients already connected
     # (0 of 1,238 in its first minute). Each connection is closed after this age (GOAWAY, +-10 % jitter), calls on

@@ -27,6 +27,10 @@ from copilot.runtime.tls import server_credentials
 
 log = logging.getLogger("copilot.server")
 
+#: The health name a liveness probe asks for: SERVING from the moment the server listens until the process ends,
+#: through warm-up and drain, unlike "" and the service names (readiness: SERVING only while calls are taken).
+LIVENESS = "liveness"
+
 
 @dataclass
 class ServiceSpec:
@@ -107,6 +111,7 @@ class AgentServer:
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings.tls)
         self.port = (
@@ -154,8 +159,12 @@ class AgentServer:
             raise RuntimeError(f"{self.spec.name} warm-up failed") from self.failed
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking calls (health says NOT_SERVING at once), let in-flight calls finish within grace."""
-        await self.health.enter_graceful_shutdown()
+        """Stop taking calls (health says NOT_SERVING at once), let in-flight calls finish within grace. The
+        LIVENESS name stays SERVING: a draining process is alive, and a liveness probe must not kill it. With
+        `shutdown_delay_s` new calls are still taken that long first, while clients that watch health move away."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.settings.shutdown_delay_s > 0:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)

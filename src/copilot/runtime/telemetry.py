@@ -30,6 +30,12 @@ _meter_provider: MeterProvider | None = None
 
 
 def _otlp_enabled(signal: str) -> bool:
+    """OTLP export of one signal: an endpoint is configured and OTEL_<SIGNAL>_EXPORTER (the SDK's standard
+    variable, e.g. OTEL_METRICS_EXPORTER=prometheus in a cluster that scrapes) does not leave OTLP out; metrics
+    sent both ways would be counted twice."""
+    exporters = os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp")
+    if "otlp" not in {name.strip() for name in exporters.lower().split(",")}:
+        return False
     return bool(
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
     )
