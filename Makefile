@@ -19,7 +19,7 @@ PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # (which keys the wheel by version, not by these flags).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install servers protos run up test check lint breaking bench images pods pods-down clean monitoring prometheus
+.PHONY: install servers protos run up test check lint breaking bench images release pods pods-down clean monitoring prometheus
 
 install: $(STAMP) $(GENERATED) $(INTEROP) $(POLICY) servers
 
@@ -92,9 +92,15 @@ monitoring: install
 prometheus: install
 	$(BIN)/copilot monitoring prometheus
 
-# The four service images with Podman (base from debootstrap where nothing can be pulled; see README).
+# The four service images and redis with Podman (base from debootstrap where nothing can be pulled; see README).
 images:
 	scripts/images.sh
+
+# Push those images to REGISTRY (and mirror the collector and Jaeger) and pin the prod overlay on the pushed
+# digests: `make release REGISTRY=registry.copilot.internal`, then review and commit deploy/k8s/overlays/prod.
+release:
+	@test -n "$(REGISTRY)" || { echo "usage: make release REGISTRY=<registry host[:port]>"; exit 2; }
+	scripts/release-images.sh $(REGISTRY)
 
 # The dev overlay as Podman pods from those images, left running (orchestrator on 127.0.0.1:50051).
 pods: install images

@@ -3,7 +3,8 @@
 # pulled, the base is made from Debian's packages with debootstrap (python3 3.11 + venv). torch's CPU wheel
 # comes from /opt/wheels when the machine has it, else from torch's CPU index.
 #
-#   scripts/images.sh [SERVICE...]        default: all four; tags manufacturing-copilot/<service>:$TAG (dev)
+#   scripts/images.sh [SERVICE...]        default: the four services and redis; tags
+#                                         manufacturing-copilot/<name>:$TAG (dev)
 #   BASE=python:3.11-slim-bookworm scripts/images.sh     use a pullable base instead of debootstrap
 #
 # Writes build times and image sizes to $IMAGES_REPORT (default .copilot-data/images.json).
@@ -15,7 +16,7 @@ DEBIAN_BASE=localhost/copilot-python:bookworm
 BASE=${BASE:-$DEBIAN_BASE}
 REPORT=${IMAGES_REPORT:-.copilot-data/images.json}
 services=("$@")
-[ ${#services[@]} -gt 0 ] || services=(report orchestrator vision knowledge)
+[ ${#services[@]} -gt 0 ] || services=(report orchestrator vision knowledge redis)
 
 command -v podman >/dev/null || { echo "podman is not installed: scripts/install-podman.sh (root) installs it" >&2; exit 2; }
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The real servers the tests run (never fakes of them), from Debian packages where apt is there and we are root:
-# redis-server (the shared rate limit), prometheus + promtool and prometheus-alertmanager (the SRE signals). Where
-# they cannot be installed the tests that need them skip and say why. Idempotent.
+# redis-server (the shared rate limit), prometheus + promtool and prometheus-alertmanager (the SRE signals),
+# docker-registry (the image release test). Where they cannot be installed the tests that need them skip and say
+# why. Idempotent.
 set -euo pipefail
 PACKAGES=()
 command -v redis-server >/dev/null || PACKAGES+=(redis-server)
 command -v promtool >/dev/null && command -v prometheus >/dev/null || PACKAGES+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || PACKAGES+=(prometheus-alertmanager)
+# an OCI registry (CNCF distribution) for the release test: images pushed, pinned by digest, pulled back
+command -v docker-registry >/dev/null || PACKAGES+=(docker-registry)
 if [ ${#PACKAGES[@]} -eq 0 ]; then
     exit 0
 fi

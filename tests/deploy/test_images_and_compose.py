@@ -73,7 +73,7 @@ def test_one_target_per_service_with_its_ports_entrypoint_and_extra(default_port
 
 def test_the_base_image_is_a_build_argument():
     text = DOCKERFILE.read_text()
-    assert "ARG BASE=python:3.11-slim-bookworm" in text
+    assert re.search(r"^ARG BASE=python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M)  # pinned by digest
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert {f for f in froms if not f.startswith(("venv-", "runtime"))} == {"${BASE}"}
 
