@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import grpc
 from google.rpc import code_pb2
@@ -17,7 +18,7 @@ from opentelemetry import trace
 from copilot.domain import FieldViolation, as_utc, utc_now
 from copilot.images import ImageLimits
 from copilot.runtime import convert
-from copilot.runtime.errors import abort_invalid
+from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context, current_principal
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
@@ -87,6 +88,34 @@ def _refusal_code(refused: RequestIdReused | IncidentNotStored) -> grpc.StatusCo
     return grpc.StatusCode.ALREADY_EXISTS if isinstance(refused, RequestIdReused) else grpc.StatusCode.UNAVAILABLE
 
 
+async def _refuse(context: Context, refused: RequestIdReused | IncidentNotStored, request_id: str) -> NoReturn:
+    if isinstance(refused, RequestIdReused):
+        await abort_with(
+            context,
+            grpc.StatusCode.ALREADY_EXISTS,
+            Reason.REQUEST_ID_REUSED,
+            str(refused),
+            metadata={"request_id": request_id},
+        )
+    await abort_with(
+        context,
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.INCIDENT_NOT_STORED,
+        str(refused),
+        metadata={"request_id": request_id},
+    )
+
+
+async def _no_incident(context: Context, request_id: str) -> NoReturn:
+    await abort_with(
+        context,
+        grpc.StatusCode.NOT_FOUND,
+        Reason.INCIDENT_NOT_FOUND,
+        f"no incident {request_id}",
+        metadata={"request_id": request_id},
+    )
+
+
 class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
     def __init__(
         self,
@@ -121,8 +150,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         try:
             return await self.recorder.diagnose(request, self._deadline(context), _principal())
         except (RequestIdReused, IncidentNotStored) as refused:
-            await context.abort(_refusal_code(refused), str(refused))
-            raise
+            await _refuse(context, refused, request.request_id)
 
     async def StreamDiagnose(
         self, request: copilot_pb2.StreamDiagnoseRequest, context: Context
@@ -131,7 +159,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             async for event in self.recorder.events(request.diagnosis, self._deadline(context), _principal()):
                 yield event
         except (RequestIdReused, IncidentNotStored) as refused:
-            await context.abort(_refusal_code(refused), str(refused))
+            await _refuse(context, refused, request.diagnosis.request_id)
 
     async def DiagnoseBatch(self, request: copilot_pb2.DiagnoseBatchRequest, context: Context):
         if len(request.requests) > self.batch_max_items:
@@ -180,7 +208,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
     async def GetIncident(self, request: copilot_pb2.GetIncidentRequest, context: Context):
         stored = await asyncio.to_thread(self.history.get, request.request_id)
         if stored is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
+            await _no_incident(context, request.request_id)
         return copilot_pb2.GetIncidentResponse(incident=incident_to_pb(stored))
 
     async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context: Context):
@@ -227,12 +255,15 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             self.history.add_feedback, request.request_id, feedback, self.feedback_max_per_incident
         )
         if outcome == "missing":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no incident {request.request_id}")
+            await _no_incident(context, request.request_id)
         if outcome == "full":
-            await context.abort(
+            await abort_with(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.FEEDBACK_LIMIT_REACHED,
                 f"incident {request.request_id} has {self.feedback_max_per_incident} feedback entries, the limit "
                 "per incident; nothing was added",
+                metadata={"request_id": request.request_id, "limit": self.feedback_max_per_incident},
             )
         return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(feedback))
 

@@ -9,7 +9,7 @@ from opentelemetry import trace
 
 from copilot.domain import FieldViolation
 from copilot.runtime import convert
-from copilot.runtime.errors import abort_invalid
+from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
@@ -68,7 +68,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
 
     async def _ready(self, context: Context) -> KnowledgeBase:
         if self.knowledge is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "knowledge base is still loading")
+            await abort_with(context, grpc.StatusCode.UNAVAILABLE, Reason.WARMING_UP, "knowledge base is still loading")
         return self.knowledge
 
     async def Retrieve(
@@ -211,7 +211,13 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
         if doc is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
+            await abort_with(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                Reason.DOCUMENT_NOT_FOUND,
+                f"document {request.document_id} is not loaded",
+                metadata={"document_id": request.document_id},
+            )
         chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id, doc.version)
         return knowledge_pb2.GetDocumentResponse(
             document=document_to_pb(doc), chunks=[convert.chunk_to_pb(c) for c in chunks]
@@ -221,5 +227,11 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         removed = await asyncio.to_thread(knowledge.delete_document, request.document_id)
         if removed is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.document_id} is not loaded")
+            await abort_with(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                Reason.DOCUMENT_NOT_FOUND,
+                f"document {request.document_id} is not loaded",
+                metadata={"document_id": request.document_id},
+            )
         return knowledge_pb2.DeleteDocumentResponse(chunks_removed=removed)

@@ -11,7 +11,7 @@ import grpc
 from opentelemetry import trace
 
 from copilot.runtime import convert
-from copilot.runtime.errors import abort_invalid
+from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
@@ -44,15 +44,18 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def _provider(self, context: Context) -> VisionProvider:
         if self.provider is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "vision model is still loading")
+            await abort_with(context, grpc.StatusCode.UNAVAILABLE, Reason.WARMING_UP, "vision model is still loading")
         return self.provider
 
     async def _engine(self, context: Context) -> VisionEngine:
         provider = await self._provider(context)
         if self.engine is None:
-            await context.abort(
+            await abort_with(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.REFERENCES_NOT_SUPPORTED,
                 f"reference images are used by the patchcore provider, not {provider.name}",
+                metadata={"provider": provider.name},
             )
         return self.engine
 
@@ -78,11 +81,21 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 span.set_attribute("app.rejected", exc.violation.description)
                 await abort_invalid(context, [exc.violation])
             except NoReferenceImages as exc:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                await abort_with(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.NO_REFERENCE_IMAGES,
+                    str(exc),
+                    metadata={"equipment_type": request.equipment_type},
+                )
             except Exception as exc:
                 span.record_exception(exc)
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"{provider.name} provider failed: {type(exc).__name__}"
+                await abort_with(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    Reason.MODEL_FAILED,
+                    f"{provider.name} provider failed: {type(exc).__name__}",
+                    metadata={"provider": provider.name},
                 )
             meters = copilot_metrics()
             meters.inference_duration.record(time.perf_counter() - started, {"model": findings.model})
@@ -133,5 +146,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         engine = await self._engine(context)
         ref = await asyncio.to_thread(engine.delete, request.reference_id)
         if ref is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reference {request.reference_id!r}")
+            await abort_with(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                Reason.REFERENCE_NOT_FOUND,
+                f"no reference {request.reference_id!r}",
+                metadata={"reference_id": request.reference_id},
+            )
         return vision_pb2.DeleteReferenceResponse()

@@ -107,6 +107,19 @@ def analyzed(mesh: PodmanMesh, pod: str) -> int:
     return int(total)
 
 
+def diagnosed(mesh: PodmanMesh, pod: str) -> int:
+    """Diagnose calls answered OK by one orchestrator pod since its (re)start, from its own metrics."""
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in mesh.metrics(pod).splitlines()
+            if line.startswith("copilot_rpc_requests_total{")
+            and 'CopilotService/Diagnose"' in line
+            and 'rpc_grpc_status_code="OK"' in line
+        )
+    )
+
+
 def test_images_run_as_uid_10001_on_a_read_only_root_and_only_vision_and_knowledge_carry_torch(mesh, images):
     for pod in ("orchestrator", "vision", "knowledge", "report"):
         info = mesh.inspect(pod)
@@ -392,7 +405,13 @@ def test_a_rolling_restart_of_the_orchestrator_under_load_fails_no_call(mesh):
     mesh.add_replica("orchestrator", "orchestrator-2", host_port=port)
     mesh.wait_ready(["orchestrator-2"], timeout=300)
     target = f"ipv4:127.0.0.1:{mesh.orchestrator_port},127.0.0.1:{port}"
-    options = [("grpc.service_config", service_config(["copilot.v1.CopilotService"])), ("grpc.enable_retries", 1)]
+    options = [
+        ("grpc.service_config", service_config(["copilot.v1.CopilotService"])),
+        ("grpc.enable_retries", 1),
+        # a restarted pod is reconnected within a second, not after gRPC's default back-off (up to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+    ]
     text = diagnose_request("PUNE-IN", "CNC-A-102", "Machine overheating during operation, coolant low")
     stop, failures, answered = threading.Event(), [], [0]
     restarted = {}
@@ -423,6 +442,12 @@ def test_a_rolling_restart_of_the_orchestrator_under_load_fails_no_call(mesh):
                 ):
                     time.sleep(0.5)
                 assert mesh.health(pod), mesh.logs(pod)
+                # the rollout's gate before the next pod: this one answers the balancer's calls again (a cluster
+                # waits for readiness and the endpoint's propagation the same way)
+                serving_again = time.monotonic() + 120
+                while diagnosed(mesh, pod) == 0 and time.monotonic() < serving_again:
+                    time.sleep(0.5)
+                assert diagnosed(mesh, pod) > 0, f"{pod} answered nothing after its restart"
                 restarted[pod] = {
                     "back_serving_s": round(time.monotonic() - began, 1),
                     "answered_meanwhile": answered[0] - answered_before,
@@ -590,7 +615,7 @@ def test_sigterm_during_a_diagnosis_lets_it_complete(mesh, stub, crack_photo):
 def test_every_container_stops_cleanly_on_sigterm_within_its_grace_period(mesh):
     """Each pod stops on SIGTERM with exit 0 inside its own terminationGracePeriodSeconds (the manifest's)."""
     grace = {
-        d["metadata"]["name"]: d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        d["metadata"]["name"]: d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         for d in render("dev")
         if d["kind"] in ("Deployment", "StatefulSet")
     }

@@ -114,7 +114,7 @@ INTEROP = Path(__file__).resolve().parents[1] / "interop"
 
 def test_a_nodejs_client_diagnoses_through_the_published_protos(mesh):
     """Another language's client: Node.js with @grpc/grpc-js, loading protos/ at run time, a JWT in the
-    authorization header, the field violations decoded from grpc-status-details-bin as google.rpc.BadRequest."""
+    authorization header, the field violations and the ErrorInfo reason decoded from grpc-status-details-bin."""
     node = shutil.which("node")
     if node is None or not (INTEROP / "node_modules" / "@grpc" / "grpc-js").is_dir():
         pytest.skip("Node.js or the interop client's packages are not installed (`make install` runs npm ci)")
@@ -142,7 +142,15 @@ def test_a_nodejs_client_diagnoses_through_the_published_protos(mesh):
     assert re.fullmatch(r"[0-9a-f]{32}", diagnosis["trace_id"])
     assert seen["invalid"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert set(seen["invalid"]["fields"]) == {"plant_id", "equipment_id", "problem_description"}
+    info = seen["invalid"]["error_info"]  # the reason a client branches on, decoded from the trailer
+    assert (info["reason"], info["domain"]) == ("INVALID_FIELDS", "orchestrator.copilot")
+    assert set(info["metadata"]["fields"].split(",")) == {"plant_id", "equipment_id", "problem_description"}
     assert seen["unauthenticated_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert seen["unauthenticated_error_info"] == {
+        "reason": "TOKEN_MISSING",
+        "domain": "orchestrator.copilot",
+        "metadata": {},
+    }
 
 
 @pytest.mark.parametrize("agent", ["vision", "knowledge", "report"])

@@ -31,6 +31,7 @@ message Any { string type_url = 1; bytes value = 2; }
 message Status { int32 code = 1; string message = 2; repeated Any details = 3; }
 message FieldViolation { string field = 1; string description = 2; string reason = 3; }
 message BadRequest { repeated FieldViolation field_violations = 1; }
+message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
 `, { keepCase: true }).root;
 
 function call(request) {
@@ -47,6 +48,17 @@ function violations(error) {
     .filter((d) => d.type_url.endsWith("google.rpc.BadRequest"))
     .flatMap((d) => rpc.lookupType("google.rpc.BadRequest").decode(d.value).field_violations)
     .map((v) => v.field);
+}
+
+// google.rpc.ErrorInfo: the machine-readable reason a client branches on (never the message text)
+function errorInfo(error) {
+  const [raw] = error.metadata.get("grpc-status-details-bin");
+  if (!raw) return null;
+  const status = rpc.lookupType("google.rpc.Status").decode(raw);
+  const info = status.details.find((d) => d.type_url.endsWith("google.rpc.ErrorInfo"));
+  if (!info) return null;
+  const decoded = rpc.lookupType("google.rpc.ErrorInfo").decode(info.value);
+  return { reason: decoded.reason, domain: decoded.domain, metadata: decoded.metadata };
 }
 
 const out = {};
@@ -74,16 +86,19 @@ if (good.error) {
   };
 }
 const bad = await call({ plant_id: "pune", equipment_id: "X", problem_description: "short <" });
-out.invalid = bad.error ? { code: bad.error.code, fields: violations(bad.error) } : { answered: true };
+out.invalid = bad.error
+  ? { code: bad.error.code, fields: violations(bad.error), error_info: errorInfo(bad.error) }
+  : { answered: true };
 
 const anonymous = await new Promise((resolve) => {
   client.Diagnose(
     { plant_id: "PUNE-IN", equipment_id: "PUMP-A-7", problem_description: "Pump overheating during operation" },
     new grpc.Metadata(),
     { deadline: deadline() },
-    (error) => resolve(error ? error.code : 0),
+    (error) => resolve(error ? { code: error.code, error_info: errorInfo(error) } : { code: 0 }),
   );
 });
-out.unauthenticated_code = anonymous;
+out.unauthenticated_code = anonymous.code;
+out.unauthenticated_error_info = anonymous.error_info;
 client.close();
 console.log(JSON.stringify(out));

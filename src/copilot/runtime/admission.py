@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from copilot.runtime.errors import resource_exhausted_status
+from copilot.runtime.errors import ADMISSION_REASONS, resource_exhausted_status
 from copilot.runtime.interceptors import HEALTH, Context, Continuation, Handler, caller_key, wrap_handler
 from copilot.runtime.metrics import copilot_metrics
 
@@ -182,7 +182,7 @@ async def refuse(context: Context, reason: str, message: str, retry_after_s: flo
     """RESOURCE_EXHAUSTED with RetryInfo, counted by reason and logged."""
     copilot_metrics().admission_rejected.add(1, {"reason": reason})
     log.warning("refused: %s", message, extra={"reason": reason})
-    status = resource_exhausted_status(message, retry_after_s)
+    status = resource_exhausted_status(message, retry_after_s, ADMISSION_REASONS[reason])
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

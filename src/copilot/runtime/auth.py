@@ -82,10 +82,13 @@ class Principal:
 
 
 class AuthError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A refused call: its code, the ErrorInfo reason name (copilot.runtime.errors.Reason) and the message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or ("TOKEN_INVALID" if code is grpc.StatusCode.UNAUTHENTICATED else "ROLE_NOT_ALLOWED")
 
 
 class AuthSettings(BaseSettings):
@@ -152,7 +155,9 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'"
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing bearer token: send 'authorization: Bearer <token>'",
+                "TOKEN_MISSING",
             )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -198,7 +203,7 @@ class Authenticator:
                 options={"require": ["sub", "exp", "role"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token has expired") from None
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "token has expired", "TOKEN_EXPIRED") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {as_data(str(exc), 200)}") from None
         if float(claims["exp"]) - time.time() > self.settings.max_token_lifetime_s + self.settings.leeway_s:

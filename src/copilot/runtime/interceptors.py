@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from copilot.domain import FieldViolation
 from copilot.runtime.auth import END_USER_HEADER, SUBJECT, AccessPolicy, Authenticator, AuthError, Principal
+from copilot.runtime.errors import Reason, abort_invalid, abort_with, set_call_error_domain
 from copilot.runtime.metrics import copilot_metrics
 
 log = logging.getLogger("copilot.rpc")
@@ -207,9 +208,35 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
             )
             if code is grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AbortError):
                 # shield the caller from the stack trace: replace the error by a clean status
-                await context.abort(code, f"internal error; trace id {_trace_id()}")
+                trace_id = _trace_id()
+                await abort_with(
+                    context,
+                    code,
+                    Reason.INTERNAL,
+                    f"internal error; trace id {trace_id}",
+                    metadata={"trace_id": trace_id},
+                )
 
         return wrap_handler(handler, before=before, after=after)
+
+
+class ErrorDomainInterceptor(grpc.aio.ServerInterceptor):
+    """First in the chain: this call's errors name this service in ErrorInfo.domain."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+
+        async def before(_request: Any, _context: Context) -> None:
+            set_call_error_domain(self.service)
+
+        return wrap_handler(handler, before=before)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -260,7 +287,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     failure.message,
                     extra={"rpc.method": method, "principal": principal.subject if principal else None},
                 )
-                await context.abort(failure.code, failure.message)
+                await abort_with(context, failure.code, Reason(failure.reason), failure.message)
             # Each RPC runs in its own task, so these stay this call's; they are not reset, so that the access
             # log written by RpcObservabilityInterceptor after the call still names the principal.
             current_principal.set(principal)
@@ -303,7 +330,6 @@ class ValidationInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        from copilot.runtime.errors import abort_invalid
         from copilot.runtime.validation import rule_violations
 
         handler = await continuation(handler_call_details)

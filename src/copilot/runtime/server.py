@@ -19,7 +19,13 @@ from copilot.domain import FieldViolation
 from copilot.runtime.admission import FairShareInterceptor, HealthWatchLimiter
 from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
-from copilot.runtime.interceptors import AuthInterceptor, RpcObservabilityInterceptor, ValidationInterceptor
+from copilot.runtime.errors import set_error_domain
+from copilot.runtime.interceptors import (
+    AuthInterceptor,
+    ErrorDomainInterceptor,
+    RpcObservabilityInterceptor,
+    ValidationInterceptor,
+)
 from copilot.runtime.logging import configure_logging
 from copilot.runtime.memory import return_freed_memory
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
@@ -57,6 +63,7 @@ class AgentServer:
     def __init__(self, spec: ServiceSpec, settings: ServerSettings, authenticator: Authenticator | None = None) -> None:
         self.spec = spec
         self.settings = settings
+        set_error_domain(spec.name)  # every error's ErrorInfo.domain: "<service>.copilot"
         self.health = health_aio.HealthServicer()
         self.authenticator = authenticator or Authenticator()
         # an agent's work methods wait for a fair share after they are known to be valid
@@ -75,6 +82,7 @@ class AgentServer:
         )
         self.server = grpc.aio.server(
             interceptors=[
+                ErrorDomainInterceptor(spec.name),
                 *server_interceptors(),
                 RpcObservabilityInterceptor(),
                 self.health_watches,
