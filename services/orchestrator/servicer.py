@@ -20,7 +20,7 @@ from copilot.images import ImageLimits
 from copilot.runtime import convert
 from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context, current_principal
-from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from services.orchestrator.clients import AgentCatalog
 from services.orchestrator.history import (
@@ -38,9 +38,25 @@ tracer = trace.get_tracer(__name__)
 DEFAULT_PAGE_SIZE = 20
 
 
-def _incident_cursor(token: str) -> tuple[datetime, str] | None:
+MAX_PAGE_SIZE = 100
+
+
+def _incident_filters(request: copilot_pb2.ListIncidentsRequest) -> dict[str, str]:
+    """What a ListIncidents page token is bound to: the same filters or INVALID_ARGUMENT (AIP-158)."""
+    return {
+        "plant_id": request.plant_id,
+        "equipment_id": request.equipment_id,
+        # raw seconds.nanos: a timestamp out of range is refused later, with its field, not here
+        "start_time": f"{request.start_time.seconds}.{request.start_time.nanos}"
+        if request.HasField("start_time")
+        else "",
+        "end_time": f"{request.end_time.seconds}.{request.end_time.nanos}" if request.HasField("end_time") else "",
+    }
+
+
+def _incident_cursor(token: str, filters: dict[str, str]) -> tuple[datetime, str] | None:
     """(created_at, request_id) after which a ListIncidents page continues."""
-    position = decode_page_token(token, "ListIncidents", 2)
+    position = decode_page_token(token, "ListIncidents", 2, filters=filters)
     if position is None:
         return None
     try:
@@ -214,7 +230,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
     async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context: Context):
         after = None
         if request.page_token:
-            after = _incident_cursor(request.page_token)
+            after = _incident_cursor(request.page_token, _incident_filters(request))
             if after is None:
                 await abort_invalid(context, [invalid_page_token("ListIncidents")])
         bounds, violations = {}, []
@@ -233,12 +249,14 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
             equipment_id=request.equipment_id,
             start=start,
             end=end,
-            limit=request.page_size or DEFAULT_PAGE_SIZE,
+            limit=page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
             after=after,
         )
         return copilot_pb2.ListIncidentsResponse(
             incidents=[incident_to_pb(i, full=False) for i in page],
-            next_page_token=encode_page_token("ListIncidents", as_utc(following[0]).isoformat(), following[1])
+            next_page_token=encode_page_token(
+                "ListIncidents", as_utc(following[0]).isoformat(), following[1], filters=_incident_filters(request)
+            )
             if following
             else "",
         )

@@ -12,7 +12,7 @@ from copilot.runtime import convert
 from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
-from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
 from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected
@@ -20,6 +20,7 @@ from services.rag.store import StoredDocument
 
 tracer = trace.get_tracer(__name__)
 
+MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50  # page_size limits, query lengths and id formats are protovalidate rules in knowledge.proto
 
 _FORMATS = {
@@ -191,20 +192,21 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
 
     async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest, context: Context):
         after = ""
+        filters = {"equipment_type": request.equipment_type, "plant_id": request.plant_id}
         if request.page_token:
-            position = decode_page_token(request.page_token, "ListDocuments", 1)
+            position = decode_page_token(request.page_token, "ListDocuments", 1, filters=filters)
             if position is None or not isinstance(position[0], str):
                 await abort_invalid(context, [invalid_page_token("ListDocuments")])
             after = position[0]
         knowledge = await self._ready(context)
         documents = await asyncio.to_thread(knowledge.list_documents, request.equipment_type, request.plant_id)
         remaining = [d for d in documents if d.document_id > after] if after else documents
-        page = remaining[: request.page_size or DEFAULT_PAGE_SIZE]
+        page = remaining[: page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)]
         more = len(remaining) > len(page)
         return knowledge_pb2.ListDocumentsResponse(
             documents=[document_to_pb(d) for d in page],
             total_size=len(documents),
-            next_page_token=encode_page_token("ListDocuments", page[-1].document_id) if more else "",
+            next_page_token=encode_page_token("ListDocuments", page[-1].document_id, filters=filters) if more else "",
         )
 
     async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest, context: Context):

@@ -14,7 +14,7 @@ from copilot.runtime import convert
 from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
-from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token
+from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from copilot.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
@@ -22,6 +22,7 @@ from services.vision.references import Reference
 
 tracer = trace.get_tracer(__name__)
 DEFAULT_PAGE = 50
+MAX_PAGE = 500
 
 
 def _reference_pb(ref: Reference) -> vision_pb2.ReferenceImage:
@@ -128,8 +129,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def ListReferences(self, request, context: Context) -> vision_pb2.ListReferencesResponse:
         engine = await self._engine(context)
         after = ""
+        filters = {"equipment_type": request.equipment_type}
         if request.page_token:
-            position = decode_page_token(request.page_token, "ListReferences", 1)
+            position = decode_page_token(request.page_token, "ListReferences", 1, filters=filters)
             if position is None or not isinstance(position[0], str):
                 await abort_invalid(context, [invalid_page_token("ListReferences")])
             after = position[0]
@@ -138,8 +140,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             key=lambda r: r.reference_id,
         )
         remaining = [r for r in refs if r.reference_id > after]
-        page = remaining[: request.page_size or DEFAULT_PAGE]
-        token = encode_page_token("ListReferences", page[-1].reference_id) if len(remaining) > len(page) else ""
+        page = remaining[: page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)]
+        more = len(remaining) > len(page)
+        token = encode_page_token("ListReferences", page[-1].reference_id, filters=filters) if more else ""
         return vision_pb2.ListReferencesResponse(references=[_reference_pb(r) for r in page], next_page_token=token)
 
     async def DeleteReference(self, request, context: Context) -> vision_pb2.DeleteReferenceResponse:

@@ -322,20 +322,63 @@ async def test_look_alike_equipment_ids_are_refused_with_the_field(tmp_path, equ
 
 
 async def test_a_crafted_page_token_is_invalid_not_internal(tmp_path):
+    """Even a token sealed with the server's own key (as this in-process test can make one) holding an extreme
+    position is INVALID_ARGUMENT or a page, never INTERNAL."""
     from copilot.runtime.pagination import encode_page_token
+    from services.orchestrator.servicer import _incident_filters
 
+    filters = _incident_filters(copilot_pb2.ListIncidentsRequest())
     async with edge(tmp_path) as (server, _):
         channel, copilot = stub(server)
         async with channel:
             await copilot.Diagnose(request(request_id="only-one"), timeout=10)
             for position in (("9999-12-31T23:59:59.999999-14:00", "x"), ("0001-01-01T00:00:00+14:00", "x")):
-                token = encode_page_token("ListIncidents", *position)
+                token = encode_page_token("ListIncidents", *position, filters=filters)
                 try:
                     page = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_token=token), timeout=5)
                     assert len(page.incidents) <= 1
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc.details()
             assert (await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(), timeout=5)).incidents
+
+
+async def test_pages_follow_aip_158_oversize_is_coerced_and_tokens_are_bound_to_their_filters(tmp_path):
+    async with edge(tmp_path) as (server, _):
+        channel, copilot = stub(server)
+        async with channel:
+            for i in range(3):
+                await copilot.Diagnose(request(equipment=f"CNC-PAGE-{i}", request_id=f"page-{i}"), timeout=10)
+            await copilot.Diagnose(request(equipment="PUMP-PAGE-9", request_id="page-9"), timeout=10)
+            huge = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_size=10_000), timeout=5)
+            assert len(huge.incidents) == 4 and huge.next_page_token == ""  # served at the maximum; last page
+            listed, token = [], ""
+            while True:
+                page = await copilot.ListIncidents(
+                    copilot_pb2.ListIncidentsRequest(page_size=1, plant_id="PUNE-IN", page_token=token), timeout=5
+                )
+                listed += [i.request_id for i in page.incidents]
+                token = page.next_page_token
+                if not token:
+                    break
+                # the same token with another filter does not continue the old listing
+                with pytest.raises(grpc.aio.AioRpcError) as other:
+                    await copilot.ListIncidents(
+                        copilot_pb2.ListIncidentsRequest(page_size=1, equipment_id="PUMP-PAGE-9", page_token=token),
+                        timeout=5,
+                    )
+                assert other.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert [v.field for v in field_violations(other.value)] == ["page_token"]
+            assert sorted(listed) == ["page-0", "page-1", "page-2", "page-9"]
+            # an edited token (one character of its payload changed) is refused too
+            first = await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_size=1), timeout=5)
+            edited = (
+                first.next_page_token[:-2]
+                + ("A" if first.next_page_token[-2] != "A" else "B")
+                + first.next_page_token[-1]
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as tampered:
+                await copilot.ListIncidents(copilot_pb2.ListIncidentsRequest(page_size=1, page_token=edited), timeout=5)
+            assert tampered.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_feedback_is_bounded_per_incident_and_per_principal(tmp_path):

@@ -165,7 +165,7 @@ async def test_a_changed_document_under_the_same_version_is_refused(library):
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
-        (knowledge_pb2.ListDocumentsRequest(page_size=501), "page_size"),
+        (knowledge_pb2.ListDocumentsRequest(page_size=-1), "page_size"),  # 501 is served as 500 (AIP-158)
         (knowledge_pb2.ListDocumentsRequest(page_token="not-a-token!"), "page_token"),
         (knowledge_pb2.ListDocumentsRequest(plant_id="p" * 65), "plant_id"),
     ],

@@ -89,8 +89,10 @@ async def test_vision_references_register_list_page_and_delete(vision_server, cr
             await stub.DeleteReference(vision_pb2.DeleteReferenceRequest(reference_id=added.reference.reference_id))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=10_000))
+            await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=-1))
         assert {v.field for v in field_violations(err.value)} == {"page_size"}  # protovalidate rule
+        huge = await stub.ListReferences(vision_pb2.ListReferencesRequest(page_size=10_000))  # served at 500
+        assert 0 < len(huge.references) <= 500
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ListReferences(vision_pb2.ListReferencesRequest(page_token="%%%"))
         assert {v.field for v in field_violations(err.value)} == {"page_token"}  # semantic check in the servicer

@@ -121,7 +121,7 @@ def test_nested_paths_and_message_rules():
         copilot_pb2.SubmitFeedbackRequest(request_id="r-1", helpful_sop_ids=["SOP-1", "no id"])
     )
     assert [v.field for v in violations] == ["helpful_sop_ids[1]"]
-    listing = copilot_pb2.ListIncidentsRequest(page_size=101)
+    listing = copilot_pb2.ListIncidentsRequest(page_size=-1)  # above the maximum is coerced (AIP-158), below 0 not
     listing.start_time.FromSeconds(200)
     listing.end_time.FromSeconds(100)
     assert {v.field for v in rule_violations(listing)} == {"page_size", "list_incidents.time_range"}
