@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 import grpc
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 from opentelemetry import trace
 
 from copilot.domain import FieldViolation, as_utc, utc_now
 from copilot.images import ImageLimits
 from copilot.runtime import convert
-from copilot.runtime.errors import Reason, abort_invalid, abort_with
+from copilot.runtime.errors import Reason, abort_invalid, abort_with, bad_request, status_message
 from copilot.runtime.interceptors import Context, current_principal
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
@@ -192,30 +192,54 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         principal = _principal()
         gate = asyncio.Semaphore(self.batch_concurrency)
 
+        def failed(index: int, status: status_pb2.Status, violations=()) -> copilot_pb2.DiagnoseBatchItem:
+            # the deprecated code / message / field_violations stay filled for clients of earlier releases
+            return copilot_pb2.DiagnoseBatchItem(
+                index=index,
+                code=status.code,
+                message=status.message,
+                field_violations=[
+                    copilot_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
+                ],
+                status=status,
+            )
+
         async def one(index: int, item: copilot_pb2.DiagnoseRequest) -> copilot_pb2.DiagnoseBatchItem:
             violations = diagnosis_violations(item, self.image_limits)
             if violations:
-                return copilot_pb2.DiagnoseBatchItem(
-                    index=index,
-                    code=code_pb2.INVALID_ARGUMENT,
-                    message="invalid request",
-                    field_violations=[
-                        copilot_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
-                    ],
+                fields = ",".join(dict.fromkeys(v.field for v in violations))
+                status = status_message(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    Reason.INVALID_FIELDS,
+                    "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations),
+                    metadata={"fields": fields},
+                    details=[bad_request(violations)],
                 )
+                return failed(index, status, violations)
             async with gate:
                 try:
                     response = await self.recorder.diagnose(item, deadline, principal)
                 except (RequestIdReused, IncidentNotStored) as refused:
-                    return copilot_pb2.DiagnoseBatchItem(
-                        index=index, code=_refusal_code(refused).value[0], message=str(refused)
+                    reason = (
+                        Reason.REQUEST_ID_REUSED if isinstance(refused, RequestIdReused) else Reason.INCIDENT_NOT_STORED
                     )
+                    status = status_message(
+                        _refusal_code(refused), reason, str(refused), metadata={"request_id": item.request_id}
+                    )
+                    return failed(index, status)
                 except Exception as exc:
                     log.exception("batch item %d failed", index)
-                    return copilot_pb2.DiagnoseBatchItem(
-                        index=index, code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}"
+                    trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+                    status = status_message(
+                        grpc.StatusCode.INTERNAL,
+                        Reason.INTERNAL,
+                        f"internal error: {type(exc).__name__}",
+                        metadata={"trace_id": trace_id},
                     )
-            return copilot_pb2.DiagnoseBatchItem(index=index, code=code_pb2.OK, response=response)
+                    return failed(index, status)
+            return copilot_pb2.DiagnoseBatchItem(
+                index=index, code=code_pb2.OK, response=response, status=status_pb2.Status()
+            )
 
         items = await asyncio.gather(*(one(i, item) for i, item in enumerate(request.requests)))
         ok = sum(1 for item in items if item.code == code_pb2.OK)

@@ -176,3 +176,39 @@ def test_error_info_is_none_for_an_error_without_details():
 
     assert error_info(Plain()) is None
     assert error_details_pb2.ErrorInfo().reason == ""
+
+
+async def test_a_batch_item_carries_its_own_google_rpc_status_as_a_call_error_would(tmp_path):
+    """Each item's outcome is a google.rpc.Status (ErrorInfo + BadRequest for an invalid item); the deprecated
+    code / message / field_violations of earlier releases stay filled with the same values."""
+    async with edge(tmp_path) as (server, _):
+        channel, copilot = stub(server)
+        async with channel:
+            await copilot.Diagnose(request(request_id="batch-used"), timeout=10)
+            batch = await copilot.DiagnoseBatch(
+                copilot_pb2.DiagnoseBatchRequest(
+                    requests=[
+                        request(),
+                        diagnose_request("PUNE-IN", "X", PROBLEM_TEXT),
+                        request(problem="Something else entirely now", request_id="batch-used"),
+                    ]
+                ),
+                timeout=20,
+            )
+    good, invalid, reused = batch.items
+    assert good.status.code == 0 and not good.status.details and good.response.report.summary
+    kinds = {d.TypeName(): d for d in invalid.status.details}
+    assert set(kinds) == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    kinds["google.rpc.ErrorInfo"].Unpack(info)
+    kinds["google.rpc.BadRequest"].Unpack(bad)
+    assert (invalid.status.code, info.reason, info.domain) == (3, "INVALID_FIELDS", ORCHESTRATOR)
+    assert [v.field for v in bad.field_violations] == ["equipment_id"] == [v.field for v in invalid.field_violations]
+    assert (invalid.code, invalid.message) == (invalid.status.code, invalid.status.message)
+    reused_info = error_details_pb2.ErrorInfo()
+    reused.status.details[0].Unpack(reused_info)
+    assert reused.status.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and reused_info.reason == "REQUEST_ID_REUSED"
+    assert (batch.succeeded, batch.failed) == (1, 2)
+
+
+PROBLEM_TEXT = "Spindle overheating during the second shift"

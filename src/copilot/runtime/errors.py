@@ -86,6 +86,32 @@ def _packed(message: Message) -> any_pb2.Any:
     return packed
 
 
+def status_message(
+    code: grpc.StatusCode,
+    reason: Reason,
+    message: str,
+    *,
+    metadata: Mapping[str, object] | None = None,
+    details: Sequence[Message] = (),
+) -> status_pb2.Status:
+    """The google.rpc.Status of an error: its ErrorInfo first, then `details` (BadRequest, RetryInfo ...). What a
+    call's trailer carries, and what a batch item carries for its own outcome."""
+    info = error_details_pb2.ErrorInfo(
+        reason=str(reason), domain=error_domain(), metadata={k: str(v) for k, v in (metadata or {}).items()}
+    )
+    return status_pb2.Status(
+        code=code.value[0], message=message, details=[_packed(info), *(_packed(d) for d in details)]
+    )
+
+
+def bad_request(violations: Iterable[FieldViolation]) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
+        ]
+    )
+
+
 def error_status(
     code: grpc.StatusCode,
     reason: Reason,
@@ -94,12 +120,9 @@ def error_status(
     metadata: Mapping[str, object] | None = None,
     details: Sequence[Message] = (),
 ) -> grpc.Status:
-    """A status with its ErrorInfo first, then `details` (BadRequest, RetryInfo ...)."""
-    info = error_details_pb2.ErrorInfo(
-        reason=str(reason), domain=error_domain(), metadata={k: str(v) for k, v in (metadata or {}).items()}
-    )
+    """A call's error status (see status_message)."""
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=message, details=[_packed(info), *(_packed(d) for d in details)])
+        status_message(code, reason, message, metadata=metadata, details=details)
     )
     return status
 
@@ -120,11 +143,7 @@ async def abort_with(
 
 def bad_request_status(violations: Iterable[FieldViolation], message: str | None = None) -> grpc.Status:
     violations = list(violations)
-    detail = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
-        ]
-    )
+    detail = bad_request(violations)
     text = message or "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations)
     fields = ",".join(dict.fromkeys(v.field for v in violations))
     return error_status(
