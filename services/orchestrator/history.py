@@ -160,6 +160,7 @@ def indexed_words(text: str) -> frozenset[str]:
 
 class FeedbackRow(Base):
     __tablename__ = "feedback"
+    __table_args__ = (Index("ux_feedback_request_feedback_id", "request_id", "feedback_id", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("incidents.request_id"), index=True)
@@ -168,6 +169,14 @@ class FeedbackRow(Base):
     helpful_sop_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     principal: Mapped[str] = mapped_column(String(128))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # the caller's idempotency key (NULL: none; NULLs never collide in the unique index) and the three-state
+    # verdict (NULL for entries stored before revision 0003: read from `helpful`)
+    feedback_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+#: The verdicts a feedback entry can hold.
+VERDICTS = ("helpful", "not_helpful", "unspecified")
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,22 @@ class StoredFeedback:
     helpful_sop_ids: tuple[str, ...]
     principal: str
     submitted_at: datetime
+    verdict: str = ""  # one of VERDICTS; "" (entries before revision 0003): helpful / not_helpful from `helpful`
+    feedback_id: str = ""
+
+    @property
+    def said(self) -> str:
+        """The verdict, for entries of every revision."""
+        return self.verdict or ("helpful" if self.helpful else "not_helpful")
+
+    def same_content(self, other: StoredFeedback) -> bool:
+        """What a retry with the same feedback_id must repeat (not the time it was sent)."""
+        return (self.said, self.resolution_notes, self.helpful_sop_ids, self.principal) == (
+            other.said,
+            other.resolution_notes,
+            other.helpful_sop_ids,
+            other.principal,
+        )
 
 
 @dataclass(frozen=True)
@@ -349,12 +374,15 @@ class IncidentStore:
             except IntegrityError:  # stored by a concurrent request meanwhile: fine, it is the same bytes
                 session.rollback()
 
-    def add_feedback(self, request_id: str, feedback: StoredFeedback, max_per_incident: int = 0) -> str:
-        """ "added", "missing" (no such incident) or "full" (it has `max_per_incident` entries already; 0: no cap).
-        Exact under concurrency: the transaction first writes the incident's row (an UPDATE that changes nothing), so
-        it holds that row's lock (PostgreSQL) or the database's write lock (SQLite) through the count and the insert;
-        concurrent writers, on any replica, take turns (a burst of 200 concurrent calls once stored 21 entries under
-        a cap of 20)."""
+    def add_feedback(
+        self, request_id: str, feedback: StoredFeedback, max_per_incident: int = 0
+    ) -> tuple[str, StoredFeedback | None]:
+        """("added", it), ("replayed", the stored entry: same feedback_id and content), ("conflict", the stored
+        entry: same feedback_id, other content), ("missing", None: no such incident) or ("full", None: it has
+        `max_per_incident` entries already; 0: no cap). Exact under concurrency: the transaction first writes the
+        incident's row (an UPDATE that changes nothing), so it holds that row's lock (PostgreSQL) or the database's
+        write lock (SQLite) through the lookup, the count and the insert; concurrent writers, on any replica, take
+        turns (a burst of 200 concurrent calls once stored 21 entries under a cap of 20)."""
         with self._session() as session:
             touched = session.execute(
                 update(IncidentRow)
@@ -362,32 +390,49 @@ class IncidentStore:
                 .values(request_id=IncidentRow.request_id)
             )
             if not touched.rowcount:  # type: ignore[attr-defined]  # a CursorResult for an UPDATE
-                return "missing"
+                return "missing", None
+            if feedback.feedback_id:
+                stored = session.scalar(
+                    select(FeedbackRow).where(
+                        FeedbackRow.request_id == request_id, FeedbackRow.feedback_id == feedback.feedback_id
+                    )
+                )
+                if stored is not None:
+                    before = self._feedback(stored)
+                    return ("replayed" if before.same_content(feedback) else "conflict"), before
             if max_per_incident:
                 count = session.scalar(
                     select(func.count()).select_from(FeedbackRow).where(FeedbackRow.request_id == request_id)
                 )
                 if (count or 0) >= max_per_incident:
-                    return "full"
+                    return "full", None
             session.add(
                 FeedbackRow(
                     request_id=request_id,
-                    helpful=feedback.helpful,
+                    helpful=feedback.said == "helpful",
                     resolution_notes=feedback.resolution_notes,
                     helpful_sop_ids=list(feedback.helpful_sop_ids),
                     principal=feedback.principal,
                     submitted_at=feedback.submitted_at,
+                    feedback_id=feedback.feedback_id or None,
+                    verdict=feedback.said,
                 )
             )
             session.commit()
-            return "added"
+            return "added", feedback
 
     # --- reads ----------------------------------------------------------------------------------
 
     @staticmethod
     def _feedback(row: FeedbackRow) -> StoredFeedback:
         return StoredFeedback(
-            row.helpful, row.resolution_notes, tuple(row.helpful_sop_ids), row.principal, as_utc(row.submitted_at)
+            row.helpful,
+            row.resolution_notes,
+            tuple(row.helpful_sop_ids),
+            row.principal,
+            as_utc(row.submitted_at),
+            verdict=row.verdict or "",
+            feedback_id=row.feedback_id or "",
         )
 
     def _incident(self, row: IncidentRow, feedback: list[FeedbackRow]) -> StoredIncident:
@@ -543,6 +588,7 @@ class IncidentStore:
                     "equipment_type": inc.equipment_type,
                     "cited_sop_ids": list(inc.referenced_sop_ids),
                     "helpful": fb.helpful,
+                    "verdict": fb.verdict or ("helpful" if fb.helpful else "not_helpful"),
                     "expected_sop_ids": list(fb.helpful_sop_ids),
                     "resolution_notes": fb.resolution_notes,
                     "principal": fb.principal,

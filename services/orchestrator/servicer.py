@@ -65,13 +65,32 @@ def _incident_cursor(token: str, filters: dict[str, str]) -> tuple[datetime, str
         return None
 
 
+_VERDICTS = {
+    "helpful": copilot_pb2.VERDICT_HELPFUL,
+    "not_helpful": copilot_pb2.VERDICT_NOT_HELPFUL,
+    "unspecified": copilot_pb2.VERDICT_UNSPECIFIED,
+}
+
+
+def _verdict(request: copilot_pb2.SubmitFeedbackRequest) -> str:
+    """The verdict, when set (VERDICT_UNSPECIFIED: not said); else, from a client of an earlier release, the
+    deprecated bool as it always meant."""
+    if not request.HasField("verdict"):
+        return "helpful" if request.helpful else "not_helpful"
+    return {copilot_pb2.VERDICT_HELPFUL: "helpful", copilot_pb2.VERDICT_NOT_HELPFUL: "not_helpful"}.get(
+        request.verdict, "unspecified"
+    )
+
+
 def _feedback_pb(f: StoredFeedback) -> copilot_pb2.Feedback:
     return copilot_pb2.Feedback(
-        helpful=f.helpful,
+        helpful=f.said == "helpful",
         resolution_notes=f.resolution_notes,
         helpful_sop_ids=list(f.helpful_sop_ids),
         principal=f.principal,
         submitted_at=convert.timestamp_to_pb(f.submitted_at),
+        verdict=_VERDICTS[f.said],
+        feedback_id=f.feedback_id,
     )
 
 
@@ -286,14 +305,17 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         )
 
     async def SubmitFeedback(self, request: copilot_pb2.SubmitFeedbackRequest, context: Context):
+        said = _verdict(request)
         feedback = StoredFeedback(
-            helpful=request.helpful,
+            helpful=said == "helpful",
             resolution_notes=request.resolution_notes,
             helpful_sop_ids=tuple(dict.fromkeys(request.helpful_sop_ids)),
             principal=_principal(),
             submitted_at=utc_now(),
+            verdict=said,
+            feedback_id=request.feedback_id,
         )
-        outcome = await asyncio.to_thread(
+        outcome, stored = await asyncio.to_thread(
             self.history.add_feedback, request.request_id, feedback, self.feedback_max_per_incident
         )
         if outcome == "missing":
@@ -307,7 +329,17 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
                 "per incident; nothing was added",
                 metadata={"request_id": request.request_id, "limit": self.feedback_max_per_incident},
             )
-        return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(feedback))
+        if outcome == "conflict":
+            await abort_with(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                Reason.FEEDBACK_ID_REUSED,
+                f"feedback_id {request.feedback_id!r} was sent for incident {request.request_id} with other content; "
+                "nothing was added (a new entry needs a new feedback_id)",
+                metadata={"request_id": request.request_id, "feedback_id": request.feedback_id},
+            )
+        assert stored is not None
+        return copilot_pb2.SubmitFeedbackResponse(feedback=_feedback_pb(stored), replayed=outcome == "replayed")
 
     async def ListEquipment(
         self, request: copilot_pb2.ListEquipmentRequest, context: Context

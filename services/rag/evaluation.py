@@ -138,9 +138,13 @@ def eval_documents() -> list[SopDocument]:
 def questions_from_feedback(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Technician feedback (the incident history's `feedback_export`) as labelled questions in the eval file's
     format. The label is what the technician said helped: the SOP ids they named; else, for a helpful answer,
-    the SOPs it cited; an unhelpful answer that names none becomes a question no SOP answers (escalate).
-    The last feedback on an incident wins."""
-    latest = {r["request_id"]: r for r in records}
+    the SOPs it cited; an unhelpful answer that names none becomes a question no SOP answers (escalate). Feedback
+    with no verdict and no SOP ids says nothing about the answer: left out. The last feedback on an incident wins."""
+    latest = {
+        r["request_id"]: r
+        for r in records
+        if r.get("verdict", "helpful" if r["helpful"] else "not_helpful") != "unspecified" or r["expected_sop_ids"]
+    }
     questions = []
     for record in latest.values():
         expect = list(record["expected_sop_ids"]) or (list(record["cited_sop_ids"]) if record["helpful"] else [])

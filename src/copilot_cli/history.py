@@ -16,6 +16,14 @@ from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged, shown
 from copilot_cli.diagnose import print_diagnosis
 
+# what a verdict reads as in a listing (VERDICT_UNSPECIFIED: said nothing about the answer)
+VERDICT_WORDS = {copilot_pb2.VERDICT_HELPFUL: "helpful", copilot_pb2.VERDICT_NOT_HELPFUL: "not helpful"}
+VERDICT_MARKS = {
+    copilot_pb2.VERDICT_HELPFUL: "+",
+    copilot_pb2.VERDICT_NOT_HELPFUL: "-",
+    copilot_pb2.VERDICT_UNSPECIFIED: "·",
+}
+
 RequestId = Annotated[str, typer.Argument(help="the diagnosis' request id")]
 
 
@@ -73,7 +81,7 @@ def incidents(
             f"{i.diagnosis.confidence_score:.2f}",
             "[red]yes[/]" if i.diagnosis.requires_manual_review else "no",
             ", ".join(i.diagnosis.report.referenced_sop_ids),
-            " ".join("+" if f.helpful else "-" for f in i.feedback),
+            " ".join(VERDICT_MARKS[f.verdict] for f in i.feedback),
         )
     out.print(table)
 
@@ -102,7 +110,7 @@ def incident(
     print_diagnosis(found.diagnosis, as_json=False)
     for f in found.feedback:
         out.print(
-            f"feedback by {shown(f.principal)}: {'helpful' if f.helpful else 'not helpful'}"
+            f"feedback by {shown(f.principal)}: {VERDICT_WORDS.get(f.verdict, 'no verdict')}"
             + (f" · SOPs {shown(', '.join(f.helpful_sop_ids))}" if f.helpful_sop_ids else "")
             + (f' · "{shown(f.resolution_notes)}"' if f.resolution_notes else "")
         )
@@ -110,18 +118,32 @@ def incident(
 
 def feedback(
     request_id: RequestId,
-    helpful: Annotated[bool, typer.Option("--helpful/--not-helpful")],
+    helpful: Annotated[
+        bool | None, typer.Option("--helpful/--not-helpful", help="the verdict; leave out: not said")
+    ] = None,
     notes: Annotated[str, typer.Option("--notes", help="how it was resolved")] = "",
     sop_ids: Annotated[
         list[str] | None, typer.Option("--sop", help="an SOP id that really helped; repeat for several")
     ] = None,
+    feedback_id: Annotated[
+        str, typer.Option("--feedback-id", help="an idempotency key: the same command again stores nothing new")
+    ] = "",
     addr: OrchestratorAddr = ORCHESTRATOR_ADDR,
     token: Token = "",
 ) -> None:
     """Record whether a diagnosis helped (SubmitFeedback); `copilot eval --export-feedback` exports it."""
+    verdict = {
+        True: copilot_pb2.VERDICT_HELPFUL,
+        False: copilot_pb2.VERDICT_NOT_HELPFUL,
+        None: copilot_pb2.VERDICT_UNSPECIFIED,
+    }
     request = copilot_pb2.SubmitFeedbackRequest(
-        request_id=request_id, helpful=helpful, resolution_notes=notes, helpful_sop_ids=sop_ids or []
+        request_id=request_id,
+        verdict=verdict[helpful],
+        resolution_notes=notes,
+        helpful_sop_ids=sop_ids or [],
+        feedback_id=feedback_id,
     )
     with connected(addr, token) as (channel, metadata):
-        copilot_pb2_grpc.CopilotServiceStub(channel).SubmitFeedback(request, metadata=metadata, timeout=30)
-    out.print(f"feedback stored for {request_id}")
+        reply = copilot_pb2_grpc.CopilotServiceStub(channel).SubmitFeedback(request, metadata=metadata, timeout=30)
+    out.print(f"feedback {'already stored' if reply.replayed else 'stored'} for {request_id}")

@@ -381,6 +381,43 @@ async def test_pages_follow_aip_158_oversize_is_coerced_and_tokens_are_bound_to_
             assert tampered.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_feedback_with_a_feedback_id_is_stored_once_and_a_verdict_has_three_states(tmp_path):
+    async with edge(tmp_path) as (server, _):
+        channel, copilot = stub(server, subject="anna")
+        async with channel:
+            await copilot.Diagnose(request(request_id="fb-inc"), timeout=10)
+            keyed = copilot_pb2.SubmitFeedbackRequest(
+                request_id="fb-inc",
+                feedback_id="cmms-77:1",
+                resolution_notes="Replaced the flange gasket",
+                verdict=copilot_pb2.VERDICT_UNSPECIFIED,  # said explicitly: no verdict, only what was done
+            )
+            first = await copilot.SubmitFeedback(keyed, timeout=5)
+            again = await copilot.SubmitFeedback(keyed, timeout=5)  # a retry after a lost answer
+            assert not first.replayed and again.replayed and again.feedback == first.feedback
+            assert first.feedback.verdict == copilot_pb2.VERDICT_UNSPECIFIED and not first.feedback.helpful
+            await copilot.SubmitFeedback(
+                copilot_pb2.SubmitFeedbackRequest(request_id="fb-inc", verdict=copilot_pb2.VERDICT_NOT_HELPFUL),
+                timeout=5,
+            )
+            # a client of an earlier release (no verdict field): the deprecated bool means what it always meant
+            legacy = await copilot.SubmitFeedback(
+                copilot_pb2.SubmitFeedbackRequest(request_id="fb-inc", helpful=True), timeout=5
+            )
+            assert legacy.feedback.verdict == copilot_pb2.VERDICT_HELPFUL and legacy.feedback.helpful
+            unset = copilot_pb2.SubmitFeedbackRequest(request_id="fb-inc")
+            assert not unset.HasField("verdict")
+            incident = (
+                await copilot.GetIncident(copilot_pb2.GetIncidentRequest(request_id="fb-inc"), timeout=5)
+            ).incident
+            assert [f.verdict for f in incident.feedback] == [
+                copilot_pb2.VERDICT_UNSPECIFIED,
+                copilot_pb2.VERDICT_NOT_HELPFUL,
+                copilot_pb2.VERDICT_HELPFUL,
+            ]
+            assert [f.feedback_id for f in incident.feedback] == ["cmms-77:1", "", ""]
+
+
 async def test_feedback_is_bounded_per_incident_and_per_principal(tmp_path):
     """~6,000 notes on one incident once made its GetIncident and the default ListIncidents page fail for good:
     a cap per incident (then RESOURCE_EXHAUSTED, nothing added) and a rate per principal."""

@@ -106,9 +106,23 @@ async def test_history_refusals_reuse_not_found_and_the_feedback_cap(tmp_path):
             full = await refusal(
                 copilot.SubmitFeedback(copilot_pb2.SubmitFeedbackRequest(request_id="err-1", helpful=False), timeout=5)
             )
+
+    keyed_path = tmp_path / "keyed"
+    keyed_path.mkdir()
+    async with edge(keyed_path) as (keyed_server, _):
+        channel, copilot = stub(keyed_server)
+        async with channel:
+            await copilot.Diagnose(request(request_id="err-2"), timeout=10)
+            keyed = copilot_pb2.SubmitFeedbackRequest(
+                request_id="err-2", feedback_id="fb-1", verdict=copilot_pb2.VERDICT_HELPFUL
+            )
+            await copilot.SubmitFeedback(keyed, timeout=5)
+            keyed.verdict = copilot_pb2.VERDICT_NOT_HELPFUL
+            changed = await refusal(copilot.SubmitFeedback(keyed, timeout=5))
     assert check(reused, grpc.StatusCode.ALREADY_EXISTS, Reason.REQUEST_ID_REUSED).metadata["request_id"] == "err-1"
     assert check(missing, grpc.StatusCode.NOT_FOUND, Reason.INCIDENT_NOT_FOUND).metadata["request_id"] == "err-none"
     assert check(full, grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.FEEDBACK_LIMIT_REACHED).metadata["limit"] == "1"
+    assert check(changed, grpc.StatusCode.ALREADY_EXISTS, Reason.FEEDBACK_ID_REUSED).metadata["feedback_id"] == "fb-1"
 
 
 async def test_admission_refusals_carry_retry_info_and_their_own_reason(tmp_path):

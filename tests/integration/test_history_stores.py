@@ -166,9 +166,40 @@ def test_the_feedback_cap_holds_exactly_under_concurrent_writers_on_two_replicas
         replicas[0].save(*incident("fb-1"))
         note = StoredFeedback(False, "flood", (), "mallory", datetime.now(UTC))
         with ThreadPoolExecutor(16) as pool:
-            outcomes = list(pool.map(lambda i: replicas[i % 2].add_feedback("fb-1", note, 20), range(80)))
+            outcomes = [o for o, _ in pool.map(lambda i: replicas[i % 2].add_feedback("fb-1", note, 20), range(80))]
         assert outcomes.count("added") == 20 and outcomes.count("full") == 60
         assert len(replicas[1].get("fb-1").feedback) == 20
+    finally:
+        for store in replicas:
+            store.close()
+
+
+def test_a_feedback_id_stores_an_entry_once_across_replicas_and_refuses_other_content(database_url):
+    replicas = [IncidentStore(database_url), IncidentStore(database_url)]
+    try:
+        replicas[0].save(*incident("fb-key"))
+        note = StoredFeedback(
+            False,
+            "Replaced the seal",
+            ("SOP-123",),
+            "anna",
+            datetime.now(UTC),
+            verdict="unspecified",
+            feedback_id="k-1",
+        )
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = [o for o, _ in pool.map(lambda i: replicas[i % 2].add_feedback("fb-key", note, 20), range(8))]
+        assert outcomes.count("added") == 1 and outcomes.count("replayed") == 7
+        (stored,) = replicas[1].get("fb-key").feedback
+        assert (stored.said, stored.feedback_id, stored.resolution_notes) == ("unspecified", "k-1", "Replaced the seal")
+        other = StoredFeedback(
+            True, "Something else", (), "anna", datetime.now(UTC), verdict="helpful", feedback_id="k-1"
+        )
+        outcome, before = replicas[0].add_feedback("fb-key", other, 20)
+        assert outcome == "conflict" and before is not None and before.resolution_notes == "Replaced the seal"
+        assert len(replicas[0].get("fb-key").feedback) == 1
+        export = [e for e in replicas[0].feedback_export() if e["request_id"] == "fb-key"]
+        assert [e["verdict"] for e in export] == ["unspecified"]
     finally:
         for store in replicas:
             store.close()
@@ -213,12 +244,13 @@ def test_list_pages_filters_and_similar_incidents(database_url):
             for p in store.similar("PUNE-IN", "CNC-A-102", "Spindle overheating", limit=5)
         }
         assert notes == {"i-4": "", "i-3": "", "i-1": "Cleaned the coolant filter", "i-0": ""}
-        assert store.add_feedback("missing", StoredFeedback(False, "", (), "ben", datetime.now(UTC))) == "missing"
+        missing = StoredFeedback(False, "", (), "ben", datetime.now(UTC))
+        assert store.add_feedback("missing", missing) == ("missing", None)
         # a cap per incident: the entry after the cap is refused, nothing is written
         note = StoredFeedback(False, "again", (), "eve", datetime.now(UTC))
-        assert store.add_feedback("i-0", note, max_per_incident=2) == "added"
-        assert store.add_feedback("i-0", note, max_per_incident=2) == "added"
-        assert store.add_feedback("i-0", note, max_per_incident=2) == "full"
+        assert store.add_feedback("i-0", note, max_per_incident=2)[0] == "added"
+        assert store.add_feedback("i-0", note, max_per_incident=2)[0] == "added"
+        assert store.add_feedback("i-0", note, max_per_incident=2) == ("full", None)
         assert len(store.get("i-0").feedback) == 2
         exported = {e["request_id"]: e for e in store.feedback_export()}
         assert exported["i-1"]["expected_sop_ids"] == ["SOP-123"] and len(exported) == 2

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     HEALTH_WATCH_LIMIT = "HEALTH_WATCH_LIMIT"  # RESOURCE_EXHAUSTED + RetryInfo: too many health Watch streams
     FEEDBACK_LIMIT_REACHED = "FEEDBACK_LIMIT_REACHED"  # RESOURCE_EXHAUSTED: an incident's feedback cap; never
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # ALREADY_EXISTS: request_id sent before with other content; never
+    FEEDBACK_ID_REUSED = "FEEDBACK_ID_REUSED"  # ALREADY_EXISTS: feedback_id sent before with other content; never
     INCIDENT_NOT_STORED = "INCIDENT_NOT_STORED"  # UNAVAILABLE: the history could not store it; retry, same id
     INCIDENT_NOT_FOUND = "INCIDENT_NOT_FOUND"  # NOT_FOUND: no incident with that request_id
     DOCUMENT_NOT_FOUND = "DOCUMENT_NOT_FOUND"  # NOT_FOUND: no such knowledge document
