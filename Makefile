@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/copilot/v1/*.proto protos/buf/validate/*.proto)
+PROTOS := $(wildcard protos/copilot/v1/*.proto protos/copilot/agents/v1/*.proto protos/buf/validate/*.proto protos/google/*/*.proto)
 GENERATED := src/copilot/v1/__init__.py
 INTEROP := tests/interop/node_modules/.package-lock.json
 # checkov, the Kubernetes policy gate of tests/deploy/test_policy.py, in its own virtualenv (its dependencies are

@@ -34,19 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.soak import process_figures
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc, report_pb2, report_pb2_grpc
 from copilot.client import CHANNEL_OPTIONS, diagnose_request
 from copilot.runtime.auth import Role, mint_token
 from copilot.runtime.config import data_dir
 from copilot.runtime.pagination import encode_page_token
-from copilot.v1 import (
-    common_pb2,
-    copilot_pb2,
-    copilot_pb2_grpc,
-    knowledge_pb2,
-    knowledge_pb2_grpc,
-    report_pb2,
-    report_pb2_grpc,
-)
+from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
 from copilot_cli.launcher import Mesh
 
 SECRET = secrets.token_urlsafe(48)

@@ -189,8 +189,8 @@ def hop_breakdown(spans: Sequence[tuple[str, str, bytes, int, int]]) -> dict[str
         by_trace.setdefault(trace_id, {})[(service.removeprefix("copilot-"), name)] = end - start
     parts: dict[str, list[float]] = {}
     calls = {
-        "knowledge": ("/copilot.v1.KnowledgeService/Advise", "knowledge.advise"),
-        "report": ("/copilot.v1.ReportService/ComposeReport", "report.compose"),
+        "knowledge": ("/copilot.agents.v1.KnowledgeService/Advise", "knowledge.advise"),
+        "report": ("/copilot.agents.v1.ReportService/ComposeReport", "report.compose"),
     }
     for durations in by_trace.values():
         edge = durations.get(("orchestrator", "/copilot.v1.CopilotService/Diagnose"))
@@ -500,7 +500,8 @@ def run(n: int, output: Path, console: Console) -> dict:
 
 
 def _vision_load(address: str, image: bytes, concurrency: int, total: int) -> tuple[list[float], float]:
-    from copilot.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+    from copilot.agents.v1 import vision_pb2, vision_pb2_grpc
+    from copilot.v1 import common_pb2
 
     async def go() -> tuple[list[float], float]:
         async with grpc.aio.insecure_channel(address) as channel:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
 from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
 from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
 from copilot.runtime import convert
 from copilot.runtime.channels import agent_channel
 from copilot.runtime.config import TlsSettings
-from copilot.v1 import common_pb2, knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
+from copilot.v1 import common_pb2
 
 
 class AgentClients(Protocol):

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from copilot.contracts import KNOWLEDGE_SERVICE
+from copilot.agents.v1 import knowledge_pb2_grpc
+from copilot.contracts import FORMER_AGENT_SERVICES, KNOWLEDGE_SERVICE
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import knowledge_pb2_grpc
 from services.rag.core import EmbedderKind
 from services.rag.corpus import load_folder, starter_corpus
 from services.rag.servicer import KnowledgeServicer
@@ -167,6 +167,7 @@ def build(
     spec = ServiceSpec(
         name="knowledge",
         service_names=[SERVICE_NAME],
+        former_service_names={old: new for old, new in FORMER_AGENT_SERVICES.items() if new == SERVICE_NAME},
         register=lambda server: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
         close=close,

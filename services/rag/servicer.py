@@ -7,13 +7,13 @@ import asyncio
 import grpc
 from opentelemetry import trace
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.domain import FieldViolation
 from copilot.runtime import convert
 from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase
 from services.rag.corpus import DocumentFormat, DocumentMeta, DocumentRejected
 from services.rag.store import StoredDocument

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from copilot.contracts import REPORT_SERVICE
+from copilot.agents.v1 import report_pb2_grpc
+from copilot.contracts import FORMER_AGENT_SERVICES, REPORT_SERVICE
 from copilot.runtime.auth import AccessPolicy
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import report_pb2_grpc
 from services.report.servicer import ReportServicer
 
 SERVICE_NAME = REPORT_SERVICE
@@ -33,6 +33,7 @@ def build(settings: ReportSettings | None = None) -> tuple[ServiceSpec, ReportSe
     spec = ServiceSpec(
         name="report",
         service_names=[SERVICE_NAME],
+        former_service_names={old: new for old, new in FORMER_AGENT_SERVICES.items() if new == SERVICE_NAME},
         register=lambda server: report_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(), server),
         warm_up=warm_up,
         policy=AccessPolicy(internal=frozenset({f"/{SERVICE_NAME}/ComposeReport"})),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from opentelemetry import trace
 
+from copilot.agents.v1 import report_pb2, report_pb2_grpc
 from copilot.reporting import compose_report
 from copilot.runtime import convert
-from copilot.v1 import report_pb2, report_pb2_grpc
 
 tracer = trace.get_tracer(__name__)
 

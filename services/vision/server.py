@@ -11,12 +11,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from copilot.contracts import VISION_SERVICE
+from copilot.agents.v1 import vision_pb2_grpc
+from copilot.contracts import FORMER_AGENT_SERVICES, VISION_SERVICE
 from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
 from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from copilot.v1 import vision_pb2_grpc
 from services.vision.core import EngineTuning
 from services.vision.servicer import VisionServicer
 
@@ -169,6 +169,7 @@ def build(settings: VisionSettings | None = None) -> tuple[ServiceSpec, VisionSe
     spec = ServiceSpec(
         name="vision",
         service_names=[SERVICE_NAME],
+        former_service_names={old: new for old, new in FORMER_AGENT_SERVICES.items() if new == SERVICE_NAME},
         register=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
         warm_up=warm_up,
         close=close,

@@ -10,12 +10,12 @@ from datetime import datetime
 import grpc
 from opentelemetry import trace
 
+from copilot.agents.v1 import vision_pb2, vision_pb2_grpc
 from copilot.runtime import convert
 from copilot.runtime.errors import Reason, abort_invalid, abort_with
 from copilot.runtime.interceptors import Context
 from copilot.runtime.metrics import copilot_metrics
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
-from copilot.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.core import ImageRejected, NoReferenceImages, VisionEngine
 from services.vision.providers import VisionProvider
 from services.vision.references import Reference

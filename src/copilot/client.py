@@ -10,10 +10,11 @@ from typing import Any
 import grpc
 from pydantic_settings import SettingsConfigDict
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.equipment import canonical_scope
 from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, message_size_options
 from copilot.runtime.tls import channel_credentials, channel_options
-from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
 
 DEV_TOKEN = "technician-cli"  # the seed's form: accepted only by a mesh in dev mode
 CHANNEL_OPTIONS = message_size_options(DEFAULT_MAX_MESSAGE_BYTES)

@@ -12,8 +12,8 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.runtime.config import data_dir
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot_cli.common import (
     KNOWLEDGE_ADDR,
     AsJson,

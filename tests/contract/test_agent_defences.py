@@ -9,12 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from copilot.runtime.auth import END_USER_HEADER, AccessPolicy, Authenticator, AuthSettings
-from copilot.runtime.config import ServerSettings
-from copilot.runtime.errors import retry_delay_s
-from copilot.runtime.server import AgentServer, ServiceSpec
-from copilot.v1 import (
-    common_pb2,
+from copilot.agents.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
     report_pb2,
@@ -22,9 +17,14 @@ from copilot.v1 import (
     vision_pb2,
     vision_pb2_grpc,
 )
+from copilot.runtime.auth import END_USER_HEADER, AccessPolicy, Authenticator, AuthSettings
+from copilot.runtime.config import ServerSettings
+from copilot.runtime.errors import retry_delay_s
+from copilot.runtime.server import AgentServer, ServiceSpec
+from copilot.v1 import common_pb2
 from tests.contract.conftest import channel_to
 
-COMPOSE = "/copilot.v1.ReportService/ComposeReport"
+COMPOSE = "/copilot.agents.v1.ReportService/ComposeReport"
 
 
 def report_request() -> report_pb2.ComposeReportRequest:
@@ -90,7 +90,7 @@ async def test_one_callers_burst_waits_behind_itself_and_nobody_else():
     servicer = GatedReports()
     spec = ServiceSpec(
         name="report",
-        service_names=["copilot.v1.ReportService"],
+        service_names=["copilot.agents.v1.ReportService"],
         register=lambda s: report_pb2_grpc.add_ReportServiceServicer_to_server(servicer, s),
         warm_up=lambda: asyncio.sleep(0),
         policy=AccessPolicy(internal=frozenset({COMPOSE})),
@@ -143,7 +143,7 @@ async def test_one_callers_burst_waits_behind_itself_and_nobody_else():
 async def test_health_watch_streams_are_capped_per_connection():
     spec = ServiceSpec(
         name="report",
-        service_names=["copilot.v1.ReportService"],
+        service_names=["copilot.agents.v1.ReportService"],
         register=lambda s: None,
         warm_up=lambda: asyncio.sleep(0),
     )

@@ -13,10 +13,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from copilot.agents.v1 import vision_pb2, vision_pb2_grpc
 from copilot.client import aio_channel, diagnose_request
 from copilot.runtime.auth import Role, mint_token
 from copilot.runtime.errors import Reason, error_info
-from copilot.v1 import copilot_pb2, copilot_pb2_grpc, vision_pb2, vision_pb2_grpc
+from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from tests.conftest import TEST_SECRET, token
 from tests.contract.test_copilot_edge import edge, request, stub, until_called
 from tests.fakes import FakeAgents

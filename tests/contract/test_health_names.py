@@ -23,7 +23,7 @@ async def test_liveness_stays_serving_through_warm_up_and_drain_while_readiness_
     async def warm_up() -> None:
         await warm.wait()
 
-    spec = ServiceSpec("probe", ["copilot.v1.ReportService"], register=lambda server: None, warm_up=warm_up)
+    spec = ServiceSpec("probe", ["copilot.agents.v1.ReportService"], register=lambda server: None, warm_up=warm_up)
     server = AgentServer(spec, ReportSettings(port=0, metrics_port=0, shutdown_delay_s=30))
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -8,8 +8,8 @@ import asyncio
 import grpc
 import pytest
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.runtime.errors import field_violations
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from tests.contract.conftest import channel_to, serving
 
 HYD = b"""---

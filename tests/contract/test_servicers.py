@@ -9,14 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from copilot.client import auth_metadata, diagnose_request
-from copilot.runtime.config import ServerSettings
-from copilot.runtime.errors import field_violations
-from copilot.runtime.server import ServiceSpec
-from copilot.v1 import (
-    common_pb2,
-    copilot_pb2,
-    copilot_pb2_grpc,
+from copilot.agents.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
     report_pb2,
@@ -24,6 +17,11 @@ from copilot.v1 import (
     vision_pb2,
     vision_pb2_grpc,
 )
+from copilot.client import auth_metadata, diagnose_request
+from copilot.runtime.config import ServerSettings
+from copilot.runtime.errors import field_violations
+from copilot.runtime.server import ServiceSpec
+from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
 
 from .conftest import channel_to, serving
 
@@ -278,7 +276,10 @@ async def test_health_and_reflection_on_every_server(vision_server, knowledge_se
 async def test_health_is_not_serving_until_warm_up_finishes_and_during_shutdown():
     loaded = asyncio.Event()
     spec = ServiceSpec(
-        name="slow", service_names=["copilot.v1.ReportService"], register=lambda server: None, warm_up=loaded.wait
+        name="slow",
+        service_names=["copilot.agents.v1.ReportService"],
+        register=lambda server: None,
+        warm_up=loaded.wait,
     )
     async with serving(spec, ServerSettings(port=0), ready=False) as server, channel_to(server) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -295,7 +296,7 @@ async def test_knowledge_answers_unavailable_while_loading():
 
     spec = ServiceSpec(
         name="knowledge",
-        service_names=["copilot.v1.KnowledgeService"],
+        service_names=["copilot.agents.v1.KnowledgeService"],
         register=lambda s: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeServicer(), s),
         warm_up=asyncio.Event().wait,
     )

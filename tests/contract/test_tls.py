@@ -9,9 +9,10 @@ import grpc
 import pytest
 import trustme
 
+from copilot.agents.v1 import report_pb2, report_pb2_grpc
 from copilot.client import aio_channel, diagnose_request
 from copilot.runtime.config import TlsSettings
-from copilot.v1 import copilot_pb2_grpc, report_pb2, report_pb2_grpc
+from copilot.v1 import copilot_pb2_grpc
 from tests.conftest import token
 from tests.contract.conftest import serving
 

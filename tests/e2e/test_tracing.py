@@ -77,9 +77,9 @@ def test_one_diagnosis_is_one_trace_across_four_services(receiver, traced_mesh, 
     # every agent's server span hangs under an orchestrator client span: context crossed gRPC metadata
     ids = {span.span_id: (svc, span) for svc, span in spans}
     for svc, rpc in [
-        ("copilot-vision", "/copilot.v1.VisionService/AnalyzeImage"),
-        ("copilot-knowledge", "/copilot.v1.KnowledgeService/Advise"),
-        ("copilot-report", "/copilot.v1.ReportService/ComposeReport"),
+        ("copilot-vision", "/copilot.agents.v1.VisionService/AnalyzeImage"),
+        ("copilot-knowledge", "/copilot.agents.v1.KnowledgeService/Advise"),
+        ("copilot-report", "/copilot.agents.v1.ReportService/ComposeReport"),
     ]:
         (server_span,) = [
             s for v, s in spans if (v == svc and s.name == rpc.lstrip("/")) or (v == svc and s.name == rpc)

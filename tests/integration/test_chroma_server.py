@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.client import auth_metadata
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot_cli.launcher import free_port, free_ports
 from services.rag.core import KnowledgeBase, open_store
 from services.rag.corpus import starter_corpus

@@ -326,7 +326,7 @@ def test_chroma_server_killed_and_restarted_knowledge_degrades_then_recovers_wit
     """Knowledge on a `chroma run` server (the cluster's shape): SIGKILL the server under load, start it again
     on the same directory. Diagnoses degrade meanwhile, knowledge heals without being restarted, no document
     is lost."""
-    from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+    from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
     from copilot_cli.launcher import free_port
     from tests.conftest import token
     from tests.integration.test_chroma_server import start_chroma

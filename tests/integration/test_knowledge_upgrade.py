@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from benchmarks.replica_start import spawn, wait_serving
-from copilot.v1 import knowledge_pb2, knowledge_pb2_grpc
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.rag.core import KnowledgeBase, minilm_embedder, open_store
 from services.rag.corpus import starter_corpus
 from tests.conftest import ROOT, token

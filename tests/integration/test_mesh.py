@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.client import auth_metadata, diagnose_request
 from copilot.runtime.errors import field_violations
-from copilot.v1 import copilot_pb2, copilot_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from copilot_cli.launcher import Mesh
 from tests.conftest import SAMPLES, token
 

@@ -71,7 +71,8 @@ def test_killed_replica_costs_no_request_and_rejoins(tmp_path, crack_photo):
             assert analyzed(mesh, "vision-2") > 0  # back in rotation
 
         # the replicas share one reference store: what an engineer registers on one, the others use
-        from copilot.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+        from copilot.agents.v1 import vision_pb2, vision_pb2_grpc
+        from copilot.v1 import common_pb2
         from tests.conftest import token
 
         engineer = auth_metadata(token("engineer"))

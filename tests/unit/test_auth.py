@@ -165,9 +165,9 @@ def test_secret_from_a_mounted_file(tmp_path):
 
 
 def test_roles_are_ordered_and_the_policy_names_the_lowest_role_a_method_needs():
-    policy = AccessPolicy(methods={"/copilot.v1.KnowledgeService/DeleteDocument": Role.ADMIN})
-    assert policy.required("/copilot.v1.KnowledgeService/DeleteDocument") is Role.ADMIN
-    assert policy.required("/copilot.v1.KnowledgeService/Advise") is Role.TECHNICIAN
+    policy = AccessPolicy(methods={"/copilot.agents.v1.KnowledgeService/DeleteDocument": Role.ADMIN})
+    assert policy.required("/copilot.agents.v1.KnowledgeService/DeleteDocument") is Role.ADMIN
+    assert policy.required("/copilot.agents.v1.KnowledgeService/Advise") is Role.TECHNICIAN
     assert Role.ADMIN > Role.ENGINEER > Role.TECHNICIAN > Role.SERVICE  # a service passes no role check
 
 
@@ -204,9 +204,9 @@ def test_a_hostile_token_header_is_not_echoed_whole():
     assert len(message) < 200 and "\x1b" not in message
 
 
-ADVISE = "/copilot.v1.KnowledgeService/Advise"
-LIST = "/copilot.v1.KnowledgeService/ListDocuments"
-DELETE = "/copilot.v1.KnowledgeService/DeleteDocument"
+ADVISE = "/copilot.agents.v1.KnowledgeService/Advise"
+LIST = "/copilot.agents.v1.KnowledgeService/ListDocuments"
+DELETE = "/copilot.agents.v1.KnowledgeService/DeleteDocument"
 AGENT_POLICY = AccessPolicy(methods={DELETE: Role.ADMIN}, internal=frozenset({ADVISE}))
 
 

@@ -16,11 +16,12 @@ BUF = Path(sys.executable).with_name("buf")
 
 def test_generated_stubs_match_the_protos(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True)
-    fresh, installed = tmp_path / "copilot" / "v1", ROOT / "src" / "copilot" / "v1"
-    names = sorted(p.name for p in fresh.iterdir())
-    assert names == sorted(p.name for p in installed.iterdir() if p.is_file())
-    _, mismatch, errors = filecmp.cmpfiles(fresh, installed, names, shallow=False)
-    assert mismatch == [] and errors == [], f"stubs drifted from protos/: run `make protos` ({mismatch or errors})"
+    for package in (Path("copilot") / "v1", Path("copilot") / "agents" / "v1"):
+        fresh, installed = tmp_path / package, ROOT / "src" / package
+        names = sorted(p.name for p in fresh.iterdir())
+        assert names == sorted(p.name for p in installed.iterdir() if p.is_file())
+        _, mismatch, errors = filecmp.cmpfiles(fresh, installed, names, shallow=False)
+        assert mismatch == [] and errors == [], f"stubs drifted from protos/: run `make protos` ({mismatch or errors})"
 
 
 def test_buf_lint_standard_passes():

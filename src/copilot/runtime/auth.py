@@ -333,7 +333,9 @@ class AccessPolicy:
     call (listings), never one that needs a role."""
 
     default: Role = Role.TECHNICIAN
-    methods: Mapping[str, Role] | None = None  # full method path "/copilot.v1.KnowledgeService/DeleteDocument" -> role
+    methods: Mapping[str, Role] | None = (
+        None  # full method path "/copilot.agents.v1.KnowledgeService/DeleteDocument" -> role
+    )
     internal: frozenset[str] = frozenset()
 
     def required(self, method: str) -> Role:

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 
 from copilot import domain as d
+from copilot.agents.v1 import knowledge_pb2, report_pb2, vision_pb2
 from copilot.images import without_trailing_bytes
-from copilot.v1 import common_pb2, copilot_pb2, knowledge_pb2, report_pb2, vision_pb2
+from copilot.v1 import common_pb2, copilot_pb2
 
 # --- shared messages ------------------------------------------------------------------------------
 

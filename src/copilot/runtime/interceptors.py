@@ -220,6 +220,34 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, before=before, after=after)
 
 
+def _renamed(details: grpc.HandlerCallDetails, method: str) -> grpc.HandlerCallDetails:
+    """The same call's details with another method name (grpc.aio's own details type: the server looks the
+    handler up by it)."""
+    from grpc._cython import cygrpc  # type: ignore[attr-defined]  # grpc.aio's compiled core: no stubs
+
+    renamed: grpc.HandlerCallDetails = cygrpc._HandlerCallDetails(method, details.invocation_metadata)
+    return renamed
+
+
+class FormerServiceNames(grpc.aio.ServerInterceptor):
+    """First in the chain: a call to a service's former full name (e.g. /copilot.v1.VisionService/AnalyzeImage,
+    before the agents' API moved to copilot.agents.v1) is served as a call to its current name, with the same
+    policy, validation and metrics, so that an orchestrator of the previous release keeps working against agents
+    of this one during a rollout. Only whole service names listed in `former` are renamed."""
+
+    def __init__(self, former: Mapping[str, str]) -> None:
+        self.former = {f"/{old}/": f"/{new}/" for old, new in former.items()}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        method = handler_call_details.method
+        for old, new in self.former.items():
+            if method.startswith(old):
+                return await continuation(_renamed(handler_call_details, new + method[len(old) :]))
+        return await continuation(handler_call_details)
+
+
 class ErrorDomainInterceptor(grpc.aio.ServerInterceptor):
     """First in the chain: this call's errors name this service in ErrorInfo.domain."""
 

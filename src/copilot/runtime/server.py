@@ -23,6 +23,7 @@ from copilot.runtime.errors import set_error_domain
 from copilot.runtime.interceptors import (
     AuthInterceptor,
     ErrorDomainInterceptor,
+    FormerServiceNames,
     RpcObservabilityInterceptor,
     ValidationInterceptor,
 )
@@ -43,7 +44,7 @@ class ServiceSpec:
     """What one agent process serves."""
 
     name: str  # short name: "vision", "knowledge", "report", "orchestrator"
-    service_names: list[str]  # full proto service names, e.g. "copilot.v1.VisionService"
+    service_names: list[str]  # full proto service names, e.g. "copilot.agents.v1.VisionService"
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     warm_up: Callable[[], Awaitable[None]]  # loads models/stores; SERVING once it returns
     close: Callable[[], Awaitable[None]] | None = None
@@ -54,6 +55,8 @@ class ServiceSpec:
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
     # Checks the validation interceptor adds to the proto rules, per full method path (see ValidationInterceptor).
     request_checks: dict[str, Callable[[Any], list[FieldViolation]]] = field(default_factory=dict)
+    # Former full service names still answered, old -> current (see FormerServiceNames).
+    former_service_names: dict[str, str] = field(default_factory=dict)
 
 
 class AgentServer:
@@ -82,6 +85,7 @@ class AgentServer:
         )
         self.server = grpc.aio.server(
             interceptors=[
+                *([FormerServiceNames(spec.former_service_names)] if spec.former_service_names else []),
                 ErrorDomainInterceptor(spec.name),
                 *server_interceptors(),
                 RpcObservabilityInterceptor(),
