@@ -106,3 +106,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.models)
+
+
+def wait_for(condition, what: str, bound_s: float = 180.0, every_s: float = 0.5):
+    """Polls `condition` until it gives something truthy and returns that; fails after a generous bound. A wait
+    for a state, never a claim about how long anything takes."""
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"never happened within {bound_s:.0f} s: {what}")

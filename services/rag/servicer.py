@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
 import grpc
 from opentelemetry import trace
@@ -61,6 +62,16 @@ def _record_retrieval(k: int, scores: list[float], fallback: bool | None) -> Non
         meters.retrieval_top_score.record(max(scores))
     if fallback:
         meters.guidance_fallbacks.add(1)
+
+
+async def _no_document(context: Context, document_id: str) -> NoReturn:
+    await abort_with(
+        context,
+        grpc.StatusCode.NOT_FOUND,
+        Reason.DOCUMENT_NOT_FOUND,
+        f"document {document_id} is not loaded",
+        metadata={"document_id": document_id},
+    )
 
 
 class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
@@ -213,13 +224,7 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         doc = await asyncio.to_thread(knowledge.get_document, request.document_id)
         if doc is None:
-            await abort_with(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                Reason.DOCUMENT_NOT_FOUND,
-                f"document {request.document_id} is not loaded",
-                metadata={"document_id": request.document_id},
-            )
+            await _no_document(context, request.document_id)
         chunks = await asyncio.to_thread(knowledge.document_chunks, request.document_id, doc.version)
         return knowledge_pb2.GetDocumentResponse(
             document=document_to_pb(doc), chunks=[convert.chunk_to_pb(c) for c in chunks]
@@ -229,11 +234,5 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         knowledge = await self._ready(context)
         removed = await asyncio.to_thread(knowledge.delete_document, request.document_id)
         if removed is None:
-            await abort_with(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                Reason.DOCUMENT_NOT_FOUND,
-                f"document {request.document_id} is not loaded",
-                metadata={"document_id": request.document_id},
-            )
+            await _no_document(context, request.document_id)
         return knowledge_pb2.DeleteDocumentResponse(chunks_removed=removed)

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from copilot import monitoring
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from copilot_cli.launcher import Mesh, ServiceProcess, free_port, free_ports
+from tests.conftest import wait_for
 from tests.integration.test_history_stores import postgres_url  # noqa: F401 - the module's PostgreSQL fixture
 
 pytestmark = pytest.mark.integration
@@ -33,16 +33,6 @@ pytestmark = pytest.mark.integration
 ADAPTER_RULES = "deploy/k8s/components/in-flight-autoscaling/adapter-rules.yaml"
 TECHNICIAN = auth_metadata("technician-fleet")
 REPLICAS = ("orchestrator", "orchestrator-2")
-
-
-def wait_for(condition, what: str, bound_s: float = 120.0):
-    deadline = time.monotonic() + bound_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {bound_s:.0f} s: {what}")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
 from copilot.monitoring import Source
 from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.launcher import Mesh, RestartPolicy, free_port, kind_of
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -68,17 +68,6 @@ class Webhook:
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
-
-
-def wait_for(condition, what: str, bound_s: float = 180.0):
-    """Polls `condition` until it gives something truthy; fails after a generous bound (never a timing claim)."""
-    deadline = time.monotonic() + bound_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"never happened: {what}")
 
 
 @pytest.fixture(scope="module")
