@@ -248,7 +248,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE_REVISION = "0001"
 
 
-def migrations_config(connection: Connection) -> AlembicConfig:
+def migrations_config(connection: Connection | None) -> AlembicConfig:
     from alembic.config import Config
 
     config = Config()
@@ -307,9 +307,39 @@ LIMIT {int(limit)}"""
     )
 
 
+class SchemaMismatch(Exception):
+    """A read-only store found a history this release cannot read without upgrading it (which only the
+    orchestrator does)."""
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The history's migration revision; None for a database without one (empty, or older than migrations)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        revision: str | None = MigrationContext.configure(connection).get_current_revision()
+        return revision
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    config = migrations_config(None)  # the script directory needs no connection
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 class IncidentStore:
-    def __init__(self, url: str) -> None:
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+    """The incident history. The orchestrator opens it read-write: the schema is migrated to this release's
+    revision first. A reader (`copilot eval --export-feedback`) opens it with `read_only=True`: nothing is created
+    or upgraded, and a history at another revision is refused with SchemaMismatch."""
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        if read_only:
+            if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+                raise SchemaMismatch(f"no incident history at {url}")
+        elif url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # a pooled PostgreSQL connection may have been closed by the server: check it on checkout (SQLite's
         # connections are files, never dropped)
@@ -325,7 +355,17 @@ class IncidentStore:
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
 
-        migrate(self.engine)
+        if read_only:
+            found, wanted = schema_revision(self.engine), head_revision()
+            if found != wanted:
+                self.engine.dispose()
+                raise SchemaMismatch(
+                    f"the incident history at {self.engine.url.render_as_string(hide_password=True)} is at schema "
+                    f"revision {found or 'none'}, this release reads {wanted}: the orchestrator of this release "
+                    "upgrades it when it starts (a reader never does)"
+                )
+        else:
+            migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

@@ -227,10 +227,14 @@ def evaluate(
 def _export_feedback(target: Path, database_url: str) -> None:
     import yaml
 
-    from services.orchestrator.history import IncidentStore
+    from services.orchestrator.history import IncidentStore, SchemaMismatch
     from services.rag.evaluation import questions_from_feedback
 
-    store = IncidentStore(database_url)
+    try:  # read-only: an export never creates or upgrades the database it is pointed at
+        store = IncidentStore(database_url, read_only=True)
+    except SchemaMismatch as refused:
+        console.print(f"[red]{refused}[/red]")
+        raise typer.Exit(1) from None
     try:
         labelled = questions_from_feedback(store.feedback_export())
     finally:

@@ -386,3 +386,38 @@ def test_the_cluster_form_of_the_database_setting_reaches_postgres(postgres_url,
         assert store.get("pg-hostless").equipment_id == "PGHOST-1"
     finally:
         store.close()
+
+
+def test_a_reader_never_creates_or_upgrades_the_history_and_says_why_it_refuses(tmp_path):
+    """`copilot eval --export-feedback` opens the history read-only: a missing file is not created, a history at
+    another schema revision is refused (with both revisions named) and left as it was; at this release's revision
+    it reads."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from services.orchestrator.history import SchemaMismatch, head_revision, migrations_config
+
+    missing = tmp_path / "none.db"
+    with pytest.raises(SchemaMismatch, match="no incident history"):
+        IncidentStore(f"sqlite:///{missing}", read_only=True)
+    assert not missing.exists()
+
+    url = f"sqlite:///{tmp_path / 'older.db'}"
+    IncidentStore(url).close()  # the orchestrator made it, at head
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        command.downgrade(migrations_config(connection), "0002")  # as a previous release left it
+    with pytest.raises(SchemaMismatch, match=f"revision 0002, this release reads {head_revision()}"):
+        IncidentStore(url, read_only=True)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"  # untouched
+    engine.dispose()
+
+    store = IncidentStore(url)  # the orchestrator upgrades it
+    store.save(*incident("ro-1"))
+    store.close()
+    reader = IncidentStore(url, read_only=True)
+    try:
+        assert reader.get("ro-1") is not None and reader.feedback_export() == []
+    finally:
+        reader.close()
