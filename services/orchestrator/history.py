@@ -628,7 +628,7 @@ class IncidentStore:
                     "equipment_type": inc.equipment_type,
                     "cited_sop_ids": list(inc.referenced_sop_ids),
                     "helpful": fb.helpful,
-                    "verdict": fb.verdict or ("helpful" if fb.helpful else "not_helpful"),
+                    "verdict": self._feedback(fb).said,
                     "expected_sop_ids": list(fb.helpful_sop_ids),
                     "resolution_notes": fb.resolution_notes,
                     "principal": fb.principal,

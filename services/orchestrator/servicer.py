@@ -18,8 +18,8 @@ from opentelemetry import trace
 from copilot.domain import FieldViolation, as_utc, utc_now
 from copilot.images import ImageLimits
 from copilot.runtime import convert
-from copilot.runtime.errors import Reason, abort_invalid, abort_with, bad_request, status_message
-from copilot.runtime.interceptors import Context, current_principal
+from copilot.runtime.errors import Reason, abort_invalid, abort_with, bad_request_message, status_message
+from copilot.runtime.interceptors import Context, current_principal, current_trace_id
 from copilot.runtime.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
 from services.orchestrator.clients import AgentCatalog
@@ -119,26 +119,15 @@ def _principal() -> str:
     return principal.subject if principal else "anonymous"
 
 
-def _refusal_code(refused: RequestIdReused | IncidentNotStored) -> grpc.StatusCode:
-    return grpc.StatusCode.ALREADY_EXISTS if isinstance(refused, RequestIdReused) else grpc.StatusCode.UNAVAILABLE
+def _refusal(refused: RequestIdReused | IncidentNotStored) -> tuple[grpc.StatusCode, Reason]:
+    """A diagnosis the history refused, as a call's error or a batch item's outcome."""
+    if isinstance(refused, RequestIdReused):
+        return grpc.StatusCode.ALREADY_EXISTS, Reason.REQUEST_ID_REUSED
+    return grpc.StatusCode.UNAVAILABLE, Reason.INCIDENT_NOT_STORED
 
 
 async def _refuse(context: Context, refused: RequestIdReused | IncidentNotStored, request_id: str) -> NoReturn:
-    if isinstance(refused, RequestIdReused):
-        await abort_with(
-            context,
-            grpc.StatusCode.ALREADY_EXISTS,
-            Reason.REQUEST_ID_REUSED,
-            str(refused),
-            metadata={"request_id": request_id},
-        )
-    await abort_with(
-        context,
-        grpc.StatusCode.UNAVAILABLE,
-        Reason.INCIDENT_NOT_STORED,
-        str(refused),
-        metadata={"request_id": request_id},
-    )
+    await abort_with(context, *_refusal(refused), str(refused), metadata={"request_id": request_id})
 
 
 async def _no_incident(context: Context, request_id: str) -> NoReturn:
@@ -226,29 +215,16 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         async def one(index: int, item: copilot_pb2.DiagnoseRequest) -> copilot_pb2.DiagnoseBatchItem:
             violations = diagnosis_violations(item, self.image_limits)
             if violations:
-                fields = ",".join(dict.fromkeys(v.field for v in violations))
-                status = status_message(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    Reason.INVALID_FIELDS,
-                    "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations),
-                    metadata={"fields": fields},
-                    details=[bad_request(violations)],
-                )
-                return failed(index, status, violations)
+                return failed(index, bad_request_message(violations), violations)
             async with gate:
                 try:
                     response = await self.recorder.diagnose(item, deadline, principal)
                 except (RequestIdReused, IncidentNotStored) as refused:
-                    reason = (
-                        Reason.REQUEST_ID_REUSED if isinstance(refused, RequestIdReused) else Reason.INCIDENT_NOT_STORED
-                    )
-                    status = status_message(
-                        _refusal_code(refused), reason, str(refused), metadata={"request_id": item.request_id}
-                    )
+                    status = status_message(*_refusal(refused), str(refused), metadata={"request_id": item.request_id})
                     return failed(index, status)
                 except Exception as exc:
                     log.exception("batch item %d failed", index)
-                    trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+                    trace_id = current_trace_id()
                     status = status_message(
                         grpc.StatusCode.INTERNAL,
                         Reason.INTERNAL,
@@ -271,9 +247,10 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         return copilot_pb2.GetIncidentResponse(incident=incident_to_pb(stored))
 
     async def ListIncidents(self, request: copilot_pb2.ListIncidentsRequest, context: Context):
+        filters = _incident_filters(request)
         after = None
         if request.page_token:
-            after = _incident_cursor(request.page_token, _incident_filters(request))
+            after = _incident_cursor(request.page_token, filters)
             if after is None:
                 await abort_invalid(context, [invalid_page_token("ListIncidents")])
         bounds, violations = {}, []
@@ -298,7 +275,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         return copilot_pb2.ListIncidentsResponse(
             incidents=[incident_to_pb(i, full=False) for i in page],
             next_page_token=encode_page_token(
-                "ListIncidents", as_utc(following[0]).isoformat(), following[1], filters=_incident_filters(request)
+                "ListIncidents", as_utc(following[0]).isoformat(), following[1], filters=filters
             )
             if following
             else "",

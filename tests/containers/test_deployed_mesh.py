@@ -93,31 +93,25 @@ def photo_request(photo: bytes, **kwargs) -> copilot_pb2.DiagnoseRequest:
     )
 
 
-def analyzed(mesh: PodmanMesh, pod: str) -> int:
-    """AnalyzeImage calls answered OK by one vision pod since its (re)start, from its own metrics."""
-    text = mesh.metrics(pod)
-    total = 0.0
-    for line in text.splitlines():
-        if (
-            line.startswith("copilot_rpc_requests_total{")
-            and "VisionService/AnalyzeImage" in line
-            and 'rpc_grpc_status_code="OK"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
-
-
-def diagnosed(mesh: PodmanMesh, pod: str) -> int:
-    """Diagnose calls answered OK by one orchestrator pod since its (re)start, from its own metrics."""
+def answered(mesh: PodmanMesh, pod: str, method: str) -> int:
+    """Calls of `method` ("VisionService/AnalyzeImage") answered OK by one pod since its (re)start, from its own
+    metrics."""
+    label = f'{method}"'  # the whole method name: Diagnose, not DiagnoseBatch
     return int(
         sum(
             float(line.rsplit(" ", 1)[1])
             for line in mesh.metrics(pod).splitlines()
-            if line.startswith("copilot_rpc_requests_total{")
-            and 'CopilotService/Diagnose"' in line
-            and 'rpc_grpc_status_code="OK"' in line
+            if line.startswith("copilot_rpc_requests_total{") and label in line and 'rpc_grpc_status_code="OK"' in line
         )
     )
+
+
+def analyzed(mesh: PodmanMesh, pod: str) -> int:
+    return answered(mesh, pod, "VisionService/AnalyzeImage")
+
+
+def diagnosed(mesh: PodmanMesh, pod: str) -> int:
+    return answered(mesh, pod, "CopilotService/Diagnose")
 
 
 def test_images_run_as_uid_10001_on_a_read_only_root_and_only_vision_and_knowledge_carry_torch(mesh, images):

@@ -48,10 +48,9 @@ class Reason(StrEnum):
     INTERNAL = "INTERNAL"  # INTERNAL: a bug; metadata trace_id names the trace; retry is not expected to help
 
 
-#: `ErrorInfo.domain` of this process's errors ("<service>.copilot"), set by the server bootstrap; each call of a
-#: server also sets it for its own task (ErrorDomainInterceptor), so several servers in one process (tests) differ.
-_process_domain = "copilot"
-_call_domain: ContextVar[str | None] = ContextVar("copilot_error_domain", default=None)
+#: `ErrorInfo.domain` of a call's errors ("<service>.copilot"): each call of a server sets it for its own task
+#: (ErrorDomainInterceptor, first in the chain), so several servers in one process (tests) differ.
+_call_domain: ContextVar[str] = ContextVar("copilot_error_domain", default="copilot")
 
 #: The admission limiters' own reason names (metric labels) -> the ErrorInfo reason.
 ADMISSION_REASONS = {
@@ -68,17 +67,12 @@ def domain_of(service: str) -> str:
     return f"{service}.copilot"
 
 
-def set_error_domain(service: str) -> None:
-    global _process_domain  # noqa: PLW0603 - one service per process, set once at start
-    _process_domain = domain_of(service)
-
-
 def set_call_error_domain(service: str) -> None:
     _call_domain.set(domain_of(service))
 
 
 def error_domain() -> str:
-    return _call_domain.get() or _process_domain
+    return _call_domain.get()
 
 
 def _packed(message: Message) -> any_pb2.Any:
@@ -142,14 +136,24 @@ async def abort_with(
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def bad_request_status(violations: Iterable[FieldViolation], message: str | None = None) -> grpc.Status:
+def bad_request_message(violations: Iterable[FieldViolation], message: str | None = None) -> status_pb2.Status:
+    """INVALID_ARGUMENT (INVALID_FIELDS) naming every violation: the fields in ErrorInfo's metadata, each with its
+    description in a google.rpc.BadRequest. A call's error (bad_request_status) and a batch item's outcome."""
     violations = list(violations)
-    detail = bad_request(violations)
     text = message or "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations)
     fields = ",".join(dict.fromkeys(v.field for v in violations))
-    return error_status(
-        grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELDS, text, metadata={"fields": fields}, details=[detail]
+    return status_message(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_FIELDS,
+        text,
+        metadata={"fields": fields},
+        details=[bad_request(violations)],
     )
+
+
+def bad_request_status(violations: Iterable[FieldViolation], message: str | None = None) -> grpc.Status:
+    status: grpc.Status = rpc_status.to_status(bad_request_message(violations, message))
+    return status
 
 
 def resource_exhausted_status(message: str, retry_after_s: float, reason: Reason = Reason.SERVER_BUSY) -> grpc.Status:

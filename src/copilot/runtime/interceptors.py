@@ -153,7 +153,8 @@ def wrap_handler(
     )
 
 
-def _trace_id() -> str:
+def current_trace_id() -> str:
+    """The current span's trace id as Jaeger shows it (32 hex digits)."""
     return format(trace.get_current_span().get_span_context().trace_id, "032x")
 
 
@@ -208,7 +209,7 @@ class RpcObservabilityInterceptor(grpc.aio.ServerInterceptor):
             )
             if code is grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AbortError):
                 # shield the caller from the stack trace: replace the error by a clean status
-                trace_id = _trace_id()
+                trace_id = current_trace_id()
                 await abort_with(
                     context,
                     code,

@@ -19,7 +19,6 @@ from copilot.domain import FieldViolation
 from copilot.runtime.admission import FairShareInterceptor, HealthWatchLimiter
 from copilot.runtime.auth import AccessPolicy, Authenticator
 from copilot.runtime.config import ServerSettings, message_size_options
-from copilot.runtime.errors import set_error_domain
 from copilot.runtime.interceptors import (
     AuthInterceptor,
     ErrorDomainInterceptor,
@@ -66,7 +65,6 @@ class AgentServer:
     def __init__(self, spec: ServiceSpec, settings: ServerSettings, authenticator: Authenticator | None = None) -> None:
         self.spec = spec
         self.settings = settings
-        set_error_domain(spec.name)  # every error's ErrorInfo.domain: "<service>.copilot"
         self.health = health_aio.HealthServicer()
         self.authenticator = authenticator or Authenticator()
         # an agent's work methods wait for a fair share after they are known to be valid
