@@ -35,8 +35,9 @@ def _cpu_per_query_ms(embedder, texts: list[str], batch: int, rounds: int = 200)
 
 
 def in_process(folder: Path) -> dict:
-    from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+    from services.rag.core import AdvisorTuning, KnowledgeBase, open_store
     from services.rag.corpus import starter_corpus
+    from services.rag.embedders import minilm_embedder
     from services.rag.evaluation import LABELLED_QUESTIONS, evaluate, load_questions
 
     questions = load_questions(LABELLED_QUESTIONS)

@@ -45,7 +45,8 @@ print(json.dumps(rows))
 KNOWLEDGE = """
 import json, tempfile
 from pathlib import Path
-from services.rag.core import KnowledgeBase, minilm_embedder, open_store
+from services.rag.core import KnowledgeBase, open_store
+from services.rag.embedders import minilm_embedder
 from services.rag.corpus import DocumentMeta, parse_document, starter_corpus
 
 def rss():

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from copilot.client import CHANNEL_OPTIONS, auth_metadata, diagnose_request
-from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
+from copilot.domain import AdviceRequest, Guidance, IncidentReport, ReportInputs, VisionFindings, VisionRequest
+from copilot.runtime import convert
 from copilot.runtime.auth import END_USER_HEADER, Role, mint_token
 from copilot.v1 import copilot_pb2_grpc
 from copilot_cli.diagnose import sample_photo
@@ -56,8 +57,9 @@ class InProcessAgents:
     """The same agent cores the services wrap, called directly (no gRPC, no processes)."""
 
     def __init__(self, store: Path) -> None:
-        from services.rag.core import KnowledgeBase, minilm_embedder, open_store
+        from services.rag.core import KnowledgeBase, open_store
         from services.rag.corpus import starter_corpus
+        from services.rag.embedders import minilm_embedder
         from services.vision.backbone import feature_extractor
         from services.vision.core import VisionEngine
         from services.vision.references import ReferenceStore
@@ -69,23 +71,19 @@ class InProcessAgents:
         self.knowledge = KnowledgeBase(open_store(store), minilm_embedder())
         self.knowledge.ensure_documents(starter_corpus())
 
-    async def analyze_image(
-        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
-    ) -> VisionFindings:
-        return self.vision.analyze(data, equipment_type)
+    async def analyze_image(self, request: VisionRequest, *, timeout: float) -> VisionFindings:
+        return self.vision.analyze(request.image_data, request.reference_set)
 
-    async def advise(
-        self,
-        problem_description: str,
-        defects: Sequence[Defect],
-        plant_id: str,
-        equipment_id: str,
-        equipment_type: str,
-        timeout: float,
-    ) -> Guidance:
-        return self.knowledge.advise(problem_description, defects, None, equipment_type, plant_id)
+    async def advise(self, request: AdviceRequest, *, timeout: float) -> Guidance:
+        return self.knowledge.advise(
+            request.problem_description,
+            request.defects,
+            equipment_type=request.equipment_type,
+            plant_id=request.plant_id,
+            equipment_id=request.equipment_id,
+        )
 
-    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport:
+    async def compose_report(self, inputs: ReportInputs, *, timeout: float) -> IncidentReport:
         from copilot.reporting import compose_report
 
         return compose_report(inputs)
@@ -117,14 +115,20 @@ def _time_in_process(agents: InProcessAgents, history_dir: Path, n: int, image: 
     from services.orchestrator.workflow import DiagnosisWorkflow
 
     history = IncidentStore(f"sqlite:///{history_dir / 'incidents.db'}")
-    recorder = DiagnosisRecorder(DiagnosisWorkflow(agents, related_incidents=related_incidents(history, 3)), history)
+    recorder = DiagnosisRecorder(
+        DiagnosisWorkflow(agents, related_incidents=related_incidents(history, 3)),
+        history,
+        encode=convert.diagnosis_to_bytes,
+    )
 
     async def go() -> list[float]:
         times = []
         for i in range(n + 3):
             request = diagnose_request("PUNE-IN", "CNC-A-102", PROBLEMS[i % len(PROBLEMS)], image)
             started = time.perf_counter()
-            await recorder.diagnose(request, None, "technician-bench")
+            await recorder.diagnose(
+                convert.diagnosis_input_from_pb(request), request.request_id, None, "technician-bench"
+            )
             if i >= 3:
                 times.append((time.perf_counter() - started) * 1000)
         return times

@@ -124,9 +124,10 @@ def _contains_scan(store, code: str, limit: int) -> list[str]:
 def run_retrieval(
     queries: int, output: Path, console: Console, sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
 ) -> dict:
-    from services.rag.core import KnowledgeBase, minilm_embedder, open_store
+    from services.rag.core import KnowledgeBase, open_store
     from services.rag.corpus import Chunk, SopDocument, chunk_document, starter_corpus
-    from services.rag.store import identifiers
+    from services.rag.embedders import minilm_embedder
+    from services.rag.identifiers import identifiers
 
     rng = random.Random(7)
     embedder = minilm_embedder()

@@ -43,7 +43,7 @@ def run_python(script: str, *, timeout: float, home: Path | None = None) -> subp
 
 @pytest.fixture(scope="session")
 def embedder():
-    from services.rag.core import minilm_embedder
+    from services.rag.embedders import minilm_embedder
 
     return minilm_embedder()
 

@@ -8,7 +8,17 @@ from datetime import UTC, datetime
 
 import grpc
 
-from copilot.domain import Defect, Guidance, GuidanceStep, IncidentReport, SopCitation, VisionFindings
+from copilot.domain import (
+    AdviceRequest,
+    Defect,
+    Guidance,
+    GuidanceStep,
+    IncidentReport,
+    ReportInputs,
+    SopCitation,
+    VisionFindings,
+    VisionRequest,
+)
 from copilot.reporting import compose_report
 
 
@@ -61,15 +71,15 @@ class FakeAgents:
             self.cancelled.append(name)
             raise
 
-    async def analyze_image(self, data, mime_type, image_id, equipment_id, equipment_type, timeout):
+    async def analyze_image(self, request: VisionRequest, *, timeout: float) -> VisionFindings:
         await self._maybe("vision", timeout)
-        self.seen_equipment["vision"] = equipment_type
+        self.seen_equipment["vision"] = request.reference_set
         return VisionFindings((Defect("crack", self.vision_conf),), self.vision_conf, 0.5, "1 defect", "fake")
 
-    async def advise(self, problem_description, defects, plant_id, equipment_id, equipment_type, timeout):
+    async def advise(self, request: AdviceRequest, *, timeout: float) -> Guidance:
         await self._maybe("knowledge", timeout)
-        self.seen_defects = tuple(defects)
-        self.seen_equipment["knowledge"] = equipment_type
+        self.seen_defects = request.defects
+        self.seen_equipment["knowledge"] = request.equipment_type
         return Guidance(
             (GuidanceStep("Check coolant.", ("SOP-123",), ("Cooling",)),),
             (SopCitation("SOP-123", "CNC", "Cooling", 0.7, equipment_types=self.sop_types),),
@@ -77,11 +87,11 @@ class FakeAgents:
             self.knowledge_conf,
             False,
             "q",
-            equipment_type=equipment_type,
+            equipment_type=request.equipment_type,
             reviews=self.reviews,
         )
 
-    async def compose_report(self, inputs, timeout) -> IncidentReport:
+    async def compose_report(self, inputs: ReportInputs, *, timeout: float) -> IncidentReport:
         await self._maybe("report", timeout)
         self.seen_inputs = inputs
         return compose_report(inputs, datetime.now(UTC))

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
 from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc, report_pb2_grpc, vision_pb2, vision_pb2_grpc
 from copilot.contracts import KNOWLEDGE_SERVICE, REPORT_SERVICE, VISION_SERVICE
-from copilot.domain import Defect, Guidance, IncidentReport, ReportInputs, VisionFindings
+from copilot.domain import AdviceRequest, Guidance, IncidentReport, ReportInputs, VisionFindings, VisionRequest
 from copilot.runtime import convert
 from copilot.runtime.channels import agent_channel
 from copilot.runtime.config import TlsSettings
-from copilot.v1 import common_pb2
 
 
 class AgentClients(Protocol):
-    async def analyze_image(
-        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
-    ) -> VisionFindings: ...
+    """The three agents, asked in domain types; `timeout` is the stage's budget in seconds."""
 
-    async def advise(
-        self,
-        problem_description: str,
-        defects: Sequence[Defect],
-        plant_id: str,
-        equipment_id: str,
-        equipment_type: str,
-        timeout: float,
-    ) -> Guidance: ...
+    async def analyze_image(self, request: VisionRequest, *, timeout: float) -> VisionFindings: ...
 
-    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport: ...
+    async def advise(self, request: AdviceRequest, *, timeout: float) -> Guidance: ...
+
+    async def compose_report(self, inputs: ReportInputs, *, timeout: float) -> IncidentReport: ...
 
     async def close(self) -> None: ...
 
@@ -69,36 +60,15 @@ class GrpcAgentClients:
         self.knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(self._channels[1])
         self.report = report_pb2_grpc.ReportServiceStub(self._channels[2])
 
-    async def analyze_image(
-        self, data: bytes, mime_type: str, image_id: str, equipment_id: str, equipment_type: str, timeout: float
-    ) -> VisionFindings:
-        request = vision_pb2.AnalyzeImageRequest(
-            image=common_pb2.Image(data=data, mime_type=mime_type),
-            image_id=image_id,
-            equipment_id=equipment_id,
-            equipment_type=equipment_type,
-        )
-        return convert.findings_from_pb(await self.vision.AnalyzeImage(request, timeout=timeout))
+    async def analyze_image(self, request: VisionRequest, *, timeout: float) -> VisionFindings:
+        response = await self.vision.AnalyzeImage(convert.vision_request_to_pb(request), timeout=timeout)
+        return convert.findings_from_pb(response)
 
-    async def advise(
-        self,
-        problem_description: str,
-        defects: Sequence[Defect],
-        plant_id: str,
-        equipment_id: str,
-        equipment_type: str,
-        timeout: float,
-    ) -> Guidance:
-        request = knowledge_pb2.AdviseRequest(
-            problem_description=problem_description,
-            defects=[convert.defect_to_pb(d) for d in defects],
-            plant_id=plant_id,
-            equipment_id=equipment_id,
-            equipment_type=equipment_type,
-        )
-        return convert.guidance_from_pb(await self.knowledge.Advise(request, timeout=timeout))
+    async def advise(self, request: AdviceRequest, *, timeout: float) -> Guidance:
+        response = await self.knowledge.Advise(convert.advice_request_to_pb(request), timeout=timeout)
+        return convert.guidance_from_pb(response)
 
-    async def compose_report(self, inputs: ReportInputs, timeout: float) -> IncidentReport:
+    async def compose_report(self, inputs: ReportInputs, *, timeout: float) -> IncidentReport:
         response = await self.report.ComposeReport(convert.report_inputs_to_pb(inputs), timeout=timeout)
         return convert.report_from_pb(response.report)
 

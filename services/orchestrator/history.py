@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import functools
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.selectable import TextualSelect
 
-from copilot.domain import DiagnosisInput, PastIncident, as_utc
+from copilot.domain import PastIncident, as_utc
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -229,21 +228,6 @@ class RequestIdConflict(Exception):
     """The request id is already used by a different request."""
 
 
-def fingerprint(request: DiagnosisInput) -> str:
-    digest = hashlib.sha256()
-    for part in (
-        request.plant_id,
-        request.equipment_id,
-        request.problem_description,
-        request.equipment_type,
-        request.image_id,
-        hashlib.sha256(request.image_data).hexdigest() if request.image_data else "",
-        *([request.reference_set] if request.reference_set else []),  # fingerprints stored before it stay valid
-    ):
-        digest.update(part.encode() + b"\x00")
-    return digest.hexdigest()
-
-
 MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE_REVISION = "0001"
 
@@ -257,7 +241,7 @@ def migrations_config(connection: Connection | None) -> AlembicConfig:
     return config
 
 
-def migrate(engine: Engine) -> None:
+def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest revision. A database created before the history had migrations (its
     tables, no alembic_version) has the baseline's schema: it is stamped at the baseline, then upgraded."""
     from alembic import command
@@ -332,13 +316,16 @@ def head_revision() -> str:
 
 class IncidentStore:
     """The incident history. The orchestrator opens it read-write: the schema is migrated to this release's
-    revision first. A reader (`copilot eval --export-feedback`) opens it with `read_only=True`: nothing is created
-    or upgraded, and a history at another revision is refused with SchemaMismatch."""
+    revision first. A reader (`copilot export-feedback`) opens it with `migrate=False`: nothing is created or
+    upgraded, and a history at another revision (or none) is refused with SchemaMismatch."""
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
-        if read_only:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        if not migrate:
             if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-                raise SchemaMismatch(f"no incident history at {url}")
+                raise SchemaMismatch(
+                    f"no incident history at {url}: nothing was read or written. A local mesh keeps it in "
+                    "<data dir>/incidents.db (--data-dir, COPILOT_DATA_DIR); another database: --database-url"
+                )
         elif url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # a pooled PostgreSQL connection may have been closed by the server: check it on checkout (SQLite's
@@ -355,7 +342,7 @@ class IncidentStore:
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
 
-        if read_only:
+        if not migrate:
             found, wanted = schema_revision(self.engine), head_revision()
             if found != wanted:
                 self.engine.dispose()
@@ -365,7 +352,7 @@ class IncidentStore:
                     "upgrades it when it starts (a reader never does)"
                 )
         else:
-            migrate(self.engine)
+            upgrade_schema(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

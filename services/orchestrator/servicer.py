@@ -28,7 +28,7 @@ from services.orchestrator.history import (
     StoredFeedback,
     StoredIncident,
 )
-from services.orchestrator.recorder import DiagnosisRecorder, IncidentNotStored, RequestIdReused
+from services.orchestrator.recorder import Answer, DiagnosisRecorder, IncidentNotStored, RequestIdReused
 from services.orchestrator.validation import diagnosis_violations
 from services.orchestrator.workflow import DiagnosisWorkflow
 
@@ -114,6 +114,13 @@ def incident_to_pb(i: StoredIncident, *, full: bool = True) -> copilot_pb2.Incid
     )
 
 
+def _response(answer: Answer) -> copilot_pb2.DiagnoseResponse:
+    """The stored answer as sent: `replayed` when an earlier call stored it."""
+    response = copilot_pb2.DiagnoseResponse.FromString(answer.response)
+    response.replayed = answer.replayed
+    return response
+
+
 def _principal() -> str:
     principal = current_principal.get()
     return principal.subject if principal else "anonymous"
@@ -159,7 +166,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
         self.image_limits = image_limits
         self.batch_max_items = batch_max_items
         self.batch_concurrency = batch_concurrency
-        self.recorder = DiagnosisRecorder(workflow, history)
+        self.recorder = DiagnosisRecorder(workflow, history, encode=convert.diagnosis_to_bytes)
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -172,16 +179,26 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
 
     async def Diagnose(self, request: copilot_pb2.DiagnoseRequest, context: Context) -> copilot_pb2.DiagnoseResponse:
         try:
-            return await self.recorder.diagnose(request, self._deadline(context), _principal())
+            answer = await self.recorder.diagnose(
+                convert.diagnosis_input_from_pb(request), request.request_id, self._deadline(context), _principal()
+            )
         except (RequestIdReused, IncidentNotStored) as refused:
             await _refuse(context, refused, request.request_id)
+        return _response(answer)
 
     async def StreamDiagnose(
         self, request: copilot_pb2.StreamDiagnoseRequest, context: Context
     ) -> AsyncIterator[copilot_pb2.StreamDiagnoseResponse]:
+        diagnosis = request.diagnosis
+        events = self.recorder.events(
+            convert.diagnosis_input_from_pb(diagnosis), diagnosis.request_id, self._deadline(context), _principal()
+        )
         try:
-            async for event in self.recorder.events(request.diagnosis, self._deadline(context), _principal()):
-                yield event
+            async for event in events:
+                if isinstance(event, Answer):
+                    yield copilot_pb2.StreamDiagnoseResponse(request_id=event.request_id, result=_response(event))
+                else:
+                    yield convert.stage_event_to_pb(event)
         except (RequestIdReused, IncidentNotStored) as refused:
             await _refuse(context, refused, request.diagnosis.request_id)
 
@@ -218,7 +235,9 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
                 return failed(index, bad_request_message(violations), violations)
             async with gate:
                 try:
-                    response = await self.recorder.diagnose(item, deadline, principal)
+                    answer = await self.recorder.diagnose(
+                        convert.diagnosis_input_from_pb(item), item.request_id, deadline, principal
+                    )
                 except (RequestIdReused, IncidentNotStored) as refused:
                     status = status_message(*_refusal(refused), str(refused), metadata={"request_id": item.request_id})
                     return failed(index, status)
@@ -233,7 +252,7 @@ class CopilotServicer(copilot_pb2_grpc.CopilotServiceServicer):
                     )
                     return failed(index, status)
             return copilot_pb2.DiagnoseBatchItem(
-                index=index, code=code_pb2.OK, response=response, status=status_pb2.Status()
+                index=index, code=code_pb2.OK, response=_response(answer), status=status_pb2.Status()
             )
 
         items = await asyncio.gather(*(one(i, item) for i, item in enumerate(request.requests)))

@@ -1,7 +1,8 @@
 """The diagnosis workflow: a LangGraph StateGraph vision -> knowledge -> report (vision skipped without
 an image), or vision || knowledge -> report with `parallel=True` (knowledge then does not see the defects).
 Each node calls an agent through `AgentClients` with a deadline (the caller's, when shorter than the stage's);
-a failed or late agent marks its stage degraded and the workflow goes on with the seed's fallback result.
+a failed or late agent marks its stage degraded and the workflow goes on with a fallback result (guidance that
+sends the technician to a supervisor, a report composed in-process).
 
 `events()` streams StageStarted / StageFinished (with the stage's partial result) through LangGraph's custom
 stream, then the Diagnosis; `run()` is the same stream consumed to its end. Cancelling the consumer cancels
@@ -19,12 +20,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict, TypeVar
 
 import grpc
-from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 from opentelemetry import trace
 
 from copilot.domain import (
+    AdviceRequest,
     Diagnosis,
     DiagnosisInput,
     Guidance,
@@ -32,9 +34,12 @@ from copilot.domain import (
     PastIncident,
     ReportInputs,
     Stage,
+    StageFinished,
+    StageStarted,
     StageState,
     StageStatus,
     VisionFindings,
+    VisionRequest,
 )
 from copilot.runtime.metrics import copilot_metrics
 from services.orchestrator.clients import AgentClients
@@ -51,21 +56,6 @@ from services.orchestrator.equipment import EquipmentContext, EquipmentResolver
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-
-@dataclass(frozen=True)
-class StageStarted:
-    request_id: str
-    stage: Stage
-
-
-@dataclass(frozen=True)
-class StageFinished:
-    """`result` is the stage's partial result: VisionFindings, Guidance or IncidentReport (None if degraded)."""
-
-    request_id: str
-    status: StageStatus
-    result: VisionFindings | Guidance | IncidentReport | None
 
 
 WorkflowEvent = StageStarted | StageFinished | Diagnosis
@@ -93,9 +83,17 @@ class DiagnosisState(TypedDict, total=False):
     stages: Annotated[list[StageStatus], operator.add]
 
 
-#: The incident-history lookup of one run, started with the workflow (off the critical path) and awaited by the
-#: report node; it travels in the run's config, not in the graph state, which holds only data.
-RELATED = "related_incidents"
+@dataclass(frozen=True)
+class RunContext:
+    """What one run depends on besides its data (LangGraph's run context, not the graph state)."""
+
+    #: The incident-history lookup, started with the run (off the critical path) and awaited by the report node;
+    #: None when there is no history.
+    related_incidents: asyncio.Future[tuple[PastIncident, ...]] | None = None
+
+
+#: The graph's node names: one node per stage, named after it.
+VISION, KNOWLEDGE, REPORT = Stage.VISION.value, Stage.KNOWLEDGE.value, Stage.REPORT.value
 Result = TypeVar("Result", VisionFindings, Guidance, IncidentReport)
 
 
@@ -122,19 +120,19 @@ class DiagnosisWorkflow:
         self.timeouts = timeouts or StageTimeouts()
         self.parallel = parallel
         self.related_incidents = related_incidents
-        graph = StateGraph(DiagnosisState)
-        graph.add_node("vision", self._vision)
-        graph.add_node("knowledge", self._knowledge)
-        graph.add_node("report", self._report)
+        graph = StateGraph(DiagnosisState, context_schema=RunContext)
+        graph.add_node(VISION, self._vision)
+        graph.add_node(KNOWLEDGE, self._knowledge)
+        graph.add_node(REPORT, self._report)
         if parallel:  # fan-out from START; both run in one superstep, so report (fan-in) runs once after both
-            graph.add_conditional_edges(START, self._route_parallel, ["vision", "knowledge"])
-            graph.add_edge("vision", "report")
-            graph.add_edge("knowledge", "report")
+            graph.add_conditional_edges(START, self._route_parallel, [VISION, KNOWLEDGE])
+            graph.add_edge(VISION, REPORT)
+            graph.add_edge(KNOWLEDGE, REPORT)
         else:
-            graph.add_conditional_edges(START, self._route, {"vision": "vision", "knowledge": "knowledge"})
-            graph.add_edge("vision", "knowledge")
-            graph.add_edge("knowledge", "report")
-        graph.add_edge("report", END)
+            graph.add_conditional_edges(START, self._route, {VISION: VISION, KNOWLEDGE: KNOWLEDGE})
+            graph.add_edge(VISION, KNOWLEDGE)
+            graph.add_edge(KNOWLEDGE, REPORT)
+        graph.add_edge(REPORT, END)
         self.graph = graph.compile()
 
     # --- helpers --------------------------------------------------------------------------------
@@ -144,11 +142,11 @@ class DiagnosisWorkflow:
 
     @staticmethod
     async def _route(state: DiagnosisState) -> str:
-        return "vision" if state["input"].image_data else "knowledge"
+        return VISION if state["input"].image_data else KNOWLEDGE
 
     @staticmethod
     async def _route_parallel(state: DiagnosisState) -> list[str]:
-        return ["vision", "knowledge"] if state["input"].image_data else ["knowledge"]
+        return [VISION, KNOWLEDGE] if state["input"].image_data else [KNOWLEDGE]
 
     @staticmethod
     def _budget(state: DiagnosisState, stage_timeout: float) -> float:
@@ -212,8 +210,15 @@ class DiagnosisWorkflow:
             Stage.VISION,
             state,
             self.timeouts.vision,
-            lambda t: self.clients.analyze_image(
-                req.image_data, req.image_mime_type, req.image_id, req.equipment_id, reference_set, t
+            lambda timeout: self.clients.analyze_image(
+                VisionRequest(
+                    image_data=req.image_data,
+                    image_mime_type=req.image_mime_type,
+                    image_id=req.image_id,
+                    equipment_id=req.equipment_id,
+                    reference_set=reference_set,
+                ),
+                timeout=timeout,
             ),
             lambda f: (
                 f.confidence,
@@ -225,15 +230,18 @@ class DiagnosisWorkflow:
     async def _knowledge(self, state: DiagnosisState) -> dict[str, Any]:
         req = state["input"]
         vision = state.get("vision")
-        defects = vision.defects if vision is not None else ()
-        equipment_type = state["equipment"].equipment_type
+        question = AdviceRequest(
+            problem_description=req.problem_description,
+            plant_id=req.plant_id,
+            equipment_id=req.equipment_id,
+            equipment_type=state["equipment"].equipment_type,
+            defects=vision.defects if vision is not None else (),
+        )
         guidance, status = await self._call(
             Stage.KNOWLEDGE,
             state,
             self.timeouts.knowledge,
-            lambda t: self.clients.advise(
-                req.problem_description, defects, req.plant_id, req.equipment_id, equipment_type, t
-            ),
+            lambda timeout: self.clients.advise(question, timeout=timeout),
             lambda g: (
                 g.confidence,
                 {
@@ -261,11 +269,11 @@ class DiagnosisWorkflow:
             log.warning("incident history lookup failed: %s", _describe_error(exc))
             return ()
 
-    async def _report(self, state: DiagnosisState, config: RunnableConfig) -> dict[str, Any]:
+    async def _report(self, state: DiagnosisState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         req = state["input"]
         stages = state["stages"]
         confidence = merge_confidence(stages)
-        related = config.get("configurable", {}).get(RELATED)
+        related = runtime.context.related_incidents
         vision = state.get("vision")
         guidance = state.get("guidance") or FALLBACK_GUIDANCE
         manual = requires_manual_review(confidence, guidance)
@@ -293,7 +301,7 @@ class DiagnosisWorkflow:
             Stage.REPORT,
             state,
             self.timeouts.report,
-            lambda t: self.clients.compose_report(inputs, t),
+            lambda timeout: self.clients.compose_report(inputs, timeout=timeout),
             lambda r: (
                 None,
                 {
@@ -351,10 +359,11 @@ class DiagnosisWorkflow:
                 "stages": [],
             }
             final: DiagnosisState = initial
-            config: RunnableConfig = {"configurable": {RELATED: related}}
             try:
                 # with a list of stream modes, langgraph yields (mode, chunk) pairs
-                stream: Any = self.graph.astream(initial, config, stream_mode=["custom", "values"])
+                stream: Any = self.graph.astream(
+                    initial, context=RunContext(related_incidents=related), stream_mode=["custom", "values"]
+                )
                 async for mode, chunk in stream:
                     if mode == "custom":
                         yield chunk
@@ -384,7 +393,7 @@ class DiagnosisWorkflow:
         stages = {s.stage: s for s in final["stages"]}
         if Stage.VISION not in stages:
             stages[Stage.VISION] = StageStatus(Stage.VISION, StageState.SKIPPED, "no image supplied")
-        ordered = [stages[s] for s in (Stage.VISION, Stage.KNOWLEDGE, Stage.REPORT)]
+        ordered = [stages[stage] for stage in Stage]
         guidance = final.get("guidance")
         reasons = escalation_reasons(ordered, final["confidence"], guidance)
         meters = copilot_metrics()

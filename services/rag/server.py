@@ -17,8 +17,8 @@ from copilot.runtime.auth import AccessPolicy, Role
 from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServerSettings, data_dir
 from copilot.runtime.hosted import HostedModelSettings
 from copilot.runtime.server import ServiceSpec, run_service
-from services.rag.core import EmbedderKind
 from services.rag.corpus import load_folder, starter_corpus
+from services.rag.embedders import EmbedderKind
 from services.rag.servicer import KnowledgeServicer
 
 if TYPE_CHECKING:
@@ -109,8 +109,9 @@ def build(
         if knowledge is not None:
             servicer.knowledge = knowledge
             return
-        from services.rag.core import AdvisorTuning, BatchedQueryEmbedder, KnowledgeBase, minilm_embedder, open_store
+        from services.rag.core import AdvisorTuning, KnowledgeBase, open_store
         from services.rag.corpus import ChunkingPolicy, DocumentLimits
+        from services.rag.embedders import BatchedQueryEmbedder, minilm_embedder
 
         store = open_store(settings.chroma_path, settings.chroma_host, settings.chroma_port)
         embedder = minilm_embedder(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import NoReturn
 
 import grpc
@@ -115,14 +116,16 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             )
             embedding = await knowledge.query_embedding(knowledge.build_query(request.problem_description, defects))
             guidance = await asyncio.to_thread(
-                knowledge.advise,
-                request.problem_description,
-                defects,
-                request.top_k or None,
-                request.equipment_type,
-                request.plant_id,
-                embedding,
-                request.equipment_id,
+                functools.partial(
+                    knowledge.advise,
+                    request.problem_description,
+                    defects,
+                    top_k=request.top_k or None,
+                    equipment_type=request.equipment_type,
+                    plant_id=request.plant_id,
+                    embedding=embedding,
+                    equipment_id=request.equipment_id,
+                )
             )
             meters = copilot_metrics()
             if guidance.citations_removed:

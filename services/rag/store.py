@@ -1,5 +1,5 @@
-"""The document store: three Chroma collections, the chunks (with embeddings), a catalog of documents and an
-index of the identifiers (error codes, part numbers) in the chunks.
+"""The document store: three Chroma collections, the chunks (with embeddings), a catalog of documents and the
+identifier index (`services.rag.identifiers`: error codes and part numbers -> the chunks carrying them).
 
 The catalog record of a document names its live version; a query keeps only chunks of live versions. A new
 version is written beside the old one, then the catalog flips, then the old chunks are deleted, so a query
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from copilot.domain import SopChunk
 from copilot.equipment import canonical_scope
+from services.rag import identifiers as identifier_index
 from services.rag.corpus import Chunk, DocumentFormat, SopDocument, embedding_text
 from services.rag.onnx_embedder import MODEL_IDS
 
@@ -30,61 +30,12 @@ log = logging.getLogger(__name__)
 
 CHUNKS = "manufacturing_sops"
 CATALOG = "manufacturing_documents"
-IDENTIFIERS = "manufacturing_identifiers"
-ANY = "*"  # scope value of documents that apply to every equipment type / plant
-#: The model every document was embedded with before catalog records named theirs: the float MiniLM.
-LEGACY_EMBEDDER = MODEL_IDS["fp32"]
-# Identifiers worth an exact match: error codes, part numbers, document ids ("E-0452", "PN-7781-A", "SOP-123"): a
-# code (letters, digits and separators) with a digit somewhere ahead in its run of such characters, or a short one.
-# The digit is looked for by `identifiers`, once per run: as a look-ahead in the pattern it scanned the rest of the
-# run from each of its word starts ("a-a-a-…" without a digit: 32 KB in one chunk took 12 s).
-_IDENTIFIER = re.compile(r"(?P<code>\b[A-Za-z][A-Za-z0-9]*(?:[-./][A-Za-z0-9]+)+\b)|\b[A-Z]{1,4}\d{2,}\b")
-_DIGIT_OR_RUN_END = re.compile(r"[^A-Za-z0-9._/-]|\d")
-_DIGIT = re.compile(r"\d")
-
-
-def identifiers(text: str) -> list[str]:
-    found: dict[str, None] = {}
-    stop = -1  # where the last look for a digit ended: a digit, the end of its run, or len(text)
-    for m in _IDENTIFIER.finditer(text):
-        if m.lastgroup == "code":
-            if m.start() > stop:  # else the previous look, from before this start, already answers for it
-                hit = _DIGIT_OR_RUN_END.search(text, m.start())
-                stop = hit.start() if hit else len(text)
-            if not _DIGIT.match(text, stop):
-                continue  # no digit ahead in its run: a word with separators, not a code
-        if len(m.group(0)) >= 3:
-            found[m.group(0)] = None
-    return list(found)
-
-
-_SEPARATOR = re.compile(r"[-./]")
 #: Catalog records of documents whose chunks carry their identifiers and are in the identifier index (format 1:
 #: written before chunks carried them; 2: before the identifier index collection).
 INDEX_FORMAT = 3
-#: Identifiers longer than this are not indexed; of a longer code only the first leading parts are.
-MAX_IDENTIFIER_CHARS = 64
-MAX_IDENTIFIER_PARTS = 4
-#: A query's identifiers looked up at most (a description full of codes is not a lookup of each).
-MAX_QUERY_IDENTIFIERS = 16
-#: Attempts at a posting-list update that another replica may overwrite at the same moment (read back, merge again).
-POSTING_ATTEMPTS = 3
-
-
-def chunk_identifiers(document_id: str, text: str) -> list[str]:
-    """What an identifier query finds a chunk by (upper case): its document's id, every identifier in its text,
-    and each identifier's leading parts ("PN-7781-A" is also found as "PN-7781"). Kept on the chunk (metadata) and
-    in the identifier index (identifier -> chunk ids), so a lookup is a key lookup, not a scan of every chunk."""
-    found = {document_id.upper()}
-    for ident in identifiers(text):
-        upper = ident.upper()
-        if len(upper) > MAX_IDENTIFIER_CHARS:  # not a code someone types (a path, a hash, hostile input)
-            continue
-        found.add(upper)
-        for cut in list(_SEPARATOR.finditer(upper))[:MAX_IDENTIFIER_PARTS]:
-            if cut.start() >= 3 and any(ch.isdigit() for ch in upper[: cut.start()]):
-                found.add(upper[: cut.start()])
-    return sorted(found)
+ANY = "*"  # scope value of documents that apply to every equipment type / plant
+#: The model every document was embedded with before catalog records named theirs: the float MiniLM.
+LEGACY_EMBEDDER = MODEL_IDS["fp32"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +151,7 @@ class DocumentStore:
         self.catalog = client.get_or_create_collection(CATALOG, embedding_function=None)
         # The identifier index: record id = identifier (upper case), document = the ids of the chunks carrying it,
         # one per line. Read by key; written by the replica that ingests or deletes the document.
-        self.identifier_index = client.get_or_create_collection(IDENTIFIERS, embedding_function=None)
+        self.identifier_index = client.get_or_create_collection(identifier_index.COLLECTION, embedding_function=None)
         self._write_lock = threading.Lock()  # one writer per process; Chroma serialises across processes
 
     # --- catalog --------------------------------------------------------------------------------
@@ -258,7 +209,7 @@ class DocumentStore:
                     "give the new content a new version"
                 )
             new_ids = [c.chunk_id for c in chunks]
-            chunk_idents = [chunk_identifiers(c.document_id, c.text) for c in chunks]
+            chunk_idents = [identifier_index.chunk_identifiers(c.document_id, c.text) for c in chunks]
             scope_types = _types(doc.equipment_types) or [ANY]
             scope_plants = sorted({canonical_scope(p) for p in doc.plant_ids}) or [ANY]
             try:
@@ -308,8 +259,8 @@ class DocumentStore:
             except Exception:
                 self._delete_quietly(new_ids)
                 raise
-            if not self._post(
-                doc.document_id, _postings(new_ids, chunk_idents), previous
+            if not identifier_index.post(
+                self.identifier_index, doc.document_id, identifier_index.postings(new_ids, chunk_idents), previous
             ):  # the next start indexes it again
                 self.catalog.update(ids=[doc.document_id], metadatas=[{"index_format": 2}])
             removed = 0
@@ -328,7 +279,7 @@ class DocumentStore:
                 return None
             indexed = self._indexed_identifiers(document_id, current)
             self.catalog.delete(ids=[document_id])
-            self._post(document_id, {}, indexed)
+            identifier_index.post(self.identifier_index, document_id, {}, indexed)
             return self._delete_version_chunks(document_id, keep_version=None)
 
     def _indexed_identifiers(self, document_id: str, current: StoredDocument | None) -> builtins.list[str]:
@@ -338,46 +289,6 @@ class DocumentStore:
             return []
         found = self._version_chunks(document_id, current.version, ["metadatas"])
         return sorted({i for m in found["metadatas"] for i in (m.get("identifiers") or [])})
-
-    def _post(self, document_id: str, postings: Mapping[str, Sequence[str]], previous: Sequence[str]) -> bool:
-        """Make the index list, for this document, exactly `postings` (identifier -> its chunk ids): the
-        document's entries under `previous` and the new identifiers are rewritten, other documents' entries kept.
-        Another replica may rewrite one of these records at the same moment (Chroma has no compare-and-set), so
-        each write is read back and merged again when it lost; a lost entry costs only the exact-match boost.
-        False when it still lost after POSTING_ATTEMPTS (logged)."""
-        keys = sorted(set(postings) | set(previous))
-        prefix = f"{document_id}@"
-        for start in range(0, len(keys), 1000):
-            part = keys[start : start + 1000]
-            for _ in range(POSTING_ATTEMPTS):
-                found = self.identifier_index.get(ids=part, include=["documents"])
-                lists = {i: (d or "").split("\n") for i, d in zip(found["ids"], found["documents"], strict=True)}
-                wanted = {
-                    key: [c for c in lists.get(key, []) if c and not c.startswith(prefix)] + list(postings.get(key, []))
-                    for key in part
-                }
-                empty = [key for key, ids in wanted.items() if not ids]
-                kept = {key: ids for key, ids in wanted.items() if ids}
-                if kept:
-                    self.identifier_index.upsert(
-                        ids=list(kept),
-                        documents=["\n".join(ids) for ids in kept.values()],
-                        embeddings=[[1.0]] * len(kept),
-                    )
-                if empty:
-                    self.identifier_index.delete(ids=empty)
-                check = self.identifier_index.get(ids=part, include=["documents"])
-                # this document's entries as they now stand, per identifier: exactly what was written, or it lost
-                ours = {
-                    i: {c for c in (d or "").split("\n") if c.startswith(prefix)}
-                    for i, d in zip(check["ids"], check["documents"], strict=True)
-                }
-                if all(ours.get(key, set()) == set(postings.get(key, ())) for key in part):
-                    break
-            else:
-                log.warning("identifier index: the entries of %s lost a concurrent update", document_id)
-                return False
-        return True
 
     def _delete_version_chunks(self, document_id: str, keep_version: str | None) -> int:
         where: dict[str, Any] = {"sop_id": document_id}
@@ -420,12 +331,7 @@ class DocumentStore:
         """Chunks carrying any of the identifiers (any case; see `chunk_identifiers`), with their vectors, in the
         scope: key lookups in the identifier index, then the chunks by id (chunks of a version being replaced may
         come too; the caller keeps live versions only)."""
-        wanted = [t for t in dict.fromkeys(t.upper() for t in terms) if len(t) <= MAX_IDENTIFIER_CHARS]
-        wanted = wanted[:MAX_QUERY_IDENTIFIERS]
-        if not wanted:
-            return []
-        postings = self.identifier_index.get(ids=wanted, include=["documents"])
-        chunk_ids = list(dict.fromkeys(c for d in postings["documents"] for c in (d or "").split("\n") if c))
+        chunk_ids = identifier_index.lookup(self.identifier_index, terms)
         found: builtins.list[tuple[SopChunk, builtins.list[float]]] = []
         batch = max(limit * 2, 50)
         for start in range(0, len(chunk_ids), batch):
@@ -494,14 +400,18 @@ class DocumentStore:
                 chunks = self._version_chunks(document_id, version, ["documents", "metadatas"])
                 ids = chunks["ids"]
                 idents = [
-                    chunk_identifiers(document_id, t) if old_format < 2 else list(m.get("identifiers") or [])
+                    identifier_index.chunk_identifiers(document_id, t)
+                    if old_format < 2
+                    else list(m.get("identifiers") or [])
                     for t, m in zip(chunks["documents"], chunks["metadatas"], strict=True)
                 ]
                 if old_format < 2:
                     for start in range(0, len(ids), 1000):
                         part = slice(start, start + 1000)
                         self.chunks.update(ids=ids[part], metadatas=[{"identifiers": i} for i in idents[part]])
-                if not self._post(document_id, _postings(ids, idents), []):
+                if not identifier_index.post(
+                    self.identifier_index, document_id, identifier_index.postings(ids, idents), []
+                ):
                     continue  # stays in its old format: the next start tries again
                 # update merges keys: the live version named in the record stays as another writer left it
                 self.catalog.update(ids=[document_id], metadatas=[{"index_format": INDEX_FORMAT}])
@@ -509,15 +419,6 @@ class DocumentStore:
         if upgraded:
             log.info("indexed the identifiers of %d documents stored before the identifier index", upgraded)
         return upgraded
-
-
-def _postings(chunk_ids: Sequence[str], identifiers_per_chunk: Sequence[Sequence[str]]) -> dict[str, list[str]]:
-    """identifier -> the ids of the chunks carrying it (chunk order kept)."""
-    postings: dict[str, list[str]] = {}
-    for chunk_id, idents in zip(chunk_ids, identifiers_per_chunk, strict=True):
-        for ident in idents:
-            postings.setdefault(ident, []).append(chunk_id)
-    return postings
 
 
 def _in_scope(meta: Mapping[str, Any], equipment_type: EquipmentScope, plant_id: str) -> bool:

@@ -269,6 +269,23 @@ class StageStatus:
 
 
 @dataclass(frozen=True)
+class StageStarted:
+    """A diagnosis stage began (streamed to StreamDiagnose callers)."""
+
+    request_id: str
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    """A diagnosis stage ended; `result` is its partial result (None when it degraded)."""
+
+    request_id: str
+    status: StageStatus
+    result: VisionFindings | Guidance | IncidentReport | None
+
+
+@dataclass(frozen=True)
 class FieldViolation:
     """One invalid request field, reported as google.rpc.BadRequest.FieldViolation."""
 
@@ -288,6 +305,31 @@ class DiagnosisInput:
     equipment_type: str = ""
     #: The vision reference set the photo is compared with (brushed-steel); empty: the equipment registry's.
     reference_set: str = ""
+
+
+@dataclass(frozen=True)
+class VisionRequest:
+    """What the vision agent is asked: one photo of one machine, judged against a reference set."""
+
+    image_data: bytes
+    image_mime_type: str
+    equipment_id: str
+    #: The reference set the photo is compared with (the machine type's good parts).
+    reference_set: str
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class AdviceRequest:
+    """What the knowledge agent is asked: guidance for one problem on one machine, at one plant."""
+
+    problem_description: str
+    plant_id: str
+    equipment_id: str
+    #: The machine type the SOPs must be written for ("" = the knowledge agent infers it).
+    equipment_type: str = ""
+    #: What vision found on the photo, when it ran first.
+    defects: tuple[Defect, ...] = ()
 
 
 @dataclass

@@ -23,7 +23,9 @@ app.command()(equipment.equipment)
 # the knowledge library
 app.command()(knowledge.ingest)
 app.command()(knowledge.docs)
+app.command("delete-doc")(knowledge.delete_doc)
 app.command("eval")(knowledge.evaluate)
+app.command("export-feedback")(knowledge.export_feedback)
 # credentials and measurements
 app.command()(tokens.token)
 app.command()(bench.bench)

@@ -4,7 +4,9 @@ once), one way of reporting a failed RPC, and the enum labels shown in tables.""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -37,18 +39,59 @@ OrchestratorAddr = Annotated[
 KnowledgeAddr = Annotated[str, typer.Option("--addr", envvar="COPILOT_KNOWLEDGE_ADDR", help="the knowledge service")]
 Token = Annotated[str, typer.Option("--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP)]
 DataDir = Annotated[
-    Path,
-    typer.Option("--data-dir", envvar="COPILOT_DATA_DIR", help="the local mesh's data folder (default .copilot-data)"),
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="COPILOT_DATA_DIR",
+        help="the local mesh's data folder: its incident history, Chroma store, reference images, logs and dev "
+        "signing secret (default: .copilot-data in the checkout, whatever the current directory)",
+    ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
+WHEN_FORMAT = (
+    "an ISO date or time (2026-12-04, 2026-12-04T08:00, 2026-12-04T08:00+05:30; UTC unless it says otherwise), "
+    "'now', 'today', 'yesterday', or an age such as 30m, 6h, 2d, 1w"
+)
+_AGE = re.compile(r"^(\d+)\s*([mhdw])$")
+_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str) -> datetime:
+    """A moment as a technician types it (see WHEN_FORMAT), as an aware UTC datetime."""
+    value = text.strip().lower()
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    named = {"now": now, "today": midnight, "yesterday": midnight - timedelta(days=1)}
+    if value in named:
+        return named[value]
+    age = _AGE.match(value)
+    if age:
+        return now - timedelta(**{_AGE_UNITS[age.group(2)]: int(age.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a time: expected {WHEN_FORMAT}") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def report_rpc_error(exc: grpc.RpcError) -> None:
     """The status code, its message and each field violation, the same way for every command."""
+    from rich.markup import escape
+
     code = exc.code()
-    console.print(f"[bold red]{code.name if code else 'UNKNOWN'}[/]: {exc.details()}")
-    for violation in field_violations(exc):
-        console.print(f"  • [bold]{violation.field}[/]: {violation.description}")
+    name = code.name if code else "UNKNOWN"
+    violations = field_violations(exc)
+    if not violations:
+        console.print(f"[bold red]{name}[/]: {escape(str(exc.details()))}")
+        return
+    # the status message lists the violations too: each is said once, on its own line
+    console.print(
+        f"[bold red]{name}[/]: the request was refused; correct {'these fields' if len(violations) > 1 else 'this field'}:"
+    )
+    for violation in violations:
+        console.print(f"  • [bold]{escape(violation.field)}[/]: {escape(violation.description)}")
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:

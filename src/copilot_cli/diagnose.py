@@ -9,11 +9,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
 from copilot.client import diagnose_request, open_channel, resolve_token, stream_diagnose
+from copilot.images import ImageLimits
 from copilot.v1 import copilot_pb2
 from copilot_cli.common import (
     ORCHESTRATOR_ADDR,
@@ -82,7 +84,8 @@ def run_streamed(
     with open_channel(address) as channel:
         call = stream_diagnose(channel, request, token=token, timeout=timeout)
         try:
-            display: Any = Live(render(), console=console, refresh_per_second=8) if show else contextlib.nullcontext()
+            # the table appears with the first event: a refused request shows its error alone, not an empty table
+            display: Any = Live(console=console, refresh_per_second=8) if show else contextlib.nullcontext()
             with display as live:
                 for event in call:
                     kind = event.WhichOneof("event")
@@ -99,11 +102,28 @@ def run_streamed(
                         live.update(render())
             if show and not console.is_terminal:
                 console.print()  # a non-terminal gets the final table without its line end
+        except grpc.RpcError:
+            if show and (rows or started) and not console.is_terminal:
+                console.print()  # the error starts on a line of its own, below the table
+            raise
         except KeyboardInterrupt:
             call.cancel()
             console.print("[yellow]cancelled[/]")
             raise typer.Exit(130) from None
     return result
+
+
+def check_photo_size(image: Path, limits: ImageLimits | None = None) -> None:
+    """Refuse, before sending, a photo over the orchestrator's limit (gRPC would refuse it with a raw
+    RESOURCE_EXHAUSTED that reads like backpressure)."""
+    limit = (limits or ImageLimits()).max_bytes
+    size = image.stat().st_size
+    if size > limit:
+        console.print(
+            f"[red]{image} is {size / 2**20:.1f} MiB; the orchestrator takes photos up to {limit / 2**20:.0f} MiB.[/] "
+            "Send a smaller export of it (a JPEG at 2000 px on its long side is well under 1 MiB); nothing was sent."
+        )
+        raise typer.Exit(2)
 
 
 def print_diagnosis(response: copilot_pb2.DiagnoseResponse, as_json: bool) -> None:
@@ -162,6 +182,8 @@ def diagnose(
     timeout: Annotated[float, typer.Option("--timeout", help="seconds for the whole diagnosis")] = 60.0,
 ) -> None:
     """Diagnose through StreamDiagnose, showing each stage live, then print the report."""
+    if image is not None:
+        check_photo_size(image)
     request = diagnose_request(
         plant, equipment, problem, image, image_id, equipment_type, request_id=request_id, reference_set=reference_set
     )

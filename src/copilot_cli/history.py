@@ -13,7 +13,18 @@ from rich.table import Table
 from copilot.client import canonical_plant
 from copilot.runtime.convert import timestamp_to_pb
 from copilot.v1 import copilot_pb2, copilot_pb2_grpc
-from copilot_cli.common import ORCHESTRATOR_ADDR, AsJson, OrchestratorAddr, Token, connected, out, paged, shown
+from copilot_cli.common import (
+    ORCHESTRATOR_ADDR,
+    WHEN_FORMAT,
+    AsJson,
+    OrchestratorAddr,
+    Token,
+    connected,
+    out,
+    paged,
+    parse_when,
+    shown,
+)
 from copilot_cli.diagnose import print_diagnosis
 
 # what a verdict reads as in a listing (VERDICT_UNSPECIFIED: said nothing about the answer)
@@ -30,8 +41,12 @@ RequestId = Annotated[str, typer.Argument(help="the diagnosis' request id")]
 def incidents(
     plant: Annotated[str, typer.Option("--plant")] = "",
     equipment: Annotated[str, typer.Option("--equipment")] = "",
-    since: Annotated[datetime | None, typer.Option("--since", help="ISO time, UTC unless it says otherwise")] = None,
-    until: Annotated[datetime | None, typer.Option("--until")] = None,
+    since: Annotated[
+        datetime | None, typer.Option("--since", parser=parse_when, help=f"from this moment: {WHEN_FORMAT}")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option("--until", parser=parse_when, help="up to this moment (same forms as --since)")
+    ] = None,
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=1000, help="incidents to show (pages of 100 are fetched)")
     ] = 20,
@@ -47,7 +62,7 @@ def incidents(
             request = copilot_pb2.ListIncidentsRequest(
                 plant_id=canonical_plant(plant),
                 equipment_id=equipment,
-                start_time=timestamp_to_pb(since) if since else None,  # naive: UTC
+                start_time=timestamp_to_pb(since) if since else None,
                 end_time=timestamp_to_pb(until) if until else None,
                 page_size=size,
                 page_token=page_token,
@@ -131,7 +146,7 @@ def feedback(
     addr: OrchestratorAddr = ORCHESTRATOR_ADDR,
     token: Token = "",
 ) -> None:
-    """Record whether a diagnosis helped (SubmitFeedback); `copilot eval --export-feedback` exports it."""
+    """Record whether a diagnosis helped (SubmitFeedback); `copilot export-feedback` exports it."""
     verdict = {
         True: copilot_pb2.VERDICT_HELPFUL,
         False: copilot_pb2.VERDICT_NOT_HELPFUL,

@@ -17,6 +17,7 @@ from copilot.runtime.config import data_dir
 from copilot_cli.common import (
     KNOWLEDGE_ADDR,
     AsJson,
+    DataDir,
     KnowledgeAddr,
     Token,
     connected,
@@ -50,7 +51,24 @@ def ingest(
         ),
     ] = "",
 ) -> None:
-    """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar."""
+    """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar.
+
+    A Markdown SOP may say what it is in a YAML front matter (the options above win over it):
+
+    \b
+        ---
+        id: CHILL-901                      # the document id cited in answers
+        title: Process Water Chiller Fault Response
+        version: "1.0"                     # a new version replaces the old one
+        equipment_types: [chiller]         # the machine types it is written for (none: every type)
+        plant_ids: [PUNE-IN]               # the plants it applies at (none: every plant)
+        ---
+        # Process Water Chiller Fault Response
+        ## High discharge pressure trip
+        1. Isolate the chiller ...
+
+    Sections are the Markdown headings; numbered lines become the steps cited. Text and PDF files take their scope
+    from the options. The service must run (`copilot up`, or `make pods`, which publishes it on 127.0.0.1:50053)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from copilot.client import ingest_file
@@ -94,6 +112,28 @@ def ingest(
             )
     out.print(table)
     raise typer.Exit(1 if failed else 0)
+
+
+def delete_doc(
+    document_id: Annotated[str, typer.Argument(help="the document's id, as `copilot docs` lists it")],
+    addr: KnowledgeAddr = KNOWLEDGE_ADDR,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with the local dev mesh's secret)"
+        ),
+    ] = "",
+) -> None:
+    """Remove a document from the knowledge library (DeleteDocument): answers stop citing it at once."""
+    if not yes:
+        typer.confirm(f"delete {document_id} from the knowledge library?", abort=True, err=True)
+    with connected(addr, token, role="admin") as (channel, metadata):
+        stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+        reply = stub.DeleteDocument(
+            knowledge_pb2.DeleteDocumentRequest(document_id=document_id), metadata=metadata, timeout=60
+        )
+    out.print(f"deleted {document_id} ({reply.chunks_removed} chunks)")
 
 
 def docs(
@@ -145,32 +185,23 @@ def evaluate(
     ] = None,
     export_feedback: Annotated[
         Path | None,
-        typer.Option(
-            "--export-feedback",
-            help="write the technicians' feedback from the incident history as labelled questions "
-            "(YAML, the --data format) and stop",
-        ),
+        typer.Option("--export-feedback", help="deprecated: `copilot export-feedback TARGET` does this", hidden=True),
     ] = None,
-    database_url: Annotated[
-        str,
-        typer.Option(
-            "--database-url",
-            envvar="ORCHESTRATOR_DATABASE_URL",
-            help="the incident history (default: the local mesh's)",
-        ),
-    ] = "",
+    database_url: Annotated[str, typer.Option("--database-url", envvar="ORCHESTRATOR_DATABASE_URL", hidden=True)] = "",
 ) -> None:
     """Knowledge quality on a labelled set, hybrid scoring on and off, in-process on a fresh store with the
     shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON.
-    With --export-feedback it exports the feedback as extra labelled data instead (evaluate it with --data)."""
+    Technicians' feedback becomes more labelled questions with `copilot export-feedback` (evaluate them with --data)."""
     if export_feedback is not None:
+        console.print("[yellow]--export-feedback is deprecated: use `copilot export-feedback TARGET`[/]")
         _export_feedback(export_feedback, database_url or f"sqlite:///{data_dir() / 'incidents.db'}")
         return
     import tempfile
     from dataclasses import asdict
 
-    from services.rag.core import AdvisorTuning, KnowledgeBase, minilm_embedder, open_store
+    from services.rag.core import AdvisorTuning, KnowledgeBase, open_store
     from services.rag.corpus import starter_corpus
+    from services.rag.embedders import minilm_embedder
     from services.rag.evaluation import LABELLED_QUESTIONS, eval_documents, evaluate, load_questions
 
     source = data or LABELLED_QUESTIONS
@@ -224,6 +255,24 @@ def evaluate(
     console.print(f"wrote {target}")
 
 
+def export_feedback(
+    target: Annotated[Path, typer.Argument(help="YAML file to write (the `copilot eval --data` format)")],
+    database_url: Annotated[
+        str,
+        typer.Option(
+            "--database-url",
+            envvar="ORCHESTRATOR_DATABASE_URL",
+            help="the incident history (default: <data dir>/incidents.db, the local mesh's)",
+        ),
+    ] = "",
+    data_dir_option: DataDir = None,
+) -> None:
+    """Write the technicians' feedback in the incident history as labelled questions (question, the SOPs that
+    helped, whether it should have been escalated). Reads only: the history is never created or upgraded."""
+    folder = data_dir_option or data_dir()
+    _export_feedback(target, database_url or f"sqlite:///{folder / 'incidents.db'}")
+
+
 def _export_feedback(target: Path, database_url: str) -> None:
     import yaml
 
@@ -231,7 +280,7 @@ def _export_feedback(target: Path, database_url: str) -> None:
     from services.rag.evaluation import questions_from_feedback
 
     try:  # read-only: an export never creates or upgrades the database it is pointed at
-        store = IncidentStore(database_url, read_only=True)
+        store = IncidentStore(database_url, migrate=False)
     except SchemaMismatch as refused:
         console.print(f"[red]{refused}[/red]")
         raise typer.Exit(1) from None
@@ -241,7 +290,7 @@ def _export_feedback(target: Path, database_url: str) -> None:
         store.close()
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(
-        "# Labelled questions from technician feedback (copilot eval --export-feedback)\n"
+        "# Labelled questions from technician feedback (copilot export-feedback)\n"
         + yaml.safe_dump({"questions": labelled}, sort_keys=False, allow_unicode=True)
     )
     console.print(f"wrote {len(labelled)} labelled questions from feedback to {target}")

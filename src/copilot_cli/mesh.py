@@ -25,7 +25,7 @@ def up(
     vision_port: Annotated[int, typer.Option("--vision-port")] = DEFAULT_PORTS["vision"],
     knowledge_port: Annotated[int, typer.Option("--knowledge-port")] = DEFAULT_PORTS["knowledge"],
     report_port: Annotated[int, typer.Option("--report-port")] = DEFAULT_PORTS["report"],
-    data_dir: DataDir | None = None,
+    data_dir: DataDir = None,
     vision_replicas: Annotated[
         int,
         typer.Option(
@@ -113,7 +113,7 @@ def print_supervisor_event(event: SupervisorEvent) -> None:
         )
 
 
-def status(data_dir: DataDir | None = None, as_json: AsJson = False) -> None:
+def status(data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """Each service of the local mesh (`copilot up`): state, pid, restarts, last exit, address, live health.
     Exit 0 when all serve, 2 when one does not, 1 when no mesh runs from the data folder."""
     from grpc_health.v1 import health_pb2
@@ -123,7 +123,8 @@ def status(data_dir: DataDir | None = None, as_json: AsJson = False) -> None:
     folder = data_dir or default_data_dir()
     state = read_state(folder)
     if state is None:
-        console.print(f"no local mesh is running from {folder} (start one with `copilot up`)")
+        hint = "" if folder.is_dir() else "; that folder does not exist: is the mesh's elsewhere (--data-dir)?"
+        console.print(f"no local mesh is running from {folder} (start one with `copilot up`){hint}")
         raise typer.Exit(1)
     services = state["services"]
     for service in services.values():

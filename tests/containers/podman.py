@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -72,7 +73,13 @@ def service_of(name: str) -> str:
 
 
 def for_podman(
-    docs: list[dict], *, tag: str, secret_dir: Path, orchestrator_port: int, extra_config: dict[str, str]
+    docs: list[dict],
+    *,
+    tag: str,
+    secret_dir: Path,
+    orchestrator_port: int,
+    extra_config: dict[str, str],
+    knowledge_port: int = 0,
 ) -> dict[str, list[dict]]:
     """The rendered overlay as one `kube play` document list per pod (see the module's doc for each change)."""
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("copilot-config-"))
@@ -102,14 +109,12 @@ def for_podman(
                     env["value"] = str(max(1, math.ceil(cpus)))
             # kube play publishes every containerPort on the host; pods reach each other on the network
             container.pop("ports", None)
-        if name == "orchestrator":
+        # published on 127.0.0.1: the orchestrator's port (where a cluster has its Ingress) and, for `make pods`,
+        # the knowledge service's (so `copilot ingest` / `docs` manage the pods' library as a local mesh's)
+        host_port = {"orchestrator": orchestrator_port, "knowledge": knowledge_port}.get(name, 0)
+        if host_port:
             workload["spec"]["template"]["spec"]["containers"][0]["ports"] = [
-                {
-                    "name": "grpc",
-                    "containerPort": SERVICE_PORTS["orchestrator"],
-                    "hostPort": orchestrator_port,
-                    "hostIP": "127.0.0.1",
-                }
+                {"name": "grpc", "containerPort": SERVICE_PORTS[name], "hostPort": host_port, "hostIP": "127.0.0.1"}
             ]
         workload["spec"]["replicas"] = 1
         plays[name] = [config, workload]
@@ -174,6 +179,7 @@ class PodmanMesh:
     workdir: Path
     tag: str = "dev"
     orchestrator_port: int = 0
+    knowledge_port: int = 0  # 0: not published
     secret: str = ""
     network: str = field(default_factory=lambda: f"copilot-ct-{uuid.uuid4().hex[:8]}")
     started_at: dict[str, float] = field(default_factory=dict)
@@ -223,6 +229,7 @@ class PodmanMesh:
             tag=self.tag,
             secret_dir=secret_dir,
             orchestrator_port=self.orchestrator_port,
+            knowledge_port=self.knowledge_port,
             extra_config={"OTEL_BSP_SCHEDULE_DELAY": "200", "ORCHESTRATOR_RATE_LIMIT": ""},
         )
         self.plays = plays
@@ -358,16 +365,30 @@ def volumes_of(path: Path) -> list[dict]:
     return [v for v in workload["spec"]["template"]["spec"].get("volumes", []) if "hostPath" not in v]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` already (a local mesh of `make run`, another `make pods`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: list[str]) -> int:
     """`python -m tests.containers.podman up|down` (`make pods` / `make pods-down`): the same pods as the
-    container test, left running: the orchestrator on 127.0.0.1:50051, JWTs signed with the local dev secret
-    (so `copilot diagnose` and `copilot token` work against it), spans in .copilot-data/pods/spans/."""
+    container test, left running: the orchestrator on 127.0.0.1:50051 and the knowledge service on 127.0.0.1:50053
+    (so `copilot diagnose`, `ingest`, `docs` and `token` work against them as against a local mesh), JWTs signed with
+    the local dev secret, spans in .copilot-data/pods/spans/. Refuses to start where those ports are taken, and
+    removes what it started when a pod cannot start."""
     from copilot.runtime.auth import dev_secret
 
     data = ROOT / ".copilot-data"
     mesh = PodmanMesh(
         data / "pods",
         orchestrator_port=int(argv[1]) if len(argv) > 1 else SERVICE_PORTS["orchestrator"],
+        knowledge_port=int(argv[2]) if len(argv) > 2 else SERVICE_PORTS["knowledge"],
         secret=dev_secret(data / "auth" / "dev-jwt-secret"),
         network="copilot-pods",
     )
@@ -376,15 +397,32 @@ def main(argv: list[str]) -> int:
         print("pods removed")
         return 0
     if argv[:1] != ["up"]:
-        print("usage: python -m tests.containers.podman up [ORCHESTRATOR_PORT] | down")
+        print("usage: python -m tests.containers.podman up [ORCHESTRATOR_PORT [KNOWLEDGE_PORT]] | down")
         return 2
-    mesh.start()
-    for pod, seconds in mesh.wait_ready().items():
+    taken = [port for port in (mesh.orchestrator_port, mesh.knowledge_port) if port_in_use(port)]
+    if taken:
+        print(
+            f"127.0.0.1:{', '.join(map(str, taken))} already in use: a local mesh (`make run` / `copilot up`) or pods "
+            "of an earlier `make pods` are serving there. Stop that first (Ctrl-C the mesh, or `make pods-down`); "
+            "nothing was started.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        mesh.start()
+        ready = mesh.wait_ready()
+    except (subprocess.CalledProcessError, TimeoutError) as failed:
+        detail = failed.stderr if isinstance(failed, subprocess.CalledProcessError) else str(failed)
+        print(f"the pods could not start: {(detail or str(failed)).strip()}", file=sys.stderr)
+        mesh.stop()
+        print("removed the pods that had started", file=sys.stderr)
+        return 1
+    for pod, seconds in ready.items():
         print(f"{mesh.container(pod):<34} SERVING after {seconds:5.1f} s")
     print(
-        f"orchestrator on 127.0.0.1:{mesh.orchestrator_port}; try: .venv/bin/copilot diagnose --addr "
-        f"127.0.0.1:{mesh.orchestrator_port} --plant PUNE-IN --equipment CNC-A-102 --problem 'Machine overheating "
-        "during operation'; stop with `make pods-down`"
+        f"orchestrator on 127.0.0.1:{mesh.orchestrator_port}, knowledge on 127.0.0.1:{mesh.knowledge_port}; try: "
+        ".venv/bin/copilot diagnose --plant PUNE-IN --equipment CNC-A-102 --problem 'Machine overheating during "
+        "operation' (and `copilot docs`, `copilot ingest FILE`); stop with `make pods-down`"
     )
     return 0
 

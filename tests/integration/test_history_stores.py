@@ -17,7 +17,8 @@ import pytest
 
 from copilot.domain import DiagnosisInput
 from copilot_cli.launcher import free_port
-from services.orchestrator.history import IncidentStore, RequestIdConflict, StoredFeedback, StoredIncident, fingerprint
+from services.orchestrator.history import IncidentStore, RequestIdConflict, StoredFeedback, StoredIncident
+from services.orchestrator.recorder import request_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +98,7 @@ def incident(
     import hashlib
 
     source = DiagnosisInput("PUNE-IN", equipment, problem, image_data=image)
+    image_sha256 = hashlib.sha256(image).hexdigest() if image else ""
     return StoredIncident(
         request_id=request_id,
         created_at=datetime.now(UTC) - timedelta(minutes=minutes_ago),
@@ -104,7 +106,7 @@ def incident(
         equipment_id=equipment,
         equipment_type="",
         problem_description=problem,
-        image_sha256=hashlib.sha256(image).hexdigest() if image else "",
+        image_sha256=image_sha256,
         image_mime_type="image/png" if image else "",
         principal="anna",
         trace_id="ab" * 16,
@@ -112,7 +114,7 @@ def incident(
         requires_manual_review=False,
         referenced_sop_ids=("SOP-123",),
         response=b"\x08\x01",
-        input_fingerprint=fingerprint(source),
+        input_fingerprint=request_fingerprint(source, image_sha256),
         stages=({"stage": "knowledge", "state": "ok", "error": ""},),
     ), image
 
@@ -399,7 +401,7 @@ def test_a_reader_never_creates_or_upgrades_the_history_and_says_why_it_refuses(
 
     missing = tmp_path / "none.db"
     with pytest.raises(SchemaMismatch, match="no incident history"):
-        IncidentStore(f"sqlite:///{missing}", read_only=True)
+        IncidentStore(f"sqlite:///{missing}", migrate=False)
     assert not missing.exists()
 
     url = f"sqlite:///{tmp_path / 'older.db'}"
@@ -408,7 +410,7 @@ def test_a_reader_never_creates_or_upgrades_the_history_and_says_why_it_refuses(
     with engine.begin() as connection:
         command.downgrade(migrations_config(connection), "0002")  # as a previous release left it
     with pytest.raises(SchemaMismatch, match=f"revision 0002, this release reads {head_revision()}"):
-        IncidentStore(url, read_only=True)
+        IncidentStore(url, migrate=False)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"  # untouched
     engine.dispose()
@@ -416,7 +418,7 @@ def test_a_reader_never_creates_or_upgrades_the_history_and_says_why_it_refuses(
     store = IncidentStore(url)  # the orchestrator upgrades it
     store.save(*incident("ro-1"))
     store.close()
-    reader = IncidentStore(url, read_only=True)
+    reader = IncidentStore(url, migrate=False)
     try:
         assert reader.get("ro-1") is not None and reader.feedback_export() == []
     finally:

@@ -14,8 +14,9 @@ import pytest
 
 from benchmarks.replica_start import spawn, wait_serving
 from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
-from services.rag.core import KnowledgeBase, minilm_embedder, open_store
+from services.rag.core import KnowledgeBase, open_store
 from services.rag.corpus import starter_corpus
+from services.rag.embedders import minilm_embedder
 from tests.conftest import ROOT, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]

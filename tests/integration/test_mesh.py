@@ -221,7 +221,7 @@ def test_every_service_exposes_prometheus_metrics(mesh, stub):
 
 
 def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
-    """`copilot diagnose` (StreamDiagnose), `incidents`, `incident`, `feedback` and `eval --export-feedback`
+    """`copilot diagnose` (StreamDiagnose), `incidents`, `incident`, `feedback` and `export-feedback`
     as a technician runs them, against the real mesh (tokens minted from the mesh's secret)."""
     import yaml
 
@@ -250,7 +250,7 @@ def test_the_cli_streams_a_diagnosis_then_finds_it_and_records_feedback(mesh):
     assert "helpful" in shown.stdout and "Cleaned the coolant filter" in shown.stdout
 
     export = mesh.data_dir / "feedback.yaml"
-    copilot("eval", "--export-feedback", str(export), "--database-url", f"sqlite:///{mesh.data_dir / 'incidents.db'}")
+    copilot("export-feedback", str(export), "--data-dir", str(mesh.data_dir))
     questions = yaml.safe_load(export.read_text())["questions"]
     assert {"q": PROBLEM, "expect": ["SOP-123"], "escalate": False}.items() <= questions[0].items()
 
@@ -312,3 +312,39 @@ def test_a_plant_sop_is_used_at_its_plant_and_an_uncovered_machine_goes_to_revie
     assert {"brushed-steel", "painted-panel"} <= set(shown["reference_sets"]) and "unavailable" not in shown
     away_types = json.loads(copilot("equipment", "--plant", "BLR-IN", "--json", "--addr", mesh.address("orchestrator")))
     assert "chiller" not in {t["equipment_type"] for t in away_types["sop_types"]}
+
+
+def test_a_refused_diagnosis_shows_its_error_once_and_documents_can_be_deleted_from_the_cli(mesh, tmp_path):
+    """A new user's first mistakes: a lower-case plant code gets one error naming an example (no empty stage
+    table, no regex); a document ingested by mistake goes with `copilot delete-doc`."""
+    binary = str(Path(sys.executable).with_name("copilot"))
+    refused = subprocess.run(
+        [
+            binary,
+            "diagnose",
+            "--plant",
+            "pune",
+            "--equipment",
+            "CNC-A-102",
+            "--problem",
+            PROBLEM,
+            "--addr",
+            mesh.address("orchestrator"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2, said
+    assert "INVALID_ARGUMENT" in said and "PUNE-IN" in said and "waiting" not in said and "^[A-Z]" not in said
+    assert said.count("plant_id") == 1, said
+
+    manual = tmp_path / "TEMP-001.md"
+    manual.write_text("---\nid: TEMP-001\ntitle: Scratch\nversion: '1'\n---\n# Scratch\n\n## Steps\n1. Nothing.\n")
+    run_cli("ingest", str(manual), "--addr", mesh.address("knowledge"))
+    deleted = run_cli("delete-doc", "TEMP-001", "--yes", "--addr", mesh.address("knowledge")).stdout
+    assert "deleted TEMP-001" in deleted
+    listed = json.loads(run_cli("docs", "--json", "--addr", mesh.address("knowledge")).stdout)
+    assert "TEMP-001" not in {d["document_id"] for d in listed}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.rag.core import minilm_embedder
+from services.rag.embedders import minilm_embedder
 from services.rag.onnx_embedder import OnnxMiniLM, onnx_path
 
 pytestmark = pytest.mark.models

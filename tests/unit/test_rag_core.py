@@ -58,8 +58,9 @@ async def test_a_served_query_is_embedded_on_the_loop_and_handed_to_the_worker(k
     """The service embeds the question through the batcher on its event loop and hands the vector to the worker
     thread, which no longer calls back into the loop for it (two thread hand-offs fewer per request)."""
     import asyncio
+    import functools
 
-    from services.rag.core import BatchedQueryEmbedder
+    from services.rag.embedders import BatchedQueryEmbedder
 
     batched = BatchedQueryEmbedder(knowledge_base.embedder, asyncio.get_running_loop())
     served = KnowledgeBase(knowledge_base.store, batched)
@@ -68,7 +69,7 @@ async def test_a_served_query_is_embedded_on_the_loop_and_handed_to_the_worker(k
     problem = "CNC machine overheating during operation"
     try:
         embedding = await served.query_embedding(served.build_query(problem))
-        guidance = await asyncio.to_thread(served.advise, problem, (), None, "", "", embedding)
+        guidance = await asyncio.to_thread(functools.partial(served.advise, problem, embedding=embedding))
     finally:
         await batched.close()
     assert called_back == []
@@ -242,7 +243,7 @@ def test_an_equipment_type_no_document_declares_does_not_narrow_the_search(knowl
 
 
 def test_identifiers_are_indexed_per_chunk():
-    from services.rag.store import chunk_identifiers
+    from services.rag.identifiers import chunk_identifiers
 
     found = chunk_identifiers("HYD-210", "Alarm E-0452: replace seal PN-7781-A (see sop-123), code ab12 and X1.")
     assert found == sorted({"HYD-210", "HYD", "E-0452", "PN-7781-A", "PN-7781", "SOP-123"} - {"HYD"})
@@ -264,7 +265,7 @@ def test_a_long_run_of_letters_and_separators_is_scanned_once():
     would take hours, holding the GIL). It is scanned in well under a second now; it runs in a child process so
     that a regression fails at the limit instead of hanging the suite."""
     script = (
-        "from services.rag.store import chunk_identifiers\n"
+        "from services.rag.identifiers import chunk_identifiers\n"
         "text = 'a-' * 200_000 + ' then E-0452 and ' + 'b.' * 200_000 + '7'\n"
         "print(chunk_identifiers('HYD-210', text))\n"
     )
@@ -389,8 +390,8 @@ def test_a_store_embedded_by_another_model_is_embedded_again_with_this_one(tmp_p
     no model at all) are embedded again by the int8 one, ids and metadata unchanged, once."""
     import numpy as np
 
-    from services.rag.core import minilm_embedder
     from services.rag.corpus import embedding_text
+    from services.rag.embedders import minilm_embedder
 
     float32 = minilm_embedder(kind="onnx")
     assert float32.model_id != embedder.model_id
@@ -424,7 +425,7 @@ def test_a_store_embedded_by_another_model_is_embedded_again_with_this_one(tmp_p
 
 
 def test_a_document_replaced_while_it_is_embedded_again_is_left_to_its_writer(tmp_path, embedder):
-    from services.rag.core import minilm_embedder
+    from services.rag.embedders import minilm_embedder
 
     float32 = minilm_embedder(kind="onnx")
     old = KnowledgeBase(open_store(tmp_path), float32)
@@ -449,7 +450,7 @@ def test_a_document_replaced_while_it_is_embedded_again_is_left_to_its_writer(tm
 def test_a_stopped_pass_embeds_nothing_more_and_the_next_one_goes_on(tmp_path, embedder):
     import threading
 
-    from services.rag.core import minilm_embedder
+    from services.rag.embedders import minilm_embedder
 
     old = KnowledgeBase(open_store(tmp_path), minilm_embedder(kind="onnx"))
     for n in range(3):

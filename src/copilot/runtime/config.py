@@ -17,11 +17,23 @@ DEFAULT_METRICS_PORTS = {"orchestrator": 9464, "vision": 9465, "knowledge": 9466
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def project_root() -> Path | None:
+    """The checkout this code runs from (an editable install: `make install`), or None (a package installed into
+    site-packages, as in the images)."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "services").is_dir() else None
+
+
 def data_dir() -> Path:
     """Where a process keeps its local state (reference images, the embedded Chroma store, the incident
-    history, logs, the dev signing secret): COPILOT_DATA_DIR, else `.copilot-data` in the working directory.
-    Each setting that names a file below it can still be set on its own."""
-    return Path(os.environ.get("COPILOT_DATA_DIR") or ".copilot-data")
+    history, logs, the dev signing secret): COPILOT_DATA_DIR, else the checkout's `.copilot-data` (the same folder
+    from whatever directory a command runs), else `.copilot-data` in the working directory. Each setting that
+    names a file below it can still be set on its own."""
+    setting = os.environ.get("COPILOT_DATA_DIR")
+    if setting:
+        return Path(setting)
+    root = project_root()
+    return root / ".copilot-data" if root is not None else Path(".copilot-data")
 
 
 class TlsSettings(BaseSettings):

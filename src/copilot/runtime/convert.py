@@ -33,36 +33,41 @@ def defect_from_pb(msg: common_pb2.Defect) -> d.Defect:
     return d.Defect(type=msg.type, confidence=msg.confidence, description=msg.description, box=box)
 
 
-def citation_to_pb(c: d.SopCitation) -> common_pb2.SopCitation:
+def citation_to_pb(citation: d.SopCitation) -> common_pb2.SopCitation:
     return common_pb2.SopCitation(
-        sop_id=c.sop_id,
-        title=c.title,
-        section=c.section,
-        score=c.score,
-        version=c.version,
-        equipment_types=list(c.equipment_types),
+        sop_id=citation.sop_id,
+        title=citation.title,
+        section=citation.section,
+        score=citation.score,
+        version=citation.version,
+        equipment_types=list(citation.equipment_types),
     )
 
 
-def citation_from_pb(m: common_pb2.SopCitation) -> d.SopCitation:
+def citation_from_pb(message: common_pb2.SopCitation) -> d.SopCitation:
     return d.SopCitation(
-        sop_id=m.sop_id,
-        title=m.title,
-        section=m.section,
-        score=m.score,
-        version=m.version,
-        equipment_types=tuple(m.equipment_types),
+        sop_id=message.sop_id,
+        title=message.title,
+        section=message.section,
+        score=message.score,
+        version=message.version,
+        equipment_types=tuple(message.equipment_types),
     )
 
 
-def step_to_pb(s: d.GuidanceStep) -> common_pb2.GuidanceStep:
+def step_to_pb(step: d.GuidanceStep) -> common_pb2.GuidanceStep:
     return common_pb2.GuidanceStep(
-        text=s.text, sop_ids=list(s.sop_ids), sections=list(s.sections), unsupported=s.unsupported
+        text=step.text, sop_ids=list(step.sop_ids), sections=list(step.sections), unsupported=step.unsupported
     )
 
 
-def step_from_pb(m: common_pb2.GuidanceStep) -> d.GuidanceStep:
-    return d.GuidanceStep(text=m.text, sop_ids=tuple(m.sop_ids), sections=tuple(m.sections), unsupported=m.unsupported)
+def step_from_pb(message: common_pb2.GuidanceStep) -> d.GuidanceStep:
+    return d.GuidanceStep(
+        text=message.text,
+        sop_ids=tuple(message.sop_ids),
+        sections=tuple(message.sections),
+        unsupported=message.unsupported,
+    )
 
 
 def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
@@ -80,109 +85,118 @@ def _actions_from_pb(actions: Iterable[common_pb2.RecommendedAction]) -> tuple[d
     return tuple(d.RecommendedAction(description=a.description, sop_ids=tuple(a.sop_ids)) for a in actions)
 
 
-def report_to_pb(r: d.IncidentReport) -> common_pb2.IncidentReport:
-    generated = timestamp_to_pb(r.generated_at.astimezone(UTC))
+def report_to_pb(report: d.IncidentReport) -> common_pb2.IncidentReport:
+    generated = timestamp_to_pb(report.generated_at.astimezone(UTC))
     return common_pb2.IncidentReport(
-        summary=r.summary,
-        defects=[defect_to_pb(x) for x in r.defects],
-        recommended_actions=_actions_to_pb(r.recommended_actions),
-        review_steps=_actions_to_pb(r.review_steps),
-        review_notes=list(r.review_notes),
-        safety_notes=list(r.safety_notes),
-        follow_up=list(r.follow_up),
-        referenced_sop_ids=list(r.referenced_sop_ids),
+        summary=report.summary,
+        defects=[defect_to_pb(x) for x in report.defects],
+        recommended_actions=_actions_to_pb(report.recommended_actions),
+        review_steps=_actions_to_pb(report.review_steps),
+        review_notes=list(report.review_notes),
+        safety_notes=list(report.safety_notes),
+        follow_up=list(report.follow_up),
+        referenced_sop_ids=list(report.referenced_sop_ids),
         generated_at=generated,
-        rendered_text=r.rendered_text,
-        citations=[citation_to_pb(c) for c in r.citations],
+        rendered_text=report.rendered_text,
+        citations=[citation_to_pb(c) for c in report.citations],
     )
 
 
-def report_from_pb(m: common_pb2.IncidentReport) -> d.IncidentReport:
+def report_from_pb(message: common_pb2.IncidentReport) -> d.IncidentReport:
     return d.IncidentReport(
-        summary=m.summary,
-        defects=tuple(defect_from_pb(x) for x in m.defects),
-        recommended_actions=_actions_from_pb(m.recommended_actions),
-        review_steps=_actions_from_pb(m.review_steps),
-        review_notes=tuple(m.review_notes),
-        safety_notes=tuple(m.safety_notes),
-        follow_up=tuple(m.follow_up),
-        referenced_sop_ids=tuple(m.referenced_sop_ids),
-        generated_at=m.generated_at.ToDatetime(tzinfo=UTC),
-        rendered_text=m.rendered_text,
-        citations=tuple(citation_from_pb(c) for c in m.citations),
+        summary=message.summary,
+        defects=tuple(defect_from_pb(x) for x in message.defects),
+        recommended_actions=_actions_from_pb(message.recommended_actions),
+        review_steps=_actions_from_pb(message.review_steps),
+        review_notes=tuple(message.review_notes),
+        safety_notes=tuple(message.safety_notes),
+        follow_up=tuple(message.follow_up),
+        referenced_sop_ids=tuple(message.referenced_sop_ids),
+        generated_at=message.generated_at.ToDatetime(tzinfo=UTC),
+        rendered_text=message.rendered_text,
+        citations=tuple(citation_from_pb(c) for c in message.citations),
     )
 
 
 # --- vision ---------------------------------------------------------------------------------------
 
 
-def findings_to_pb(f: d.VisionFindings) -> vision_pb2.AnalyzeImageResponse:
+def findings_to_pb(findings: d.VisionFindings) -> vision_pb2.AnalyzeImageResponse:
     return vision_pb2.AnalyzeImageResponse(
-        defects=[defect_to_pb(x) for x in f.defects],
-        confidence=f.confidence,
-        anomaly_score=f.anomaly_score,
-        description=f.description,
-        model=f.model,
-        width=f.width,
-        height=f.height,
-        heatmap_png=f.heatmap_png,
-        reference_set=f.reference_set,
-        anomaly_map=anomaly_map_to_pb(f.anomaly_map) if f.anomaly_map is not None else None,
-        generic_reference_set=f.generic,
+        defects=[defect_to_pb(x) for x in findings.defects],
+        confidence=findings.confidence,
+        anomaly_score=findings.anomaly_score,
+        description=findings.description,
+        model=findings.model,
+        width=findings.width,
+        height=findings.height,
+        heatmap_png=findings.heatmap_png,
+        reference_set=findings.reference_set,
+        anomaly_map=anomaly_map_to_pb(findings.anomaly_map) if findings.anomaly_map is not None else None,
+        generic_reference_set=findings.generic,
     )
 
 
-def anomaly_map_to_pb(m: d.AnomalyMap) -> vision_pb2.AnomalyMap:
-    return vision_pb2.AnomalyMap(width=m.width, height=m.height, values=m.values)
+def anomaly_map_to_pb(anomaly_map: d.AnomalyMap) -> vision_pb2.AnomalyMap:
+    return vision_pb2.AnomalyMap(width=anomaly_map.width, height=anomaly_map.height, values=anomaly_map.values)
 
 
-def anomaly_map_from_pb(m: vision_pb2.AnomalyMap) -> d.AnomalyMap:
-    return d.AnomalyMap(width=m.width, height=m.height, values=tuple(m.values))
+def anomaly_map_from_pb(message: vision_pb2.AnomalyMap) -> d.AnomalyMap:
+    return d.AnomalyMap(width=message.width, height=message.height, values=tuple(message.values))
 
 
-def findings_from_pb(m: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
+def findings_from_pb(message: vision_pb2.AnalyzeImageResponse) -> d.VisionFindings:
     return d.VisionFindings(
-        defects=tuple(defect_from_pb(x) for x in m.defects),
-        confidence=m.confidence,
-        anomaly_score=m.anomaly_score,
-        description=m.description,
-        model=m.model,
-        width=m.width,
-        height=m.height,
-        reference_set=m.reference_set,
-        generic=m.generic_reference_set,
-        anomaly_map=anomaly_map_from_pb(m.anomaly_map) if m.HasField("anomaly_map") else None,
+        defects=tuple(defect_from_pb(x) for x in message.defects),
+        confidence=message.confidence,
+        anomaly_score=message.anomaly_score,
+        description=message.description,
+        model=message.model,
+        width=message.width,
+        height=message.height,
+        reference_set=message.reference_set,
+        generic=message.generic_reference_set,
+        anomaly_map=anomaly_map_from_pb(message.anomaly_map) if message.HasField("anomaly_map") else None,
+    )
+
+
+def vision_request_to_pb(request: d.VisionRequest) -> vision_pb2.AnalyzeImageRequest:
+    return vision_pb2.AnalyzeImageRequest(
+        image=common_pb2.Image(data=request.image_data, mime_type=request.image_mime_type),
+        image_id=request.image_id,
+        equipment_id=request.equipment_id,
+        equipment_type=request.reference_set,
     )
 
 
 # --- knowledge ------------------------------------------------------------------------------------
 
 
-def chunk_to_pb(c: d.SopChunk) -> knowledge_pb2.SopChunk:
+def chunk_to_pb(chunk: d.SopChunk) -> knowledge_pb2.SopChunk:
     return knowledge_pb2.SopChunk(
-        chunk_id=c.chunk_id,
-        sop_id=c.sop_id,
-        title=c.title,
-        section=c.section,
-        text=c.text,
-        score=c.score,
-        version=c.version,
-        position=c.position,
-        equipment_types=list(c.equipment_types),
+        chunk_id=chunk.chunk_id,
+        sop_id=chunk.sop_id,
+        title=chunk.title,
+        section=chunk.section,
+        text=chunk.text,
+        score=chunk.score,
+        version=chunk.version,
+        position=chunk.position,
+        equipment_types=list(chunk.equipment_types),
     )
 
 
-def chunk_from_pb(m: knowledge_pb2.SopChunk) -> d.SopChunk:
+def chunk_from_pb(message: knowledge_pb2.SopChunk) -> d.SopChunk:
     return d.SopChunk(
-        chunk_id=m.chunk_id,
-        sop_id=m.sop_id,
-        title=m.title,
-        section=m.section,
-        text=m.text,
-        score=m.score,
-        version=m.version,
-        position=m.position,
-        equipment_types=tuple(m.equipment_types),
+        chunk_id=message.chunk_id,
+        sop_id=message.sop_id,
+        title=message.title,
+        section=message.section,
+        text=message.text,
+        score=message.score,
+        version=message.version,
+        position=message.position,
+        equipment_types=tuple(message.equipment_types),
     )
 
 
@@ -195,90 +209,102 @@ _REVIEW = {
 _REVIEW_FROM = {v: k for k, v in _REVIEW.items()}
 
 
-def guidance_to_pb(g: d.Guidance) -> knowledge_pb2.AdviseResponse:
-    return knowledge_pb2.AdviseResponse(
-        steps=[step_to_pb(s) for s in g.steps],
-        citations=[citation_to_pb(c) for c in g.citations],
-        safety_notes=list(g.safety_notes),
-        confidence=g.confidence,
-        fallback=g.fallback,
-        query=g.query,
-        generator=g.generator,
-        model=g.model,
-        citations_removed=g.citations_removed,
-        unsupported_steps=g.unsupported_steps,
-        cached=g.cached,
-        equipment_type=g.equipment_type,
-        equipment_source=g.equipment_source,
-        language=g.language,
-        reviews=[knowledge_pb2.GuidanceReview(kind=_REVIEW[r.kind], message=r.message) for r in g.reviews],
+def advice_request_to_pb(request: d.AdviceRequest) -> knowledge_pb2.AdviseRequest:
+    return knowledge_pb2.AdviseRequest(
+        problem_description=request.problem_description,
+        defects=[defect_to_pb(defect) for defect in request.defects],
+        plant_id=request.plant_id,
+        equipment_id=request.equipment_id,
+        equipment_type=request.equipment_type,
     )
 
 
-def guidance_from_pb(m: knowledge_pb2.AdviseResponse) -> d.Guidance:
+def guidance_to_pb(guidance: d.Guidance) -> knowledge_pb2.AdviseResponse:
+    return knowledge_pb2.AdviseResponse(
+        steps=[step_to_pb(s) for s in guidance.steps],
+        citations=[citation_to_pb(c) for c in guidance.citations],
+        safety_notes=list(guidance.safety_notes),
+        confidence=guidance.confidence,
+        fallback=guidance.fallback,
+        query=guidance.query,
+        generator=guidance.generator,
+        model=guidance.model,
+        citations_removed=guidance.citations_removed,
+        unsupported_steps=guidance.unsupported_steps,
+        cached=guidance.cached,
+        equipment_type=guidance.equipment_type,
+        equipment_source=guidance.equipment_source,
+        language=guidance.language,
+        reviews=[knowledge_pb2.GuidanceReview(kind=_REVIEW[r.kind], message=r.message) for r in guidance.reviews],
+    )
+
+
+def guidance_from_pb(message: knowledge_pb2.AdviseResponse) -> d.Guidance:
     return d.Guidance(
-        steps=tuple(step_from_pb(s) for s in m.steps),
-        citations=tuple(citation_from_pb(c) for c in m.citations),
-        safety_notes=tuple(m.safety_notes),
-        confidence=m.confidence,
-        fallback=m.fallback,
-        query=m.query,
-        generator=m.generator,
-        model=m.model,
-        citations_removed=m.citations_removed,
-        unsupported_steps=m.unsupported_steps,
-        cached=m.cached,
-        equipment_type=m.equipment_type,
-        equipment_source=m.equipment_source,
-        language=m.language,
-        reviews=tuple(d.GuidanceReview(_REVIEW_FROM[r.kind], r.message) for r in m.reviews if r.kind in _REVIEW_FROM),
+        steps=tuple(step_from_pb(s) for s in message.steps),
+        citations=tuple(citation_from_pb(c) for c in message.citations),
+        safety_notes=tuple(message.safety_notes),
+        confidence=message.confidence,
+        fallback=message.fallback,
+        query=message.query,
+        generator=message.generator,
+        model=message.model,
+        citations_removed=message.citations_removed,
+        unsupported_steps=message.unsupported_steps,
+        cached=message.cached,
+        equipment_type=message.equipment_type,
+        equipment_source=message.equipment_source,
+        language=message.language,
+        reviews=tuple(
+            d.GuidanceReview(_REVIEW_FROM[r.kind], r.message) for r in message.reviews if r.kind in _REVIEW_FROM
+        ),
     )
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 
-def report_inputs_to_pb(i: d.ReportInputs) -> report_pb2.ComposeReportRequest:
+def report_inputs_to_pb(inputs: d.ReportInputs) -> report_pb2.ComposeReportRequest:
     return report_pb2.ComposeReportRequest(
-        request_id=i.request_id,
-        plant_id=i.plant_id,
-        equipment_id=i.equipment_id,
-        problem_description=i.problem_description,
-        defects=[defect_to_pb(x) for x in i.defects],
-        guidance=[step_to_pb(s) for s in i.guidance],
-        citations=[citation_to_pb(c) for c in i.citations],
-        safety_notes=list(i.safety_notes),
-        confidence_score=i.confidence_score,
-        requires_manual_review=i.requires_manual_review,
-        stage_notes=list(i.stage_notes),
-        related_incidents=[past_incident_to_pb(x) for x in i.related_incidents],
-        image_analyzed=i.image_analyzed,
-        vision_summary=i.vision_summary,
-        vision_confidence=i.vision_confidence,
-        review_notes=list(i.review_notes),
-        equipment_type=i.equipment_type,
+        request_id=inputs.request_id,
+        plant_id=inputs.plant_id,
+        equipment_id=inputs.equipment_id,
+        problem_description=inputs.problem_description,
+        defects=[defect_to_pb(x) for x in inputs.defects],
+        guidance=[step_to_pb(s) for s in inputs.guidance],
+        citations=[citation_to_pb(c) for c in inputs.citations],
+        safety_notes=list(inputs.safety_notes),
+        confidence_score=inputs.confidence_score,
+        requires_manual_review=inputs.requires_manual_review,
+        stage_notes=list(inputs.stage_notes),
+        related_incidents=[past_incident_to_pb(x) for x in inputs.related_incidents],
+        image_analyzed=inputs.image_analyzed,
+        vision_summary=inputs.vision_summary,
+        vision_confidence=inputs.vision_confidence,
+        review_notes=list(inputs.review_notes),
+        equipment_type=inputs.equipment_type,
     )
 
 
-def report_inputs_from_pb(m: report_pb2.ComposeReportRequest) -> d.ReportInputs:
+def report_inputs_from_pb(message: report_pb2.ComposeReportRequest) -> d.ReportInputs:
     return d.ReportInputs(
-        request_id=m.request_id,
-        plant_id=m.plant_id,
-        equipment_id=m.equipment_id,
-        problem_description=m.problem_description,
-        defects=tuple(defect_from_pb(x) for x in m.defects),
-        guidance=tuple(step_from_pb(s) for s in m.guidance),
-        citations=tuple(citation_from_pb(c) for c in m.citations),
-        safety_notes=tuple(m.safety_notes),
-        confidence_score=m.confidence_score,
-        requires_manual_review=m.requires_manual_review,
-        stage_notes=tuple(m.stage_notes),
-        related_incidents=tuple(past_incident_from_pb(x) for x in m.related_incidents),
-        image_analyzed=m.image_analyzed,
-        vision_summary=m.vision_summary,
-        vision_confidence=m.vision_confidence,
-        review_notes=tuple(m.review_notes),
-        equipment_type=m.equipment_type,
+        request_id=message.request_id,
+        plant_id=message.plant_id,
+        equipment_id=message.equipment_id,
+        problem_description=message.problem_description,
+        defects=tuple(defect_from_pb(x) for x in message.defects),
+        guidance=tuple(step_from_pb(s) for s in message.guidance),
+        citations=tuple(citation_from_pb(c) for c in message.citations),
+        safety_notes=tuple(message.safety_notes),
+        confidence_score=message.confidence_score,
+        requires_manual_review=message.requires_manual_review,
+        stage_notes=tuple(message.stage_notes),
+        related_incidents=tuple(past_incident_from_pb(x) for x in message.related_incidents),
+        image_analyzed=message.image_analyzed,
+        vision_summary=message.vision_summary,
+        vision_confidence=message.vision_confidence,
+        review_notes=tuple(message.review_notes),
+        equipment_type=message.equipment_type,
     )
 
 
@@ -307,17 +333,17 @@ _STATE = {
 }
 
 
-def diagnosis_input_from_pb(m: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
+def diagnosis_input_from_pb(message: copilot_pb2.DiagnoseRequest) -> d.DiagnosisInput:
     return d.DiagnosisInput(
-        plant_id=m.plant_id,
-        equipment_id=m.equipment_id,
-        problem_description=m.problem_description,
+        plant_id=message.plant_id,
+        equipment_id=message.equipment_id,
+        problem_description=message.problem_description,
         # the image's own bytes: what follows its end is neither stored, hashed nor sent to vision
-        image_data=without_trailing_bytes(m.image.data) if m.HasField("image") else b"",
-        image_mime_type=m.image.mime_type if m.HasField("image") else "",
-        image_id=m.image_id if m.HasField("image_id") else "",
-        equipment_type=m.equipment_type,
-        reference_set=m.reference_set,
+        image_data=without_trailing_bytes(message.image.data) if message.HasField("image") else b"",
+        image_mime_type=message.image.mime_type if message.HasField("image") else "",
+        image_id=message.image_id if message.HasField("image_id") else "",
+        equipment_type=message.equipment_type,
+        reference_set=message.reference_set,
     )
 
 
@@ -325,43 +351,70 @@ def stage_to_pb(stage: d.Stage) -> copilot_pb2.Stage:
     return _STAGE[stage]
 
 
-def stage_status_to_pb(s: d.StageStatus) -> copilot_pb2.StageStatus:
+def stage_status_to_pb(status: d.StageStatus) -> copilot_pb2.StageStatus:
     return copilot_pb2.StageStatus(
-        stage=_STAGE[s.stage], state=_STATE[s.state], error=s.error, confidence=s.confidence, duration_ms=s.duration_ms
+        stage=_STAGE[status.stage],
+        state=_STATE[status.state],
+        error=status.error,
+        confidence=status.confidence,
+        duration_ms=status.duration_ms,
     )
 
 
-def diagnosis_to_pb(x: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
+def stage_event_to_pb(event: d.StageStarted | d.StageFinished) -> copilot_pb2.StreamDiagnoseResponse:
+    """A workflow stage event as StreamDiagnose sends it, with the finished stage's partial result."""
+    if isinstance(event, d.StageStarted):
+        return copilot_pb2.StreamDiagnoseResponse(
+            request_id=event.request_id, stage_started=copilot_pb2.StageStarted(stage=stage_to_pb(event.stage))
+        )
+    finished = copilot_pb2.StageFinished(status=stage_status_to_pb(event.status))
+    result = event.result
+    if isinstance(result, d.VisionFindings):
+        finished.defects.extend(defect_to_pb(defect) for defect in result.defects)
+    elif isinstance(result, d.Guidance):
+        finished.guidance.extend(step_to_pb(step) for step in result.steps)
+        finished.citations.extend(citation_to_pb(citation) for citation in result.citations)
+    elif isinstance(result, d.IncidentReport):
+        finished.report.CopyFrom(report_to_pb(result))
+    return copilot_pb2.StreamDiagnoseResponse(request_id=event.request_id, stage_finished=finished)
+
+
+def diagnosis_to_pb(diagnosis: d.Diagnosis) -> copilot_pb2.DiagnoseResponse:
     return copilot_pb2.DiagnoseResponse(
-        request_id=x.request_id,
-        report=report_to_pb(x.report),
-        confidence_score=x.confidence_score,
-        requires_manual_review=x.requires_manual_review,
-        stages=[stage_status_to_pb(s) for s in x.stages],
-        safety_disclaimer=x.safety_disclaimer,
-        escalation_reasons=[_REASON[r] for r in x.escalation_reasons],
-        trace_id=x.trace_id,
-        review_notes=list(x.review_notes),
-        equipment_type=x.equipment_type,
-        reference_set=x.reference_set,
+        request_id=diagnosis.request_id,
+        report=report_to_pb(diagnosis.report),
+        confidence_score=diagnosis.confidence_score,
+        requires_manual_review=diagnosis.requires_manual_review,
+        stages=[stage_status_to_pb(s) for s in diagnosis.stages],
+        safety_disclaimer=diagnosis.safety_disclaimer,
+        escalation_reasons=[_REASON[r] for r in diagnosis.escalation_reasons],
+        trace_id=diagnosis.trace_id,
+        review_notes=list(diagnosis.review_notes),
+        equipment_type=diagnosis.equipment_type,
+        reference_set=diagnosis.reference_set,
     )
 
 
-def past_incident_to_pb(x: d.PastIncident) -> report_pb2.PastIncident:
+def diagnosis_to_bytes(diagnosis: d.Diagnosis) -> bytes:
+    """The Diagnosis as a serialized DiagnoseResponse: what the incident history stores and a replay answers."""
+    return diagnosis_to_pb(diagnosis).SerializeToString()
+
+
+def past_incident_to_pb(incident: d.PastIncident) -> report_pb2.PastIncident:
     return report_pb2.PastIncident(
-        request_id=x.request_id,
-        created_at=timestamp_to_pb(x.created_at),
-        problem_description=x.problem_description,
-        referenced_sop_ids=list(x.referenced_sop_ids),
-        resolution_notes=x.resolution_notes,
+        request_id=incident.request_id,
+        created_at=timestamp_to_pb(incident.created_at),
+        problem_description=incident.problem_description,
+        referenced_sop_ids=list(incident.referenced_sop_ids),
+        resolution_notes=incident.resolution_notes,
     )
 
 
-def past_incident_from_pb(m: report_pb2.PastIncident) -> d.PastIncident:
+def past_incident_from_pb(message: report_pb2.PastIncident) -> d.PastIncident:
     return d.PastIncident(
-        request_id=m.request_id,
-        created_at=m.created_at.ToDatetime(UTC),
-        problem_description=m.problem_description,
-        referenced_sop_ids=tuple(m.referenced_sop_ids),
-        resolution_notes=m.resolution_notes,
+        request_id=message.request_id,
+        created_at=message.created_at.ToDatetime(UTC),
+        problem_description=message.problem_description,
+        referenced_sop_ids=tuple(message.referenced_sop_ids),
+        resolution_notes=message.resolution_notes,
     )

@@ -28,6 +28,7 @@ from copilot.runtime.interceptors import (
 )
 from copilot.runtime.logging import configure_logging
 from copilot.runtime.memory import return_freed_memory
+from copilot.runtime.offline import models_offline_by_default
 from copilot.runtime.telemetry import server_interceptors, setup_telemetry, shutdown_telemetry
 from copilot.runtime.tls import server_credentials
 
@@ -203,6 +204,7 @@ def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings
     loop, so channels and other loop-bound objects it creates belong to the loop that serves."""
 
     otel_name = f"copilot-{name}"
+    models_offline_by_default()
     return_freed_memory()  # before anything large is allocated
     configure_logging(otel_name)
 

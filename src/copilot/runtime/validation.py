@@ -4,6 +4,8 @@ items."""
 
 from __future__ import annotations
 
+import re
+
 import protovalidate
 from google.protobuf.message import Message
 
@@ -27,8 +29,32 @@ def _path(violation: protovalidate.Violation) -> str:
     return ".".join(parts) or rule_id
 
 
+#: What a value of each format the protos ask for looks like, said instead of the regular expression (the
+#: patterns as the protos write them, without the optional-value wrapper `^(...)?$`).
+_FORMATS = {
+    "^[A-Z]{3,4}-[A-Za-z0-9_]{2,3}$": "must be a plant code such as PUNE-IN: 3 or 4 capital letters, a hyphen, then 2 "
+    "or 3 letters or digits",
+    "^[a-z][a-z0-9-]{1,39}$": "must be a lower-case name such as centrifugal-pump: a letter, then letters, digits or "
+    "hyphens, 2 to 40 characters in all",
+    "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$": "must be an id such as cmms-4711: a letter or digit, then letters, digits "
+    "and . _ : - (64 characters at most)",
+    "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": "must be a document id such as SOP-123: a letter or digit, then letters, "
+    "digits and . _ - (64 characters at most)",
+}
+_PATTERN = re.compile(r"`(\^.*\$)`")
+
+
+def _described(violation: protovalidate.Violation) -> str:
+    """The rule's message; a pattern's says what the value should look like rather than quoting the regex."""
+    text: str = violation.proto.message or violation.proto.rule_id
+    if violation.proto.rule_id == "string.pattern" and (found := _PATTERN.search(text)):
+        pattern = found.group(1)
+        if pattern.startswith("^(") and pattern.endswith(")?$"):
+            pattern = "^" + pattern[2:-3] + "$"
+        return _FORMATS.get(pattern, text)
+    return text
+
+
 def rule_violations(message: Message) -> list[FieldViolation]:
     """Every rule the message breaks (empty when valid)."""
-    return [
-        FieldViolation(_path(v), v.proto.message or v.proto.rule_id) for v in _validator.collect_violations(message)
-    ]
+    return [FieldViolation(_path(v), _described(v)) for v in _validator.collect_violations(message)]
