@@ -47,10 +47,12 @@ from copilot.text import content_words
 
 
 class Base(DeclarativeBase):
-    pass
+    """The incident history's SQLAlchemy declarative base."""
 
 
 class ImageRow(Base):
+    """A diagnosed photo, stored once per content (sha256), shared by the incidents that sent it."""
+
     __tablename__ = "images"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -60,6 +62,8 @@ class ImageRow(Base):
 
 
 class IncidentRow(Base):
+    """One answered diagnosis: who asked what about which machine, and the answer as sent."""
+
     __tablename__ = "incidents"
     __table_args__ = (
         Index("ix_incidents_equipment_created", "plant_id", "equipment_id", "created_at"),
@@ -158,6 +162,8 @@ def indexed_words(text: str) -> frozenset[str]:
 
 
 class FeedbackRow(Base):
+    """A technician's verdict on an incident's answer (idempotent per feedback_id)."""
+
     __tablename__ = "feedback"
     __table_args__ = (Index("ux_feedback_request_feedback_id", "request_id", "feedback_id", unique=True),)
 
@@ -180,6 +186,8 @@ VERDICTS = ("helpful", "not_helpful", "unspecified")
 
 @dataclass(frozen=True)
 class StoredFeedback:
+    """A feedback entry as the history returns it."""
+
     helpful: bool
     resolution_notes: str
     helpful_sop_ids: tuple[str, ...]
@@ -205,6 +213,8 @@ class StoredFeedback:
 
 @dataclass(frozen=True)
 class StoredIncident:
+    """An incident as the history stores and returns it (the answer as serialized bytes)."""
+
     request_id: str
     created_at: datetime
     plant_id: str

@@ -65,12 +65,16 @@ RelatedIncidents = Callable[[DiagnosisInput, str], Awaitable[Sequence[PastIncide
 
 @dataclass(frozen=True)
 class StageTimeouts:
+    """Each stage's own deadline in seconds (the caller's deadline wins when it is shorter)."""
+
     vision: float = 10.0
     knowledge: float = 15.0
     report: float = 5.0
 
 
 class DiagnosisState(TypedDict, total=False):
+    """The graph state of one diagnosis: its input, each stage's result and the stage statuses."""
+
     request_id: str
     input: DiagnosisInput
     equipment: EquipmentContext  # the machine type for knowledge, the reference set for vision
@@ -106,6 +110,8 @@ def _describe_error(exc: BaseException) -> str:
 
 
 class DiagnosisWorkflow:
+    """The diagnosis as a LangGraph StateGraph over the three agents (see the module docstring)."""
+
     def __init__(
         self,
         clients: AgentClients,

@@ -14,6 +14,8 @@ from services.rag.generators import Draft
 
 @dataclass(frozen=True)
 class Verified:
+    """Guidance steps after citation checking, with what was removed or left unsupported."""
+
     steps: tuple[GuidanceStep, ...]
     citations_removed: int
     unsupported_steps: int

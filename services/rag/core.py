@@ -55,6 +55,8 @@ def open_store(persist_path: Path | None = None, host: str | None = None, port: 
 
 @dataclass(frozen=True)
 class AdvisorTuning:
+    """Retrieval and answering constants, chosen on the tuning half of the labelled questions."""
+
     top_k: int = 3
     min_score: float = 0.30  # below this similarity a chunk does not support guidance
     hybrid: bool = True  # boost chunks containing the query's identifiers verbatim
@@ -97,6 +99,8 @@ FALLBACK_STEPS = (
 
 
 class KnowledgeBase:
+    """The knowledge agent's core: documents in, cited guidance for one machine out."""
+
     def __init__(
         self,
         store: DocumentStore,
@@ -470,7 +474,8 @@ def _citation(chunk: SopChunk) -> SopCitation:
 
 
 def _describe_sources(citations: Sequence[SopCitation]) -> str:
-    """ "the closest SOPs found are for air-compressor (COMP-520)" / "... are general procedures (LUB-120)"."""
+    """The sources of a review, as said: 'the closest SOPs found are for air-compressor (COMP-520)', or '... are
+    general procedures (LUB-120)'."""
     by_type: dict[str, list[str]] = {}
     for c in citations:
         key = ", ".join(c.equipment_types[:3]) if c.equipment_types else ""

@@ -31,6 +31,8 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
 class DocumentFormat(enum.Enum):
+    """The file formats the knowledge library reads."""
+
     MARKDOWN = "markdown"
     TEXT = "text"
     PDF = "pdf"
@@ -77,6 +79,8 @@ def step_lines(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Section:
+    """One headed section of a document, in reading order."""
+
     heading: str
     body: str
     position: int
@@ -100,6 +104,8 @@ class DocumentMeta:
 
 @dataclass(frozen=True)
 class SopDocument:
+    """A parsed document: its identity, scope (machine types, plants) and sections."""
+
     document_id: str
     title: str
     version: str
@@ -149,6 +155,8 @@ def embedding_text(title: str, section: str, text: str) -> str:
 
 @dataclass(frozen=True)
 class DocumentLimits:
+    """What an uploaded document may cost before it is parsed."""
+
     max_bytes: int = 20 * 1024 * 1024
     max_sections: int = 2000
 
@@ -393,6 +401,8 @@ def parse_markdown(text: str, source: str = "") -> SopDocument:
 
 @dataclass(frozen=True)
 class ChunkingPolicy:
+    """How sections are cut into retrieval chunks (a step is never split)."""
+
     max_chars: int = 1200  # a window never splits a step; a single longer step becomes its own window
     overlap_units: int = 1  # whole steps/paragraphs repeated at the start of the next window
 

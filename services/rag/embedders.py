@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
+    """Text to normalised vectors, for documents and for queries."""
+
     #: Names the model (and precision) whose vectors these are: a store records it per document and embeds again
     #: what another model embedded (vectors of two models are not comparable).
     model_id: str

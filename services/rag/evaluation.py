@@ -37,6 +37,8 @@ KINDS = (
 
 @dataclass(frozen=True)
 class Question:
+    """A labelled question: the SOPs a right answer cites, or that it should be escalated."""
+
     text: str
     expect: tuple[str, ...]
     escalate: bool | None  # None: either a right answer or an escalation is fine
@@ -50,6 +52,8 @@ class Question:
 
 @dataclass(frozen=True)
 class QuestionResult:
+    """What the knowledge agent answered to one labelled question, scored."""
+
     question: str
     expect: list[str]
     retrieved: list[str]
@@ -78,6 +82,8 @@ class QuestionResult:
 
 @dataclass(frozen=True)
 class KindScore:
+    """The trust figures of one kind of question on one split (tune or holdout)."""
+
     questions: int
     answered: float  # share answered without review
     right_of_answered: float  # of those, the share citing a document the label names (1.0 when none answered)
@@ -87,6 +93,8 @@ class KindScore:
 
 @dataclass(frozen=True)
 class EvalReport:
+    """Retrieval and trust figures over a labelled set."""
+
     questions: int
     answerable: int
     recall_at_1: float

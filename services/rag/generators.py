@@ -37,12 +37,16 @@ _CITED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass(frozen=True)
 class DraftStep:
+    """A step as a generator wrote it, with the SOP ids it claims to follow."""
+
     text: str
     sop_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Draft:
+    """A generator's answer before its citations are checked against what was retrieved."""
+
     steps: tuple[DraftStep, ...]
     generator: str
     model: str
@@ -51,12 +55,16 @@ class Draft:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """What a generator is given: the problem, the retrieved chunks and the machine type."""
+
     problem_description: str
     query: str
     chunks: tuple[SopChunk, ...]  # retrieved and above the evidence threshold, best first
 
 
 class Generator(Protocol):
+    """Writes a Draft from retrieved chunks (extractive, or a language model through a Completion)."""
+
     name: str
     model: str
 
@@ -68,6 +76,8 @@ class Generator(Protocol):
 
 @dataclass(frozen=True)
 class ExtractiveTuning:
+    """How the extractive generator picks steps from the retrieved chunks."""
+
     max_steps: int = 8
     steps_from_best: int = 6
     steps_from_others: int = 2
@@ -148,6 +158,8 @@ def parse_steps(answer: str, max_steps: int = 8) -> tuple[DraftStep, ...]:
 
 
 class Completion(Protocol):
+    """A language model that completes a prompt (local or hosted)."""
+
     name: str
     model: str
 
@@ -184,6 +196,8 @@ def smollm2_path() -> Path:
 
 
 class LlamaCppCompletion:
+    """A local GGUF model through llama-cpp-python (the `local` generator)."""
+
     name = "local"
 
     def __init__(
@@ -252,6 +266,8 @@ class HfEndpointCompletion:
 
 
 class OpenAICompatibleCompletion:
+    """A hosted model behind an OpenAI-compatible chat completions endpoint."""
+
     name = "openai-compatible"
 
     def __init__(self, model: HostedModel, temperature: float = 0.2, max_tokens: int = 512) -> None:

@@ -66,7 +66,7 @@ def chunk_identifiers(document_id: str, text: str) -> list[str]:
 
 
 def postings(chunk_ids: Sequence[str], identifiers_per_chunk: Sequence[Sequence[str]]) -> dict[str, list[str]]:
-    """identifier -> the ids of the chunks carrying it (chunk order kept)."""
+    """Each identifier -> the ids of the chunks carrying it (chunk order kept)."""
     postings: dict[str, list[str]] = {}
     for chunk_id, idents in zip(chunk_ids, identifiers_per_chunk, strict=True):
         for ident in idents:

@@ -56,6 +56,8 @@ _NAMES = {
 
 @dataclass(frozen=True)
 class LanguageGuess:
+    """The language a problem description is written in, and how sure the guess is."""
+
     code: str  # ISO 639-1, or "" when the text is too short to judge
     probability: float
     served: bool

@@ -40,6 +40,8 @@ LEGACY_EMBEDDER = MODEL_IDS["fp32"]
 
 @dataclass(frozen=True)
 class StoredDocument:
+    """A document's catalog record: the live version and its scope."""
+
     document_id: str
     title: str
     version: str
@@ -56,6 +58,8 @@ class StoredDocument:
 
 @dataclass(frozen=True)
 class IngestResult:
+    """What an ingest did: created, replaced or unchanged, and the chunks written and removed."""
+
     document: StoredDocument
     outcome: str  # "created" | "replaced" | "unchanged"
     chunks_written: int
@@ -141,6 +145,8 @@ def _stored(record_id: str, meta: Mapping[str, Any]) -> StoredDocument:
 
 
 class DocumentStore:
+    """Chunks, catalog and identifier index in Chroma (see the module docstring for atomicity)."""
+
     def __init__(self, client: ChromaClient) -> None:
         self.client = client
         # Embeddings are computed by the caller; Chroma's own (downloading) embedder is never used.

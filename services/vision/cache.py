@@ -1,5 +1,5 @@
 """Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
-in seconds instead of recomputing every reference image and memory bank:
+in seconds instead of recomputing every reference image and memory bank.
 
     <root>/cache/features/<backbone>-<size>/<sha256>.npz  the patch feature map of one reference image, its exposure
     <root>/cache/models/<key>.npz                         a built equipment-type model (memory bank + typer)
@@ -41,6 +41,8 @@ SUFFIX = ".npz"
 
 
 class ModelCache:
+    """Backbone features and fitted models on disk, keyed by backbone, image size and content."""
+
     def __init__(self, root: Path, backbone: str, image_size: int) -> None:
         self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}"
         self.models_dir = root / "cache" / "models"

@@ -84,7 +84,7 @@ def as_numpy(values: Any) -> np.ndarray:
 
 
 def flatten(feature_map: np.ndarray) -> np.ndarray:
-    """[C, H, W] -> [H*W, C]"""
+    """A feature map [C, H, W] as one row per patch [H*W, C]."""
     return feature_map.transpose(1, 2, 0).reshape(-1, feature_map.shape[0])
 
 
@@ -241,6 +241,8 @@ Box = tuple[float, float, float, float]  # normalised x_min, y_min, x_max, y_max
 
 @dataclass(frozen=True)
 class Region:
+    """A connected area of anomalous patches: its box, peak score, mean feature and size."""
+
     box: Box
     score: float  # peak patch score
     feature: np.ndarray  # mean feature of the region's patches

@@ -37,6 +37,8 @@ class ReferenceIndexCorrupt(RuntimeError):
 
 @dataclass(frozen=True)
 class Reference:
+    """A registered reference image: good part or labelled defect of one equipment type."""
+
     reference_id: str
     equipment_type: str
     label: str
@@ -52,6 +54,8 @@ class Reference:
 
 
 class ReferenceStore:
+    """The reference images on disk with their index, shared by the vision replicas."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.images = root / "images"

@@ -58,6 +58,8 @@ class BoundingBox:
 
 @dataclass(frozen=True)
 class Defect:
+    """A defect vision found: its type, confidence and where it is."""
+
     type: str
     confidence: float
     description: str = ""
@@ -85,6 +87,8 @@ class AnomalyMap:
 
 @dataclass(frozen=True)
 class VisionFindings:
+    """What vision says about one photo."""
+
     defects: tuple[Defect, ...]
     confidence: float
     anomaly_score: float
@@ -102,6 +106,8 @@ class VisionFindings:
 
 @dataclass(frozen=True)
 class SopChunk:
+    """A retrieved piece of an SOP, with its score."""
+
     chunk_id: str
     sop_id: str
     title: str
@@ -116,6 +122,8 @@ class SopChunk:
 
 @dataclass(frozen=True)
 class SopCitation:
+    """An SOP an answer cites: id, title, section and how well it matched."""
+
     sop_id: str
     title: str
     section: str
@@ -126,6 +134,8 @@ class SopCitation:
 
 @dataclass(frozen=True)
 class GuidanceStep:
+    """One step of guidance with the SOPs and sections it follows."""
+
     text: str
     sop_ids: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
@@ -147,12 +157,16 @@ class ReviewKind(enum.Enum):
 
 @dataclass(frozen=True)
 class GuidanceReview:
+    """Why guidance needs a human look, of one kind."""
+
     kind: ReviewKind
     message: str  # one sentence for the reviewer, naming what was found and what was asked
 
 
 @dataclass(frozen=True)
 class Guidance:
+    """The knowledge agent's answer: cited steps, safety notes, confidence and reviews."""
+
     steps: tuple[GuidanceStep, ...]
     citations: tuple[SopCitation, ...]
     safety_notes: tuple[str, ...]
@@ -176,12 +190,16 @@ class Guidance:
 
 @dataclass(frozen=True)
 class RecommendedAction:
+    """A report's recommended action with the SOPs behind it."""
+
     description: str
     sop_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class IncidentReport:
+    """The incident report: its sections, the SOPs it references and the rendered text."""
+
     summary: str
     defects: tuple[Defect, ...]
     recommended_actions: tuple[RecommendedAction, ...]
@@ -248,12 +266,16 @@ class EscalationReason(enum.Enum):
 
 
 class Stage(enum.Enum):
+    """The diagnosis stages, in the order they run."""
+
     VISION = "vision"
     KNOWLEDGE = "knowledge"
     REPORT = "report"
 
 
 class StageState(enum.Enum):
+    """How a stage ended."""
+
     OK = "ok"
     DEGRADED = "degraded"
     SKIPPED = "skipped"
@@ -261,6 +283,8 @@ class StageState(enum.Enum):
 
 @dataclass(frozen=True)
 class StageStatus:
+    """How one stage went: its state, error, confidence and duration."""
+
     stage: Stage
     state: StageState
     error: str = ""
@@ -295,6 +319,8 @@ class FieldViolation:
 
 @dataclass
 class DiagnosisInput:
+    """A diagnosis request in domain terms: plant, equipment, problem and optional photo."""
+
     plant_id: str
     equipment_id: str
     problem_description: str
@@ -334,6 +360,8 @@ class AdviceRequest:
 
 @dataclass
 class Diagnosis:
+    """The workflow's answer: the report, the merged confidence and whether a human must review it."""
+
     request_id: str
     report: IncidentReport
     confidence_score: float

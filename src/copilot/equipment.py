@@ -67,6 +67,8 @@ class TypeMention:
 
 
 class EquipmentVocabulary:
+    """The machine types and the words that name them, to tell what a problem is about."""
+
     def __init__(self, kinds: Sequence[EquipmentKind]) -> None:
         self.kinds = tuple(kinds)
         self._by_name: dict[str, list[EquipmentKind]] = {}

@@ -52,6 +52,8 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """What an accepted image is: its type and size."""
+
     mime_type: str
     width: int
     height: int

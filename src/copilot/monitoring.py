@@ -61,6 +61,8 @@ def _one_line(text: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
+    """The SLO and alert source file, from which the Prometheus rules are generated."""
+
     data: dict[str, Any]
 
     @classmethod

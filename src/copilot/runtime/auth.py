@@ -69,6 +69,8 @@ class Role(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Principal:
+    """Who is calling: the token's subject and role."""
+
     subject: str
     role: Role
     dev: bool = False  # authenticated by the dev-mode `technician-<id>` form

@@ -18,6 +18,8 @@ V = TypeVar("V")
 
 
 class DynamicBatcher(Generic[T, R]):
+    """Runs concurrent single calls as batches on one thread (max_batch, max_wait_s)."""
+
     def __init__(
         self,
         fn: Callable[[list[T]], list[R]],

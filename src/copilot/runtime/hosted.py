@@ -54,6 +54,8 @@ class HostedModelSettings(BaseSettings):
 
 
 class RetryableStatus(Exception):
+    """A hosted model's HTTP answer worth retrying (429, 5xx), with its response."""
+
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code} from {response.request.url}")
         self.response = response

@@ -1,4 +1,4 @@
-"""Server interceptors shared by every service, in the order the server applies them:
+"""Server interceptors shared by every service, in the order the server applies them.
 
 1. `RpcObservabilityInterceptor`: access log + metrics for every RPC, unexpected exceptions → INTERNAL with a
    trace id (the stack trace goes to the log, never to the caller);

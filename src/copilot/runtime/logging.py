@@ -25,6 +25,8 @@ EXIT_WAIT_S = 5.0
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, with the trace and span ids of the current span."""
+
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service

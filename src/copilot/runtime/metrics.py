@@ -15,6 +15,8 @@ _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 @dataclass(frozen=True)
 class CopilotMetrics:
+    """Every metric instrument the services record, created once per process."""
+
     rpc_requests: metrics.Counter
     rpc_duration: metrics.Histogram
     rpc_in_flight: metrics.UpDownCounter

@@ -202,7 +202,6 @@ class AgentServer:
 def run_service(name: str, build: Callable[[], tuple[ServiceSpec, ServerSettings]]) -> None:
     """Process entry point shared by every `python -m services.<agent>`. `build` runs inside the event
     loop, so channels and other loop-bound objects it creates belong to the loop that serves."""
-
     otel_name = f"copilot-{name}"
     models_offline_by_default()
     return_freed_memory()  # before anything large is allocated

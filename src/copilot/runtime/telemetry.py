@@ -138,7 +138,9 @@ def shutdown_telemetry(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
 
 
 class _UntracedHealthChecks(grpc.aio.ServerInterceptor):
-    """Health checks (kubelet probes every few seconds, the launcher's polling) make no spans: a trace per probe
+    """Health checks (kubelet probes every few seconds, the launcher's polling) make no spans.
+
+    A trace per probe
     would bury the diagnoses SREs look for in Jaeger. (The instrumentation's own `filter_` breaks unary calls it
     filters out on the asyncio server, so the tracing interceptor is skipped here instead.)"""
 
