@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Every server the tests start (in-process or as a process) authenticates with these: dev mode (the seed's
+# Every server the tests start (in-process or as a process) authenticates with these: dev mode (the dev
 # technician-<id> tokens) plus HS256 JWTs signed with TEST_SECRET.
 TEST_SECRET = "test-secret-for-the-copilot-suite-0123456789"
 os.environ["AUTH_MODE"] = "dev"

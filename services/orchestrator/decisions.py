@@ -35,7 +35,7 @@ FALLBACK_GUIDANCE = Guidance(
 
 def merge_confidence(stages: list[StageStatus]) -> float:
     """Mean of the stage confidences that exist: a skipped stage has none, a degraded one counts 0.0
-    (the seed's fallback value), the report stage has none."""
+    (what a failed stage stands for), the report stage has none."""
     values = [
         (s.confidence or 0.0) if s.state is StageState.OK else 0.0
         for s in stages
@@ -57,9 +57,9 @@ REVIEW_REASONS = {
 def escalation_reasons(
     stages: Sequence[StageStatus], confidence: float, guidance: Guidance | None
 ) -> tuple[EscalationReason, ...]:
-    """Every reason that applies, most serious first. Manual review is decided by LOW_CONFIDENCE (the seed's
-    rule: mean < 0.5), by the guidance's own reviews (REVIEW_REASONS) and by NO_SUPPORTING_SOP; the others tell
-    the reviewer where to look."""
+    """Every reason that applies, most serious first. Manual review is decided by LOW_CONFIDENCE (mean < 0.5), by
+    the guidance's own reviews (REVIEW_REASONS) and by NO_SUPPORTING_SOP; the others tell the reviewer where to
+    look."""
     reasons = []
     if any(s.state is StageState.DEGRADED for s in stages):
         reasons.append(EscalationReason.STAGE_DEGRADED)
@@ -78,7 +78,7 @@ def escalation_reasons(
 
 
 def requires_manual_review(confidence: float, guidance: Guidance | None = None) -> bool:
-    """The seed's rule (mean < 0.5), and guidance that is no answer to trust: a review it carries, or no SOP at all
+    """The manual-review rule (mean < 0.5), and guidance that is no answer to trust: a review it carries, or no SOP at all
     (the fallback steps: a confident photo must not lift a diagnosis that no SOP supports above review)."""
     if confidence < MANUAL_REVIEW_THRESHOLD:
         return True

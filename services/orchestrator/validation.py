@@ -1,5 +1,5 @@
 """What the protovalidate rules cannot say about a DiagnoseRequest: the image's real format (sniffed), its
-size and its pixel count (read from the header, before any decoding). The seed's text rules (plant id,
+size and its pixel count (read from the header, before any decoding). The text rules (plant id,
 equipment id, description length and forbidden characters) are protovalidate rules in copilot.proto."""
 
 from __future__ import annotations

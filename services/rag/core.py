@@ -64,7 +64,7 @@ class AdvisorTuning:
     candidates: int = 12  # vector candidates fetched before filtering stale versions and re-ranking
     fallback_confidence: float = 0.2
     #: When nothing tells which machine the request is about (no type, none in the equipment id or the problem),
-    #: guidance below this confidence goes to review even above the seed's 0.5: an unscoped match of 0.5-0.6 was
+    #: guidance below this confidence goes to review even above the review threshold 0.5: an unscoped match of 0.5-0.6 was
     #: as often another machine's SOP as the right one on the tuning questions (services/rag/eval).
     unknown_equipment_min_confidence: float = 0.62
 

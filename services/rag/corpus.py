@@ -452,7 +452,7 @@ def chunk_document(doc: SopDocument, policy: ChunkingPolicy | None = None) -> li
 
 
 def starter_corpus() -> list[SopDocument]:
-    """The seed's five SOPs and the plant library that ships with the package."""
+    """The five general SOPs and the plant library that ships with the package."""
     folder = resources.files("services.rag") / "corpus"
     return [
         parse_markdown(p.read_text(encoding="utf-8"), p.name)

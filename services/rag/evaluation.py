@@ -3,7 +3,7 @@ answer can be trusted or goes to manual review, per kind of question (covered, o
 uncovered equipment, photo mismatch, language) and per split (tune: what thresholds were chosen on; holdout: the
 headline). Pure: give it a KnowledgeBase; `copilot eval` prints and saves the result.
 
-An answer "goes to review" as the orchestrator decides it for the knowledge stage: confidence below the seed's 0.5,
+An answer "goes to review" as the orchestrator decides it for the knowledge stage: confidence below the manual-review threshold (0.5),
 or any review the guidance carries (equipment not covered, another machine's SOP, a language not served, an
 unknown machine matched weakly)."""
 

@@ -232,7 +232,7 @@ class LlamaCppCompletion:
 
 
 class HfEndpointCompletion:
-    """The seed's settings: temperature 0.7, 512 new tokens, 60 s timeout, 3 attempts."""
+    """A Hugging Face inference endpoint (TGI); by default temperature 0.7, 512 new tokens, 60 s timeout, 3 attempts."""
 
     name = "hf-endpoint"
 

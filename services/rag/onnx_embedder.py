@@ -8,7 +8,7 @@ images export it at build time). The tokenizer is the package's own `tokenizer.j
 
 `precision="int8"` (the shipped default) runs that graph with its weights quantised to int8, per output channel
 (ONNX Runtime's dynamic quantisation, ~1 s, written beside the float graph): about two thirds of the float
-graph's CPU per query, embeddings within cosine ~0.99 of it (`copilot eval` decides: see the README). Its vectors are
+graph's CPU per query, embeddings within cosine ~0.99 of it (`copilot eval` decides: see docs/performance.md). Its vectors are
 not the float graph's, so a store records which model embedded each document (`model_id`) and re-embeds the
 documents another one wrote (DocumentStore.reembed)."""
 

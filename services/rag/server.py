@@ -59,7 +59,7 @@ class KnowledgeSettings(ServerSettings, HostedModelSettings):
     # the hosted model: model_endpoint (HF/TGI endpoint URL, or the OpenAI-compatible base URL), model_name,
     # model_api_key, model_timeout_s, model_attempts (HostedModelSettings)
     model_path: Path | None = None  # local: another GGUF file instead of the packaged SmolLM2
-    model_temperature: float = Field(0.7, ge=0.0, le=2.0)  # the seed's setting
+    model_temperature: float = Field(0.7, ge=0.0, le=2.0)  # sampling temperature of the local and hosted models
     model_max_tokens: int = Field(512, ge=16, le=4096)
     cache_entries: int = Field(1024, ge=0)  # response cache of hosted/local generators; 0 disables it
     # Concurrent queries embedded as one batch (see BatchedQueryEmbedder); `copilot bench --suite mesh` measures it.

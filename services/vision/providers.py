@@ -1,7 +1,7 @@
 """Vision providers behind one interface, chosen by `VISION_PROVIDER`:
 
 * `patchcore` (default, offline): the reference-based engine in this package, with dynamic batching.
-* `hf-endpoint`: BLIP-2 (`Salesforce/blip2-opt-2.7b`, the seed's model) through a Hugging Face inference
+* `hf-endpoint`: BLIP-2 (`Salesforce/blip2-opt-2.7b`) through a Hugging Face inference
   endpoint (its image-to-text API: POST the image bytes, read `generated_text`). Plain httpx, because
   huggingface_hub refuses every request while HF_HUB_OFFLINE=1, which the images set for the local models.
 * `blip2-local`: BLIP-2 through local transformers, from `VISION_MODEL_PATH` (no hub access).

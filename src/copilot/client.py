@@ -16,7 +16,7 @@ from copilot.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, TlsSettings, messa
 from copilot.runtime.tls import channel_credentials, channel_options
 from copilot.v1 import common_pb2, copilot_pb2, copilot_pb2_grpc
 
-DEV_TOKEN = "technician-cli"  # the seed's form: accepted only by a mesh in dev mode
+DEV_TOKEN = "technician-cli"  # the dev form: accepted only by a mesh in dev mode
 CHANNEL_OPTIONS = message_size_options(DEFAULT_MAX_MESSAGE_BYTES)
 
 
@@ -40,7 +40,7 @@ def open_channel(address: str) -> grpc.Channel:
 def resolve_token(token: str | None = None, role: str = "technician", folder: Path | None = None) -> str:
     """The token a CLI call sends: an explicit one (--token / COPILOT_TOKEN) wins; else a JWT minted with the
     local secret (AUTH_JWT_SECRET(_FILE), else <data dir>/auth/dev-jwt-secret written by `copilot up`); else the
-    seed's dev form."""
+    dev form (`technician-cli`)."""
     from copilot.runtime.auth import Role, dev_secret_file, mint_token, signing_secret
 
     if token:

@@ -4,7 +4,7 @@ Cores speak these plain dataclasses and never import gRPC; `copilot.runtime.conv
 from the generated protobuf messages at the service edge.
 
 Names: a document of the knowledge library has a `document_id` (ListDocuments, ingest, the store). Where the
-seed's report format and the citation contract speak of the same id they call it `sop_id` (SopCitation.sop_id,
+report format and the citation contract speak of the same id they call it `sop_id` (SopCitation.sop_id,
 GuidanceStep.sop_ids, IncidentReport.referenced_sop_ids, and SopChunk, a retrieved passage as it is cited);
 it is always the cited document's `document_id`.
 """
@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-#: The seed's rule: a diagnosis whose merged confidence is below this goes to manual review.
+#: The manual-review rule: a diagnosis whose merged confidence is below this goes to manual review.
 MANUAL_REVIEW_THRESHOLD = 0.5
 
 

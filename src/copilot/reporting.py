@@ -1,4 +1,4 @@
-"""The incident report: a deterministic composition of the typed inputs into the seed's sections (SUMMARY,
+"""The incident report: a deterministic composition of the typed inputs into the report's sections (SUMMARY,
 DEFECTS IDENTIFIED, RECOMMENDED ACTIONS, SAFETY NOTES, FOLLOW-UP REQUIRED, referenced SOPs, timestamp) and
 their plain-text layout. No gRPC and no language model: every sentence is built from the request, the
 defects, the guidance and the stage outcomes it is given.

@@ -114,7 +114,7 @@ class Mesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     vision_replicas: int = 1
     services: dict[str, ServiceProcess] = field(default_factory=dict)
-    # "dev": the seed's technician-<id> tokens are accepted, plus JWTs signed with the mesh's dev secret
+    # "dev": the dev `technician-<id>` tokens are accepted, plus JWTs signed with the mesh's dev secret
     # (data_dir/auth/dev-jwt-secret, which `copilot token` reads). "jwt": AUTH_* must come from the environment.
     auth_mode: str = "dev"
     supervisor: Supervisor | None = None

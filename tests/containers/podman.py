@@ -3,7 +3,7 @@
 `podman kube play` runs each Deployment as a pod from our images, with the manifest's env, ConfigMap,
 security context (uid, read-only root filesystem, dropped capabilities), emptyDir volumes, memory limits and
 restartPolicy. Where Podman 4.3 (Debian bookworm's) cannot honour the overlay, `for_podman` adapts it, and
-the README lists each difference:
+docs/deploy.md lists each difference:
 
 * headless Services: none in Podman. Each pod joins one network with its Service name as a DNS alias, so
   `dns:///vision:50052` resolves to every vision pod, as the headless Service does in a cluster;

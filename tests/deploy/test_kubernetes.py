@@ -205,7 +205,7 @@ def test_agents_are_headless_and_the_orchestrator_dials_them_round_robin(manifes
 
 
 def test_autoscaling_follows_the_seed_policy_and_vision_scales_on_its_own(manifests, request):
-    """CPU at 70 % (the seed's), the HPA alone owns the replica count, never memory (it follows what a pod holds,
+    """CPU at 70 %, the HPA alone owns the replica count, never memory (it follows what a pod holds,
     not its load); prod also scales on the calls in flight per pod."""
     hpas = by_kind(manifests, "HorizontalPodAutoscaler")
     assert set(hpas) == set(SERVICES)

@@ -1,4 +1,4 @@
-"""The seed's request rules as protovalidate rules in copilot.proto, plus the image checks the rules cannot
+"""The request rules as protovalidate rules in copilot.proto, plus the image checks the rules cannot
 express: every violation reported with its field, all at once."""
 
 from __future__ import annotations

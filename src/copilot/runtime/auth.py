@@ -1,5 +1,5 @@
 """Who is calling, and may they: JWT bearer tokens (HS256 shared secret or RS256 public key) with `sub`,
-`role` and `exp`, checked by PyJWT. The seed's `Bearer technician-<id>` form is accepted only in dev mode.
+`role` and `exp`, checked by PyJWT. The dev `Bearer technician-<id>` form is accepted only in dev mode.
 
 Every service reads the same `AUTH_*` settings, so a token the orchestrator accepts is accepted by the agents
 it forwards it to (the knowledge service checks the admin role for ingest/delete itself: callers inside the
@@ -143,7 +143,7 @@ class Authenticator:
         if not self._keys and self.settings.mode != "dev":
             raise ValueError(
                 "AUTH_MODE=jwt needs AUTH_JWT_SECRET(_FILE) (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256); "
-                "AUTH_MODE=dev accepts the seed's technician-<id> tokens instead"
+                "AUTH_MODE=dev accepts the dev technician-<id> tokens instead"
             )
         # token -> (principal, expiry): a token verified once is not verified again until it expires
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
