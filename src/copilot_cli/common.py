@@ -38,6 +38,13 @@ OrchestratorAddr = Annotated[
 #: The knowledge agent's own API (KnowledgeService: documents).
 KnowledgeAddr = Annotated[str, typer.Option("--addr", envvar="COPILOT_KNOWLEDGE_ADDR", help="the knowledge service")]
 Token = Annotated[str, typer.Option("--token", envvar="COPILOT_TOKEN", help=TOKEN_HELP)]
+#: For the methods that change what an agent holds (documents): an admin's token.
+AdminToken = Annotated[
+    str,
+    typer.Option(
+        "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with the local dev mesh's secret)"
+    ),
+]
 DataDir = Annotated[
     Path | None,
     typer.Option(

@@ -16,6 +16,7 @@ from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
 from copilot.runtime.config import data_dir
 from copilot_cli.common import (
     KNOWLEDGE_ADDR,
+    AdminToken,
     AsJson,
     DataDir,
     KnowledgeAddr,
@@ -44,12 +45,7 @@ def ingest(
         list[str] | None, typer.Option("--equipment-type", help="scope; repeat for several")
     ] = None,
     plants: Annotated[list[str] | None, typer.Option("--plant", help="scope; repeat for several")] = None,
-    token: Annotated[
-        str,
-        typer.Option(
-            "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with the local dev mesh's secret)"
-        ),
-    ] = "",
+    token: AdminToken = "",
 ) -> None:
     """Upload documents to the knowledge service (streamed in 256 KiB pieces) with a progress bar.
 
@@ -118,12 +114,7 @@ def delete_doc(
     document_id: Annotated[str, typer.Argument(help="the document's id, as `copilot docs` lists it")],
     addr: KnowledgeAddr = KNOWLEDGE_ADDR,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
-    token: Annotated[
-        str,
-        typer.Option(
-            "--token", envvar="COPILOT_TOKEN", help="an admin token (default: minted with the local dev mesh's secret)"
-        ),
-    ] = "",
+    token: AdminToken = "",
 ) -> None:
     """Remove a document from the knowledge library (DeleteDocument): answers stop citing it at once."""
     if not yes:
