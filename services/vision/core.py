@@ -68,6 +68,10 @@ class EngineTuning:
     unfamiliar_quartile: float = 0.8
     unfamiliar_confidence: float = 0.2
     max_defects: int = 5
+    #: Good references a type needs before its threshold is calibrated rather than guessed: the threshold comes from
+    #: two folds of its references (each half scored against a bank of the other), so fewer than two per fold leave
+    #: no spread to calibrate on. A type below it says so in every answer.
+    min_calibration_references: int = 4
     #: A query is matched to its type's exposure (the median of its good references' `backbone.exposure`) by a gain
     #: within these bounds before the backbone sees it: a good brushed-steel part photographed 15 % brighter than its
     #: references had boxes on 20 of 20 parts, 0 matched. The generic set (mixed kinds) is not matched.
@@ -440,6 +444,12 @@ class VisionEngine:
             else:
                 confidence = ceiling * (1.0 - anomaly)
                 description = f"No defect: the surface matches {against}."
+        if not generic and model.good_images < self.tuning.min_calibration_references:
+            description += (
+                f" Calibrated on only {model.good_images} good reference image(s) of {reference_set}: its threshold "
+                f"is a rough guess until at least {self.tuning.min_calibration_references} are registered "
+                "(RegisterReference)."
+            )
         return VisionFindings(
             defects=tuple(defects),
             confidence=round(confidence, 4),

@@ -17,6 +17,7 @@ class Suite(StrEnum):
     vision = "vision"
     retrieval = "retrieval"
     soak = "soak"
+    vision_families = "vision-families"
 
 
 def bench(
@@ -26,7 +27,8 @@ def bench(
             "--suite",
             help="mesh: cold start + Diagnose latency, mesh vs in-process; vision: AnalyzeImage at 1/4/16 clients, "
             "batching off vs on; retrieval: p50/p99 at 1k/10k/100k chunks, ingest, embedding; soak: fixed rate "
-            "while an agent is killed every minute",
+            "while an agent is killed every minute; vision-families: detection and localisation on the held-out and tuning "
+            "surface families (services/vision/eval/families.yaml), with 95 % intervals",
         ),
     ] = Suite.mesh,
     n: Annotated[int, typer.Option("--n", help="diagnoses (mesh) or images per run (vision) to time")] = 50,
@@ -51,6 +53,10 @@ def bench(
         from benchmarks.mesh import run
 
         run(n=n, output=target, console=out)
+    elif suite is Suite.vision_families:
+        from services.vision.families import main as families
+
+        families(["--output", str(target)])
     elif suite is Suite.vision:
         from benchmarks.mesh import run_vision
 

@@ -418,3 +418,16 @@ def test_exposure_matching_scales_within_its_bounds_and_leaves_the_input_alone()
     assert exposure(exposed_as(pixels, 0.9, (2 / 3, 1.5))) == pytest.approx(1.5 * exposure(pixels), abs=1e-3)
     assert exposed_as(pixels, 0.9, (1.0, 3.0)).max() <= 1.0  # clipped
     assert np.array_equal(pixels, before)
+
+
+def test_a_type_with_too_few_references_to_calibrate_says_so(tmp_path, feature_extractor):
+    """Its threshold comes from two folds of its good references: below two a fold, every answer says the
+    threshold is a rough guess and how many to register; from then on it says nothing of the kind."""
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    panels = [samples.to_bytes(samples.painted_panel(256, seed=70 + i, colour=(40, 90, 160)), "PNG") for i in range(5)]
+    for data in panels[:3]:
+        engine.register("blue-panel", "good", data)
+    said = engine.analyze(panels[4], "blue-panel").description
+    assert "Calibrated on only 3 good reference image(s) of blue-panel" in said and "at least 4" in said
+    engine.register("blue-panel", "good", panels[3])
+    assert "Calibrated on only" not in engine.analyze(panels[4], "blue-panel").description
