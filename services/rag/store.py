@@ -324,11 +324,14 @@ class DocumentStore:
             where=_scope_where(equipment_type, plant_id),
             include=["documents", "metadatas", "distances"],
         )
+        # a chunk deleted between the index search and the read (an old version going while a new one is live)
+        # comes back without its document and metadata: it is not served
         return [
             _chunk(i, t, m, max(0.0, 1.0 - float(d)))
             for i, t, m, d in zip(
                 result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
             )
+            if t is not None and m is not None
         ]
 
     def lexical(
@@ -345,7 +348,7 @@ class DocumentStore:
                 ids=chunk_ids[start : start + batch], include=["documents", "metadatas", "embeddings"]
             )
             for i, t, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"], strict=True):
-                if _in_scope(m, equipment_type, plant_id):
+                if t is not None and m is not None and _in_scope(m, equipment_type, plant_id):
                     found.append((_chunk(i, t, m, 0.0), list(e)))
             if len(found) >= limit:
                 break

@@ -184,11 +184,16 @@ def test_queries_during_a_replacement_never_mix_versions(tmp_path, embedder):
         f"---\nid: SOP-901\ntitle: Boiler parts\nversion: 'v0'\n---\n{body}".encode(), DocumentMeta(filename="b.md")
     )
     seen: list[set[str]] = []
+    failed: list[BaseException] = []
     stop = threading.Event()
 
     def query_loop():
         while not stop.is_set():
-            seen.append({c.version for c in kb.retrieve("inspect boiler part for scale", 6)})
+            try:
+                seen.append({c.version for c in kb.retrieve("inspect boiler part for scale", 6)})
+            except Exception as exc:  # a query that fails mid-replacement is an error a caller would see
+                failed.append(exc)
+                return
 
     reader = threading.Thread(target=query_loop)
     reader.start()
@@ -202,6 +207,7 @@ def test_queries_during_a_replacement_never_mix_versions(tmp_path, embedder):
             time.sleep(0.01)
     stop.set()
     reader.join()
+    assert failed == []
     assert len(seen) > 3
     assert all(len(versions) == 1 for versions in seen), [v for v in seen if len(v) != 1]
     assert kb.count() == 6
