@@ -101,3 +101,29 @@ def test_make_pods_refuses_ports_a_local_mesh_holds_and_starts_nothing(capsys):
     said = capsys.readouterr().err
     assert code == 2
     assert f"127.0.0.1:{held_port} already in use" in said and "nothing was started" in said
+
+
+def test_make_pods_publishes_the_knowledge_service_where_the_cli_looks_for_it(tmp_path):
+    """`copilot docs` / `ingest` default to the local mesh's knowledge port: `make pods` publishes the knowledge pod's
+    gRPC port there (on 127.0.0.1), and the orchestrator's, and no other pod's."""
+    from tests.containers import podman
+
+    plays = podman.for_podman(
+        podman.render("dev"),
+        tag="dev",
+        secret_dir=tmp_path,
+        orchestrator_port=50051,
+        knowledge_port=50053,
+        extra_config={},
+    )
+    published = {
+        pod: port
+        for pod, (_, workload) in plays.items()
+        for container in workload["spec"]["template"]["spec"]["containers"]
+        for port in container.get("ports", [])
+        if port.get("hostPort")
+    }
+    assert {pod: (p["hostIP"], p["hostPort"], p["containerPort"]) for pod, p in published.items()} == {
+        "orchestrator": ("127.0.0.1", 50051, podman.SERVICE_PORTS["orchestrator"]),
+        "knowledge": ("127.0.0.1", 50053, podman.SERVICE_PORTS["knowledge"]),
+    }
