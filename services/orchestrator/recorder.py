@@ -194,8 +194,12 @@ class DiagnosisRecorder:
     async def diagnose(
         self, request: DiagnosisInput, request_id: str, deadline: float | None, principal: str
     ) -> Answer:
-        """The diagnosis without stage events: the Answer alone."""
+        """The diagnosis without stage events: the Answer alone. The stream is consumed to its end (the Answer is
+        its last event), so the workflow's spans close here, in this call's context, not when it is collected."""
+        answer = None
         async for event in self.events(request, request_id, deadline, principal, stage_events=False):
             if isinstance(event, Answer):
-                return event
-        raise AssertionError("the workflow always ends with a Diagnosis")
+                answer = event
+        if answer is None:
+            raise AssertionError("the workflow always ends with a Diagnosis")
+        return answer

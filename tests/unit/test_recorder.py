@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import pytest
 
@@ -78,3 +80,18 @@ async def test_an_answer_that_cannot_be_stored_is_not_given_and_a_retry_runs_aga
     answer = await recorder.diagnose(_request(), "cmms-1", None, "tech-1")
     assert not answer.replayed and store.get("cmms-1") is not None
     assert _runs(agents) == 2
+
+
+async def test_a_diagnosis_closes_its_workflow_in_its_own_call(store, caplog):
+    """diagnose() consumes the stream to its end: the workflow's span context is left in the call that entered it.
+    Returning at the Answer left the generators suspended; asyncio closed them later from another context, and
+    OpenTelemetry logged "Failed to detach context" for every diagnosis (its span ended whenever that happened)."""
+    recorder = _recorder(FakeAgents(), store)
+    with caplog.at_level(logging.ERROR, logger="opentelemetry.context"):
+        for n in range(3):
+            await recorder.diagnose(_request(), f"cmms-span-{n}", None, "tech-1")
+        for _ in range(5):  # let asyncio finalise any generator left open
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
