@@ -38,12 +38,11 @@ class VisionSettings(ServerSettings, HostedModelSettings, ImageLimitSettings):
         0,
         ge=0,
         description="the backbone runtime's intra-op threads; 0 = 1 without batching (concurrent requests "
-        "use the cores; measured +40 % images/s at 16 clients on 2 cores), "
-        "the CPUs this process may use with batching",
+        "use the cores), the CPUs this process may use with batching (docs/performance.md)",
     )
     backbone_runtime: Literal["auto", "onnx", "torch"] = Field(
         "auto",
-        description="auto = ONNX Runtime on a CPU (no torch import at start, ~2.7x less CPU per image than torch), "
+        description="auto = ONNX Runtime on a CPU (no torch import at start, less CPU per image than torch), "
         "torch on a GPU",
     )
     # where the backbone's ONNX graph is exported to, once (the image exports it at build time)
@@ -58,9 +57,8 @@ class VisionSettings(ServerSettings, HostedModelSettings, ImageLimitSettings):
     )
     batching: Literal["auto"] | bool = Field(
         "auto",
-        description="dynamic batching of the model path; auto = on where the backbone runs on a GPU (measured on an "
-        "H200: 1.36x images/s at 16 clients, 1.75x at 64, 0.8x at 1), off on a CPU (0.42-0.74x on 2 cores: "
-        "copilot bench --suite vision)",
+        description="dynamic batching of the model path; auto = on where the backbone runs on a GPU, off on a CPU "
+        "(where it measured slower: copilot bench --suite vision, docs/performance.md)",
     )
     batch_max_size: int = Field(8, ge=1, le=128)
     decode_slots: int = Field(4, ge=1, le=64, description="photos decoded at once (decoding is the memory peak)")
