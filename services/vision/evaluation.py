@@ -121,7 +121,7 @@ class LabelledImage:
     mask: np.ndarray  # [H, W] bool, the defect's pixels
 
 
-def _photo_crop(name: str, seed: int, held_out: bool) -> Image.Image:
+def photo_crop(name: str, seed: int, held_out: bool) -> Image.Image:
     """A square crop of a scikit-image texture photograph: references from its left half, held-out images from
     its right half (no pixel in common), greyscale turned to RGB."""
     import skimage.data
@@ -139,7 +139,7 @@ def _photo_crop(name: str, seed: int, held_out: bool) -> Image.Image:
 def good_surface(equipment_type: str, seed: int, held_out: bool = True) -> Image.Image:
     source, name = LOCALISATION_SURFACES[equipment_type].split(":")
     if source == "photo":
-        return _photo_crop(name, seed, held_out)
+        return photo_crop(name, seed, held_out)
     return samples.make_surface(name, HELD_OUT_SEED + seed, IMAGE_SIZE)
 
 

@@ -82,43 +82,37 @@ def _grain(seed: int, size: int) -> Image.Image:
     return _ramp(_normalised(_fastnoise(seed, size, configure)), (70, 78, 88), (185, 190, 198))
 
 
-def _concrete(seed: int, size: int) -> Image.Image:
-    """Cast concrete: fractal (fBm) OpenSimplex2 noise, five octaves."""
-    from pyfastnoiselite.pyfastnoiselite import FractalType, NoiseType
+def _fractal(
+    noise: str,
+    fractal: str,
+    octaves: int,
+    frequency: float,
+    dark: tuple[int, int, int],
+    light: tuple[int, int, int],
+    stretch: float = 1.0,
+) -> Callable[[int, int], Image.Image]:
+    """A FastNoise Lite fractal texture (`noise`: NoiseType_*, `fractal`: FractalType_*), between two colours."""
 
-    def configure(noise: Any) -> None:
-        noise.noise_type = NoiseType.NoiseType_OpenSimplex2
-        noise.fractal_type = FractalType.FractalType_FBm
-        noise.fractal_octaves = 5
-        noise.frequency = 0.03
+    def make(seed: int, size: int) -> Image.Image:
+        from pyfastnoiselite.pyfastnoiselite import FractalType, NoiseType
 
-    return _ramp(_normalised(_fastnoise(seed, size, configure)), (105, 102, 96), (175, 172, 165))
+        def configure(generator: Any) -> None:
+            generator.noise_type = getattr(NoiseType, f"NoiseType_{noise}")
+            generator.fractal_type = getattr(FractalType, f"FractalType_{fractal}")
+            generator.fractal_octaves = octaves
+            generator.frequency = frequency
 
+        return _ramp(_normalised(_fastnoise(seed, size, configure, stretch)), dark, light)
 
-def _marble(seed: int, size: int) -> Image.Image:
-    """Polished stone with veins: ridged fractal noise."""
-    from pyfastnoiselite.pyfastnoiselite import FractalType, NoiseType
-
-    def configure(noise: Any) -> None:
-        noise.noise_type = NoiseType.NoiseType_OpenSimplex2
-        noise.fractal_type = FractalType.FractalType_Ridged
-        noise.fractal_octaves = 4
-        noise.frequency = 0.012
-
-    return _ramp(_normalised(_fastnoise(seed, size, configure)), (120, 118, 125), (232, 230, 226))
+    return make
 
 
-def _wood(seed: int, size: int) -> Image.Image:
-    """Wood-grain laminate: value-cubic noise stretched along one axis, domain-warped by a fractal."""
-    from pyfastnoiselite.pyfastnoiselite import FractalType, NoiseType
-
-    def configure(noise: Any) -> None:
-        noise.noise_type = NoiseType.NoiseType_ValueCubic
-        noise.fractal_type = FractalType.FractalType_FBm
-        noise.fractal_octaves = 3
-        noise.frequency = 0.04
-
-    return _ramp(_normalised(_fastnoise(seed, size, configure, stretch=6.0)), (96, 62, 34), (190, 140, 90))
+#: Cast concrete: fBm OpenSimplex2, five octaves.
+_concrete = _fractal("OpenSimplex2", "FBm", 5, 0.03, (105, 102, 96), (175, 172, 165))
+#: Polished stone with veins: ridged fractal noise.
+_marble = _fractal("OpenSimplex2", "Ridged", 4, 0.012, (120, 118, 125), (232, 230, 226))
+#: Wood-grain laminate: value-cubic fBm stretched along one axis.
+_wood = _fractal("ValueCubic", "FBm", 3, 0.04, (96, 62, 34), (190, 140, 90), stretch=6.0)
 
 
 def _spangle(seed: int, size: int) -> Image.Image:
@@ -194,16 +188,12 @@ def _sandblasted(seed: int, size: int) -> Image.Image:
 
 
 def _photo(name: str) -> Callable[[int, int, bool], Image.Image]:
-    def crop(seed: int, size: int, held_out: bool) -> Image.Image:
-        import skimage.data
+    """Crops of a scikit-image photograph, as the localisation evaluation cuts them (its IMAGE_SIZE)."""
 
-        photo = getattr(skimage.data, name)()
-        rng = np.random.default_rng(seed)
-        h, w = photo.shape[:2]
-        half = w // 2
-        x = rng.integers(0, half - size + 1) + (half if held_out else 0)
-        y = rng.integers(0, h - size + 1)
-        return Image.fromarray(photo[y : y + size, x : x + size]).convert("RGB")
+    def crop(seed: int, size: int, held_out: bool) -> Image.Image:
+        if size != ev.IMAGE_SIZE:
+            raise ValueError(f"photograph crops are {ev.IMAGE_SIZE} px")
+        return ev.photo_crop(name, seed, held_out)
 
     return crop
 
