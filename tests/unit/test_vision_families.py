@@ -28,6 +28,7 @@ def test_eight_families_or_more_from_three_sources_or_more_none_of_them_the_proj
     assert len(held_out_sources) >= 2
 
 
+@pytest.mark.models  # renders each family's textures (seconds): in `make test`, not in the fast loop
 @pytest.mark.parametrize("family", sorted(fam.FAMILIES))
 def test_references_and_judged_parts_are_different_images(family):
     refs = {hashlib.sha256(data).hexdigest() for data in fam.references(family, 2)}
