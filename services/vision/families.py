@@ -143,8 +143,9 @@ def _upsized(values: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def _opensimplex(seed: int, size: int, fx: float, fy: float, octaves: int = 1) -> np.ndarray:
-    """Fractal OpenSimplex noise of frequencies `fx`, `fy` (cycles per photo pixel), computed coarse, then resized."""
+def _opensimplex(seed: int, size: int, fx: float, fy: float, octaves: int = 1, absolute: bool = False) -> np.ndarray:
+    """Fractal OpenSimplex noise of frequencies `fx`, `fy` (cycles per photo pixel), computed coarse, then resized;
+    `absolute`: each octave's absolute value (turbulence)."""
     import opensimplex
 
     generator = opensimplex.OpenSimplex(seed=seed)
@@ -155,7 +156,8 @@ def _opensimplex(seed: int, size: int, fx: float, fy: float, octaves: int = 1) -
     total = np.zeros((coarse, coarse))
     for octave in range(octaves):
         scale = 2.0**octave
-        total += generator.noise2array((xs + ox) * fx * scale, (xs + oy) * fy * scale) / scale
+        octave_noise = generator.noise2array((xs + ox) * fx * scale, (xs + oy) * fy * scale)
+        total += (np.abs(octave_noise) if absolute else octave_noise) / scale
     return _upsized(total, size)
 
 
@@ -168,18 +170,9 @@ def _brushed(seed: int, size: int) -> Image.Image:
 
 def _leather(seed: int, size: int) -> Image.Image:
     """Embossed leather / textured polymer: OpenSimplex turbulence (sum of absolute octaves)."""
-    import opensimplex
-
-    generator = opensimplex.OpenSimplex(seed=seed)
-    coarse = size // OPENSIMPLEX_STEP
-    xs = np.arange(coarse, dtype=np.float64) * OPENSIMPLEX_STEP
-    rng = np.random.default_rng(seed)
-    ox, oy = rng.uniform(0, 10_000, 2)
-    total = np.zeros((coarse, coarse))
-    for octave in range(3):
-        scale = 2.0**octave
-        total += np.abs(generator.noise2array((xs + ox) * 0.06 * scale, (xs + oy) * 0.06 * scale)) / scale
-    return _ramp(_normalised(_upsized(total, size)), (40, 32, 28), (120, 96, 80))
+    return _ramp(
+        _normalised(_opensimplex(seed, size, 0.06, 0.06, octaves=3, absolute=True)), (40, 32, 28), (120, 96, 80)
+    )
 
 
 def _sandblasted(seed: int, size: int) -> Image.Image:
