@@ -4,8 +4,6 @@ items."""
 
 from __future__ import annotations
 
-import re
-
 import protovalidate
 from google.protobuf.message import Message
 
@@ -41,14 +39,13 @@ _FORMATS = {
     "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": "must be a document id such as SOP-123: a letter or digit, then letters, "
     "digits and . _ - (64 characters at most)",
 }
-_PATTERN = re.compile(r"`(\^.*\$)`")
 
 
 def _described(violation: protovalidate.Violation) -> str:
     """The rule's message; a pattern's says what the value should look like rather than quoting the regex."""
     text: str = violation.proto.message or violation.proto.rule_id
-    if violation.proto.rule_id == "string.pattern" and (found := _PATTERN.search(text)):
-        pattern = found.group(1)
+    if violation.proto.rule_id == "string.pattern" and isinstance(violation.rule_value, str):
+        pattern = violation.rule_value
         if pattern.startswith("^(") and pattern.endswith(")?$"):
             pattern = "^" + pattern[2:-3] + "$"
         return _FORMATS.get(pattern, text)
