@@ -16,7 +16,13 @@ from copilot.domain import DiagnosisInput, PastIncident, utc_now
 from copilot.equipment import EquipmentRegistry
 from copilot.runtime.admission import AdmissionInterceptor
 from copilot.runtime.auth import ServiceIdentity
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ImageLimitSettings, ServerSettings, data_dir
+from copilot.runtime.config import (
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    ImageLimitSettings,
+    ServerSettings,
+    incident_history_url,
+)
 from copilot.runtime.server import ServiceSpec, run_service
 from copilot.v1 import copilot_pb2_grpc
 from services.orchestrator.clients import AgentClients, GrpcAgentClients
@@ -48,7 +54,7 @@ class OrchestratorSettings(ServerSettings, ImageLimitSettings):
     # Vision and knowledge at once (knowledge then does not see the defects); see `copilot bench --suite mesh`.
     parallel_stages: bool = False
     # Incident history: SQLAlchemy URL (sqlite:///path, or postgresql+psycopg://user:pw@host/db).
-    database_url: str = Field(default_factory=lambda: f"sqlite:///{data_dir() / 'incidents.db'}")
+    database_url: str = Field(default_factory=incident_history_url)
     related_incidents: int = Field(3, ge=0, le=10, description="past incidents cited in a report's follow-up")
     equipment_registry: Path | None = Field(
         DEFAULT_REGISTRY,

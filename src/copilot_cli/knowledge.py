@@ -13,7 +13,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
 from copilot.agents.v1 import knowledge_pb2, knowledge_pb2_grpc
-from copilot.runtime.config import data_dir
+from copilot.runtime.config import data_dir, incident_history_url
 from copilot_cli.common import (
     KNOWLEDGE_ADDR,
     AdminToken,
@@ -174,7 +174,7 @@ def evaluate(
     output: Annotated[
         Path | None, typer.Option("--output", help="JSON (default <data dir>/eval/knowledge.json)")
     ] = None,
-    export_feedback: Annotated[
+    feedback_target: Annotated[
         Path | None,
         typer.Option("--export-feedback", help="deprecated: `copilot export-feedback TARGET` does this", hidden=True),
     ] = None,
@@ -183,9 +183,9 @@ def evaluate(
     """Knowledge quality on a labelled set, hybrid scoring on and off, in-process on a fresh store with the
     shipped library: recall@1/@3, MRR, citation precision, escalation accuracy. Prints a table, writes JSON.
     Technicians' feedback becomes more labelled questions with `copilot export-feedback` (evaluate them with --data)."""
-    if export_feedback is not None:
+    if feedback_target is not None:
         console.print("[yellow]--export-feedback is deprecated: use `copilot export-feedback TARGET`[/]")
-        _export_feedback(export_feedback, database_url or f"sqlite:///{data_dir() / 'incidents.db'}")
+        export_feedback(feedback_target, database_url)
         return
     import tempfile
     from dataclasses import asdict
@@ -260,18 +260,13 @@ def export_feedback(
 ) -> None:
     """Write the technicians' feedback in the incident history as labelled questions (question, the SOPs that
     helped, whether it should have been escalated). Reads only: the history is never created or upgraded."""
-    folder = data_dir_option or data_dir()
-    _export_feedback(target, database_url or f"sqlite:///{folder / 'incidents.db'}")
-
-
-def _export_feedback(target: Path, database_url: str) -> None:
     import yaml
 
     from services.orchestrator.history import IncidentStore, SchemaMismatch
     from services.rag.evaluation import questions_from_feedback
 
     try:  # read-only: an export never creates or upgrades the database it is pointed at
-        store = IncidentStore(database_url, migrate=False)
+        store = IncidentStore(database_url or incident_history_url(data_dir_option), migrate=False)
     except SchemaMismatch as refused:
         console.print(f"[red]{refused}[/red]")
         raise typer.Exit(1) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from copilot.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, incident_history_url
 from copilot.runtime.config import data_dir as default_data_dir
 from services import PACKAGES
 
@@ -180,7 +180,7 @@ class Mesh:
                 KNOWLEDGE_ADDR=self.address("knowledge"),
                 REPORT_ADDR=self.address("report"),
             )
-            env.setdefault("ORCHESTRATOR_DATABASE_URL", f"sqlite:///{self.data_dir / 'incidents.db'}")
+            env.setdefault("ORCHESTRATOR_DATABASE_URL", incident_history_url(self.data_dir))
         return env
 
     @property

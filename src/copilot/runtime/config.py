@@ -24,6 +24,11 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "services").is_dir() else None
 
 
+def incident_history_url(folder: Path | None = None) -> str:
+    """The orchestrator's default incident history: a SQLite file in `folder` (default: `data_dir()`)."""
+    return f"sqlite:///{(folder or data_dir()) / 'incidents.db'}"
+
+
 def data_dir() -> Path:
     """Where a process keeps its local state (reference images, the embedded Chroma store, the incident
     history, logs, the dev signing secret): COPILOT_DATA_DIR, else the checkout's `.copilot-data` (the same folder
