@@ -267,6 +267,8 @@ class KindResult:
     def summary(self) -> dict:
         return {
             "images": self.images,
+            "detected": self.detected,
+            "box_hits": self.box_hits,
             "detection_rate": round(self.detected / max(self.images, 1), 4),
             "box_hit_rate": round(self.box_hits / max(self.images, 1), 4),
             "boxes_per_defect": round(self.boxes / max(self.defects, 1), 4),
@@ -393,10 +395,15 @@ def register_references(engine, surfaces: tuple[str, ...]) -> None:
     """12 good references of each of `surfaces` (from the other half of its photograph) into `engine`'s store, and
     their models built."""
     for surface in surfaces:
-        for data in reference_images(surface):
-            image = engine.decode(data)
-            engine.store.add(surface, "good", data, *image.size)
+        add_good_references(engine, surface, reference_images(surface))
     engine.load(set(surfaces))
+
+
+def add_good_references(engine, equipment_type: str, images: list[bytes]) -> None:
+    """`images` into `engine`'s reference store as good references of `equipment_type` (its model not built yet)."""
+    for data in images:
+        image = engine.decode(data)
+        engine.store.add(equipment_type, "good", data, *image.size)
 
 
 # --- robustness: parts photographed not quite as their references were -------------------------------------------

@@ -335,25 +335,24 @@ class HalfSummary:
 
 def score_family(engine: Any, family: str, half: str) -> FamilyResult:
     """Register the family's references under its own equipment type, then judge its unseen parts."""
-    for data in references(family):
-        image = engine.decode(data)
-        engine.store.add(family, "good", data, *image.size)
+    ev.add_good_references(engine, family, references(family))
     engine.load({family}, generic=False)
     scored = ev.evaluate_localisation(engine, family, labelled_parts(family))
     kinds = scored.per_kind
     defective = sum(k["images"] for k in kinds.values())
+    goods = scored.images - defective
     return FamilyResult(
         family=family,
         source=FAMILIES[family].source,
         half=half,
         image_auroc=scored.image_auroc,
         defective=defective,
-        detected=sum(round(k["detection_rate"] * k["images"]) for k in kinds.values()),
-        box_hits=sum(round(k["box_hit_rate"] * k["images"]) for k in kinds.values()),
+        detected=sum(k["detected"] for k in kinds.values()),
+        box_hits=sum(k["box_hits"] for k in kinds.values()),
         boxes=sum(k["boxes"] for k in kinds.values()),
         defects=sum(k["defects"] for k in kinds.values()),
-        goods=GOODS,
-        flagged=round(scored.false_positive_rate * GOODS),
+        goods=goods,
+        flagged=round(scored.false_positive_rate * goods),
         per_kind=kinds,
     )
 
