@@ -51,8 +51,9 @@ def stub(mesh):
         yield copilot_pb2_grpc.CopilotServiceStub(channel)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`copilot ARGS` as a technician runs it (this venv's entry point; tokens minted from the test secret)."""
+def run_cli(*args: str, exit_code: int = 0) -> subprocess.CompletedProcess:
+    """`copilot ARGS` as a technician runs it (this venv's entry point; tokens minted from the test secret), ending
+    with `exit_code`."""
     done = subprocess.run(
         [str(Path(sys.executable).with_name("copilot")), *args],
         capture_output=True,
@@ -60,7 +61,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         timeout=120,
         env={**os.environ, "COLUMNS": "250"},
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == exit_code, done.stdout + done.stderr
     return done
 
 
@@ -317,27 +318,12 @@ def test_a_plant_sop_is_used_at_its_plant_and_an_uncovered_machine_goes_to_revie
 def test_a_refused_diagnosis_shows_its_error_once_and_documents_can_be_deleted_from_the_cli(mesh, tmp_path):
     """A new user's first mistakes: a lower-case plant code gets one error naming an example (no empty stage
     table, no regex); a document ingested by mistake goes with `copilot delete-doc`."""
-    binary = str(Path(sys.executable).with_name("copilot"))
-    refused = subprocess.run(
-        [
-            binary,
-            "diagnose",
-            "--plant",
-            "pune",
-            "--equipment",
-            "CNC-A-102",
-            "--problem",
-            PROBLEM,
-            "--addr",
-            mesh.address("orchestrator"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "250"},
+    refused = run_cli(
+        *("diagnose", "--plant", "pune", "--equipment", "CNC-A-102", "--problem", PROBLEM),
+        *("--addr", mesh.address("orchestrator")),
+        exit_code=2,
     )
     said = refused.stdout + refused.stderr
-    assert refused.returncode == 2, said
     assert "INVALID_ARGUMENT" in said and "PUNE-IN" in said and "waiting" not in said and "^[A-Z]" not in said
     assert said.count("plant_id") == 1, said
 
