@@ -70,7 +70,7 @@ data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 outcome = "decoded"
 try:
-    decoded = decode_image(data, ImageLimits())
+    decoded = decode_image(data, ImageLimits(), working_size=256)
     prepared = pixels(decoded, 256)
     shape = list(decoded.size)
 except ImageRejected as exc:

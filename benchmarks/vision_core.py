@@ -8,13 +8,23 @@ the GPU machine:
 
     python benchmarks/vision_core.py --device cuda --banks cpu,cuda --images 192 --output vision-core-cuda.json
 
-`copilot bench --suite vision` is the same measurement through a real vision process over gRPC (CPU)."""
+`copilot bench --suite vision` is the same measurement through a real vision process over gRPC (CPU).
+
+`--stages` measures instead the CPU each stage of one image costs, one image at a time, on three photos (the
+sample crack and clean photos, 512 px, and a 12-megapixel camera-sized JPEG): decode and the backbone's input,
+the exposure match, the backbone, the memory-bank search, the findings (regions, typing, the response), and
+when a heatmap is asked for, the decode and findings with it. "Outside the backbone" is the first, second and
+fifth: the per-image work around the model when no heatmap is asked for (the orchestrator never asks). `--stages --compare-code DIR` measures a second checkout's code (for instance
+`git worktree add /tmp/before HEAD~3`) in the same run, alternately, and prints the ratios:
+
+    python benchmarks/vision_core.py --stages --compare-code /tmp/before --output vision-stages.json"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -22,11 +32,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parents[1]
+#: the code measured: this checkout, or another one (`--compare-code` runs this file again with it set)
+ROOT = Path(os.environ.get("VISION_BENCH_CODE") or HERE)
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-PHOTO = ROOT / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg"
+PHOTO = HERE / "src" / "copilot_cli" / "samples" / "pump-housing-crack.jpg"
+CLEAN_PHOTO = HERE / "src" / "copilot_cli" / "samples" / "pump-housing-clean.jpg"
 
 from PIL import Image  # noqa: E402
 
@@ -195,6 +210,140 @@ def _process(args, folder: str, batching: bool, clients: int, total: int, barrie
             barrier.abort()
 
 
+# --- the CPU of each stage, one image at a time ------------------------------------------------------------------
+
+#: the stages outside the backbone and the bank search: the per-image Python work around the model
+OUTSIDE = ("prepare", "exposure", "findings")
+
+
+def _photos() -> dict[str, bytes]:
+    """The three photos the stages are measured on: the two 512 px samples and the crack photo as a 12-megapixel
+    camera would send it (4000x3000, JPEG quality 90)."""
+    import io
+
+    camera = io.BytesIO()
+    Image.open(PHOTO).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(camera, "JPEG", quality=90)
+    return {
+        "crack 512 px": PHOTO.read_bytes(),
+        "clean 512 px": CLEAN_PHOTO.read_bytes(),
+        "crack 12 MP": camera.getvalue(),
+    }
+
+
+def stage_costs(repeats: int) -> dict:
+    """Per photo and stage, the thread CPU and wall time per image (medians over `repeats` rounds), on one thread:
+    each stage runs on the calling thread except the backbone's intra-op threads (its wall time is the figure)."""
+    with tempfile.TemporaryDirectory() as folder:
+        extractor = feature_extractor(threads=1)
+        engine = VisionEngine(extractor, ReferenceStore(Path(folder)))
+        engine.seed_starter_set()
+        engine.load()
+        model = engine.reference_sets()["brushed-steel"]
+        rows: dict[str, dict[str, dict[str, float]]] = {}
+        # a heatmap asked for: the photo decoded again for display (older code: its one decode was at that scale)
+        takes_display = "display" in inspect.signature(engine.prepare).parameters
+        prepare_for_heatmap = (lambda data: engine.prepare(data, True)) if takes_display else engine.prepare
+        for name, data in _photos().items():
+            image, pixels = engine.prepare(data)
+            display, _ = prepare_for_heatmap(data)
+            exposed = engine._exposed(pixels, model)
+            maps = extractor.features([exposed])
+            measured = engine.measure([(pixels, "brushed-steel")])[0]
+            stages: dict[str, Callable[[], object]] = {
+                "prepare": partial(engine.prepare, data),
+                "exposure": partial(engine._exposed, pixels, model),
+                "backbone": partial(extractor.features, [exposed]),
+                "banks": partial(model.bank.batch_scores, maps),
+                "findings": partial(engine.score, image, measured, "brushed-steel", False),
+                "prepare for a heatmap": partial(prepare_for_heatmap, data),
+                "findings + heatmap": partial(engine.score, display, measured, "brushed-steel", True),
+            }
+            samples: dict[str, list[tuple[float, float]]] = {stage: [] for stage in stages}
+            for _ in range(repeats):
+                for stage, run in stages.items():
+                    cpu, wall = time.thread_time(), time.perf_counter()
+                    run()
+                    samples[stage].append(((time.thread_time() - cpu) * 1000, (time.perf_counter() - wall) * 1000))
+            rows[name] = {
+                stage: {
+                    "cpu_ms": round(statistics.median(c for c, _ in values), 3),
+                    "wall_ms": round(statistics.median(w for _, w in values), 3),
+                }
+                for stage, values in samples.items()
+            }
+            rows[name]["outside the backbone"] = {
+                key: round(sum(rows[name][stage][key] for stage in OUTSIDE), 3) for key in ("cpu_ms", "wall_ms")
+            }
+    return {"code": str(ROOT), "photos": rows}
+
+
+def _stage_costs_of(code: Path, repeats: int) -> dict:
+    """`stage_costs` of another checkout's code, in a fresh interpreter."""
+    import subprocess
+
+    env = {**os.environ, "VISION_BENCH_CODE": str(code.resolve())}
+    out = subprocess.run(
+        [sys.executable, __file__, "--stages-json", "--repeats", str(repeats)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def stages_main(args) -> dict:
+    """`--stages`: this code's stage costs, and with --compare-code the other code's, alternately (rounds of
+    `repeats`, `args.rounds` times each), so both see the machine's same hours."""
+    runs: dict[str, list[dict]] = {"this": [], "compared": []}
+    for _ in range(args.rounds):
+        runs["this"].append(_stage_costs_of(ROOT, args.repeats))
+        if args.compare_code:
+            runs["compared"].append(_stage_costs_of(args.compare_code, args.repeats))
+
+    def median_of(results: list[dict]) -> dict:
+        first = results[0]["photos"]
+        return {
+            photo: {
+                stage: {
+                    key: round(statistics.median(r["photos"][photo][stage][key] for r in results), 3)
+                    for key in ("cpu_ms", "wall_ms")
+                }
+                for stage in first[photo]
+            }
+            for photo in first
+        }
+
+    result: dict = {"this": {"code": str(ROOT), "photos": median_of(runs["this"])}, "rounds": args.rounds}
+    stages = list(next(iter(result["this"]["photos"].values())))
+    header = f"{'photo':<14} {'stage':<22} {'this (ms CPU)':>14}"
+    if args.compare_code:
+        result["compared"] = {"code": str(args.compare_code), "photos": median_of(runs["compared"])}
+        header += f" {'compared':>10} {'compared / this':>16}"
+        result["ratios"] = {
+            photo: {
+                stage: round(
+                    result["compared"]["photos"][photo][stage]["cpu_ms"]
+                    / max(result["this"]["photos"][photo][stage]["cpu_ms"], 1e-3),
+                    2,
+                )
+                for stage in stages
+            }
+            for photo in result["this"]["photos"]
+        }
+    print(header)
+    for photo, by_stage in result["this"]["photos"].items():
+        for stage in stages:
+            line = f"{photo:<14} {stage:<22} {by_stage[stage]['cpu_ms']:>14.2f}"
+            if args.compare_code:
+                line += (
+                    f" {result['compared']['photos'][photo][stage]['cpu_ms']:>10.2f}"
+                    f" {result['ratios'][photo][stage]:>15.2f}x"
+                )
+            print(line)
+    return result
+
+
 def several_processes(args, folder: str, clients_levels: list[int]) -> list[dict]:
     """The same load spread over `args.processes` processes on one device: images/s summed over them."""
     import multiprocessing
@@ -259,9 +408,19 @@ if __name__ == "__main__":
         default="",
         help="where the memory banks are scored, comma-separated to compare two (e.g. cpu,cuda); default: --device",
     )
+    parser.add_argument(
+        "--stages", action="store_true", help="the CPU of each stage of one image instead of the load (see above)"
+    )
+    parser.add_argument("--compare-code", type=Path, help="with --stages: another checkout's code, measured alike")
+    parser.add_argument("--repeats", type=int, default=30, help="with --stages: images per photo and round")
+    parser.add_argument("--rounds", type=int, default=3, help="with --stages: rounds per code, alternating")
+    parser.add_argument("--stages-json", action="store_true", help=argparse.SUPPRESS)  # one round, JSON on stdout
     parser.add_argument("--output", type=Path, default=data_dir() / "bench" / "vision-core.json")
     arguments = parser.parse_args()
-    outcome = asyncio.run(main(arguments))
+    if arguments.stages_json:
+        print(json.dumps(stage_costs(arguments.repeats)))
+        sys.exit(0)
+    outcome = stages_main(arguments) if arguments.stages else asyncio.run(main(arguments))
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(outcome, indent=2))
     print(f"wrote {arguments.output}")

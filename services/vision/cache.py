@@ -1,7 +1,7 @@
 """Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
 in seconds instead of recomputing every reference image and memory bank.
 
-    <root>/cache/features/<backbone>-<size>/<sha256>.npz  the patch feature map of one reference image, its exposure
+    <root>/cache/features/<backbone>-<size>-v<FORMAT>/<sha256>.npz  one reference image's patch feature map, exposure
     <root>/cache/models/<key>.npz                         a built equipment-type model (memory bank + typer)
 
 A model's key is the SHA-256 of everything it is built from: the cache format, the backbone, the image size,
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 # 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group;
 # 4: numpy archives instead of torch files, the coreset drawn by numpy; 5: each reference's exposure beside its
-# features, a model's exposure (what queries are matched to)
-FORMAT = 5
+# features, a model's exposure (what queries are matched to); 6: JPEGs decoded at the working size (DCT scaling), so
+# reference features change too: the feature folder carries FORMAT since then
+FORMAT = 6
 SUFFIX = ".npz"
 
 
@@ -44,7 +45,7 @@ class ModelCache:
     """Backbone features and fitted models on disk, keyed by backbone, image size and content."""
 
     def __init__(self, root: Path, backbone: str, image_size: int) -> None:
-        self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}"
+        self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}-v{FORMAT}"
         self.models_dir = root / "cache" / "models"
         self.backbone = backbone
         self.image_size = image_size

@@ -37,17 +37,41 @@ if TYPE_CHECKING:
     from services.vision.patchcore import DefectTyper, MemoryBank
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> Image.Image:
+#: where `decode_image` records the size an image was sent at, in the decoded image's `info` (PIL keeps it
+#: through convert and copy): a JPEG decoded at a reduced scale is smaller than that
+SOURCE_SIZE = "copilot.source_size"
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits, field: str = "image.data", working_size: int | None = None
+) -> Image.Image:
+    """Decode an upload that passed the checks of `open_checked` into RGB. With `working_size`, a JPEG is decoded
+    at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides at least that large: the model sees a
+    working_size² input, so a 12-megapixel photo is decoded at about 500x375 instead of in full (libjpeg skips
+    most of the work). The size it was sent at stays readable (`source_size`)."""
     image = open_checked(data, limits, field)
     mime = sniff_mime_type(data)
+    source = image.size
     try:
-        image.draft("RGB", (768, 768))  # JPEG: decode at reduced scale when possible
-        return image.convert("RGB")
+        if working_size is not None:
+            image.draft("RGB", (working_size, working_size))
+        decoded = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageRejected(FieldViolation(field, f"cannot decode {mime} image: {exc}")) from exc
+    decoded.info[SOURCE_SIZE] = source
+    return decoded
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """The size `image` was sent at (before `decode_image` reduced a JPEG's scale); its own size otherwise."""
+    size = image.info.get(SOURCE_SIZE)
+    return (int(size[0]), int(size[1])) if size else image.size
 
 
 GENERIC = "generic"
+
+#: the scale a photo is decoded at for a heatmap: JPEGs at the smallest DCT scale with both sides at least this
+DISPLAY_SIZE = 768
 
 
 class NoReferenceImages(LookupError):
@@ -179,8 +203,8 @@ class VisionEngine:
             for folder in sorted(p for p in starter_dir().iterdir() if p.is_dir()):
                 for file in sorted(folder.glob("*.jpg")):
                     data = file.read_bytes()
-                    image = decode_image(data, self.limits)
-                    yield folder.name, file.stem.rsplit("-", 1)[0], data, *image.size
+                    image = self.decode(data)
+                    yield folder.name, file.stem.rsplit("-", 1)[0], data, *source_size(image)
 
         return self.store.seed(images())
 
@@ -197,7 +221,7 @@ class VisionEngine:
                 missing.append(ref)
         for start in range(0, len(missing), 16):
             batch = missing[start : start + 16]
-            pixels = [self.extractor.pixels(decode_image(self.store.read(r), self.limits)) for r in batch]
+            pixels = [self.extractor.pixels(self.decode(self.store.read(r))) for r in batch]
             maps = self.extractor.patch_features(pixels)
             for ref, fmap, ref_pixels in zip(batch, maps, pixels, strict=True):
                 self._features[ref.reference_id] = fmap, exposure(ref_pixels)
@@ -335,8 +359,8 @@ class VisionEngine:
                 raise ImageRejected(
                     FieldViolation(field_name, f"must be kebab-case, 2-40 characters, not '{GENERIC}' (got {value!r})")
                 )
-        image = decode_image(data, self.limits)
-        ref, created = self.store.add(equipment_type, label, data, *image.size)
+        image = self.decode(data)
+        ref, created = self.store.add(equipment_type, label, data, *source_size(image))
         if created:
             self._changed(equipment_type)
         return ref, created
@@ -369,13 +393,19 @@ class VisionEngine:
     # --- analysis -------------------------------------------------------------------------------
 
     def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.limits)
+        """An upload decoded for the model: a JPEG at the smallest scale that still covers its input size."""
+        return decode_image(data, self.limits, working_size=self.tuning.image_size)
 
-    def prepare(self, data: bytes) -> tuple[Image.Image, np.ndarray]:
+    def prepare(self, data: bytes, display: bool = False) -> tuple[Image.Image, np.ndarray]:
         """Decode an upload and prepare the backbone's input (FeatureExtractor.pixels): the per-request CPU work
-        before the model path, run in the request's thread."""
-        image = self.decode(data)
-        return image, self.extractor.pixels(image)
+        before the model path, run in the request's thread. The image returned is what the findings are sized by
+        and a heatmap is drawn over: the working decode, or with `display` (a heatmap asked for) a second decode
+        at up to DISPLAY_SIZE, so that only a caller who wants the overlay pays for a larger decode and the model's
+        input is the same either way."""
+        working = self.decode(data)
+        pixels = self.extractor.pixels(working)
+        image = decode_image(data, self.limits, working_size=DISPLAY_SIZE) if display else working
+        return image, pixels
 
     def measure(self, items: Sequence[tuple[Image.Image | np.ndarray, str]]) -> list[Measurement]:
         """The model path for a batch of (image or its prepared pixels, equipment type): one forward pass, then one
@@ -456,8 +486,8 @@ class VisionEngine:
             anomaly_score=round(anomaly, 4),
             description=description,
             model=self.model,
-            width=image.size[0],
-            height=image.size[1],
+            width=source_size(image)[0],
+            height=source_size(image)[1],
             heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
             reference_set=reference_set,
             generic=generic,
@@ -489,8 +519,8 @@ class VisionEngine:
 
     def analyze(self, data: bytes, equipment_type: str = "", include_heatmap: bool = False) -> VisionFindings:
         """Decode, extract and score one image without batching (unit tests, in-process use)."""
-        image = self.decode(data)
-        return self.score(image, self.measure([(image, equipment_type)])[0], equipment_type, include_heatmap)
+        image, pixels = self.prepare(data, display=include_heatmap)
+        return self.score(image, self.measure([(pixels, equipment_type)])[0], equipment_type, include_heatmap)
 
 
 def _against(equipment_type: str, reference_set: str) -> str:

@@ -22,6 +22,7 @@ from PIL import Image, ImageEnhance
 
 from copilot.domain import AnomalyMap
 from services.vision import samples
+from services.vision.core import source_size
 
 HELD_OUT_SEED = 1000
 
@@ -402,8 +403,7 @@ def register_references(engine, surfaces: tuple[str, ...]) -> None:
 def add_good_references(engine, equipment_type: str, images: list[bytes]) -> None:
     """`images` into `engine`'s reference store as good references of `equipment_type` (its model not built yet)."""
     for data in images:
-        image = engine.decode(data)
-        engine.store.add(equipment_type, "good", data, *image.size)
+        engine.store.add(equipment_type, "good", data, *source_size(engine.decode(data)))
 
 
 # --- robustness: parts photographed not quite as their references were -------------------------------------------

@@ -23,6 +23,7 @@ there (`GroupBank.to`), scored where they are.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 from collections.abc import Callable
@@ -308,15 +309,19 @@ def regions(
         return []
     seed_labels, _ = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
     background = float(np.median(s))
+    # np.pad(mask, 1, mode="edge") as an index: the closing below sees the edge rows and columns held outwards
+    edge_rows, edge_cols = (np.clip(np.arange(-1, n + 1), 0, n - 1) for n in (h, w))
     grown_regions = []
     for index in range(1, int(seed_labels.max()) + 1):
         seed = seed_labels == index
         peak = float(s[seed].max())
         # the seed's half maximum over the surface's background, `grow` and `saddle` (the docstring's first point)
         level = max(tuning.grow * threshold, background + tuning.half_way * (peak - background), tuning.saddle * peak)
-        above = ndimage.binary_closing(np.pad(s > level, 1, mode="edge"), structure=np.ones((3, 3), dtype=bool))
-        labels, _ = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
-        grown_regions.append(np.isin(labels, np.unique(labels[seed])))
+        above = ndimage.binary_closing((s > level)[edge_rows][:, edge_cols], structure=np.ones((3, 3), dtype=bool))
+        labels, count = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
+        touched = np.zeros(count + 1, dtype=bool)
+        touched[labels[seed]] = True  # the components the seed lies in (never the background: seed is labelled)
+        grown_regions.append(touched[labels])
     fine = _interpolated(s)
 
     def box(component: np.ndarray) -> Box:
@@ -369,7 +374,7 @@ def _split_cores(fine: np.ndarray, component: np.ndarray, threshold: float, tuni
     several remain, each patch of the region goes to the nearest core."""
     from scipy import ndimage
 
-    cells = np.kron(component, np.ones((_FINE, _FINE), dtype=bool))
+    cells = _finer(component)
     peak = float(fine[cells].max())
     cores = cells & (fine > max(tuning.core_floor * threshold, tuning.core_share * peak))
     labels, count = ndimage.label(cores, structure=np.ones((3, 3), dtype=bool))
@@ -422,19 +427,36 @@ def _cells_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 _FINE = 4  # interpolation steps per patch for tight boxes
 
 
+def _finer(cells: np.ndarray) -> np.ndarray:
+    """Each cell of a mask as a _FINE x _FINE block (np.kron with a block of ones, without its generic product)."""
+    finer: np.ndarray = cells.repeat(_FINE, axis=0).repeat(_FINE, axis=1)
+    return finer
+
+
 def _interpolated(s: np.ndarray) -> np.ndarray:
-    """The score map at _FINE x its resolution, bilinear between patch centres (edges held)."""
+    """The score map at _FINE x its resolution, bilinear between patch centres (edges held): scipy's
+    `ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)`, as two small matrix products (the
+    interpolation is linear and separable; the same values to rounding, in a tenth of the time)."""
+    h, w = s.shape
+    fine: np.ndarray = _upsampling(h) @ s @ _upsampling(w).T
+    return fine
+
+
+@functools.cache
+def _upsampling(n: int) -> np.ndarray:
+    """The [n * _FINE, n] matrix of scipy's linear grid-mode zoom along one axis (edges held)."""
     from scipy import ndimage
 
-    fine: np.ndarray = ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)
-    return fine
+    matrix: np.ndarray = ndimage.zoom(np.eye(n), (_FINE, 1), order=1, mode="nearest", grid_mode=True)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _tight_box(fine: np.ndarray, component: np.ndarray, level: float, shape: tuple[int, int]) -> Box:
     h, w = shape
     x0, y0, x1, y1 = _cells_box(component)
     window = fine[y0 * _FINE : (y1 + 1) * _FINE, x0 * _FINE : (x1 + 1) * _FINE]
-    inside = np.kron(component[y0 : y1 + 1, x0 : x1 + 1], np.ones((_FINE, _FINE), dtype=bool)) & (window > level)
+    inside = _finer(component[y0 : y1 + 1, x0 : x1 + 1]) & (window > level)
     if not inside.any():  # grown only: the cells themselves
         return (x0 / w, y0 / h, (x1 + 1) / w, (y1 + 1) / h)
     ys, xs = np.nonzero(inside)

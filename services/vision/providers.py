@@ -20,6 +20,9 @@ import json
 import re
 from typing import Protocol
 
+import numpy as np
+from PIL import Image
+
 from copilot.domain import BoundingBox, Defect, DefectType, VisionFindings
 from copilot.runtime.batching import DynamicBatcher
 from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
@@ -91,19 +94,25 @@ class PatchCoreProvider:
                 self.engine.measure(items)
 
     async def analyze(self, data, equipment_type, include_heatmap):
-        async with self._decode_slots:
-            image, pixels = await asyncio.to_thread(self.engine.prepare, data)
-        item = (pixels, equipment_type)
-        if self.batcher is not None:
-            measured = await self.batcher.submit(item)  # the batcher records each pass's size
-        else:
+        if self.batcher is None:
+            image, pixels = await self._prepare(data, include_heatmap)
             copilot_metrics().batch_size.record(1)  # without batching every forward pass is one image
+            items = [(pixels, equipment_type)]
             if self._model_thread is not None:
                 loop = asyncio.get_running_loop()
-                measured = (await loop.run_in_executor(self._model_thread, self.engine.measure, [item]))[0]
+                measured = (await loop.run_in_executor(self._model_thread, self.engine.measure, items))[0]
             else:
-                measured = (await asyncio.to_thread(self.engine.measure, [item]))[0]
+                measured = (await asyncio.to_thread(self.engine.measure, items))[0]
+        else:
+            # announced before decoding: a batch forming meanwhile waits for this image; a lone one goes at once
+            with self.batcher.coming() as arrival:
+                image, pixels = await self._prepare(data, include_heatmap)
+                measured = await arrival.submit((pixels, equipment_type))  # the batcher records each pass's size
         return await asyncio.to_thread(self.engine.score, image, measured, equipment_type, include_heatmap)
+
+    async def _prepare(self, data: bytes, display: bool) -> tuple[Image.Image, np.ndarray]:
+        async with self._decode_slots:
+            return await asyncio.to_thread(self.engine.prepare, data, display)
 
     async def close(self):
         if self.batcher is not None:

@@ -34,7 +34,7 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-@pytest.fixture(scope="module", params=["dev", "prod"])
+@pytest.fixture(scope="module", params=["dev", "prod", "prod-gpu"])
 def manifests(request) -> list[dict]:
     return render(request.param)
 
@@ -210,7 +210,7 @@ def test_autoscaling_follows_the_seed_policy_and_vision_scales_on_its_own(manife
     hpas = by_kind(manifests, "HorizontalPodAutoscaler")
     assert set(hpas) == set(SERVICES)
     deployments = by_kind(manifests, "Deployment")
-    prod = request.node.callspec.params["manifests"] == "prod"
+    prod = request.node.callspec.params["manifests"] in {"prod", "prod-gpu"}
     for name, hpa in hpas.items():
         spec = hpa["spec"]
         assert spec["scaleTargetRef"]["name"] == name
@@ -338,8 +338,9 @@ def test_memory_requests_and_limits_follow_the_measured_figures(manifests, reque
     for name, peak in peaks.items():
         resources = deployments[name]["spec"]["template"]["spec"]["containers"][0]["resources"]
         asked, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
-        if name == "vision" and request.node.callspec.params["manifests"] == "prod":
-            assert asked >= 1.25 * peak  # sized for the shared store's larger reference set (README)
+        if name == "vision" and request.node.callspec.params["manifests"] in {"prod", "prod-gpu"}:
+            # sized for the shared store's larger reference set (README); on a GPU also the CUDA runtime
+            assert asked >= 1.25 * peak
         else:
             assert 1.25 * peak <= asked <= 1.6 * peak, (name, peak, asked)
         assert limit >= 2 * peak, (name, peak, limit)
@@ -382,3 +383,37 @@ def test_prod_ships_the_rules_and_the_dashboard_and_labels_jobs_as_the_rules_sel
         if s["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "manufacturing-copilot"
     }
     assert {"orchestrator", "vision", "knowledge", "report"} <= services
+
+
+def test_the_gpu_overlay_puts_vision_pods_eight_to_a_gpu_and_changes_nothing_else():
+    """prod-gpu: prod, with the vision pods on the GPU node pool, one time-sliced `nvidia.com/gpu` each, torch on
+    the GPU with batching, and the HPA's ceiling a whole number of GPUs' slices."""
+    from services.vision.server import VisionSettings
+
+    gpu, prod = render("prod-gpu"), render("prod")
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    changed = {key(d) for d in gpu} ^ {key(d) for d in prod} | {
+        key(d) for d in gpu for p in prod if key(d) == key(p) and d != p
+    }
+    assert changed == {("Deployment", "vision"), ("HorizontalPodAutoscaler", "vision")}
+
+    pod = by_kind(gpu, "Deployment")["vision"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    images = {c["image"] for c in [*pod["containers"], *pod.get("initContainers", [])]}
+    assert images == {f"registry.copilot.internal/manufacturing-copilot/vision-gpu@sha256:{'0' * 64}"}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = VisionSettings(
+        **{k.removeprefix("VISION_").lower(): v for k, v in env.items() if k.startswith("VISION_")}
+    )
+    assert settings.device == "cuda" and settings.batching_on() and settings.batch_max_size == 32
+
+    slicing = yaml.safe_load(
+        yaml.safe_load((DEPLOY / "k8s" / "gpu-node-pool" / "time-slicing.yaml").read_text())["data"]["any"]
+    )
+    (shared,) = slicing["sharing"]["timeSlicing"]["resources"]
+    assert shared["name"] == "nvidia.com/gpu" and shared["replicas"] == 8
+    assert by_kind(gpu, "HorizontalPodAutoscaler")["vision"]["spec"]["maxReplicas"] % shared["replicas"] == 0

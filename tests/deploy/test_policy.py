@@ -40,7 +40,7 @@ def checkov(docs: list[dict], tmp_path: Path, skips: dict[str, str]) -> dict:
     return report
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "prod-gpu"])
 def test_every_checkov_kubernetes_check_passes(overlay, tmp_path):
     report = checkov(render(overlay), tmp_path, DEV_ONLY_SKIPS if overlay == "dev" else {})
     failed = [

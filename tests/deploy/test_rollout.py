@@ -36,7 +36,7 @@ def expected_budgets(config: dict[str, str]) -> dict[str, tuple[int, int]]:
     return budgets
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "prod-gpu"])
 def test_shutdown_budgets_follow_the_stage_deadlines(overlay):
     docs = render(overlay)
     deployments = by_kind(docs, "Deployment")
@@ -65,7 +65,7 @@ def test_the_budget_rule_answers_a_changed_deadline():
     assert budgets["orchestrator"] == (65, 75) and budgets["knowledge"] == (50, 60)
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "prod-gpu"])
 def test_startup_budgets_cover_the_measured_cold_starts_with_margin(overlay):
     runs = json.loads(RECORDED.read_text())["runs"]
     slowest: dict[str, float] = {}

@@ -29,12 +29,49 @@ async def test_batches_are_capped_at_max_batch():
     assert max(sizes) == 3 and sum(sizes) == 7
 
 
-async def test_a_lone_request_waits_at_most_max_wait():
-    batcher = DynamicBatcher(lambda items: items, max_batch=64, max_wait_s=0.01)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    assert await batcher.submit("x") == "x"
-    assert loop.time() - started < 1.0
+async def test_a_lone_request_is_dispatched_at_once_however_long_max_wait_is():
+    # an hour of max_wait: were a lone request held for it, the outer timeout would fail the test
+    sizes: list[int] = []
+    batcher = DynamicBatcher(lambda items: (sizes.append(len(items)), items)[1], max_batch=64, max_wait_s=3600)
+    assert await asyncio.wait_for(batcher.submit("x"), 60) == "x"
+    with batcher.coming() as arrival:  # announced, and nothing else on the way: no wait either
+        assert await asyncio.wait_for(arrival.submit("y"), 60) == "y"
+    assert sizes == [1, 1]
+    await batcher.close()
+
+
+async def test_a_forming_batch_waits_for_announced_callers_and_goes_when_the_last_has_submitted():
+    sizes: list[list[str]] = []
+    batcher = DynamicBatcher(lambda items: (sizes.append(items), items)[1], max_batch=8, max_wait_s=3600)
+    with batcher.coming() as first, batcher.coming() as second:
+        assert batcher.incoming == 2
+        one = asyncio.create_task(first.submit("a"))
+        for _ in range(20):  # the worker has "a" and waits: "b" is still being prepared
+            await asyncio.sleep(0)
+        assert sizes == [] and not one.done()
+        two = asyncio.create_task(second.submit("b"))
+        assert await asyncio.wait_for(asyncio.gather(one, two), 60) == ["a", "b"]
+    assert sizes == [["a", "b"]] and batcher.incoming == 0
+    await batcher.close()
+
+
+async def test_an_announced_caller_that_fails_before_submitting_does_not_hold_the_batch():
+    sizes: list[int] = []
+    batcher = DynamicBatcher(lambda items: (sizes.append(len(items)), items)[1], max_batch=8, max_wait_s=3600)
+    with batcher.coming() as arrival:
+        task = asyncio.create_task(arrival.submit("a"))
+        with pytest.raises(ValueError), batcher.coming():
+            await asyncio.sleep(0)
+            raise ValueError("the image could not be decoded")
+        assert await asyncio.wait_for(task, 60) == "a"
+    assert sizes == [1] and batcher.incoming == 0
+    await batcher.close()
+
+
+async def test_the_wait_for_announced_callers_is_bounded_by_max_wait():
+    batcher = DynamicBatcher(lambda items: items, max_batch=8, max_wait_s=0.01)
+    with batcher.coming() as arrival, batcher.coming():  # the second never submits within the block
+        assert await asyncio.wait_for(arrival.submit("a"), 60) == "a"
     await batcher.close()
 
 

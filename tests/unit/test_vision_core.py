@@ -90,7 +90,12 @@ def test_a_batch_is_scored_as_its_images_one_by_one(vision_engine, crack_photo, 
 def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):
     findings = vision_engine.analyze(crack_photo, "brushed-steel", include_heatmap=True)
     heat = Image.open(io.BytesIO(findings.heatmap_png))
-    assert heat.format == "PNG" and heat.size == (512, 512)
+    # the photo's size, though the model's input was decoded at half of it (JPEG DCT scaling)
+    assert heat.format == "PNG" and heat.size == (512, 512) == (findings.width, findings.height)
+    assert vision_engine.decode(crack_photo).size == (256, 256)
+    without = vision_engine.analyze(crack_photo, "brushed-steel")
+    assert without.heatmap_png == b"" and (without.width, without.height) == (512, 512)
+    assert without.defects == findings.defects  # the model's input is the same with or without a heatmap
     red = heat.getpixel((int(0.72 * 512), int(0.7 * 512)))  # over the rust: tinted red
     assert red[0] > red[2]
 
@@ -431,3 +436,17 @@ def test_a_type_with_too_few_references_to_calibrate_says_so(tmp_path, feature_e
     assert "Calibrated on only 3 good reference image(s) of blue-panel" in said and "at least 4" in said
     engine.register("blue-panel", "good", panels[3])
     assert "Calibrated on only" not in engine.analyze(panels[4], "blue-panel").description
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_working_size():
+    from services.vision.core import source_size
+
+    photo = io.BytesIO()
+    Image.new("RGB", (2048, 1536), (90, 90, 90)).save(photo, "JPEG", quality=90)
+    decoded = decode_image(photo.getvalue(), ImageLimits(), working_size=256)
+    assert decoded.size == (512, 384)  # 1/4: at 1/8 the short side (192) would be below 256
+    assert source_size(decoded) == (2048, 1536)
+    assert decode_image(photo.getvalue(), ImageLimits()).size == (2048, 1536)  # no working size: in full
+    png = io.BytesIO()
+    Image.new("RGB", (600, 400), (90, 90, 90)).save(png, "PNG")
+    assert decode_image(png.getvalue(), ImageLimits(), working_size=256).size == (600, 400)  # no DCT scale in PNG

@@ -112,7 +112,7 @@ class _RecordingEngine:
         self.forwards: list[tuple[int, str]] = []
         self._threading = threading
 
-    def prepare(self, data):
+    def prepare(self, data, display=False):
         return data, data
 
     def measure(self, items):
@@ -145,6 +145,20 @@ async def test_on_a_gpu_every_forward_runs_on_one_model_thread_and_warm_up_cover
     provider = PatchCoreProvider(cpu, None)
     await asyncio.gather(*(provider.analyze(b"x", "", False) for _ in range(6)))
     assert not any(thread.startswith("vision-model") for _, thread in cpu.forwards)  # the shared pool on a CPU
+    await provider.close()
+
+
+async def test_with_batching_a_lone_image_goes_at_once_and_concurrent_images_share_a_pass():
+    from copilot.runtime.batching import DynamicBatcher
+    from services.vision.providers import PatchCoreProvider
+
+    engine = _RecordingEngine("cpu")
+    # an hour of max_wait: a lone image held for it would time the test out
+    provider = PatchCoreProvider(engine, DynamicBatcher(engine.measure, max_batch=8, max_wait_s=3600))
+    assert await asyncio.wait_for(provider.analyze(b"x", "", False), 60) == "measured-0"
+    # eight at once: each is announced before its decode, so the first pass waits for the rest
+    await asyncio.wait_for(asyncio.gather(*(provider.analyze(b"x", "", False) for _ in range(8))), 60)
+    assert [size for size, _ in engine.forwards] == [1, 8]
     await provider.close()
 
 

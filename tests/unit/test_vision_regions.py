@@ -5,6 +5,7 @@ defect's peak. Measured on the third-party defects: tests/unit/test_vision_local
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from services.vision.patchcore import RegionTuning, regions
@@ -123,3 +124,12 @@ def test_one_patch_above_the_threshold_is_a_defect():
     (box,) = _found(scores)
     assert box[0] <= 10 / 32 and box[2] >= 11 / 32 and box[1] <= 20 / 32 and box[3] >= 21 / 32, box
     assert box[2] - box[0] <= 3 / 32 and box[3] - box[1] <= 3 / 32, box
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 24), (7, 5), (1, 3)])
+def test_the_interpolated_map_is_scipys_bilinear_zoom(shape):
+    from services.vision.patchcore import _FINE, _interpolated
+
+    scores = np.random.default_rng(sum(shape)).random(shape) * 3
+    expected = ndimage.zoom(scores, _FINE, order=1, mode="nearest", grid_mode=True)
+    np.testing.assert_allclose(_interpolated(scores), expected, rtol=0, atol=1e-12)
