@@ -336,9 +336,17 @@ def regions(
             if not core.any():
                 continue
             found.append(
-                Region(drawn, float(s[core].max()), feature_map[:, core].mean(axis=1), float(component.mean()))
+                Region(drawn, float(s[core].max()), _mean_feature(feature_map, core), float(component.mean()))
             )
     return sorted(found, key=lambda r: r.score, reverse=True)
+
+
+def _mean_feature(feature_map: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """The mean feature ([C]) of the patches of `cells` in `feature_map` ([C, H, W]): the cells taken as one
+    contiguous block first (`feature_map[:, cells]` gathers them strided, about 3x slower; the same to float32
+    rounding)."""
+    mean: np.ndarray = feature_map.reshape(len(feature_map), -1).compress(cells.ravel(), axis=1).mean(axis=1)
+    return mean
 
 
 def _apart(parts: list[np.ndarray], box: Callable[[np.ndarray], Box], overlap: float) -> list[tuple[np.ndarray, Box]]:
@@ -435,21 +443,26 @@ def _finer(cells: np.ndarray) -> np.ndarray:
 
 def _interpolated(s: np.ndarray) -> np.ndarray:
     """The score map at _FINE x its resolution, bilinear between patch centres (edges held): scipy's
-    `ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)`, as two small matrix products (the
-    interpolation is linear and separable; the same values to rounding, in a tenth of the time)."""
-    h, w = s.shape
-    fine: np.ndarray = _upsampling(h) @ s @ _upsampling(w).T
+    `ndimage.zoom(s, _FINE, order=1, mode="nearest", grid_mode=True)`, done as each fine row and column's weighted
+    pair of coarse ones (the interpolation is separable; the same values to rounding, in a tenth of the time, and
+    no BLAS call whose threads would wait on a busy machine's cores)."""
+    (rows_lo, rows_hi, rows_w), (cols_lo, cols_hi, cols_w) = _upsampling(s.shape[0]), _upsampling(s.shape[1])
+    rows = s[rows_lo] * (1.0 - rows_w)[:, None] + s[rows_hi] * rows_w[:, None]
+    fine: np.ndarray = rows[:, cols_lo] * (1.0 - cols_w) + rows[:, cols_hi] * cols_w
     return fine
 
 
 @functools.cache
-def _upsampling(n: int) -> np.ndarray:
-    """The [n * _FINE, n] matrix of scipy's linear grid-mode zoom along one axis (edges held)."""
+def _upsampling(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of the n * _FINE fine positions along one axis of scipy's linear grid-mode zoom (edges held): the
+    two coarse positions it lies between and the weight of the second."""
     from scipy import ndimage
 
-    matrix: np.ndarray = ndimage.zoom(np.eye(n), (_FINE, 1), order=1, mode="nearest", grid_mode=True)
-    matrix.setflags(write=False)
-    return matrix
+    matrix = ndimage.zoom(np.eye(n), (_FINE, 1), order=1, mode="nearest", grid_mode=True)  # [n * _FINE, n]
+    lo = np.argmax(matrix > 1e-12, axis=1)
+    hi = np.minimum(lo + 1, n - 1)
+    weight = np.where(hi > lo, matrix[np.arange(len(matrix)), hi], 0.0)
+    return lo, hi, weight
 
 
 def _tight_box(fine: np.ndarray, component: np.ndarray, level: float, shape: tuple[int, int]) -> Box:

@@ -133,3 +133,12 @@ def test_the_interpolated_map_is_scipys_bilinear_zoom(shape):
     scores = np.random.default_rng(sum(shape)).random(shape) * 3
     expected = ndimage.zoom(scores, _FINE, order=1, mode="nearest", grid_mode=True)
     np.testing.assert_allclose(_interpolated(scores), expected, rtol=0, atol=1e-12)
+
+
+def test_a_regions_mean_feature_is_the_mean_of_its_patches():
+    from services.vision.patchcore import _mean_feature
+
+    rng = np.random.default_rng(7)
+    feature_map = rng.random((236, 32, 32), dtype=np.float32)
+    cells = rng.random((32, 32)) > 0.7
+    np.testing.assert_allclose(_mean_feature(feature_map, cells), feature_map[:, cells].mean(axis=1), rtol=1e-6)
