@@ -335,9 +335,7 @@ def regions(
             core = component & seeds
             if not core.any():
                 continue
-            found.append(
-                Region(drawn, float(s[core].max()), _mean_feature(feature_map, core), float(component.mean()))
-            )
+            found.append(Region(drawn, float(s[core].max()), _mean_feature(feature_map, core), float(component.mean())))
     return sorted(found, key=lambda r: r.score, reverse=True)
 
 
