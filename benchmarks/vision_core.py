@@ -134,6 +134,8 @@ async def main(args) -> dict:
                         flush=True,
                     )
                 await provider.close()
+            if args.lone_caller_rounds:
+                result.setdefault("lone_caller", []).append(await lone_caller(engine, args, photo, banks))
         if args.processes > 1:  # the processes read the models this one built from the store's cache
             levels = [c for c in clients_levels if c >= args.processes]
             result["processes_runs"] = several_processes(args, folder, levels)
@@ -183,6 +185,29 @@ async def main(args) -> dict:
             f"p99 {r['p99_ratio']:.2f}x"
         )
     return result
+
+
+async def lone_caller(engine: VisionEngine, args, photo: bytes, banks: str) -> dict:
+    """One client, batching off and on alternately (`--lone-caller-rounds` rounds of `--images` each), so that both
+    see the machine's same minutes: does batching cost a lone caller anything?"""
+    providers = {batching: warmed_provider(engine, args, batching) for batching in (False, True)}
+    p50: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.lone_caller_rounds):
+        for batching, provider in providers.items():
+            p50[batching].append((await load(provider, photo, 1, args.images))["p50_ms"])
+    for provider in providers.values():
+        await provider.close()
+    off, on = statistics.median(p50[False]), statistics.median(p50[True])
+    print(f"{args.device} banks on {banks:<6} one client, alternating: p50 {off:.1f} ms off, {on:.1f} ms on batching")
+    return {
+        "banks": banks,
+        "rounds": args.lone_caller_rounds,
+        "p50_ms_off": p50[False],
+        "p50_ms_on": p50[True],
+        "median_p50_ms_off": round(off, 2),
+        "median_p50_ms_on": round(on, 2),
+        "p50_ratio_on_off": round(on / off, 3),
+    }
 
 
 def _process(args, folder: str, batching: bool, clients: int, total: int, barrier, results) -> None:
@@ -407,6 +432,12 @@ if __name__ == "__main__":
         "--banks",
         default="",
         help="where the memory banks are scored, comma-separated to compare two (e.g. cpu,cuda); default: --device",
+    )
+    parser.add_argument(
+        "--lone-caller-rounds",
+        type=int,
+        default=0,
+        help="also measure one client with batching off and on alternately, this many rounds of --images each",
     )
     parser.add_argument(
         "--stages", action="store_true", help="the CPU of each stage of one image instead of the load (see above)"
