@@ -37,18 +37,23 @@ if TYPE_CHECKING:
     from services.vision.patchcore import DefectTyper, MemoryBank
 
 
+#: the scale a photo is decoded at for a heatmap or a hosted model, and by default: JPEGs at the smallest DCT scale
+#: with both sides at least this
+DISPLAY_SIZE = 768
+
 #: where `decode_image` records the size an image was sent at, in the decoded image's `info` (PIL keeps it
 #: through convert and copy): a JPEG decoded at a reduced scale is smaller than that
 SOURCE_SIZE = "copilot.source_size"
 
 
 def decode_image(
-    data: bytes, limits: ImageLimits, field: str = "image.data", working_size: int | None = None
+    data: bytes, limits: ImageLimits, field: str = "image.data", working_size: int | None = DISPLAY_SIZE
 ) -> Image.Image:
-    """Decode an upload that passed the checks of `open_checked` into RGB. With `working_size`, a JPEG is decoded
-    at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides at least that large: the model sees a
-    working_size² input, so a 12-megapixel photo is decoded at about 500x375 instead of in full (libjpeg skips
-    most of the work). The size it was sent at stays readable (`source_size`)."""
+    """Decode an upload that passed the checks of `open_checked` into RGB. A JPEG is decoded at the smallest DCT
+    scale (1/2, 1/4 or 1/8) that keeps both sides at least `working_size` (None: in full, which the memory budget
+    of ImageLimits does not assume): the model sees a 256² input, so the engine decodes a 12-megapixel photo at
+    about 500x375 instead of in full (libjpeg skips most of the work). The size it was sent at stays readable
+    (`source_size`)."""
     image = open_checked(data, limits, field)
     mime = sniff_mime_type(data)
     source = image.size
@@ -69,9 +74,6 @@ def source_size(image: Image.Image) -> tuple[int, int]:
 
 
 GENERIC = "generic"
-
-#: the scale a photo is decoded at for a heatmap: JPEGs at the smallest DCT scale with both sides at least this
-DISPLAY_SIZE = 768
 
 
 class NoReferenceImages(LookupError):

@@ -27,7 +27,7 @@ from copilot.domain import BoundingBox, Defect, DefectType, VisionFindings
 from copilot.runtime.batching import DynamicBatcher
 from copilot.runtime.hosted import AsyncHostedModelClient, HostedModel, join
 from copilot.runtime.metrics import copilot_metrics
-from services.vision.core import ImageLimits, VisionEngine, decode_image
+from services.vision.core import ImageLimits, VisionEngine, decode_image, source_size
 
 CAPTION_PROMPT = (
     "Question: Describe any visible defects, damage or quality issues on this manufacturing equipment surface. Answer:"
@@ -164,7 +164,7 @@ class HfEndpointProvider:
         output = reply.json()
         first = output[0] if isinstance(output, list) and output else output
         caption = first.get("generated_text", "") if isinstance(first, dict) else ""
-        return caption_findings(caption, f"hf-endpoint/{self.model_id}", image.size)
+        return caption_findings(caption, f"hf-endpoint/{self.model_id}", source_size(image))
 
     async def close(self):
         await self.client.close()
@@ -195,7 +195,7 @@ class Blip2LocalProvider:
         inputs = self.processor(images=image, text=CAPTION_PROMPT, return_tensors="pt")
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        return self.processor.batch_decode(ids, skip_special_tokens=True)[0], image.size
+        return self.processor.batch_decode(ids, skip_special_tokens=True)[0], source_size(image)
 
     async def analyze(self, data, equipment_type, include_heatmap):
         caption, size = await asyncio.to_thread(self._caption, data)
@@ -242,7 +242,7 @@ class OpenAICompatibleProvider:
         }
         reply = await self.client.post(self.url, json=payload)
         content = reply.json()["choices"][0]["message"]["content"]
-        return parse_json_findings(content, f"openai-compatible/{self.model}", image.size)
+        return parse_json_findings(content, f"openai-compatible/{self.model}", source_size(image))
 
     async def close(self):
         await self.client.close()

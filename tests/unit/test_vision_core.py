@@ -446,7 +446,8 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_working_s
     decoded = decode_image(photo.getvalue(), ImageLimits(), working_size=256)
     assert decoded.size == (512, 384)  # 1/4: at 1/8 the short side (192) would be below 256
     assert source_size(decoded) == (2048, 1536)
-    assert decode_image(photo.getvalue(), ImageLimits()).size == (2048, 1536)  # no working size: in full
+    assert decode_image(photo.getvalue(), ImageLimits()).size == (1024, 768)  # by default: at least 768 px
+    assert decode_image(photo.getvalue(), ImageLimits(), working_size=None).size == (2048, 1536)  # in full
     png = io.BytesIO()
     Image.new("RGB", (600, 400), (90, 90, 90)).save(png, "PNG")
     assert decode_image(png.getvalue(), ImageLimits(), working_size=256).size == (600, 400)  # no DCT scale in PNG
