@@ -402,12 +402,13 @@ class VisionEngine:
         """Decode an upload and prepare the backbone's input (FeatureExtractor.pixels): the per-request CPU work
         before the model path, run in the request's thread. The image returned is what the findings are sized by
         and a heatmap is drawn over: the working decode, or with `display` (a heatmap asked for) a second decode
-        at up to DISPLAY_SIZE, so that only a caller who wants the overlay pays for a larger decode and the model's
-        input is the same either way."""
+        at up to DISPLAY_SIZE where the working one was reduced, so that only a caller who wants the overlay pays
+        for a larger decode and the model's input is the same either way."""
         working = self.decode(data)
         pixels = self.extractor.pixels(working)
-        image = decode_image(data, self.limits, working_size=DISPLAY_SIZE) if display else working
-        return image, pixels
+        if display and working.size != source_size(working):  # a PNG or small JPEG already is the whole photo
+            return decode_image(data, self.limits, working_size=DISPLAY_SIZE), pixels
+        return working, pixels
 
     def measure(self, items: Sequence[tuple[Image.Image | np.ndarray, str]]) -> list[Measurement]:
         """The model path for a batch of (image or its prepared pixels, equipment type): one forward pass, then one
@@ -482,14 +483,15 @@ class VisionEngine:
                 f"is a rough guess until at least {self.tuning.min_calibration_references} are registered "
                 "(RegisterReference)."
             )
+        width, height = source_size(image)
         return VisionFindings(
             defects=tuple(defects),
             confidence=round(confidence, 4),
             anomaly_score=round(anomaly, 4),
             description=description,
             model=self.model,
-            width=source_size(image)[0],
-            height=source_size(image)[1],
+            width=width,
+            height=height,
             heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
             reference_set=reference_set,
             generic=generic,

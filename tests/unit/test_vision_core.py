@@ -96,6 +96,10 @@ def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):
     without = vision_engine.analyze(crack_photo, "brushed-steel")
     assert without.heatmap_png == b"" and (without.width, without.height) == (512, 512)
     assert without.defects == findings.defects  # the model's input is the same with or without a heatmap
+    png = io.BytesIO()
+    Image.open(io.BytesIO(crack_photo)).save(png, "PNG")  # a PNG is decoded whole once, heatmap or not
+    as_png = vision_engine.analyze(png.getvalue(), "brushed-steel", include_heatmap=True)
+    assert Image.open(io.BytesIO(as_png.heatmap_png)).size == (512, 512) == (as_png.width, as_png.height)
     red = heat.getpixel((int(0.72 * 512), int(0.7 * 512)))  # over the rust: tinted red
     assert red[0] > red[2]
 
