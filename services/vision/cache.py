@@ -1,7 +1,7 @@
 """Derived data kept on disk beside the reference store, so that a restarted or added vision replica serves
 in seconds instead of recomputing every reference image and memory bank.
 
-    <root>/cache/features/<backbone>-<size>-v<FORMAT>/<sha256>.npz  one reference image's patch feature map, exposure
+    <root>/cache/features/<backbone>-<size>-v<FEATURE_FORMAT>/<sha256>.npz  one reference image's features, exposure
     <root>/cache/models/<key>.npz                         a built equipment-type model (memory bank + typer)
 
 A model's key is the SHA-256 of everything it is built from: the cache format, the backbone, the image size,
@@ -12,8 +12,9 @@ the images. Writes go to a temporary file renamed into place, so replicas sharin
 file; a cache that cannot be written (a read-only volume) only costs the rebuild next time. Files are numpy
 archives read without pickle: the arrays, and the rest of a model's state as JSON beside them.
 
-Bump FORMAT when what a model is built from changes in code (the keys then change and old files are
-unused; `prune` removes model files no current key names)."""
+Bump FORMAT when what a model is built from or holds changes in code (the keys then change and old files are
+unused; `prune` removes model files no current key names), and FEATURE_FORMAT as well when a reference image's
+features change."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 # 2: regions by hysteresis (labelled prototypes changed); 3: three feature blocks + colour, a bank per group;
 # 4: numpy archives instead of torch files, the coreset drawn by numpy; 5: each reference's exposure beside its
 # features, a model's exposure (what queries are matched to); 6: JPEGs decoded at the working size (DCT scaling), so
-# reference features change too: the feature folder carries FORMAT since then
-FORMAT = 6
+# reference features change too: the feature folder carries FORMAT since then; 7: each feature group's calibration
+# scores (every good reference's when held out) with the model (the features are as in 6: FEATURE_FORMAT)
+FORMAT = 7
+FEATURE_FORMAT = 6
 SUFFIX = ".npz"
 
 
@@ -45,7 +48,7 @@ class ModelCache:
     """Backbone features and fitted models on disk, keyed by backbone, image size and content."""
 
     def __init__(self, root: Path, backbone: str, image_size: int) -> None:
-        self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}-v{FORMAT}"
+        self.features_dir = root / "cache" / "features" / f"{backbone}-{image_size}-v{FEATURE_FORMAT}"
         self.models_dir = root / "cache" / "models"
         self.backbone = backbone
         self.image_size = image_size
@@ -63,7 +66,7 @@ class ModelCache:
 
     def feature(self, sha256: str) -> tuple[np.ndarray, float] | None:
         """The patch feature map of one reference image and its exposure (`backbone.exposure`), or None."""
-        state = self._read(self.features_dir / f"{sha256}{SUFFIX}")
+        state = self._read(self.features_dir / f"{sha256}{SUFFIX}", FEATURE_FORMAT)
         if state is None:
             return None
         feature, exposure = state.get("feature"), state.get("exposure")
@@ -73,9 +76,9 @@ class ModelCache:
 
     def model(self, key: str) -> dict[str, Any] | None:
         """The state `put_model` wrote under `key`, or None."""
-        return self._read(self.models_dir / f"{key}{SUFFIX}")
+        return self._read(self.models_dir / f"{key}{SUFFIX}", FORMAT)
 
-    def _read(self, path: Path) -> dict[str, Any] | None:
+    def _read(self, path: Path, fmt: int) -> dict[str, Any] | None:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
@@ -86,7 +89,7 @@ class ModelCache:
             # a damaged or foreign file: rebuilt from the images
             log.warning("ignoring unreadable vision cache file %s: %s", path, exc)
             return None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if not isinstance(state, dict) or state.get("format") != fmt:
             return None
         return state
 
@@ -118,16 +121,16 @@ class ModelCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def put_feature(self, sha256: str, feature: np.ndarray, exposure: float) -> None:
-        self._write(self.features_dir / f"{sha256}{SUFFIX}", {"feature": feature, "exposure": exposure})
+        self._write(self.features_dir / f"{sha256}{SUFFIX}", {"feature": feature, "exposure": exposure}, FEATURE_FORMAT)
 
     def put_model(self, key: str, state: dict[str, Any]) -> None:
-        self._write(self.models_dir / f"{key}{SUFFIX}", state)
+        self._write(self.models_dir / f"{key}{SUFFIX}", state, FORMAT)
 
-    def _write(self, path: Path, state: dict[str, Any]) -> None:
+    def _write(self, path: Path, state: dict[str, Any], fmt: int) -> None:
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         arrays: dict[str, np.ndarray] = {}
         try:
-            rest = json.dumps(_pack({**state, "format": FORMAT}, arrays))
+            rest = json.dumps(_pack({**state, "format": fmt}, arrays))
             path.parent.mkdir(parents=True, exist_ok=True)
             contents: dict[str, Any] = {"state": np.array(rest), **arrays}
             with open(temporary, "wb") as handle:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from threadpoolctl import threadpool_limits
 
-from copilot.domain import AnomalyMap, BoundingBox, Defect, FieldViolation, VisionFindings
+from copilot.domain import AnomalyMap, BoundingBox, Defect, FieldViolation, ReferenceCalibration, VisionFindings
 from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_type
 
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
@@ -456,7 +456,9 @@ class VisionEngine:
         peak = float(scores.max())
         anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
         typical = float(np.quantile(scores, 0.25)) / bank.threshold
-        ceiling = self.tuning.generic_confidence_ceiling if generic else 1.0
+        calibrated = model.good_images >= self.tuning.min_calibration_references
+        # a guess is never a confident answer: the generic set, or a threshold too few references calibrated
+        ceiling = self.tuning.generic_confidence_ceiling if generic or not calibrated else 1.0
         against = _against(equipment_type, reference_set)
         defects = []
         if typical >= self.tuning.unfamiliar_quartile:
@@ -477,12 +479,13 @@ class VisionEngine:
             else:
                 confidence = ceiling * (1.0 - anomaly)
                 description = f"No defect: the surface matches {against}."
-        if not generic and model.good_images < self.tuning.min_calibration_references:
+        if not generic and not calibrated:
             description += (
                 f" Calibrated on only {model.good_images} good reference image(s) of {reference_set}: its threshold "
-                f"is a rough guess until at least {self.tuning.min_calibration_references} are registered "
-                "(RegisterReference)."
+                f"is a rough guess, and this answer's confidence stays below 0.5, until at least "
+                f"{self.tuning.min_calibration_references} are registered (RegisterReference)."
             )
+        held_out = bank.reference_scores
         width, height = source_size(image)
         return VisionFindings(
             defects=tuple(defects),
@@ -496,6 +499,12 @@ class VisionEngine:
             reference_set=reference_set,
             generic=generic,
             anomaly_map=anomaly_map(scores, bank.threshold),
+            calibration=ReferenceCalibration(
+                good_references=model.good_images,
+                calibrated=calibrated,
+                largest_good_score=round(float(held_out.max()), 4),
+                median_good_score=round(float(np.median(held_out)), 4),
+            ),
         )
 
     def _defects(self, model: TypeModel, feature_map: np.ndarray, scores: np.ndarray, ceiling: float) -> list[Defect]:

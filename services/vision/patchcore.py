@@ -116,6 +116,9 @@ class GroupBank:
     channels: slice
     patches: Any  # [N, channels]: np.ndarray, or torch.Tensor on a GPU
     threshold: float
+    #: [R] each good reference's largest patch distance to a bank it was not part of (its calibration fold), in
+    #: the order the references were given: the distribution the threshold was set from
+    reference_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     def distances(self, patches: Any) -> Any:
         """[P] nearest-neighbour distances of `patches` ([P, C], every channel; numpy, or a tensor on the bank's
@@ -151,16 +154,18 @@ class GroupBank:
         never below `floor`."""
         take = [np.ascontiguousarray(g[:, channels]) for g in good]
         bank = coreset(np.concatenate(take), ratio, max_size)
-        if len(take) < 2:
-            threshold = float(nearest(take[0], bank).max()) * 1.5
-            return cls(channels, bank, max(threshold, floor) + 1e-6)
-        halves = [take[0::2], take[1::2]]
-        scores = []
-        for train, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-            fold = coreset(np.concatenate(train), ratio, max_size)
-            scores += [float(nearest(m, fold).max()) for m in held_out]
-        s = np.asarray(scores)
-        return cls(channels, bank, max(float(max(s.max(), s.mean() + 3 * s.std()) * 1.05), floor) + 1e-6)
+        if len(take) < 2:  # no fold to hold out: its distance to a bank of itself
+            own = np.asarray([nearest(take[0], bank).max()], dtype=np.float32)
+            return cls(channels, bank, max(float(own[0]) * 1.5, floor) + 1e-6, own)
+        s = np.empty(len(take), dtype=np.float32)
+        folds = (np.arange(0, len(take), 2), np.arange(1, len(take), 2))
+        for train, held_out in ((folds[0], folds[1]), (folds[1], folds[0])):
+            fold = coreset(np.concatenate([take[i] for i in train]), ratio, max_size)
+            for i in held_out:
+                s[i] = nearest(take[i], fold).max()
+        d = s.astype(np.float64)
+        threshold = max(float(max(d.max(), d.mean() + 3 * d.std()) * 1.05), floor) + 1e-6
+        return cls(channels, bank, threshold, s)
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,13 @@ class MemoryBank:
     groups: tuple[GroupBank, ...]
     good_images: int
     threshold: float = 1.0
+
+    @property
+    def reference_scores(self) -> np.ndarray:
+        """[R] each good reference's image score when it was held out of the bank (its calibration fold), in
+        multiples of the threshold, as a query's is: the type's own spread of good parts."""
+        scores: np.ndarray = np.max([g.reference_scores / g.threshold for g in self.groups], axis=0)
+        return scores
 
     def to(self, device: str) -> MemoryBank:
         """This bank with its patches where `device` scores them (itself when they are there already)."""
@@ -218,6 +230,7 @@ class MemoryBank:
                 "stop": g.channels.stop,
                 "patches": as_numpy(g.patches),
                 "threshold": g.threshold,
+                "reference_scores": g.reference_scores,
             }
             for g in self.groups
         ]
@@ -230,6 +243,7 @@ class MemoryBank:
                     slice(int(g["start"]), int(g["stop"])),
                     np.asarray(g["patches"], dtype=np.float32),
                     float(g["threshold"]),
+                    np.asarray(g["reference_scores"], dtype=np.float32),
                 )
                 for g in groups
             ),

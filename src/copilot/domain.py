@@ -86,6 +86,18 @@ class AnomalyMap:
 
 
 @dataclass(frozen=True)
+class ReferenceCalibration:
+    """How a reference set's threshold was set from its own good references (each scored when held out of the
+    bank); scores in multiples of the threshold."""
+
+    good_references: int
+    #: False: too few good references to calibrate on, so the threshold is a rough guess
+    calibrated: bool
+    largest_good_score: float
+    median_good_score: float
+
+
+@dataclass(frozen=True)
 class VisionFindings:
     """What vision says about one photo."""
 
@@ -102,6 +114,7 @@ class VisionFindings:
     #: references) was used: defects are then only guesses and carry a low confidence.
     generic: bool = False
     anomaly_map: AnomalyMap | None = None
+    calibration: ReferenceCalibration | None = None
 
 
 @dataclass(frozen=True)

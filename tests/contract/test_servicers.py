@@ -129,6 +129,11 @@ async def test_vision_raw_anomaly_map_on_request(vision_server, crack_photo):
         assert grid.values[y * grid.width + x] > 1.0
     assert min(grid.values) < 1.0 and reply.heatmap_png == b""
     assert generic.generic_reference_set and generic.reference_set == "generic" and generic.confidence < 0.5
+    # the type's threshold, calibrated on its own ten good references: every one held out scored below it, and the
+    # defective photo's peak is above the best of them
+    calibration = reply.calibration
+    assert calibration.calibrated and calibration.good_references == 10
+    assert 0 < calibration.median_good_score <= calibration.largest_good_score < 1.0 < max(grid.values)
 
 
 # --- knowledge --------------------------------------------------------------------------------------

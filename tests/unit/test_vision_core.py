@@ -436,10 +436,46 @@ def test_a_type_with_too_few_references_to_calibrate_says_so(tmp_path, feature_e
     panels = [samples.to_bytes(samples.painted_panel(256, seed=70 + i, colour=(40, 90, 160)), "PNG") for i in range(5)]
     for data in panels[:3]:
         engine.register("blue-panel", "good", data)
-    said = engine.analyze(panels[4], "blue-panel").description
+    guess = engine.analyze(panels[4], "blue-panel")
+    said = guess.description
     assert "Calibrated on only 3 good reference image(s) of blue-panel" in said and "at least 4" in said
+    assert guess.confidence < 0.5 and not guess.calibration.calibrated  # a guess goes to manual review
+    assert guess.calibration.good_references == 3
     engine.register("blue-panel", "good", panels[3])
-    assert "Calibrated on only" not in engine.analyze(panels[4], "blue-panel").description
+    answer = engine.analyze(panels[4], "blue-panel")
+    assert "Calibrated on only" not in answer.description
+    assert answer.calibration.calibrated and answer.calibration.good_references == 4
+    assert answer.confidence >= 0.5 and not answer.defects  # an unseen good panel, now a calibrated answer
+
+
+def test_the_threshold_sits_above_every_good_reference_held_out_and_is_stored_with_the_model(
+    tmp_path, feature_extractor
+):
+    """Each good reference is scored against a bank built without it (two folds); the threshold is set above the
+    largest of those scores, which the answer reports and the model cache keeps."""
+    from services.vision.cache import ModelCache
+
+    engine = VisionEngine(feature_extractor, ReferenceStore(tmp_path))
+    for i in range(6):
+        engine.register(
+            "blue-panel", "good", samples.to_bytes(samples.painted_panel(256, 90 + i, (40, 90, 160)), "PNG")
+        )
+    model = engine.reference_sets()["blue-panel"]
+    held_out = model.bank.reference_scores
+    assert held_out.shape == (6,) and held_out.min() > 0 and held_out.max() < 1.0
+    unseen = samples.to_bytes(samples.painted_panel(256, 99, (40, 90, 160)), "PNG")
+    calibration = engine.analyze(unseen, "blue-panel").calibration
+    assert calibration.largest_good_score == pytest.approx(float(held_out.max()), abs=1e-4)
+    assert calibration.median_good_score == pytest.approx(float(np.median(held_out)), abs=1e-4)
+
+    assert engine.settle(timeout=120)
+    from services.vision.core import TypeModel
+
+    cache = ModelCache(tmp_path, engine.cache.backbone, engine.cache.image_size)
+    stored = sorted(cache.models_dir.glob("*.npz"))  # the type's model and the generic one, of the same six
+    assert stored
+    for path in stored:
+        assert np.array_equal(TypeModel.from_state(cache.model(path.stem)).bank.reference_scores, held_out)
 
 
 def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_working_size():

@@ -134,6 +134,25 @@ def findings_to_pb(findings: d.VisionFindings) -> vision_pb2.AnalyzeImageRespons
         reference_set=findings.reference_set,
         anomaly_map=anomaly_map_to_pb(findings.anomaly_map) if findings.anomaly_map is not None else None,
         generic_reference_set=findings.generic,
+        calibration=calibration_to_pb(findings.calibration) if findings.calibration is not None else None,
+    )
+
+
+def calibration_to_pb(calibration: d.ReferenceCalibration) -> vision_pb2.ReferenceCalibration:
+    return vision_pb2.ReferenceCalibration(
+        good_references=calibration.good_references,
+        calibrated=calibration.calibrated,
+        largest_good_score=calibration.largest_good_score,
+        median_good_score=calibration.median_good_score,
+    )
+
+
+def calibration_from_pb(message: vision_pb2.ReferenceCalibration) -> d.ReferenceCalibration:
+    return d.ReferenceCalibration(
+        good_references=message.good_references,
+        calibrated=message.calibrated,
+        largest_good_score=message.largest_good_score,
+        median_good_score=message.median_good_score,
     )
 
 
@@ -157,6 +176,7 @@ def findings_from_pb(message: vision_pb2.AnalyzeImageResponse) -> d.VisionFindin
         reference_set=message.reference_set,
         generic=message.generic_reference_set,
         anomaly_map=anomaly_map_from_pb(message.anomaly_map) if message.HasField("anomaly_map") else None,
+        calibration=calibration_from_pb(message.calibration) if message.HasField("calibration") else None,
     )
 
 
