@@ -8,6 +8,7 @@ generic set (all types' references) with lower confidence.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from copilot.images import ImageLimits, ImageRejected, open_checked, sniff_mime_
 __all__ = ["GENERIC", "MODEL_NAME", "ImageLimits", "ImageRejected", "NoReferenceImages", "VisionEngine", "decode_image"]
 from services.vision.backbone import BACKBONE, exposed_as, exposure
 from services.vision.cache import ModelCache
-from services.vision.patchcore import as_numpy
+from services.vision.patchcore import as_numpy, quantiles
 from services.vision.references import EQUIPMENT_TYPE, LABEL, Reference, ReferenceStore
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,12 @@ class TypeModel:
             "labelled_images": self.labelled_images,
             "exposure": self.exposure,
         }
+
+    @functools.cached_property
+    def good_scores(self) -> tuple[float, float]:
+        """The largest and the median score of a good reference held out of the bank (multiples of the threshold)."""
+        largest, median = float(self.bank.reference_scores.max()), float(np.median(self.bank.reference_scores))
+        return round(largest, 4), round(median, 4)
 
     def on(self, device: str) -> TypeModel:
         """This model with its memory bank on `device` (itself when it is there already)."""
@@ -455,7 +462,8 @@ class VisionEngine:
         bank = model.bank
         peak = float(scores.max())
         anomaly = _sigmoid((peak - bank.threshold) / (0.1 * bank.threshold))
-        typical = float(np.quantile(scores, 0.25)) / bank.threshold
+        (typical,) = quantiles(scores, (0.25,))
+        typical /= bank.threshold
         calibrated = model.good_images >= self.tuning.min_calibration_references
         # a guess is never a confident answer: the generic set, or a threshold too few references calibrated
         ceiling = self.tuning.generic_confidence_ceiling if generic or not calibrated else 1.0
@@ -485,7 +493,6 @@ class VisionEngine:
                 f"is a rough guess, and this answer's confidence stays below 0.5, until at least "
                 f"{self.tuning.min_calibration_references} are registered (RegisterReference)."
             )
-        held_out = bank.reference_scores
         width, height = source_size(image)
         return VisionFindings(
             defects=tuple(defects),
@@ -499,12 +506,7 @@ class VisionEngine:
             reference_set=reference_set,
             generic=generic,
             anomaly_map=anomaly_map(scores, bank.threshold),
-            calibration=ReferenceCalibration(
-                good_references=model.good_images,
-                calibrated=calibrated,
-                largest_good_score=round(float(held_out.max()), 4),
-                median_good_score=round(float(np.median(held_out)), 4),
-            ),
+            calibration=ReferenceCalibration(model.good_images, calibrated, *model.good_scores),
         )
 
     def _defects(self, model: TypeModel, feature_map: np.ndarray, scores: np.ndarray, ceiling: float) -> list[Defect]:

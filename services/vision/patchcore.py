@@ -322,7 +322,7 @@ def regions(
     if not seeds.any():
         return []
     seed_labels, _ = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
-    background = float(np.median(s))
+    (background,) = quantiles(s, (0.5,))
     # np.pad(mask, 1, mode="edge") as an index: the closing below sees the edge rows and columns held outwards
     edge_rows, edge_cols = (np.clip(np.arange(-1, n + 1), 0, n - 1) for n in (h, w))
     grown_regions = []
@@ -331,7 +331,7 @@ def regions(
         peak = float(s[seed].max())
         # the seed's half maximum over the surface's background, `grow` and `saddle` (the docstring's first point)
         level = max(tuning.grow * threshold, background + tuning.half_way * (peak - background), tuning.saddle * peak)
-        above = ndimage.binary_closing((s > level)[edge_rows][:, edge_cols], structure=np.ones((3, 3), dtype=bool))
+        above = _closed((s > level)[edge_rows][:, edge_cols])
         labels, count = ndimage.label(above[1:-1, 1:-1] | seed, structure=np.ones((3, 3), dtype=bool))
         touched = np.zeros(count + 1, dtype=bool)
         touched[labels[seed]] = True  # the components the seed lies in (never the background: seed is labelled)
@@ -394,14 +394,20 @@ def _split_cores(fine: np.ndarray, component: np.ndarray, threshold: float, tuni
     several remain, each patch of the region goes to the nearest core."""
     from scipy import ndimage
 
-    cells = _finer(component)
-    peak = float(fine[cells].max())
-    cores = cells & (fine > max(tuning.core_floor * threshold, tuning.core_share * peak))
-    labels, count = ndimage.label(cores, structure=np.ones((3, 3), dtype=bool))
+    # the cores are found in the component's bounding box (at the fine scale): a region is a few cells of the map
+    x0, y0, x1, y1 = _cells_box(component)
+    window = (slice(y0 * _FINE, (y1 + 1) * _FINE), slice(x0 * _FINE, (x1 + 1) * _FINE))
+    cells_in = _finer(component[y0 : y1 + 1, x0 : x1 + 1])
+    peak = float(fine[window][cells_in].max())
+    cores_in = cells_in & (fine[window] > max(tuning.core_floor * threshold, tuning.core_share * peak))
+    labels_in, count = ndimage.label(cores_in, structure=np.ones((3, 3), dtype=bool))
     if count < 2:
         return [component]
+    labels = np.zeros(fine.shape, dtype=labels_in.dtype)
+    labels[window] = labels_in
+    cores = labels > 0
     gap = max(1, round(tuning.core_gap * _FINE / 2))
-    defects = _merge_close([ndimage.binary_dilation(labels == i, iterations=gap) for i in range(1, count + 1)], 0)
+    defects = _merge_close([_dilated(labels == i, gap) for i in range(1, count + 1)], 0)
     if len(defects) < 2:
         return [component]
     owner = np.zeros(labels.shape, dtype=np.int32)
@@ -423,12 +429,10 @@ def _box_level(peak: float, threshold: float, tuning: RegionTuning) -> float:
 
 def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:
     """Union components that share a cell or lie at most `gap` cells apart, until none do."""
-    from scipy import ndimage
-
     merged = list(components)
     i = 0
     while i < len(merged):
-        near = ndimage.binary_dilation(merged[i], iterations=gap) if gap > 0 else merged[i]
+        near = _dilated(merged[i], gap)
         j = next((j for j in range(len(merged)) if j != i and (near & merged[j]).any()), None)
         if j is None:
             i += 1
@@ -437,6 +441,57 @@ def _merge_close(components: list[np.ndarray], gap: int) -> list[np.ndarray]:
         del merged[max(i, j)]
         i = 0
     return merged
+
+
+def quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """`np.quantile(values, q)` (linear) for each of `qs`, from one partial sort of the values (np.median and
+    np.quantile each sort them again, with far more overhead than work on a 32 x 32 map)."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    n = flat.size
+    positions = [q * (n - 1) for q in qs]
+    lows = [min(int(pos), n - 1) for pos in positions]
+    ordered = np.partition(flat, sorted({k for lo in lows for k in (lo, min(lo + 1, n - 1))}))
+    out = []
+    for pos, lo in zip(positions, lows, strict=True):
+        a, b, t = float(ordered[lo]), float(ordered[min(lo + 1, n - 1)]), pos - lo
+        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)  # numpy's lerp, to the last bit
+    return out
+
+
+def _dilated(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """`ndimage.binary_dilation(mask, iterations=iterations)` (the 4-neighbour cross, zeros outside), worked on the
+    mask's bounding box grown by `iterations` only: a defect's few cells, not a whole map, per step."""
+    if iterations <= 0 or not mask.any():
+        return mask.copy()
+    h, w = mask.shape
+    x0, y0, x1, y1 = _cells_box(mask)
+    y0, x0, y1, x1 = (
+        max(0, y0 - iterations),
+        max(0, x0 - iterations),
+        min(h, y1 + iterations + 1),
+        min(w, x1 + iterations + 1),
+    )
+    padded = np.zeros((y1 - y0 + 2, x1 - x0 + 2), dtype=bool)
+    grown = mask[y0:y1, x0:x1]
+    for _ in range(iterations):
+        padded[1:-1, 1:-1] = grown
+        grown = padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = grown
+    return out
+
+
+def _closed(mask: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_closing(mask, structure=np.ones((3, 3)))` (zeros outside) as shifted ORs and ANDs, rows then
+    columns (the 3 x 3 square is separable): a quarter of scipy's time on a 34 x 34 mask."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
+    rows = padded[:, :-2] | padded[:, 1:-1] | padded[:, 2:]
+    padded[1:-1, 1:-1] = rows[:-2] | rows[1:-1] | rows[2:]  # dilated; the frame stays False (zeros outside)
+    rows = padded[:, :-2] & padded[:, 1:-1] & padded[:, 2:]
+    closed: np.ndarray = rows[:-2] & rows[1:-1] & rows[2:]
+    return closed
 
 
 def _cells_box(mask: np.ndarray) -> tuple[int, int, int, int]:
