@@ -208,3 +208,37 @@ async def test_the_cli_reaches_a_tls_orchestrator_with_its_ca(pki, tmp_path):
         assert json.loads(output[output.index("{") :])["report"]["summary"]
         code, output = await copilot("incidents", "--addr", addr, "--json")  # plaintext against TLS
         assert code == 2 and "UNAVAILABLE" in output
+
+
+async def test_a_tls_server_serves_plaintext_health_on_its_probe_port_and_nothing_else(pki):
+    """The kubelet's native gRPC probes cannot speak TLS: `probe_port` serves grpc.health.v1 in plaintext, with the
+    statuses of the service's own port, and no other service (no work, no reflection); the service port still
+    refuses plaintext."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from services.report.server import ReportSettings, build
+
+    tls = TlsSettings(cert_file=pki["server.crt"], key_file=pki["server.key"], client_ca_file=pki["ca"])
+    settings = ReportSettings(port=0, host="127.0.0.1", tls=tls, probe_port=0)
+    async with serving(*build(settings)) as server:
+        assert server.probe_port and server.probe_port != server.port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.probe_port}") as probe:
+            health = health_pb2_grpc.HealthStub(probe)
+            for name in ("", "liveness", "copilot.agents.v1.ReportService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await report_pb2_grpc.ReportServiceStub(probe).ComposeReport(report_request(), timeout=5)
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in reflection_pb2_grpc.ServerReflectionStub(probe).ServerReflectionInfo(
+                    iter([request]), timeout=5
+                ):
+                    pass
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

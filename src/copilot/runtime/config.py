@@ -91,6 +91,13 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in containers")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    probe_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="a second, plaintext port that serves only grpc.health.v1 (no service, no reflection), for the "
+        "kubelet's native gRPC probes, which cannot speak TLS; unset: none (0 picks a free port)",
+    )
     grace_seconds: float = Field(10.0, gt=0, description="drain time after SIGTERM")
     shutdown_delay_s: float = Field(
         0.0,

@@ -100,6 +100,9 @@ class AgentServer:
                 ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
             ],
         )
+        # with TLS on, the kubelet's native gRPC probes (plaintext only) reach health here, and nothing else
+        self.probe_server: grpc.aio.Server | None = None
+        self.probe_port = 0
         self.port = 0
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
@@ -132,6 +135,8 @@ class AgentServer:
         )
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        if self.settings.probe_port is not None:
+            await self._start_probe_server()
         await self.server.start()
         log.info(
             "%s listening on %s:%d (%s, NOT_SERVING until warm)",
@@ -142,6 +147,19 @@ class AgentServer:
         )
         self._warm_task = asyncio.create_task(self._warm())
         return self.port
+
+    async def _start_probe_server(self) -> None:
+        """The plaintext health-only port (`probe_port`): the same health statuses as the service's own port (one
+        HealthServicer), under the same cap on Watch streams; no other service, no reflection, no token needed
+        (health never needs one). It stops last, so liveness still answers while the service drains."""
+        self.probe_server = grpc.aio.server(interceptors=[ErrorDomainInterceptor(self.spec.name), self.health_watches])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
+        address = f"{self.settings.host}:{self.settings.probe_port}"
+        self.probe_port = self.probe_server.add_insecure_port(address)
+        if self.probe_port == 0:
+            raise RuntimeError(f"cannot bind the probe port {address}")
+        await self.probe_server.start()
+        log.info("%s health for probes on %s:%d (plaintext)", self.spec.name, self.settings.host, self.probe_port)
 
     async def _warm(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,6 +199,8 @@ class AgentServer:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         if self.spec.close is not None:
             await self.spec.close()
+        if self.probe_server is not None:
+            await self.probe_server.stop(0)
         self._stopped.set()
 
     async def serve_until_signal(self) -> int:
