@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,24 +43,35 @@ if TYPE_CHECKING:
 #: with both sides at least this
 DISPLAY_SIZE = 768
 
+#: a heatmap's longer side at most (a larger photo's overlay is drawn smaller: PNG encoding is most of its cost)
+HEATMAP_MAX_SIDE = 1024
+
 #: where `decode_image` records the size an image was sent at, in the decoded image's `info` (PIL keeps it
 #: through convert and copy): a JPEG decoded at a reduced scale is smaller than that
 SOURCE_SIZE = "copilot.source_size"
 
 
 def decode_image(
-    data: bytes, limits: ImageLimits, field: str = "image.data", working_size: int | None = DISPLAY_SIZE
+    data: bytes,
+    limits: ImageLimits,
+    field: str = "image.data",
+    working_size: int | None = DISPLAY_SIZE,
+    longer_side: int | None = None,
 ) -> Image.Image:
     """Decode an upload that passed the checks of `open_checked` into RGB. A JPEG is decoded at the smallest DCT
     scale (1/2, 1/4 or 1/8) that keeps both sides at least `working_size` (None: in full, which the memory budget
     of ImageLimits does not assume): the model sees a 256² input, so the engine decodes a 12-megapixel photo at
-    about 500x375 instead of in full (libjpeg skips most of the work). The size it was sent at stays readable
-    (`source_size`)."""
+    about 500x375 instead of in full (libjpeg skips most of the work). With `longer_side`, the smallest scale that
+    keeps the longer side at least that instead (what a picture to look at needs). The size it was sent at stays
+    readable (`source_size`)."""
     image = open_checked(data, limits, field)
     mime = sniff_mime_type(data)
     source = image.size
     try:
-        if working_size is not None:
+        if longer_side is not None:
+            scale = longer_side / max(source)
+            image.draft("RGB", (math.ceil(source[0] * scale), math.ceil(source[1] * scale)))
+        elif working_size is not None:
             image.draft("RGB", (working_size, working_size))
         decoded = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -409,12 +421,12 @@ class VisionEngine:
         """Decode an upload and prepare the backbone's input (FeatureExtractor.pixels): the per-request CPU work
         before the model path, run in the request's thread. The image returned is what the findings are sized by
         and a heatmap is drawn over: the working decode, or with `display` (a heatmap asked for) a second decode
-        at up to DISPLAY_SIZE where the working one was reduced, so that only a caller who wants the overlay pays
-        for a larger decode and the model's input is the same either way."""
+        with its longer side at least DISPLAY_SIZE where the working one was reduced, so that only a caller who
+        wants the overlay pays for a larger decode and the model's input is the same either way."""
         working = self.decode(data)
         pixels = self.extractor.pixels(working)
         if display and working.size != source_size(working):  # a PNG or small JPEG already is the whole photo
-            return decode_image(data, self.limits, working_size=DISPLAY_SIZE), pixels
+            return decode_image(data, self.limits, longer_side=DISPLAY_SIZE), pixels
         return working, pixels
 
     def measure(self, items: Sequence[tuple[Image.Image | np.ndarray, str]]) -> list[Measurement]:
@@ -502,7 +514,7 @@ class VisionEngine:
             model=self.model,
             width=width,
             height=height,
-            heatmap_png=heatmap_png(image, scores, bank.threshold) if include_heatmap else b"",
+            heatmap_png=heatmap_png(image, scores, bank.threshold, HEATMAP_MAX_SIDE) if include_heatmap else b"",
             reference_set=reference_set,
             generic=generic,
             anomaly_map=anomaly_map(scores, bank.threshold),

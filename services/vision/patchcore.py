@@ -596,8 +596,12 @@ class DefectTyper:
         return label, float(max(0.0, min(1.0, share * best)))
 
 
-def heatmap_png(image: Image.Image, scores: np.ndarray, threshold: float) -> bytes:
-    """The anomaly map over the photo: red where patches pass the threshold."""
+def heatmap_png(image: Image.Image, scores: np.ndarray, threshold: float, max_side: int | None = None) -> bytes:
+    """The anomaly map over the photo: red where patches pass the threshold; a photo with a side over `max_side`
+    is drawn at that size (its aspect kept)."""
+    if max_side is not None and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     w, h = image.size
     heat = np.clip(np.asarray(scores) / (threshold * 1.5), 0, 1)
     heat_img = Image.fromarray((heat * 255).astype(np.uint8), "L").resize((w, h), Image.Resampling.BILINEAR)

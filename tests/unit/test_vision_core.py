@@ -104,6 +104,19 @@ def test_heatmap_is_a_png_of_the_photo(vision_engine, crack_photo):
     assert red[0] > red[2]
 
 
+def test_a_camera_sized_photos_heatmap_is_drawn_at_display_scale(vision_engine, crack_photo):
+    """A 12-megapixel JPEG's overlay comes from a decode whose longer side just covers 768 px (1000 x 750, not
+    2000 x 1500), a large PNG's is drawn with its longer side at 1024: PNG encoding is most of a heatmap's cost.
+    The findings still give the size the photo was sent at, and the same defects as without a heatmap."""
+    big = Image.open(io.BytesIO(crack_photo)).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    for fmt, expected in (("JPEG", (1000, 750)), ("PNG", (1024, 768))):
+        data = samples.to_bytes(big if fmt == "JPEG" else big.resize((2000, 1500)), fmt)
+        findings = vision_engine.analyze(data, "brushed-steel", include_heatmap=True)
+        assert Image.open(io.BytesIO(findings.heatmap_png)).size == expected, fmt
+        assert (findings.width, findings.height) == ((4000, 3000) if fmt == "JPEG" else (2000, 1500))
+        assert findings.defects == vision_engine.analyze(data, "brushed-steel").defects
+
+
 def test_references_register_persist_and_delete(tmp_path, feature_extractor):
     store_dir = tmp_path / "refs"
     engine = VisionEngine(feature_extractor, ReferenceStore(store_dir))
