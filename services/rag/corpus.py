@@ -1,4 +1,6 @@
-"""Documents: Markdown (optional YAML front matter), plain text and PDF, parsed into sections and chunked.
+"""Documents: Markdown (optional YAML front matter), plain text, PDF, Word (.docx) and HTML, parsed into sections
+and chunked. Word and HTML are turned into Markdown first (mammoth: .docx to HTML; html2text: HTML to Markdown), so
+their headings, numbered steps and bullets are read as a Markdown document's are.
 
 Pure functions, no store and no gRPC. Every failure is a `DocumentRejected` naming the field at fault,
 so the service can answer INVALID_ARGUMENT with field violations before anything is written.
@@ -10,6 +12,7 @@ import enum
 import hashlib
 import io
 import re
+import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -26,6 +29,7 @@ _FRONT_MATTER = re.compile(r"^---\r?\n(.*?)\r?\n---\r?\n", re.S)
 _MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 _STEP = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.*\S)\s*$")
 _STEP_START = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
+_TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?$")
 DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -36,6 +40,8 @@ class DocumentFormat(enum.Enum):
     MARKDOWN = "markdown"
     TEXT = "text"
     PDF = "pdf"
+    DOCX = "docx"
+    HTML = "html"
 
 
 EXTENSIONS = {
@@ -44,6 +50,9 @@ EXTENSIONS = {
     ".txt": DocumentFormat.TEXT,
     ".text": DocumentFormat.TEXT,
     ".pdf": DocumentFormat.PDF,
+    ".docx": DocumentFormat.DOCX,
+    ".html": DocumentFormat.HTML,
+    ".htm": DocumentFormat.HTML,
 }
 
 
@@ -213,6 +222,76 @@ def _pdf_text(data: bytes) -> list[str]:
     return pages
 
 
+#: Word's paragraph styles as HTML headings, one level down: the Title style is the document's title (the only
+#: level-1 heading, as in a Markdown SOP), Heading 1-4 its sections.
+_DOCX_STYLES = "\n".join(
+    [
+        "p[style-name='Title'] => h1:fresh",
+        *(f"p[style-name='Heading {n}'] => h{n + 1}:fresh" for n in range(1, 5)),
+    ]
+)
+#: A .docx is a zip archive: what its parts may unpack to at most, and how many there may be (a zip bomb of a few
+#: KB would otherwise unpack to gigabytes in the parser).
+_DOCX_MAX_UNPACKED = 200 * 1024 * 1024
+_DOCX_MAX_PARTS = 10_000
+
+
+def _docx_html(data: bytes) -> str:
+    """A Word document's body as HTML (mammoth), after its archive's declared sizes were checked."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            parts = archive.infolist()
+            if len(parts) > _DOCX_MAX_PARTS:
+                raise _reject("content", f"is a Word archive of {len(parts)} parts; the limit is {_DOCX_MAX_PARTS}")
+            unpacked = sum(part.file_size for part in parts)
+            if unpacked > _DOCX_MAX_UNPACKED:
+                raise _reject(
+                    "content", f"unpacks to {unpacked} bytes; the limit for a Word document is {_DOCX_MAX_UNPACKED}"
+                )
+            if "word/document.xml" not in archive.namelist():
+                raise _reject("content", "is a zip archive without word/document.xml: not a Word (.docx) document")
+    except zipfile.BadZipFile:
+        raise _reject("content", "is not a Word (.docx) document (not a zip archive)") from None
+    from xml.parsers.expat import ExpatError
+
+    import mammoth
+
+    try:
+        return str(mammoth.convert_to_html(io.BytesIO(data), style_map=_DOCX_STYLES).value)
+    except (
+        ExpatError,  # a part that is not well-formed XML (expat also refuses entity amplification: billion laughs)
+        zipfile.BadZipFile,
+        zlib.error,
+        KeyError,  # a part the document names and the archive lacks
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+    ) as exc:
+        raise _reject("content", f"is not a readable Word document: {str(exc) or type(exc).__name__}") from None
+
+
+def _html_markdown(html: str) -> str:
+    """HTML as Markdown (html2text): headings, lists and tables kept; links' targets, images, scripts and styles
+    left out; lines not wrapped."""
+    import html2text
+
+    converter = html2text.HTML2Text()
+    converter.body_width = 0
+    converter.ignore_links = True
+    converter.ignore_images = True
+    converter.ignore_emphasis = True
+    converter.unicode_snob = True
+    try:
+        markdown = str(converter.handle(html))
+    except (ValueError, AssertionError, RecursionError) as exc:
+        raise _reject("content", f"is not readable HTML: {str(exc) or type(exc).__name__}") from None
+    # list items come indented and table rows with a rule under their first: plain lines read better in a chunk
+    lines = (line.strip() for line in markdown.splitlines())
+    return "\n".join(line for line in lines if not _TABLE_RULE.match(line))
+
+
 def _looks_like_heading(line: str, next_line: str) -> bool:
     """Plain text: a short line without final punctuation, followed by text, is a heading."""
     stripped = line.strip()
@@ -334,6 +413,10 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
             for h, b in _plain_sections(page)
         ]
         title_guess = _plain_title(pages[0]) if pages else ""
+    elif fmt is DocumentFormat.DOCX:
+        title_guess, raw = _markdown_sections(_html_markdown(_docx_html(data)))
+    elif fmt is DocumentFormat.HTML:
+        title_guess, raw = _markdown_sections(_html_markdown(_decode_text(data)))
     else:
         text = _decode_text(data)
         if fmt is DocumentFormat.MARKDOWN:

@@ -29,6 +29,8 @@ _FORMATS = {
     knowledge_pb2.DOCUMENT_FORMAT_MARKDOWN: DocumentFormat.MARKDOWN,
     knowledge_pb2.DOCUMENT_FORMAT_TEXT: DocumentFormat.TEXT,
     knowledge_pb2.DOCUMENT_FORMAT_PDF: DocumentFormat.PDF,
+    knowledge_pb2.DOCUMENT_FORMAT_DOCX: DocumentFormat.DOCX,
+    knowledge_pb2.DOCUMENT_FORMAT_HTML: DocumentFormat.HTML,
 }
 _FORMATS_PB = {v: k for k, v in _FORMATS.items()}
 _OUTCOMES = {

@@ -34,7 +34,7 @@ def _outcome(value: int) -> str:
 
 
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(exists=True, help="files (.md .txt .pdf) or folders")],
+    paths: Annotated[list[Path], typer.Argument(exists=True, help="files (.md .txt .pdf .docx .html .htm) or folders")],
     addr: KnowledgeAddr = KNOWLEDGE_ADDR,
     document_id: Annotated[str, typer.Option("--id", help="document id (one file only; Markdown may carry it)")] = "",
     title: Annotated[str, typer.Option("--title", help="one file only")] = "",

@@ -125,7 +125,8 @@ async def test_delete_and_not_found(library):
     [
         (None, HYD, "metadata"),
         (knowledge_pb2.DocumentMetadata(filename="hyd.md"), b"", "content"),
-        (knowledge_pb2.DocumentMetadata(filename="manual.docx", document_id="X-1"), b"PK\x03\x04", "metadata.format"),
+        (knowledge_pb2.DocumentMetadata(filename="manual.rtf", document_id="X-1"), b"{\\rtf1 x}", "metadata.format"),
+        (knowledge_pb2.DocumentMetadata(filename="manual.docx", document_id="X-1"), b"PK\x03\x04", "content"),
         (knowledge_pb2.DocumentMetadata(filename="notes.txt"), b"1. a step\n", "metadata.document_id"),
         (
             knowledge_pb2.DocumentMetadata(filename="notes.txt", document_id="has spaces"),
@@ -148,6 +149,31 @@ async def test_bad_uploads_are_invalid_argument_and_change_nothing(library, meta
     assert field in {v.field for v in field_violations(refused.value)}
     assert (knowledge.count(), knowledge.list_documents()) == before
     assert (await stub.ListDocuments(knowledge_pb2.ListDocumentsRequest())).total_size == 1  # still serving
+
+
+async def test_a_word_document_and_an_html_page_are_ingested_and_retrieved_by_their_steps(library):
+    """The formats a plant's SOPs often come in: a .docx as Word writes it, an HTML page from an intranet."""
+    from tests.unit.test_rag_documents import _word_document
+
+    stub, _ = library
+    word = await stub.IngestDocument(
+        upload(knowledge_pb2.DocumentMetadata(filename="hp-200.docx", document_id="HP-200-SEAL"), _word_document())
+    )
+    assert word.outcome == knowledge_pb2.INGEST_OUTCOME_CREATED
+    assert word.document.format == knowledge_pb2.DOCUMENT_FORMAT_DOCX
+    assert word.document.title == "Hydraulic press HP-200: seal replacement"
+    page = b"<h1>Chiller CH-150: low flow</h1><h2>Low flow alarm F-21</h2><ol><li>Open the strainer.</li></ol>"
+    html = await stub.IngestDocument(
+        upload(
+            knowledge_pb2.DocumentMetadata(document_id="CH-150-F21", format=knowledge_pb2.DOCUMENT_FORMAT_HTML),
+            page,
+        )
+    )
+    assert html.document.format == knowledge_pb2.DOCUMENT_FORMAT_HTML and html.chunks_written == 1
+    found = await stub.Retrieve(knowledge_pb2.RetrieveRequest(query="replace seal PN-SEAL-45", top_k=1))
+    assert found.chunks[0].sop_id == "HP-200-SEAL" and found.chunks[0].section == "Procedure"
+    found = await stub.Retrieve(knowledge_pb2.RetrieveRequest(query="low flow alarm F-21", top_k=1))
+    assert found.chunks[0].sop_id == "CH-150-F21"
 
 
 async def test_a_changed_document_under_the_same_version_is_refused(library):

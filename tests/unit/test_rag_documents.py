@@ -126,7 +126,7 @@ def test_chunks_keep_steps_whole_overlap_and_carry_their_position():
         (b"PK\x03\x04 zip", DocumentMeta(document_id="A-1", filename="a.pdf"), "content", "not a PDF"),
         (
             b"## A\n1. b\n",
-            DocumentMeta(document_id="A-1", filename="a.docx"),
+            DocumentMeta(document_id="A-1", filename="a.rtf"),
             "metadata.format",
             "unknown document format",
         ),
@@ -192,3 +192,104 @@ def test_a_pdf_pypdf_cannot_decode_is_refused_with_the_field(old, new, fragment)
     (violation,) = refused.value.violations
     assert violation.field == "content" and "not a readable PDF" in violation.description
     assert fragment in violation.description
+
+
+def _word_document() -> bytes:
+    """A Word document as Word writes one (python-docx): a title, sections, bullets, numbered steps and a table."""
+    import io
+
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Hydraulic press HP-200: seal replacement", 0)
+    document.add_paragraph("Applies to hydraulic presses at PUNE-IN.")
+    document.add_heading("Safety", 1)
+    document.add_paragraph("Lock out the pump (LOTO) before opening the circuit.", style="List Bullet")
+    document.add_heading("Procedure", 1)
+    for step in (
+        "Depressurise the circuit to 0 bar.",
+        "Remove the seal PN-SEAL-45 with the puller.",
+        "Fit the new seal and torque to 25 Nm.",
+    ):
+        document.add_paragraph(step, style="List Number")
+    table = document.add_table(rows=2, cols=2)
+    for row, (name, value) in zip(table.rows, (("Torque", "25 Nm"), ("Pressure", "0 bar")), strict=True):
+        row.cells[0].text, row.cells[1].text = name, value
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def test_a_word_document_is_read_as_its_title_sections_and_numbered_steps():
+    doc = parse_document(_word_document(), DocumentMeta(document_id="HP-200-SEAL", filename="hp-200.docx"))
+    assert doc.format is DocumentFormat.DOCX
+    assert doc.title == "Hydraulic press HP-200: seal replacement"
+    assert [s.heading for s in doc.sections] == ["Overview", "Safety", "Procedure"]
+    assert doc.sections[1].steps() == ["Lock out the pump (LOTO) before opening the circuit."]
+    procedure = doc.sections[2]
+    assert procedure.steps() == [
+        "Depressurise the circuit to 0 bar.",
+        "Remove the seal PN-SEAL-45 with the puller.",
+        "Fit the new seal and torque to 25 Nm.",
+    ]
+    assert "Torque| 25 Nm" in procedure.body and "---" not in procedure.body  # a table's rows, as text
+    chunks = chunk_document(doc)
+    assert any("PN-SEAL-45" in c.text for c in chunks)
+
+
+def test_an_html_page_is_read_without_its_scripts_styles_images_or_link_targets():
+    page = b"""<!doctype html><html><head><title>ignored</title><style>p { color: red }</style>
+    <script>document.write('injected')</script></head><body>
+    <h1>Chiller CH-150: low flow</h1><p>The flow switch trips below 40 l/min.</p>
+    <h2>Procedure</h2><ol><li>Open the strainer and remove debris.</li>
+    <li>Bleed air from the highest point (see <a href="http://intranet/manual">the manual</a>).</li></ol>
+    <h2>Notes</h2><p>Flow &amp; pressure are logged.</p><img src="diagram.png" alt="diagram"></body></html>"""
+    doc = parse_document(page, DocumentMeta(document_id="CH-150-FLOW", filename="ch-150.html"))
+    assert doc.format is DocumentFormat.HTML and doc.title == "Chiller CH-150: low flow"
+    assert [s.heading for s in doc.sections] == ["Overview", "Procedure", "Notes"]
+    assert doc.sections[1].steps() == [
+        "Open the strainer and remove debris.",
+        "Bleed air from the highest point (see the manual).",
+    ]
+    text = "\n".join(s.body for s in doc.sections)
+    assert "Flow & pressure are logged." in text
+    for absent in ("injected", "color", "intranet", "diagram.png", "ignored"):
+        assert absent not in text
+
+
+def _zip(parts: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"%PDF-1.4 not a word file", "not a zip archive"),
+        (_zip({"readme.txt": b"hello"}), "without word/document.xml"),
+        (_zip({"word/document.xml": b"<w:document><unclosed>"}), "not a readable Word document"),
+    ],
+)
+def test_an_upload_that_is_not_a_readable_word_document_is_refused_with_the_field(data, fragment):
+    with pytest.raises(DocumentRejected) as refused:
+        parse_document(data, DocumentMeta(document_id="BAD-1", filename="bad.docx"))
+    (violation,) = refused.value.violations
+    assert violation.field == "content" and fragment in violation.description
+
+
+def test_a_word_archive_that_unpacks_past_the_limit_is_refused_before_it_is_parsed(monkeypatch):
+    """A zip bomb: a few KB that unpack to far more. The declared sizes are checked before any part is read."""
+    from services.rag import corpus
+
+    monkeypatch.setattr(corpus, "_DOCX_MAX_UNPACKED", 1024 * 1024)
+    bomb = _zip({"word/document.xml": b"<a>" + b" " * (4 * 1024 * 1024) + b"</a>"})
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(DocumentRejected) as refused:
+        parse_document(bomb, DocumentMeta(document_id="BOMB-1", filename="bomb.docx"))
+    assert "unpacks to" in refused.value.violations[0].description
