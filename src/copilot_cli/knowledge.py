@@ -33,6 +33,16 @@ def _outcome(value: int) -> str:
     return knowledge_pb2.IngestOutcome.Name(value).removeprefix("INGEST_OUTCOME_").lower()
 
 
+def default_document_id(path: Path) -> str:
+    """The id a file without one of its own is sent with: its name's stem (`SOP-123.docx` → `SOP-123`) where that is a
+    valid document id. Markdown says its own (front matter) and gets none: a sent id would win over it."""
+    from services.rag.corpus import DOCUMENT_ID, EXTENSIONS, DocumentFormat
+
+    if EXTENSIONS.get(path.suffix.lower()) in (None, DocumentFormat.MARKDOWN):
+        return ""
+    return path.stem if DOCUMENT_ID.match(path.stem) else ""
+
+
 def ingest(
     paths: Annotated[list[Path], typer.Argument(exists=True, help="files (.md .txt .pdf .docx .html .htm) or folders")],
     addr: KnowledgeAddr = KNOWLEDGE_ADDR,
@@ -63,8 +73,9 @@ def ingest(
         ## High discharge pressure trip
         1. Isolate the chiller ...
 
-    Sections are the Markdown headings; numbered lines become the steps cited. Text and PDF files take their scope
-    from the options. The service must run (`copilot up`, or `make pods`, which publishes it on 127.0.0.1:50053)."""
+    Sections are the Markdown headings; numbered lines become the steps cited. Text, PDF, Word (.docx) and HTML files
+    take their scope from the options and their id from --id, else from their file name (SOP-123.docx: SOP-123);
+    Word's Title style and HTML's first <h1> are their titles, their headings the sections. The service must run (`copilot up`, or `make pods`, which publishes it on 127.0.0.1:50053)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from copilot.client import ingest_file
@@ -83,7 +94,7 @@ def ingest(
                 reply = ingest_file(
                     channel,
                     path,
-                    document_id=document_id,
+                    document_id=document_id or default_document_id(path),
                     title=title,
                     version=version,
                     equipment_types=equipment_types or (),

@@ -293,3 +293,18 @@ def test_a_word_archive_that_unpacks_past_the_limit_is_refused_before_it_is_pars
     with pytest.raises(DocumentRejected) as refused:
         parse_document(bomb, DocumentMeta(document_id="BOMB-1", filename="bomb.docx"))
     assert "unpacks to" in refused.value.violations[0].description
+
+
+def test_a_file_without_an_id_of_its_own_is_sent_with_its_file_names_stem():
+    """`copilot ingest folder/`: a Word, PDF, HTML or text SOP named by its id needs no --id each; Markdown says its
+    own id (a sent one would win over its front matter), and a name that is no valid id gives none."""
+    from pathlib import Path
+
+    from copilot_cli.knowledge import default_document_id
+
+    assert default_document_id(Path("manuals/SOP-123.docx")) == "SOP-123"
+    assert default_document_id(Path("HP-200_seal.v2.PDF")) == "HP-200_seal.v2"
+    assert default_document_id(Path("chiller.html")) == "chiller"
+    assert default_document_id(Path("CHILL-901.md")) == ""
+    assert default_document_id(Path("pump manual (final).docx")) == ""
+    assert default_document_id(Path("notes.rtf")) == ""
