@@ -8,6 +8,7 @@ so the service can answer INVALID_ARGUMENT with field violations before anything
 
 from __future__ import annotations
 
+import codecs
 import enum
 import hashlib
 import io
@@ -272,6 +273,27 @@ def _docx_html(data: bytes) -> str:
         raise _reject("content", f"is not a readable Word document: {str(exc) or type(exc).__name__}") from None
 
 
+_HTML_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?([A-Za-z0-9_.:-]{1,40})""", re.I)
+
+
+def _decode_html(data: bytes) -> str:
+    """An HTML page's text: in the charset its <meta> declares (an intranet's windows-1252 page), else UTF-8."""
+    declared = _HTML_CHARSET.search(data[:4096])
+    if declared is None or data.startswith(codecs.BOM_UTF8):
+        return _decode_text(data)
+    name = declared.group(1).decode("ascii")
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        raise _reject("content", f"declares a charset this service does not know: {name!r}") from None
+    if codec == "utf-8" or b"\x00" in data:  # NUL bytes: _decode_text says what is wrong with them
+        return _decode_text(data)
+    try:
+        return data.decode(codec).replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        raise _reject("content", f"is not valid {name} text (byte {exc.start}), the charset it declares") from None
+
+
 def _html_markdown(html: str) -> str:
     """HTML as Markdown (html2text): headings, lists and tables kept; links' targets, images, scripts and styles
     left out; lines not wrapped."""
@@ -416,7 +438,7 @@ def parse_document(data: bytes, meta: DocumentMeta, limits: DocumentLimits | Non
     elif fmt is DocumentFormat.DOCX:
         title_guess, raw = _markdown_sections(_html_markdown(_docx_html(data)))
     elif fmt is DocumentFormat.HTML:
-        title_guess, raw = _markdown_sections(_html_markdown(_decode_text(data)))
+        title_guess, raw = _markdown_sections(_html_markdown(_decode_html(data)))
     else:
         text = _decode_text(data)
         if fmt is DocumentFormat.MARKDOWN:

@@ -308,3 +308,20 @@ def test_a_file_without_an_id_of_its_own_is_sent_with_its_file_names_stem():
     assert default_document_id(Path("CHILL-901.md")) == ""
     assert default_document_id(Path("pump manual (final).docx")) == ""
     assert default_document_id(Path("notes.rtf")) == ""
+
+
+def test_an_html_page_is_read_in_the_charset_it_declares():
+    page = "<meta charset='windows-1252'><h1>Ofen: Temperatur zu hoch</h1><ol><li>Brenner prüfen – 850 °C.</li></ol>"
+    doc = parse_document(page.encode("cp1252"), DocumentMeta(document_id="OFEN-1", filename="ofen.htm"))
+    assert doc.title == "Ofen: Temperatur zu hoch" and doc.sections[0].steps() == ["Brenner prüfen – 850 °C."]
+    utf8 = parse_document(
+        page.replace("windows-1252", "utf-8").encode(), DocumentMeta(document_id="O", filename="o.htm")
+    )
+    assert utf8.sections[0].steps() == ["Brenner prüfen – 850 °C."]
+    for data, fragment in (
+        (b"<meta charset=klingon><h1>T</h1><p>x</p>", "does not know: 'klingon'"),
+        (b"<meta charset=utf-8><h1>T</h1><p>\xff\xfe</p>", "not valid UTF-8"),
+    ):
+        with pytest.raises(DocumentRejected) as refused:
+            parse_document(data, DocumentMeta(document_id="BAD-2", filename="bad.html"))
+        assert fragment in refused.value.violations[0].description
