@@ -116,7 +116,9 @@ def test_documents_ingested_through_the_cli_survive_service_and_chroma_restarts(
         )
         assert ingested.returncode == 0, ingested.stdout + ingested.stderr
         assert "CH-150" in ingested.stdout and "created" in ingested.stdout
-        refused = copilot("ingest", str(manual), "--addr", addr)  # no id for a text file
+        unnamed = tmp_path / "chiller notes (copy).txt"  # no id, and a file name that is none either
+        unnamed.write_text(manual.read_text())
+        refused = copilot("ingest", str(unnamed), "--addr", addr)
         assert refused.returncode == 1 and "metadata.document_id" in refused.stdout
         technician = copilot("ingest", str(manual), "--id", "CH-151", "--addr", addr, "--token", token("technician"))
         assert technician.returncode == 1 and "PERMISSION_DENIED" in technician.stdout
