@@ -184,13 +184,14 @@ def detect_format(meta: DocumentMeta) -> DocumentFormat:
     )
 
 
-def _decode_text(data: bytes) -> str:
+def _decode_text(data: bytes, encoding: str = "utf-8-sig", name: str = "UTF-8") -> str:
+    """Uploaded text in `encoding` (UTF-8 unless a document declares another), checked to be text."""
     if b"\x00" in data:
         raise _reject("content", "looks binary (contains NUL bytes): not a text or Markdown document")
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise _reject("content", f"is not valid UTF-8 text (byte {exc.start})") from None
+        raise _reject("content", f"is not valid {name} text (byte {exc.start})") from None
     printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text)
     if text and printable / len(text) < 0.95:
         raise _reject("content", "is mostly unprintable characters: not a text document")
@@ -286,12 +287,9 @@ def _decode_html(data: bytes) -> str:
         codec = codecs.lookup(name).name
     except LookupError:
         raise _reject("content", f"declares a charset this service does not know: {name!r}") from None
-    if codec == "utf-8" or b"\x00" in data:  # NUL bytes: _decode_text says what is wrong with them
+    if codec == "utf-8":
         return _decode_text(data)
-    try:
-        return data.decode(codec).replace("\r\n", "\n")
-    except UnicodeDecodeError as exc:
-        raise _reject("content", f"is not valid {name} text (byte {exc.start}), the charset it declares") from None
+    return _decode_text(data, codec, f"{name} (the charset it declares)")
 
 
 def _html_markdown(html: str) -> str:

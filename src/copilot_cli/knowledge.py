@@ -75,7 +75,8 @@ def ingest(
 
     Sections are the Markdown headings; numbered lines become the steps cited. Text, PDF, Word (.docx) and HTML files
     take their scope from the options and their id from --id, else from their file name (SOP-123.docx: SOP-123);
-    Word's Title style and HTML's first <h1> are their titles, their headings the sections. The service must run (`copilot up`, or `make pods`, which publishes it on 127.0.0.1:50053)."""
+    Word's Title style and HTML's first <h1> are their titles, their headings the sections. The service must run
+    (`copilot up`, or `make pods`, which publishes it on 127.0.0.1:50053)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from copilot.client import ingest_file
