@@ -460,9 +460,10 @@ def quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
 
 def _dilated(mask: np.ndarray, iterations: int) -> np.ndarray:
     """`ndimage.binary_dilation(mask, iterations=iterations)` (the 4-neighbour cross, zeros outside), worked on the
-    mask's bounding box grown by `iterations` only: a defect's few cells, not a whole map, per step."""
+    mask's bounding box grown by `iterations` only: a defect's few cells, not a whole map, per step. Nothing to
+    grow (no step, or an empty mask): the mask itself, not a copy (callers only read it)."""
     if iterations <= 0 or not mask.any():
-        return mask.copy()
+        return mask
     h, w = mask.shape
     x0, y0, x1, y1 = _cells_box(mask)
     y0, x0, y1, x1 = (
